@@ -1,0 +1,279 @@
+import { AbortError } from '../../src/errors.ts'
+import { ChannelClosedError, MessageTooLargeError } from './errors.ts'
+import {
+  CHANNEL_NAMES,
+  CHANNELS,
+  type ChannelName,
+  type ChannelState,
+  type Link,
+  type LinkState,
+  MAX_MESSAGE_SIZE,
+  type MessageChannel,
+  type Overlay,
+  type PathInfo,
+} from './interfaces.ts'
+
+/**
+ * In-memory links for fast unit tests. Same contract as the WebRTC links (the compliance suite runs on
+ * both): asynchronous delivery, a send buffer with high/low water marks, drops (never retransmits) on
+ * the unreliable channel, and close propagation.
+ */
+export interface MemoryLinkOptions {
+  /** send() returns false above this many buffered bytes (default 1 MiB). */
+  highWaterMark?: number
+  /** onDrain() resolves at or below this (default highWaterMark / 4). */
+  lowWaterMark?: number
+  /** Bytes moved per event-loop turn, i.e. the simulated bandwidth (default 4 MiB). */
+  bytesPerTick?: number
+  /** Probability that a message on an unreliable channel is lost (default 0). */
+  lossRate?: number
+  /** Random source for loss decisions (default Math.random), injectable for deterministic tests. */
+  random?: () => number
+}
+
+type Listener<T extends unknown[]> = (...args: T) => void
+
+class Listeners<T extends unknown[]> {
+  private readonly set = new Set<Listener<T>>()
+  add(fn: Listener<T>): () => void {
+    this.set.add(fn)
+    return () => this.set.delete(fn)
+  }
+  emit(...args: T): void {
+    for (const fn of [...this.set]) fn(...args)
+  }
+  clear(): void {
+    this.set.clear()
+  }
+}
+
+class MemoryChannel implements MessageChannel {
+  readonly reliable: boolean
+  state: ChannelState = 'open'
+  bufferedAmount = 0
+  remote: MemoryChannel | undefined
+  private readonly queue: Uint8Array[] = []
+  private scheduled = false
+  private readonly messageListeners = new Listeners<[Uint8Array]>()
+  private readonly closeListeners = new Listeners<[Error | undefined]>()
+  private readonly drainListeners = new Listeners<[]>()
+
+  constructor(
+    readonly name: ChannelName,
+    private readonly opts: Required<MemoryLinkOptions>,
+  ) {
+    this.reliable = CHANNELS[name].reliable
+  }
+
+  send(message: Uint8Array): boolean {
+    if (this.state === 'closed') throw new ChannelClosedError(`channel '${this.name}' is closed`)
+    if (message.byteLength > MAX_MESSAGE_SIZE)
+      throw new MessageTooLargeError(message.byteLength, MAX_MESSAGE_SIZE)
+    if (!this.reliable) {
+      if (this.bufferedAmount + message.byteLength > this.opts.highWaterMark) return false
+      if (this.opts.lossRate > 0 && this.opts.random() < this.opts.lossRate) return true
+    }
+    // Copy: the caller may reuse its buffer as soon as send() returns, as with a real socket.
+    this.queue.push(message.slice())
+    this.bufferedAmount += message.byteLength
+    this.schedule()
+    return this.bufferedAmount < this.opts.highWaterMark
+  }
+
+  onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
+    const { signal } = options
+    if (this.state === 'closed')
+      return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
+    if (signal?.aborted === true) return Promise.reject(new AbortError(undefined, { cause: signal.reason }))
+    if (this.bufferedAmount <= this.opts.lowWaterMark) return Promise.resolve()
+    return new Promise<void>((resolve, reject) => {
+      const done = () => {
+        offDrain()
+        offClose()
+        signal?.removeEventListener('abort', onAbort)
+      }
+      const offDrain = this.drainListeners.add(() => {
+        done()
+        resolve()
+      })
+      const offClose = this.closeListeners.add(() => {
+        done()
+        reject(new ChannelClosedError(`channel '${this.name}' closed while waiting for drain`))
+      })
+      const onAbort = () => {
+        done()
+        reject(new AbortError(undefined, { cause: signal?.reason }))
+      }
+      signal?.addEventListener('abort', onAbort, { once: true })
+    })
+  }
+
+  onMessage(handler: (message: Uint8Array) => void): () => void {
+    return this.messageListeners.add(handler)
+  }
+
+  onClose(handler: (reason?: Error) => void): () => void {
+    if (this.state === 'closed') {
+      queueMicrotask(() => handler())
+      return () => {}
+    }
+    return this.closeListeners.add(handler)
+  }
+
+  deliver(message: Uint8Array): void {
+    if (this.state === 'open') this.messageListeners.emit(message)
+  }
+
+  close(reason?: Error): void {
+    if (this.state === 'closed') return
+    this.state = 'closed'
+    this.queue.length = 0
+    this.bufferedAmount = 0
+    this.closeListeners.emit(reason)
+    this.closeListeners.clear()
+    this.messageListeners.clear()
+    this.drainListeners.clear()
+  }
+
+  private schedule(): void {
+    if (this.scheduled) return
+    this.scheduled = true
+    setImmediate(() => this.flush())
+  }
+
+  private flush(): void {
+    this.scheduled = false
+    let budget = this.opts.bytesPerTick
+    while (this.queue.length > 0 && budget > 0 && this.state === 'open') {
+      const msg = this.queue.shift()!
+      this.bufferedAmount -= msg.byteLength
+      budget -= msg.byteLength
+      this.remote?.deliver(msg)
+    }
+    if (this.state !== 'open') return
+    if (this.bufferedAmount <= this.opts.lowWaterMark) this.drainListeners.emit()
+    if (this.queue.length > 0) this.schedule()
+  }
+}
+
+class MemoryLink implements Link {
+  state: LinkState = 'open'
+  readonly path: PathInfo = { type: 'memory' }
+  readonly channels = new Map<ChannelName, MemoryChannel>()
+  private readonly closeListeners = new Listeners<[Error | undefined]>()
+  other: MemoryLink | undefined
+
+  constructor(
+    readonly peer: string,
+    opts: Required<MemoryLinkOptions>,
+  ) {
+    for (const name of CHANNEL_NAMES) this.channels.set(name, new MemoryChannel(name, opts))
+  }
+
+  channel(name: ChannelName): MessageChannel {
+    const ch = this.channels.get(name)
+    if (ch === undefined) throw new TypeError(`unknown channel '${name}'`)
+    return ch
+  }
+
+  close(reason?: Error): void {
+    if (this.state === 'closed') return
+    this.state = 'closed'
+    for (const ch of this.channels.values()) ch.close(reason)
+    this.closeListeners.emit(reason)
+    this.closeListeners.clear()
+    // Closing one end closes the other, as a transport failure would be seen by both.
+    this.other?.close(reason)
+  }
+
+  onClose(handler: (reason?: Error) => void): () => void {
+    if (this.state === 'closed') {
+      queueMicrotask(() => handler())
+      return () => {}
+    }
+    return this.closeListeners.add(handler)
+  }
+}
+
+function withDefaults(opts: MemoryLinkOptions): Required<MemoryLinkOptions> {
+  const highWaterMark = opts.highWaterMark ?? 1024 * 1024
+  return {
+    highWaterMark,
+    lowWaterMark: opts.lowWaterMark ?? Math.floor(highWaterMark / 4),
+    bytesPerTick: opts.bytesPerTick ?? 4 * 1024 * 1024,
+    lossRate: opts.lossRate ?? 0,
+    random: opts.random ?? Math.random,
+  }
+}
+
+/** Two connected link ends: `a` is a's link to peer b, `b` is b's link to peer a. */
+export function createMemoryLinkPair(
+  peerA: string,
+  peerB: string,
+  options: MemoryLinkOptions = {},
+): { a: Link; b: Link } {
+  const opts = withDefaults(options)
+  const a = new MemoryLink(peerB, opts)
+  const b = new MemoryLink(peerA, opts)
+  a.other = b
+  b.other = a
+  for (const name of CHANNEL_NAMES) {
+    a.channels.get(name)!.remote = b.channels.get(name)
+    b.channels.get(name)!.remote = a.channels.get(name)
+  }
+  return { a, b }
+}
+
+class MemoryOverlay implements Overlay {
+  readonly linksByPeer = new Map<string, Link>()
+  private readonly linkListeners = new Listeners<[Link]>()
+  constructor(readonly self: string) {}
+  link(peer: string): Link | undefined {
+    return this.linksByPeer.get(peer)
+  }
+  links(): Link[] {
+    return [...this.linksByPeer.values()]
+  }
+  onLink(handler: (link: Link) => void): () => void {
+    return this.linkListeners.add(handler)
+  }
+  attach(link: Link): void {
+    this.linksByPeer.set(link.peer, link)
+    link.onClose(() => {
+      if (this.linksByPeer.get(link.peer) === link) this.linksByPeer.delete(link.peer)
+    })
+    this.linkListeners.emit(link)
+  }
+}
+
+/** A set of in-process overlay nodes; `connect` links two of them, `disconnect` cuts that link. */
+export interface MemoryNetwork {
+  node(id: string): Overlay
+  connect(a: string, b: string, options?: MemoryLinkOptions): void
+  disconnect(a: string, b: string): void
+}
+
+export function createMemoryNetwork(): MemoryNetwork {
+  const nodes = new Map<string, MemoryOverlay>()
+  const get = (id: string): MemoryOverlay => {
+    let n = nodes.get(id)
+    if (n === undefined) {
+      n = new MemoryOverlay(id)
+      nodes.set(id, n)
+    }
+    return n
+  }
+  return {
+    node: get,
+    connect(a, b, options) {
+      const pair = createMemoryLinkPair(a, b, options)
+      get(a).attach(pair.a)
+      get(b).attach(pair.b)
+    },
+    disconnect(a, b) {
+      get(a)
+        .link(b)
+        ?.close(new ChannelClosedError(`link ${a} <-> ${b} cut`))
+    },
+  }
+}
