@@ -1,0 +1,154 @@
+/**
+ * The VM runtime contract. Migration (and the agent) only see these types; the QEMU and fake drivers
+ * implement them. Nothing here knows about the network: device state comes out as bytes, and guest RAM
+ * is a plain file the chunk layer can read, hash and write.
+ *
+ * Migration recipe with these calls (RAM moves as chunks, not through QEMU):
+ *   src = await driver.start(spec)                  // running
+ *   tracker = src.dirtyTracker(); await tracker.start()
+ *   ... copy src.memory.path chunks to the destination, then `await tracker.collect()` rounds ...
+ *   dst = await driver.start(spec, { incoming: true, memoryPath: COPY })  // waits, paused
+ *   state = await src.saveState()                   // src is now paused, RAM no longer changes
+ *   ... send the last dirty chunks (tracker.collect()) into COPY, send `state` ...
+ *   await dst.loadState(state); await dst.resume()   // guest continues on dst
+ *   await src.stop()                                 // or src.resume() to roll back
+ */
+import type { VmExitInfo } from '../errors.ts'
+import type { VmSpec } from '../spec.ts'
+
+export type { VmSpec } from '../spec.ts'
+export type { VmExitInfo } from '../errors.ts'
+
+/**
+ * Where a VM is in its life:
+ * - `incoming`: started to receive device state (loadState); the guest has not run here yet
+ * - `running` / `paused`: guest CPUs run / are stopped (memory no longer changes while paused)
+ * - `stopped`: we stopped it (stop()); `exited`: the process ended on its own or was killed
+ */
+export type VmStatus = 'incoming' | 'running' | 'paused' | 'stopped' | 'exited'
+
+/** The guest RAM as a file (a shared mapping of the hypervisor): read it, chunk it, write a copy of it. */
+export interface MemoryResource {
+  path: string
+  /** Bytes; equals spec.memoryMiB * 1 MiB. */
+  size: number
+}
+
+export interface StartOptions {
+  /**
+   * Start waiting for device state instead of booting: the VM comes up `incoming`; call loadState()
+   * then resume(). The RAM file must already hold the guest's memory (see `memoryPath`).
+   */
+  incoming?: boolean
+  /**
+   * Use this file as the guest RAM instead of a fresh one (the destination's copy of the source's RAM).
+   * The VM owns it from now on: stop() deletes it. Without it, a new file is created under the driver's
+   * RAM directory (and an existing file of that name is an error, not silently reused).
+   */
+  memoryPath?: string
+  /** Start with CPUs stopped (status `paused`); resume() boots. Ignored when `incoming`. */
+  paused?: boolean
+  /**
+   * Test/host-only extra network (e.g. user-mode networking with host port forwards so a test can reach
+   * guest services without the tunnel). The guest sees it as a second NIC.
+   */
+  extraNetdev?: { type: 'user'; hostfwd: Array<{ hostPort: number; guestPort: number }> }
+  signal?: AbortSignal
+}
+
+/** Dirty chunks since the previous collect() (or since start() for the first one). */
+export interface DirtyRound {
+  /** Indices of chunks (of `chunkSize` bytes) that changed, ascending. */
+  chunks: number[]
+  chunkSize: number
+  /** chunks.length * chunkSize (the last chunk may be shorter; counted whole). */
+  dirtyBytes: number
+  /** Wall time covered by this round, ms (previous collect or start → this collect). */
+  intervalMs: number
+  /** dirtyBytes / interval, bytes per second. */
+  rateBytesPerSec: number
+  /** How long collect() itself took, ms (the cost of the tracking method). */
+  scanMs: number
+}
+
+export interface DirtyTracker {
+  /** `soft-dirty` (kernel page bits), `compare` (diff against a retained copy), or a fake's own method. */
+  readonly method: string
+  readonly chunkSize: number
+  /** Marks the baseline: every chunk counts as clean now. */
+  start(signal?: AbortSignal): Promise<void>
+  /** Returns the chunks that changed since the last collect()/start(), and sets a new baseline. */
+  collect(signal?: AbortSignal): Promise<DirtyRound>
+  /** Releases the retained copy / file handles. */
+  close(): Promise<void>
+}
+
+export interface DirtyTrackerOptions {
+  /** Default 64 KiB; a multiple of 4 KiB. */
+  chunkSize?: number
+}
+
+/** Payloads of the VM's events. */
+export interface VmEvents {
+  paused: { at: number }
+  resumed: { at: number }
+  /** stop() finished; the process is gone and its files removed. */
+  stopped: { at: number }
+  /** The process ended without stop() (crash, guest poweroff, kill); files are removed. */
+  exited: VmExitInfo & { at: number }
+}
+export type VmEventName = keyof VmEvents
+
+export interface Vm {
+  readonly spec: VmSpec
+  readonly memory: MemoryResource
+  /** OS process id of the hypervisor, when there is one. */
+  readonly pid: number | undefined
+  /** Serial console log file (the guest's ttyS0), when there is one. */
+  readonly consolePath: string | undefined
+  status(): VmStatus
+  /** Stops the guest CPUs. Idempotent when already paused. */
+  pause(signal?: AbortSignal): Promise<void>
+  /** Starts the guest CPUs (also after loadState()). Idempotent when already running. */
+  resume(signal?: AbortSignal): Promise<void>
+  /**
+   * Ends the VM for good and removes its sockets and RAM file. Graceful first (QMP quit), then SIGTERM,
+   * then SIGKILL. Idempotent; also fine after the VM exited.
+   */
+  stop(signal?: AbortSignal): Promise<void>
+  /**
+   * Pauses the guest (if running) and returns its device state without RAM (a few hundred KB). The VM
+   * stays paused: resume() to roll back, stop() once the destination runs.
+   */
+  saveState(signal?: AbortSignal): Promise<Uint8Array>
+  /** Loads device state saved by saveState() into a VM started with `incoming: true`; stays paused. */
+  loadState(state: Uint8Array, signal?: AbortSignal): Promise<void>
+  /** A tracker over this VM's RAM. Several may exist; each keeps its own baseline. */
+  dirtyTracker(options?: DirtyTrackerOptions): DirtyTracker
+  /** The last `n` lines of the serial console (and hypervisor stderr), oldest first. */
+  consoleTail(n?: number): Promise<string[]>
+  /** Resolves when the VM is gone (stopped or exited). */
+  wait(): Promise<VmExitInfo>
+  on<K extends VmEventName>(event: K, listener: (e: VmEvents[K]) => void): this
+  once<K extends VmEventName>(event: K, listener: (e: VmEvents[K]) => void): this
+  off<K extends VmEventName>(event: K, listener: (e: VmEvents[K]) => void): this
+}
+
+/** What a driver needs to re-attach to a VM process that outlived the process that started it. */
+export interface VmHandle {
+  spec: VmSpec
+  pid: number
+  memoryPath: string
+  /** Driver-specific paths (QMP socket, console log...). */
+  paths: Record<string, string>
+}
+
+/** Makes VMs. One per host; paths (RAM dir, runtime dir) are the driver's configuration. */
+export interface VmDriver {
+  readonly name: string
+  start(spec: VmSpec, options?: StartOptions): Promise<Vm>
+  /** A handle that adopt() accepts, to persist while the VM runs. */
+  handle(vm: Vm): VmHandle
+  /** Re-attaches to a VM that is still running (e.g. after an agent restart). Throws when it is gone. */
+  adopt(handle: VmHandle, signal?: AbortSignal): Promise<Vm>
+}
