@@ -129,6 +129,11 @@ export interface Vm {
   consoleTail(n?: number): Promise<string[]>
   /** Resolves when the VM is gone (stopped or exited). */
   wait(): Promise<VmExitInfo>
+  /**
+   * Lets go of the VM without stopping it: closes the control connection and stops watching it, so
+   * this process may exit while the VM runs on. Re-attach with VmDriver.adopt(driver.handle(vm)).
+   */
+  detach(): Promise<void>
   on<K extends VmEventName>(event: K, listener: (e: VmEvents[K]) => void): this
   once<K extends VmEventName>(event: K, listener: (e: VmEvents[K]) => void): this
   off<K extends VmEventName>(event: K, listener: (e: VmEvents[K]) => void): this

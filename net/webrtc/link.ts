@@ -1,0 +1,575 @@
+/**
+ * A `Link` over one werift RTCPeerConnection.
+ *
+ * - Channels are pre-negotiated (`negotiated: true, id`): both ends create the same fixed set, so no
+ *   DCEP round trip and no ordering race between "channel opened" and the first message.
+ * - Backpressure: werift's `bufferedAmount` and `bufferedamountlow` event become send(): boolean and
+ *   onDrain(), with a high/low water mark per channel.
+ * - Liveness: a private heartbeat channel (not in CHANNELS) carries ping/pong every second; any
+ *   message received on any channel counts as a sign of life. Nothing heard for `deadAfterMs`
+ *   (default 5 s) closes the link with LinkDeadError. werift's own ICE consent check takes 30 s.
+ * - UDP socket buffers are raised (DESIGN.md: the 208 KiB default drops thousands of packets per run).
+ */
+import { randomBytes } from 'node:crypto'
+import type { Socket } from 'node:dgram'
+import { type RTCDataChannel, RTCPeerConnection } from 'werift'
+import { AbortError, throwIfAborted } from '../../src/errors.ts'
+import { ChannelClosedError, MessageTooLargeError } from '../link/errors.ts'
+import {
+  CHANNEL_NAMES,
+  CHANNELS,
+  type ChannelName,
+  type ChannelState,
+  type Link,
+  type LinkState,
+  MAX_MESSAGE_SIZE,
+  type MessageChannel,
+  type PathInfo,
+  type PathType,
+} from '../link/interfaces.ts'
+import { LinkClosedByPeerError, LinkConnectError, LinkDeadError } from './errors.ts'
+import type { IceServer, Signaling } from './interfaces.ts'
+import type { SignalMessage } from './v1/messages.ts'
+
+/** SCTP stream id of the private heartbeat channel (well above the CHANNELS ids). */
+const HEARTBEAT_ID = 100
+const HB_PING = 1
+const HB_PONG = 2
+const HB_BYE = 3
+
+export interface WebRtcLinkOptions {
+  /** The remote member's id (string PeerId). */
+  peer: string
+  /** The initiator creates the offer; exactly one end of a pair must be the initiator. */
+  initiator: boolean
+  signaling: Signaling
+  /** STUN/TURN servers. Default: none (host candidates only). werift's own default (a public Google
+   *  STUN server) is never used. */
+  iceServers?: IceServer[]
+  /** Extra local addresses to offer as host candidates (e.g. 127.0.0.1, which werift skips). */
+  iceAdditionalHostAddresses?: string[]
+  /** Bind ICE sockets to this IPv4 address only. */
+  iceInterfaceAddress?: string
+  /** Use only relayed candidates (tests: force TURN). */
+  iceTransportPolicy?: 'all' | 'relay'
+  portRange?: [number, number]
+  /** Gives up connecting after this long (default 30 s). */
+  connectTimeoutMs?: number
+  /** Heartbeat period (default 1000 ms). */
+  heartbeatMs?: number
+  /** Closes the link with LinkDeadError when nothing was heard for this long (default 5000 ms). */
+  deadAfterMs?: number
+  /** send() returns false above this many buffered bytes per channel (default 1 MiB). */
+  highWaterMark?: number
+  /** onDrain() resolves at or below this (default 256 KiB). */
+  lowWaterMark?: number
+  /** UDP socket send/receive buffer size (default 4 MiB; the kernel caps it at net.core.[rw]mem_max). */
+  udpBufferBytes?: number
+  signal?: AbortSignal
+}
+
+type Listener<T extends unknown[]> = (...args: T) => void
+class Listeners<T extends unknown[]> {
+  private readonly set = new Set<Listener<T>>()
+  add(fn: Listener<T>): () => void {
+    this.set.add(fn)
+    return () => this.set.delete(fn)
+  }
+  emit(...args: T): void {
+    for (const fn of [...this.set]) {
+      try {
+        fn(...args)
+      } catch {
+        // A throwing handler must not break delivery to the others nor werift's event loop.
+      }
+    }
+  }
+  clear(): void {
+    this.set.clear()
+  }
+}
+
+class WebRtcChannel implements MessageChannel {
+  readonly reliable: boolean
+  state: ChannelState = 'open'
+  private readonly messageListeners = new Listeners<[Uint8Array]>()
+  private readonly closeListeners = new Listeners<[Error | undefined]>()
+  private readonly drainListeners = new Listeners<[]>()
+
+  constructor(
+    readonly name: ChannelName,
+    private readonly dc: RTCDataChannel,
+    private readonly highWaterMark: number,
+    private readonly lowWaterMark: number,
+    private readonly onActivity: () => void,
+  ) {
+    this.reliable = CHANNELS[name].reliable
+    dc.bufferedAmountLowThreshold = lowWaterMark
+    dc.bufferedAmountLow.subscribe(() => this.drainListeners.emit())
+    dc.onMessage.subscribe((data) => {
+      onActivity()
+      if (this.state !== 'open') return
+      const bytes = typeof data === 'string' ? new TextEncoder().encode(data) : data
+      this.messageListeners.emit(new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength))
+    })
+  }
+
+  get bufferedAmount(): number {
+    return this.state === 'open' ? this.dc.bufferedAmount : 0
+  }
+
+  send(message: Uint8Array): boolean {
+    if (this.state === 'closed') throw new ChannelClosedError(`channel '${this.name}' is closed`)
+    if (message.byteLength > MAX_MESSAGE_SIZE)
+      throw new MessageTooLargeError(message.byteLength, MAX_MESSAGE_SIZE)
+    if (!this.reliable && this.dc.bufferedAmount + message.byteLength > this.highWaterMark) return false
+    // Copy: the caller may reuse its buffer once send() returns, and werift keeps a Buffer without
+    // copying it until the data is on the wire.
+    try {
+      this.dc.send(Buffer.from(message))
+    } catch (err) {
+      throw new ChannelClosedError(`channel '${this.name}' send failed`, { cause: err })
+    }
+    return this.dc.bufferedAmount < this.highWaterMark
+  }
+
+  onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
+    const { signal } = options
+    if (this.state === 'closed')
+      return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
+    if (signal?.aborted === true) return Promise.reject(new AbortError(undefined, { cause: signal.reason }))
+    if (this.dc.bufferedAmount <= this.lowWaterMark) return Promise.resolve()
+    return new Promise<void>((resolve, reject) => {
+      const done = () => {
+        offDrain()
+        offClose()
+        signal?.removeEventListener('abort', onAbort)
+      }
+      const offDrain = this.drainListeners.add(() => {
+        if (this.dc.bufferedAmount > this.lowWaterMark) return
+        done()
+        resolve()
+      })
+      const offClose = this.closeListeners.add(() => {
+        done()
+        reject(new ChannelClosedError(`channel '${this.name}' closed while waiting for drain`))
+      })
+      const onAbort = () => {
+        done()
+        reject(new AbortError(undefined, { cause: signal?.reason }))
+      }
+      signal?.addEventListener('abort', onAbort, { once: true })
+    })
+  }
+
+  onMessage(handler: (message: Uint8Array) => void): () => void {
+    return this.messageListeners.add(handler)
+  }
+
+  onClose(handler: (reason?: Error) => void): () => void {
+    if (this.state === 'closed') {
+      queueMicrotask(() => handler())
+      return () => {}
+    }
+    return this.closeListeners.add(handler)
+  }
+
+  close(reason?: Error): void {
+    if (this.state === 'closed') return
+    this.state = 'closed'
+    this.closeListeners.emit(reason)
+    this.closeListeners.clear()
+    this.messageListeners.clear()
+    this.drainListeners.clear()
+    this.dc.bufferedAmountLow.allUnsubscribe()
+    this.dc.onMessage.allUnsubscribe()
+  }
+}
+
+/** The concrete link; `closed` resolves once the peer connection and its sockets are released. */
+export class WebRtcLink implements Link {
+  state: LinkState = 'open'
+  path: PathInfo = { type: 'host' }
+  /** Round-trip time of the last heartbeat, in ms (undefined until the first pong). */
+  rttMs: number | undefined
+  /** How long connecting took (signaling start → all channels open), in ms. */
+  setupMs = 0
+  readonly closed: Promise<void>
+  private resolveClosed!: () => void
+  private readonly channels = new Map<ChannelName, WebRtcChannel>()
+  private readonly closeListeners = new Listeners<[Error | undefined]>()
+  private lastHeard = Date.now()
+  private heartbeatTimer: NodeJS.Timeout | undefined
+  private pingSeq = 0
+  private readonly pingsSent = new Map<number, number>()
+
+  constructor(
+    readonly peer: string,
+    readonly session: string,
+    private readonly pc: RTCPeerConnection,
+    dcs: Map<ChannelName, RTCDataChannel>,
+    private readonly heartbeat: RTCDataChannel,
+    private readonly opts: Required<Pick<WebRtcLinkOptions, 'heartbeatMs' | 'deadAfterMs'>> & {
+      highWaterMark: number
+      lowWaterMark: number
+    },
+  ) {
+    this.closed = new Promise((r) => {
+      this.resolveClosed = r
+    })
+    const alive = () => {
+      this.lastHeard = Date.now()
+    }
+    for (const name of CHANNEL_NAMES) {
+      this.channels.set(
+        name,
+        new WebRtcChannel(name, dcs.get(name)!, opts.highWaterMark, opts.lowWaterMark, alive),
+      )
+    }
+    heartbeat.onMessage.subscribe((data) => {
+      alive()
+      if (typeof data === 'string' || data.byteLength < 1) return
+      this.onHeartbeat(data)
+    })
+    pc.connectionStateChange.subscribe((s) => {
+      if (s === 'failed') this.close(new LinkDeadError(`link to ${peer}: connection failed`))
+      else if (s === 'closed') this.close(new LinkDeadError(`link to ${peer}: connection closed`))
+    })
+    for (const dc of [...dcs.values(), heartbeat]) {
+      dc.stateChanged.subscribe((s) => {
+        if (s === 'closed') this.close(new LinkDeadError(`link to ${peer}: data channel closed`))
+      })
+    }
+    this.heartbeatTimer = setInterval(() => this.tick(), opts.heartbeatMs)
+  }
+
+  channel(name: ChannelName): MessageChannel {
+    const ch = this.channels.get(name)
+    if (ch === undefined) throw new TypeError(`unknown channel '${name}'`)
+    return ch
+  }
+
+  onClose(handler: (reason?: Error) => void): () => void {
+    if (this.state === 'closed') {
+      queueMicrotask(() => handler())
+      return () => {}
+    }
+    return this.closeListeners.add(handler)
+  }
+
+  close(reason?: Error): void {
+    if (this.state === 'closed') return
+    this.state = 'closed'
+    clearInterval(this.heartbeatTimer)
+    this.heartbeatTimer = undefined
+    // Tell the peer at once (best effort) so it need not wait for its dead timer.
+    const sayBye = reason === undefined || !(reason instanceof LinkDeadError || reason instanceof LinkClosedByPeerError)
+    if (sayBye) this.sendHeartbeat(HB_BYE, 0)
+    for (const ch of this.channels.values()) ch.close(reason)
+    this.closeListeners.emit(reason)
+    this.closeListeners.clear()
+    this.heartbeat.onMessage.allUnsubscribe()
+    // Let the bye leave before tearing down DTLS/SCTP (a few ms on any path).
+    const delay = sayBye ? 50 : 0
+    setTimeout(() => {
+      this.pc
+        .close()
+        .catch(() => {})
+        .finally(() => this.resolveClosed())
+    }, delay)
+  }
+
+  private tick(): void {
+    if (this.state !== 'open') return
+    const silentMs = Date.now() - this.lastHeard
+    if (silentMs > this.opts.deadAfterMs) {
+      this.close(new LinkDeadError(`link to ${this.peer}: nothing heard for ${silentMs} ms`))
+      return
+    }
+    const seq = (this.pingSeq = (this.pingSeq + 1) >>> 0)
+    this.pingsSent.set(seq, performance.now())
+    if (this.pingsSent.size > 16) this.pingsSent.delete(this.pingsSent.keys().next().value!)
+    this.sendHeartbeat(HB_PING, seq)
+  }
+
+  private onHeartbeat(data: Buffer): void {
+    const kind = data[0]
+    const seq = data.byteLength >= 5 ? data.readUInt32BE(1) : 0
+    if (kind === HB_PING) this.sendHeartbeat(HB_PONG, seq)
+    else if (kind === HB_PONG) {
+      const t = this.pingsSent.get(seq)
+      if (t !== undefined) {
+        this.rttMs = performance.now() - t
+        this.pingsSent.delete(seq)
+      }
+    } else if (kind === HB_BYE) this.close(new LinkClosedByPeerError(`link to ${this.peer}: peer closed it`))
+  }
+
+  private sendHeartbeat(kind: number, seq: number): void {
+    if (this.heartbeat.readyState !== 'open') return
+    const b = Buffer.allocUnsafe(5)
+    b[0] = kind
+    b.writeUInt32BE(seq, 1)
+    try {
+      this.heartbeat.send(b)
+    } catch {
+      // The transport is going away; the dead timer or the state change will close the link.
+    }
+  }
+
+  /** Releases everything and waits until it is released (tests, shutdown). */
+  async destroy(reason?: Error): Promise<void> {
+    this.close(reason)
+    await this.closed
+  }
+}
+
+interface CandidateLike {
+  type?: string
+  address?: string
+  ip?: string
+  port?: number
+}
+
+const PATH_RANK: Record<PathType, number> = { memory: -1, host: 0, prflx: 1, srflx: 2, relay: 3 }
+
+function candidateType(c: CandidateLike | undefined): PathType {
+  const t = c?.type
+  return t === 'srflx' || t === 'prflx' || t === 'relay' ? t : 'host'
+}
+
+/** The selected pair's most indirect candidate type: relay if either end relays, and so on. */
+export function selectedPath(pc: RTCPeerConnection): PathInfo {
+  const pair = pc.iceTransports[0]?.getSelectedCandidatePair() as
+    | { local: CandidateLike; remote: CandidateLike }
+    | null
+    | undefined
+  if (pair == null) return { type: 'host' }
+  const lt = candidateType(pair.local)
+  const rt = candidateType(pair.remote)
+  const addr = (c: CandidateLike) => `${c.address ?? c.ip ?? '?'}:${c.port ?? '?'}`
+  return {
+    type: PATH_RANK[lt] >= PATH_RANK[rt] ? lt : rt,
+    local: `${lt} ${addr(pair.local)}`,
+    remote: `${rt} ${addr(pair.remote)}`,
+  }
+}
+
+interface SocketOwner {
+  transport?: { socket?: Socket }
+  turn?: { transport?: { socket?: Socket } }
+}
+
+/** Raises the buffers of every UDP socket the peer connection's ICE agent opened. werift has no
+ *  option for it; its ICE connection keeps the sockets in `protocols` (one per host address, plus the
+ *  TURN client's). Setting buffers is an optimisation: any failure here is ignored. */
+export function enlargeUdpBuffers(pc: RTCPeerConnection, bytes: number): number {
+  let n = 0
+  for (const t of pc.iceTransports) {
+    const protocols = (t.connection as unknown as { protocols?: SocketOwner[] }).protocols ?? []
+    for (const p of protocols) {
+      for (const s of [p.transport?.socket, p.turn?.transport?.socket]) {
+        if (s === undefined || typeof s.setRecvBufferSize !== 'function') continue
+        try {
+          s.setRecvBufferSize(bytes)
+          s.setSendBufferSize(bytes)
+          n++
+        } catch {
+          // Not bound yet, or closed: keep the default.
+        }
+      }
+    }
+  }
+  return n
+}
+
+function waitGatheringComplete(pc: RTCPeerConnection, signal: AbortSignal): Promise<void> {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve()
+  return new Promise((resolve, reject) => {
+    const sub = pc.iceGatheringStateChange.subscribe((s) => {
+      if (s === 'complete') {
+        done()
+        resolve()
+      }
+    })
+    const onAbort = () => {
+      done()
+      reject(signal.reason)
+    }
+    const done = () => {
+      sub.unSubscribe()
+      signal.removeEventListener('abort', onAbort)
+    }
+    signal.addEventListener('abort', onAbort, { once: true })
+  })
+}
+
+function waitOpen(dc: RTCDataChannel, signal: AbortSignal): Promise<void> {
+  if (dc.readyState === 'open') return Promise.resolve()
+  return new Promise((resolve, reject) => {
+    const sub = dc.stateChanged.subscribe((s) => {
+      if (s === 'open') {
+        done()
+        resolve()
+      } else if (s === 'closed') {
+        done()
+        reject(new LinkConnectError(`data channel ${dc.label} closed while connecting`))
+      }
+    })
+    const onAbort = () => {
+      done()
+      reject(signal.reason)
+    }
+    const done = () => {
+      sub.unSubscribe()
+      signal.removeEventListener('abort', onAbort)
+    }
+    signal.addEventListener('abort', onAbort, { once: true })
+  })
+}
+
+/** Creates the fixed channel set, pre-negotiated. The tunnel channel asks for no retransmissions;
+ *  whether werift honours that is the business of the patch in patches/ (see the README there). */
+function createChannels(pc: RTCPeerConnection): {
+  dcs: Map<ChannelName, RTCDataChannel>
+  heartbeat: RTCDataChannel
+} {
+  const dcs = new Map<ChannelName, RTCDataChannel>()
+  for (const name of CHANNEL_NAMES) {
+    const spec = CHANNELS[name]
+    dcs.set(
+      name,
+      pc.createDataChannel(name, {
+        negotiated: true,
+        id: spec.id,
+        ordered: spec.ordered,
+        ...(spec.reliable ? {} : { maxRetransmits: 0 }),
+      }),
+    )
+  }
+  const heartbeat = pc.createDataChannel('heartbeat', { negotiated: true, id: HEARTBEAT_ID, ordered: true })
+  return { dcs, heartbeat }
+}
+
+/**
+ * Builds a link to `peer`: exchanges offer/answer through `signaling` (candidates are gathered first
+ * and travel inside the SDP), waits for ICE, DTLS and SCTP, and resolves once every channel is open.
+ * Rejects with LinkConnectError (timeout, failure, peer bye) or AbortError; nothing is left open then.
+ */
+export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebRtcLink> {
+  throwIfAborted(options.signal)
+  const started = performance.now()
+  const connectTimeoutMs = options.connectTimeoutMs ?? 30_000
+  const highWaterMark = options.highWaterMark ?? 1024 * 1024
+  const lowWaterMark = options.lowWaterMark ?? 256 * 1024
+  const ctl = new AbortController()
+  const timeout = setTimeout(
+    () => ctl.abort(new LinkConnectError(`link to ${options.peer}: not connected after ${connectTimeoutMs} ms`)),
+    connectTimeoutMs,
+  )
+  const onOuterAbort = () => ctl.abort(new AbortError(undefined, { cause: options.signal?.reason }))
+  options.signal?.addEventListener('abort', onOuterAbort, { once: true })
+
+  const pc = new RTCPeerConnection({
+    iceServers: (options.iceServers ?? []).map((s) => ({ ...s })),
+    iceTransportPolicy: options.iceTransportPolicy ?? 'all',
+    iceUseIpv6: false,
+    ...(options.iceAdditionalHostAddresses ? { iceAdditionalHostAddresses: options.iceAdditionalHostAddresses } : {}),
+    ...(options.iceInterfaceAddress ? { iceInterfaceAddresses: { udp4: options.iceInterfaceAddress } } : {}),
+    ...(options.portRange ? { icePortRange: options.portRange } : {}),
+    // Advertise what the link layer promises; SCTP fragments into 1200-byte chunks underneath.
+    maxMessageSize: MAX_MESSAGE_SIZE + 1024,
+  })
+  const { dcs, heartbeat } = createChannels(pc)
+
+  let session = options.initiator ? randomBytes(12).toString('base64url') : ''
+  const queued: SignalMessage[] = []
+  let wake: (() => void) | undefined
+  const offSignal = options.signaling.onMessage((msg) => {
+    if (session !== '' && msg.session !== session) return
+    queued.push(msg)
+    wake?.()
+  })
+  const next = async (want: 'offer' | 'answer'): Promise<SignalMessage & { sdp: string }> => {
+    for (;;) {
+      const i = queued.findIndex((m) => m.type === want || m.type === 'bye')
+      if (i >= 0) {
+        const m = queued.splice(i, 1)[0]!
+        if (m.type === 'bye') throw new LinkConnectError(`link to ${options.peer}: peer refused (${m.reason ?? 'bye'})`)
+        if (m.type === 'offer' || m.type === 'answer') return m
+      }
+      await new Promise<void>((resolve, reject) => {
+        const onAbort = () => reject(ctl.signal.reason)
+        if (ctl.signal.aborted) return onAbort()
+        wake = () => {
+          wake = undefined
+          ctl.signal.removeEventListener('abort', onAbort)
+          resolve()
+        }
+        ctl.signal.addEventListener('abort', onAbort, { once: true })
+      })
+    }
+  }
+  const applyCandidates = async () => {
+    // Trickled candidates (from a peer that sends them separately) are applied after the remote SDP.
+    for (const m of queued.splice(0)) {
+      if (m.type === 'candidate')
+        await pc
+          .addIceCandidate({ candidate: m.candidate, sdpMid: m.sdpMid, sdpMLineIndex: m.sdpMLineIndex })
+          .catch(() => {})
+    }
+  }
+
+  try {
+    if (options.initiator) {
+      await pc.setLocalDescription(await pc.createOffer())
+      await waitGatheringComplete(pc, ctl.signal)
+      enlargeUdpBuffers(pc, options.udpBufferBytes ?? 4 * 1024 * 1024)
+      options.signaling.send({ v: 1, session, type: 'offer', sdp: pc.localDescription!.sdp })
+      const answer = await next('answer')
+      await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp })
+    } else {
+      const offer = await next('offer')
+      session = offer.session
+      for (let i = queued.length - 1; i >= 0; i--) if (queued[i]!.session !== session) queued.splice(i, 1)
+      await pc.setRemoteDescription({ type: 'offer', sdp: offer.sdp })
+      await pc.setLocalDescription(await pc.createAnswer())
+      await waitGatheringComplete(pc, ctl.signal)
+      enlargeUdpBuffers(pc, options.udpBufferBytes ?? 4 * 1024 * 1024)
+      options.signaling.send({ v: 1, session, type: 'answer', sdp: pc.localDescription!.sdp })
+    }
+    await applyCandidates()
+    const failed = new Promise<never>((_, reject) => {
+      const sub = pc.connectionStateChange.subscribe((s) => {
+        if (s === 'failed' || s === 'closed') {
+          sub.unSubscribe()
+          reject(new LinkConnectError(`link to ${options.peer}: connection ${s}`))
+        }
+      })
+      ctl.signal.addEventListener('abort', () => sub.unSubscribe(), { once: true })
+    })
+    failed.catch(() => {})
+    await Promise.race([Promise.all([...dcs.values(), heartbeat].map((dc) => waitOpen(dc, ctl.signal))), failed])
+    const link = new WebRtcLink(options.peer, session, pc, dcs, heartbeat, {
+      heartbeatMs: options.heartbeatMs ?? 1000,
+      deadAfterMs: options.deadAfterMs ?? 5000,
+      highWaterMark,
+      lowWaterMark,
+    })
+    link.path = selectedPath(pc)
+    link.setupMs = performance.now() - started
+    return link
+  } catch (err) {
+    if (session !== '') options.signaling.send({ v: 1, session, type: 'bye', reason: 'connect failed' })
+    await pc.close().catch(() => {})
+    if (err instanceof AbortError || err instanceof LinkConnectError) throw err
+    throw new LinkConnectError(`link to ${options.peer}: ${err instanceof Error ? err.message : String(err)}`, {
+      cause: err,
+    })
+  } finally {
+    ctl.abort() // releases the helper listeners above
+    clearTimeout(timeout)
+    options.signal?.removeEventListener('abort', onOuterAbort)
+    offSignal()
+  }
+}
