@@ -1,0 +1,97 @@
+import { mkdirSync } from 'node:fs'
+import { statePaths } from '../config.ts'
+import { type ControlServer, createControlServer, type Handler } from '../control/server.ts'
+import { describeError, MeshError } from '../errors.ts'
+import type { Logger } from '../log.ts'
+import type { AgentService } from './interfaces.ts'
+
+export class AgentError extends MeshError {}
+
+export interface AgentInit {
+  stateDir: string
+  services: AgentService[]
+  log: Logger
+}
+
+export interface Agent {
+  start(): Promise<void>
+  stop(): Promise<void>
+  /** Resolves when the agent has stopped (by stop() or the control API's 'agent.stop'). */
+  wait(): Promise<void>
+}
+
+/** Composes services behind one control socket and one lifecycle. */
+export function createAgent(init: AgentInit): Agent {
+  const paths = statePaths(init.stateDir)
+  const log = init.log
+  const ac = new AbortController()
+  const started: AgentService[] = []
+  const startedAt = Date.now()
+  let control: ControlServer | undefined
+  let stopping: Promise<void> | undefined
+  let resolveStopped!: () => void
+  const stopped = new Promise<void>((r) => {
+    resolveStopped = r
+  })
+
+  const handlers: Record<string, Handler> = {}
+  const register = (svc: AgentService) => {
+    for (const [method, h] of Object.entries(svc.handlers())) {
+      if (Object.hasOwn(handlers, method)) throw new AgentError(`two services answer '${method}'`)
+      handlers[method] = h
+    }
+  }
+  for (const svc of init.services) register(svc)
+  handlers.status = async () => {
+    const status: Record<string, unknown> = {
+      pid: process.pid,
+      uptimeMs: Date.now() - startedAt,
+      stateDir: paths.dir,
+    }
+    for (const svc of started) if (svc.status !== undefined) status[svc.name] = svc.status()
+    return status
+  }
+  handlers['agent.stop'] = async () => {
+    // Answer first, then stop: the caller gets its reply before the socket goes away.
+    setImmediate(() => void agent.stop())
+    return { stopping: true }
+  }
+
+  const agent: Agent = {
+    async start() {
+      mkdirSync(paths.dir, { recursive: true, mode: 0o700 })
+      try {
+        for (const svc of init.services) {
+          log.debug('starting service', { service: svc.name })
+          await svc.start(ac.signal)
+          started.push(svc)
+        }
+        control = createControlServer({ path: paths.controlSocket, handlers, log: (l) => log.warn(l) })
+        await control.start()
+      } catch (err) {
+        log.error('agent failed to start', { error: describeError(err) })
+        await agent.stop()
+        throw err
+      }
+      log.info('agent ready', { socket: paths.controlSocket })
+    },
+    stop() {
+      stopping ??= (async () => {
+        ac.abort(new AgentError('agent stopping'))
+        await control?.stop()
+        for (const svc of started.reverse()) {
+          try {
+            await svc.stop()
+          } catch (err) {
+            // Keep stopping the others: one failing service must not leave the rest running.
+            log.error('service failed to stop', { service: svc.name, error: describeError(err) })
+          }
+        }
+        resolveStopped()
+      })()
+      return stopping
+    },
+    wait: () => stopped,
+  }
+  return agent
+}

@@ -1,0 +1,32 @@
+import { Command } from 'commander'
+import type { CommandModule } from '../command.ts'
+import { interruptSignal, jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
+import { positiveInt } from './ping.ts'
+
+export const bench: CommandModule = {
+  build: () =>
+    new Command('bench')
+      .description(
+        "measure throughput of the overlay link to a member (bulk data on the link's chunk channel)",
+      )
+      .argument('<peer>', 'member name or PeerId (a unique prefix is enough)')
+      .option('--mib <n>', 'MiB to send', positiveInt('--mib'), 64)
+      .addOption(stateOption())
+      .addOption(jsonOption())
+      .action(async (peer: string, opts: StateOpts & { json: boolean; mib: number }) => {
+        const signal = interruptSignal()
+        const res = (await withAgent(opts, (c) =>
+          c.call('bench', { peer, bytes: opts.mib * 1024 * 1024 }, { signal }),
+        )) as {
+          peer: string
+          bytes: number
+          seconds: number
+          mbps: number
+          path?: string
+        }
+        if (opts.json) return printJson(res)
+        process.stdout.write(
+          `${res.peer}: ${(res.bytes / 1048576).toFixed(0)} MiB in ${res.seconds.toFixed(2)} s = ${res.mbps.toFixed(1)} MB/s (path ${res.path ?? '?'})\n`,
+        )
+      }),
+}
