@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url'
 
 const dir = fileURLToPath(new URL('.', import.meta.url))
 const available = readdirSync(dir)
-  .filter((f) => f.endsWith('.ts') && f !== 'main.ts' && !f.includes('.'.repeat(1) + 'lib'))
+  .filter((f) => f.endsWith('.ts') && f !== 'main.ts' && !f.startsWith('_'))
   .map((f) => f.replace(/\.ts$/, ''))
 
 const [name, ...args] = process.argv.slice(2)
