@@ -24,7 +24,7 @@
  * down synchronously on process exit and on SIGINT/SIGTERM/SIGHUP, and createClouds() first sweeps
  * namespaces left behind by an earlier run that was SIGKILLed (their owner pid is dead).
  */
-import { type ChildProcess, type SpawnOptions, spawn, spawnSync } from 'node:child_process'
+import { type ChildProcess, type SpawnOptions, spawn } from 'node:child_process'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { StringDecoder } from 'node:string_decoder'
 import { AbortError, MeshError, throwIfAborted } from '../../src/errors.ts'
@@ -44,6 +44,7 @@ import {
   runChecked,
   sleep,
 } from './netns.ts'
+import { hasCommand } from './prereq.ts'
 
 export type { ExecOptions, ExecResult } from './netns.ts'
 
@@ -202,6 +203,12 @@ function recordLines(child: ChildProcess): LineLog {
     })
   }
   if (open === 0) log.ended = true
+  // A failed spawn (no such command) ends the output too, so waiters fail at once with the reason.
+  child.once('error', (e) => {
+    log.lines.push(`spawn error: ${e.message}`)
+    log.ended = true
+    notify()
+  })
   return log
 }
 
@@ -252,7 +259,11 @@ export function waitForLine(
     }
     const timer = setTimeout(() => {
       cleanup()
-      reject(new CloudsError(`no line matching ${re} from process ${child.pid} within ${timeoutMs} ms; last output: ${tail()}`))
+      reject(
+        new CloudsError(
+          `no line matching ${re} from process ${child.pid} within ${timeoutMs} ms; last output: ${tail()}`,
+        ),
+      )
     }, timeoutMs)
     if (signal?.aborted === true) {
       onAbort()
@@ -344,7 +355,7 @@ class HostImpl implements Host {
     readonly cloud?: string,
   ) {}
 
-  exec(cmd: string, args: string[] = [], opts: ExecOptions = {}): Promise<ExecResult> {
+  async exec(cmd: string, args: string[] = [], opts: ExecOptions = {}): Promise<ExecResult> {
     this.topo.assertOpen()
     return execCommand('ip', ['netns', 'exec', this.ns, cmd, ...args], opts, (c) => this.topo.track(c))
   }
@@ -552,7 +563,8 @@ function plan(opts: TopologyOptions, prefix: string) {
     const hosts = spec.hosts ?? 1
     const hostNames =
       typeof hosts === 'number' ? Array.from({ length: hosts }, (_, k) => `${spec.name}${k + 1}`) : [...hosts]
-    if (hostNames.length > MAX_CLOUD_HOSTS) throw new CloudsError(`at most ${MAX_CLOUD_HOSTS} hosts per cloud`)
+    if (hostNames.length > MAX_CLOUD_HOSTS)
+      throw new CloudsError(`at most ${MAX_CLOUD_HOSTS} hosts per cloud`)
     for (const h of hostNames) checkHost(h)
     return {
       spec,
@@ -596,10 +608,6 @@ function natRules(firewall: Firewall, nat: NatType): { cmd: string; args: string
   ]
 }
 
-function hasCommand(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0
-}
-
 /**
  * Builds the topology. On any failure (or abort) everything built so far is removed before the error
  * is thrown. Needs root.
@@ -632,7 +640,11 @@ async function build(topo: TopologyImpl, p: ReturnType<typeof plan>, opts: Topol
   const hostNs = (name: string): string => `${topo.prefix}h-${name}`
 
   // 1. All namespaces, in one ip process. Registered before creation so a failure cleans them up.
-  const all = [inet, ...p.clouds.flatMap((c) => [c.ns, ...c.hostNames.map(hostNs)]), ...p.internetHosts.map(hostNs)]
+  const all = [
+    inet,
+    ...p.clouds.flatMap((c) => [c.ns, ...c.hostNames.map(hostNs)]),
+    ...p.internetHosts.map(hostNs),
+  ]
   for (const ns of all) topo.addNamespace(ns)
   await ipBatch(
     undefined,
@@ -646,9 +658,13 @@ async function build(topo: TopologyImpl, p: ReturnType<typeof plan>, opts: Topol
   await Promise.all(
     all.map((ns) => {
       const keys: string[] = []
-      if (opts.ipv6 !== true) keys.push('net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1')
+      if (opts.ipv6 !== true)
+        keys.push('net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1')
       keys.push(`net.ipv4.ip_forward=${routers.has(ns) ? 1 : 0}`)
-      return runChecked('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', ...keys], { signal, timeoutMs: 30_000 })
+      return runChecked('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', ...keys], {
+        signal,
+        timeoutMs: 30_000,
+      })
     }),
   )
   topo.udpBufferMax = await ensureUdpBuffers(all, opts.udpBufferBytes ?? DEFAULT_UDP_BUFFER, signal)
@@ -656,7 +672,9 @@ async function build(topo: TopologyImpl, p: ReturnType<typeof plan>, opts: Topol
 
   // 3. Links. Each veth is created inside one namespace with its peer placed straight into the other,
   // so interface names only have to be unique per namespace (eth0 everywhere, short port names).
-  const batches: Promise<void>[] = [ipBatch(inet, ['link set lo up', 'link add br0 type bridge', 'link set br0 up'], signal)]
+  const batches: Promise<void>[] = [
+    ipBatch(inet, ['link set lo up', 'link add br0 type bridge', 'link set br0 up'], signal),
+  ]
   const inetPorts: string[] = []
   const routerPorts = new Map<string, string[]>()
   for (const c of p.clouds) {
@@ -779,9 +797,12 @@ async function ensureUdpBuffers(nsList: string[], wanted: number, signal?: Abort
   })
   if (first.code === 0) {
     await Promise.all(
-      nsList
-        .slice(1)
-        .map((ns) => runChecked('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', ...keys], { signal, timeoutMs: 30_000 })),
+      nsList.slice(1).map((ns) =>
+        runChecked('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', ...keys], {
+          signal,
+          timeoutMs: 30_000,
+        }),
+      ),
     )
   } else {
     for (const key of ['rmem_max', 'wmem_max']) {
@@ -793,10 +814,14 @@ async function ensureUdpBuffers(nsList: string[], wanted: number, signal?: Abort
       }
     }
   }
-  const r = await execCommand('ip', ['netns', 'exec', probe, 'cat', '/proc/sys/net/core/rmem_max', '/proc/sys/net/core/wmem_max'], {
-    signal,
-    timeoutMs: 30_000,
-  })
+  const r = await execCommand(
+    'ip',
+    ['netns', 'exec', probe, 'cat', '/proc/sys/net/core/rmem_max', '/proc/sys/net/core/wmem_max'],
+    {
+      signal,
+      timeoutMs: 30_000,
+    },
+  )
   const values = r.stdout
     .split(/\s+/)
     .filter((s) => s !== '')
@@ -808,6 +833,5 @@ async function ensureUdpBuffers(nsList: string[], wanted: number, signal?: Abort
   return Math.min(values[0]!, values[1]!)
 }
 
-/** Kept for callers that want to poll: resolves after `ms`. */
-export { sleep }
-export { NetnsError }
+// Re-exported so that fixtures built on this one need a single import.
+export { NetnsError, sleep }
