@@ -1,4 +1,5 @@
-import { mkdirSync } from 'node:fs'
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { statePaths } from '../config.ts'
 import { type ControlServer, createControlServer, type Handler } from '../control/server.ts'
 import { describeError, MeshError } from '../errors.ts'
@@ -6,6 +7,45 @@ import type { Logger } from '../log.ts'
 import type { AgentService } from './interfaces.ts'
 
 export class AgentError extends MeshError {}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM'
+  }
+}
+
+/**
+ * One agent per state dir: a second one would steal the control socket and fight over the identity.
+ * The pid file is created exclusively; a stale one (its process is gone) is taken over.
+ */
+function lockStateDir(dir: string): () => void {
+  const file = join(dir, 'agent.pid')
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(file, `${process.pid}\n`, { flag: 'wx', mode: 0o600 })
+      return () => {
+        try {
+          if (readFileSync(file, 'utf8').trim() === String(process.pid)) rmSync(file, { force: true })
+        } catch {
+          // Already gone: nothing to release.
+        }
+      }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+      const pid = Number.parseInt(readFileSync(file, 'utf8'), 10)
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
+        throw new AgentError(`an agent is already running for ${dir} (pid ${pid}); stop it first`, {
+          code: 'E_AGENT_RUNNING',
+        })
+      }
+      rmSync(file, { force: true })
+    }
+  }
+  throw new AgentError(`cannot lock ${dir}`)
+}
 
 export interface AgentInit {
   stateDir: string
@@ -28,6 +68,7 @@ export function createAgent(init: AgentInit): Agent {
   const started: AgentService[] = []
   const startedAt = Date.now()
   let control: ControlServer | undefined
+  let unlock: (() => void) | undefined
   let stopping: Promise<void> | undefined
   let resolveStopped!: () => void
   const stopped = new Promise<void>((r) => {
@@ -60,6 +101,7 @@ export function createAgent(init: AgentInit): Agent {
   const agent: Agent = {
     async start() {
       mkdirSync(paths.dir, { recursive: true, mode: 0o700 })
+      unlock = lockStateDir(paths.dir)
       try {
         for (const svc of init.services) {
           log.debug('starting service', { service: svc.name })
@@ -87,6 +129,7 @@ export function createAgent(init: AgentInit): Agent {
             log.error('service failed to stop', { service: svc.name, error: describeError(err) })
           }
         }
+        unlock?.()
         resolveStopped()
       })()
       return stopping

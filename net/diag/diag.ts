@@ -1,0 +1,149 @@
+import { AbortError, MeshError, throwIfAborted } from '../../src/errors.ts'
+import type { Link, Overlay } from '../link/interfaces.ts'
+import {
+  DiagType,
+  decodeCount,
+  decodeDiag,
+  encodeCount,
+  encodeDiag,
+  MAX_DIAG_PAYLOAD,
+} from './v1/messages.ts'
+
+export class DiagError extends MeshError {}
+
+export interface BenchResult {
+  bytes: number
+  seconds: number
+  /** MB/s (10^6 bytes per second), counted when the receiver confirms it got every byte. */
+  mbps: number
+}
+
+export interface Diag {
+  /** Round-trip time over the link's control channel, in ms. */
+  ping(peer: string, options?: { signal?: AbortSignal; timeoutMs?: number }): Promise<number>
+  /** Sends `bytes` to the peer with backpressure and waits for its receipt. */
+  bench(peer: string, bytes: number, options?: { signal?: AbortSignal }): Promise<BenchResult>
+  stop(): void
+}
+
+type Waiter = (payload: Uint8Array) => void
+
+/** Answers pings and bench transfers on every link, and measures them on request. */
+export function createDiag(overlay: Overlay, log: (line: string) => void = () => {}): Diag {
+  const waiters = new Map<string, Waiter>() // `${peer}/${type}/${seq}`
+  const received = new Map<string, number>() // bench bytes per peer
+  const cleanups = new Set<() => void>()
+  let seq = 1
+
+  const attach = (link: Link) => {
+    const ch = link.channel('control')
+    const off = ch.onMessage((bytes) => {
+      let msg: ReturnType<typeof decodeDiag>
+      try {
+        msg = decodeDiag(bytes)
+      } catch (err) {
+        log(`diag: dropping bad message from ${link.peer}: ${(err as Error).message}`)
+        return
+      }
+      switch (msg.type) {
+        case DiagType.Ping:
+          ch.send(encodeDiag(DiagType.Pong, msg.seq))
+          break
+        case DiagType.Data:
+          received.set(link.peer, (received.get(link.peer) ?? 0) + msg.payload.byteLength)
+          break
+        case DiagType.End:
+          ch.send(encodeDiag(DiagType.Done, msg.seq, encodeCount(received.get(link.peer) ?? 0)))
+          received.delete(link.peer)
+          break
+        default:
+          waiters.get(`${link.peer}/${msg.type}/${msg.seq}`)?.(msg.payload)
+      }
+    })
+    cleanups.add(off)
+    link.onClose(() => {
+      off()
+      cleanups.delete(off)
+      received.delete(link.peer)
+    })
+  }
+  for (const l of overlay.links()) attach(l)
+  const offLink = overlay.onLink(attach)
+
+  const linkTo = (peer: string): Link => {
+    const l = overlay.link(peer)
+    if (l === undefined || l.state !== 'open')
+      throw new DiagError(`no open link to ${peer}`, { code: 'E_NO_LINK' })
+    return l
+  }
+
+  const await_ = (
+    peer: string,
+    type: DiagType,
+    s: number,
+    signal: AbortSignal | undefined,
+    timeoutMs: number,
+  ) =>
+    new Promise<Uint8Array>((resolve, reject) => {
+      const key = `${peer}/${type}/${s}`
+      const timer = setTimeout(() => {
+        done()
+        reject(new DiagError(`no answer from ${peer} within ${timeoutMs} ms`, { code: 'E_TIMEOUT' }))
+      }, timeoutMs)
+      const onAbort = () => {
+        done()
+        reject(new AbortError(undefined, { cause: signal?.reason }))
+      }
+      const done = () => {
+        clearTimeout(timer)
+        waiters.delete(key)
+        signal?.removeEventListener('abort', onAbort)
+      }
+      waiters.set(key, (p) => {
+        done()
+        resolve(p)
+      })
+      signal?.addEventListener('abort', onAbort, { once: true })
+    })
+
+  return {
+    async ping(peer, options = {}) {
+      throwIfAborted(options.signal)
+      const s = seq++
+      const t0 = performance.now()
+      const reply = await_(peer, DiagType.Pong, s, options.signal, options.timeoutMs ?? 5000)
+      linkTo(peer).channel('control').send(encodeDiag(DiagType.Ping, s))
+      await reply
+      return performance.now() - t0
+    },
+    async bench(peer, bytes, options = {}) {
+      const { signal } = options
+      const ch = linkTo(peer).channel('control')
+      const block = new Uint8Array(MAX_DIAG_PAYLOAD)
+      for (let i = 0; i < block.length; i++) block[i] = (i * 131) & 0xff
+      const t0 = performance.now()
+      let sent = 0
+      while (sent < bytes) {
+        throwIfAborted(signal)
+        const n = Math.min(block.length, bytes - sent)
+        const ok = ch.send(encodeDiag(DiagType.Data, 0, n === block.length ? block : block.subarray(0, n)))
+        sent += n
+        if (!ok) await ch.onDrain({ signal })
+      }
+      const s = seq++
+      const done = await_(peer, DiagType.Done, s, signal, 60_000)
+      ch.send(encodeDiag(DiagType.End, s))
+      const got = decodeCount(await done)
+      const seconds = (performance.now() - t0) / 1000
+      if (got !== bytes)
+        throw new DiagError(`peer counted ${got} bytes of ${bytes}`, { code: 'E_BENCH_LOSS' })
+      return { bytes, seconds, mbps: bytes / 1e6 / seconds }
+    },
+    stop() {
+      offLink()
+      for (const off of cleanups) off()
+      cleanups.clear()
+      waiters.clear()
+    },
+  }
+}

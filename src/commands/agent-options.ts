@@ -1,0 +1,52 @@
+import { type Command, Option } from 'commander'
+import type { AgentOptions } from '../agent/run.ts'
+import { resolveState, stateOption } from './common.ts'
+
+const collect = (v: string, prev: string[] | undefined) => [...(prev ?? []), v]
+
+/** Options shared by `mesh join` and `mesh agent`: both run the agent in the foreground. */
+export function addAgentOptions(cmd: Command): Command {
+  return cmd
+    .addOption(stateOption())
+    .option('--name <name>', "this member's name (default: the host name)")
+    .option('--listen <multiaddr>', 'libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/0)', collect)
+    .option(
+      '--announce <multiaddr>',
+      'address to advertise instead of the listen addresses (repeatable)',
+      collect,
+    )
+    .option('--bootstrap', 'also serve circuit relay and STUN for other members', false)
+    .addOption(
+      new Option('--stun-port <port>', 'UDP port of the STUN responder (with --bootstrap)').argParser(Number),
+    )
+    .option('--ice <url>', 'extra ICE server, stun:HOST:PORT or turn:HOST:PORT (repeatable)', collect)
+    .option('--turn-credentials <file>', "file (mode 0600) holding 'user:password' for the TURN servers")
+    .option('--pnet', 'add a libp2p pre-shared key derived from the network (all members must agree)', false)
+}
+
+export interface AgentCliOptions {
+  state?: string
+  name?: string
+  listen?: string[]
+  announce?: string[]
+  bootstrap: boolean
+  stunPort?: number
+  ice?: string[]
+  turnCredentials?: string
+  pnet: boolean
+}
+
+export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
+  return {
+    state: resolveState(o),
+    ...(o.name === undefined ? {} : { name: o.name }),
+    ...(o.listen === undefined ? {} : { listen: o.listen }),
+    ...(o.announce === undefined ? {} : { announce: o.announce }),
+    bootstrap: o.bootstrap,
+    ...(o.stunPort === undefined ? {} : { stunPort: o.stunPort }),
+    ...(o.ice === undefined ? {} : { ice: o.ice }),
+    ...(o.turnCredentials === undefined ? {} : { turnCredentials: o.turnCredentials }),
+    pnet: o.pnet,
+    ...(invite === undefined ? {} : { invite }),
+  }
+}
