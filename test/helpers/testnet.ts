@@ -1,0 +1,306 @@
+/**
+ * A mesh testnet in one call, like hyperdht's createTestnet: NAT'd clouds (test/helpers/clouds.ts), a
+ * bootstrap agent on the internet (circuit relay + STUN), optionally coturn on its own internet host,
+ * and one real `mesh` agent process per cloud host, each joined with an invite through the CLI. Agents
+ * are separate processes so a test can kill -9 one; destroy() removes every process, namespace and
+ * state directory, even when the test failed.
+ */
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { type CloudSpec, createClouds, type Host, outputLines, type Topology, waitForLine } from './clouds.ts'
+
+export const MESH_BIN = fileURLToPath(new URL('../../bin/mesh.js', import.meta.url))
+export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
+
+export interface MeshResult {
+  code: number
+  stdout: string
+  stderr: string
+}
+
+/** Runs the `mesh` CLI (in this namespace: the control socket is a file) with a timeout. */
+export function mesh(args: string[], opts: { timeoutMs?: number; input?: string } = {}): Promise<MeshResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [MESH_BIN, ...args], { stdio: ['pipe', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (b: Buffer) => {
+      stdout += b.toString()
+    })
+    child.stderr.on('data', (b: Buffer) => {
+      stderr += b.toString()
+    })
+    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000)
+    child.on('error', reject)
+    child.on('close', (code, sig) => {
+      clearTimeout(timer)
+      resolve({ code: code ?? (sig === null ? -1 : 128), stdout, stderr })
+    })
+    child.stdin.end(opts.input ?? '')
+  })
+}
+
+/** Like mesh() but throws with the CLI's stderr on a non-zero exit; parses --json output. */
+export async function meshJson<T>(args: string[], opts: { timeoutMs?: number } = {}): Promise<T> {
+  const r = await mesh([...args, '--json'], opts)
+  if (r.code !== 0) throw new Error(`mesh ${args.join(' ')} exited ${r.code}: ${r.stderr.trim()}`)
+  return JSON.parse(r.stdout) as T
+}
+
+export interface AgentProc {
+  name: string
+  host: Host
+  state: string
+  child: ChildProcess
+  peerId: string
+  /** Extra agent arguments it was started with (reused by restart()). */
+  args: string[]
+  /** Runs `mesh ARGS --state <this agent's state>`. */
+  mesh(args: string[], opts?: { timeoutMs?: number; input?: string }): Promise<MeshResult>
+  json<T>(args: string[], opts?: { timeoutMs?: number }): Promise<T>
+  /** SIGKILL and wait for exit. */
+  kill(): Promise<void>
+  /** Starts `mesh agent` again on the same state dir (after kill()) without waiting. */
+  start(): ChildProcess
+  /** start() and wait until the agent is ready. */
+  restart(): Promise<void>
+  log(): string
+}
+
+export interface PeerRow {
+  id: string
+  name: string
+  state: string
+  link: string
+  path?: string
+  rttMs?: number
+}
+
+export interface TestnetOptions {
+  clouds: CloudSpec[]
+  /** Run coturn on an internet host 'turn' and give every agent its URL and credentials. */
+  turn?: boolean
+  /** Extra internet hosts (clients). */
+  internetHosts?: string[]
+  /** Extra `mesh agent` arguments for every member. */
+  agentArgs?: string[]
+  /** Don't join the cloud hosts (the test does it). */
+  noJoin?: boolean
+  /** Environment for agents (e.g. MESH_LOG=debug). */
+  env?: NodeJS.ProcessEnv
+}
+
+export interface Testnet {
+  topo: Topology
+  dir: string
+  boot: AgentProc
+  agents: Map<string, AgentProc>
+  turn?: { url: string; credentialsFile: string }
+  /** Makes an invite on the bootstrap. */
+  invite(opts?: { ttl?: string; bind?: string }): Promise<string>
+  /** Joins a cloud host as a new member (its agent runs until destroy/kill). */
+  join(
+    hostName: string,
+    opts?: { invite?: string; args?: string[]; waitReady?: boolean; name?: string },
+  ): Promise<AgentProc>
+  /** Waits until every listed agent sees an open link to every other listed agent. */
+  waitForFullMesh(names: string[], timeoutMs?: number): Promise<Map<string, PeerRow[]>>
+  destroy(): Promise<void>
+}
+
+const TURN_USER = 'meshtest'
+const TURN_PORT = 3479
+
+async function startCoturn(host: Host, dir: string): Promise<{ url: string; credentialsFile: string }> {
+  const password = `pw${Math.random().toString(36).slice(2)}`
+  const conf = join(dir, 'turnserver.conf')
+  writeFileSync(
+    conf,
+    [
+      `listening-ip=${host.ip}`,
+      `relay-ip=${host.ip}`,
+      `listening-port=${TURN_PORT}`,
+      'min-port=49152',
+      'max-port=49500',
+      'lt-cred-mech',
+      'fingerprint',
+      `user=${TURN_USER}:${password}`,
+      'realm=mesh.test',
+      'no-tls',
+      'no-dtls',
+      'no-cli',
+      'no-tcp-relay',
+      'log-file=stdout',
+      'simple-log',
+      `pidfile=${join(dir, 'turnserver.pid')}`,
+      `userdb=${join(dir, 'turndb')}`,
+      '',
+    ].join('\n'),
+    { mode: 0o600 },
+  )
+  const credentialsFile = join(dir, 'turn-credentials')
+  writeFileSync(credentialsFile, `${TURN_USER}:${password}\n`, { mode: 0o600 })
+  const turn = host.spawn('turnserver', ['-c', conf], { cwd: dir })
+  await waitForLine(turn, /(Total General servers|IPv4. UDP listener opened|relay)/i, 30_000)
+  return { url: `turn:${host.ip}:${TURN_PORT}`, credentialsFile }
+}
+
+export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
+  const internetHosts = ['boot', ...(opts.turn === true ? ['turn'] : []), ...(opts.internetHosts ?? [])]
+  const topo = await createClouds({ clouds: opts.clouds, internetHosts })
+  const dir = mkdtempSync(join(tmpdir(), 'mesh-testnet-'))
+  const agents = new Map<string, AgentProc>()
+  const env = { ...process.env, ...opts.env }
+  let boot: AgentProc | undefined
+  let turn: Testnet['turn']
+
+  const makeAgent = (name: string, host: Host, args: string[], initialChild: ChildProcess): AgentProc => {
+    const state = join(dir, name)
+    const a: AgentProc = {
+      name,
+      host,
+      state,
+      child: initialChild,
+      peerId: '',
+      args,
+      mesh: (margs, o) => mesh([...margs, '--state', state], o),
+      json: (margs, o) => meshJson([...margs, '--state', state], o),
+      async kill() {
+        const c = a.child
+        if (c.exitCode !== null || c.signalCode !== null) return
+        const exited = new Promise((r) => c.once('exit', r))
+        try {
+          process.kill(-c.pid!, 'SIGKILL')
+        } catch {
+          c.kill('SIGKILL')
+        }
+        await exited
+      },
+      start() {
+        a.child = host.spawn(
+          process.execPath,
+          [MESH_BIN, 'agent', '--state', state, '--name', name, ...a.args],
+          {
+            env,
+            cwd: REPO_ROOT,
+          },
+        )
+        return a.child
+      },
+      async restart() {
+        await waitForLine(a.start(), /agent ready/, 90_000)
+      },
+      log: () => outputLines(a.child).join('\n'),
+    }
+    return a
+  }
+
+  const readyPeerId = async (a: AgentProc) => {
+    await waitForLine(a.child, /agent ready/, 90_000)
+    const st = await a.json<{ net: { peerId: string } }>(['status'])
+    a.peerId = st.net.peerId
+  }
+
+  try {
+    if (opts.turn === true) turn = await startCoturn(topo.host('turn'), dir)
+    const bootHost = topo.host('boot')
+    const bootState = join(dir, 'boot')
+    const created = await mesh(['network', 'create', 'testnet', '--state', bootState])
+    if (created.code !== 0) throw new Error(`network create failed: ${created.stderr}`)
+    const bootArgs = ['--bootstrap', '--listen', `/ip4/${bootHost.ip}/tcp/4001`]
+    const bootChild = bootHost.spawn(
+      process.execPath,
+      [MESH_BIN, 'agent', '--state', bootState, '--name', 'boot', ...bootArgs],
+      { env, cwd: REPO_ROOT },
+    )
+    boot = makeAgent('boot', bootHost, bootArgs, bootChild)
+    agents.set('boot', boot)
+    await readyPeerId(boot)
+
+    const net: Testnet = {
+      topo,
+      dir,
+      boot,
+      agents,
+      ...(turn === undefined ? {} : { turn }),
+      async invite(o = {}) {
+        const args = [
+          'invite',
+          ...(o.ttl === undefined ? [] : ['--ttl', o.ttl]),
+          ...(o.bind === undefined ? [] : ['--bind', o.bind]),
+        ]
+        const r = await boot!.mesh(args)
+        if (r.code !== 0) throw new Error(`mesh invite failed: ${r.stderr}`)
+        return r.stdout.trim()
+      },
+      async join(hostName, o = {}) {
+        const host = topo.host(hostName)
+        const invite = o.invite ?? (await net.invite())
+        const args = [
+          ...(turn === undefined ? [] : ['--ice', turn.url, '--turn-credentials', turn.credentialsFile]),
+          ...(opts.agentArgs ?? []),
+          ...(o.args ?? []),
+        ]
+        const name = o.name ?? hostName
+        const state = join(dir, name)
+        // The invite goes through stdin: it is a credential and must not sit in argv.
+        const child = host.spawn(
+          process.execPath,
+          [MESH_BIN, 'join', '-', '--state', state, '--name', name, ...args],
+          { env, cwd: REPO_ROOT, stdio: ['pipe', 'pipe', 'pipe'] },
+        )
+        child.stdin?.end(`${invite}\n`)
+        const a = makeAgent(name, host, args, child)
+        agents.set(name, a)
+        if (o.waitReady !== false) await readyPeerId(a)
+        return a
+      },
+      async waitForFullMesh(names, timeoutMs = 90_000) {
+        const deadline = Date.now() + timeoutMs
+        let last = new Map<string, PeerRow[]>()
+        for (;;) {
+          last = new Map()
+          let ok = true
+          for (const n of names) {
+            const a = agents.get(n)
+            if (a === undefined) throw new Error(`no agent ${n}`)
+            const r = await a.mesh(['peers', '--json'], { timeoutMs: 10_000 })
+            const rows = r.code === 0 ? (JSON.parse(r.stdout) as { peers: PeerRow[] }).peers : []
+            last.set(n, rows)
+            for (const other of names) {
+              if (other === n) continue
+              if (!rows.some((p) => p.name === other && p.link === 'open')) ok = false
+            }
+          }
+          if (ok) return last
+          if (Date.now() > deadline) {
+            const view = [...last].map(
+              ([n, rows]) => `${n}: ${rows.map((p) => `${p.name}=${p.link}/${p.path ?? '-'}`).join(' ')}`,
+            )
+            throw new Error(
+              `no full mesh among ${names.join(',')} after ${timeoutMs} ms:\n${view.join('\n')}`,
+            )
+          }
+          await new Promise((r) => setTimeout(r, 1000))
+        }
+      },
+      async destroy() {
+        await topo.destroy()
+        rmSync(dir, { recursive: true, force: true })
+      },
+    }
+    if (opts.noJoin !== true) {
+      for (const c of topo.clouds) for (const h of c.hosts) await net.join(h.name)
+    }
+    return net
+  } catch (err) {
+    const bootLog = boot?.log()
+    await topo.destroy()
+    rmSync(dir, { recursive: true, force: true })
+    if (bootLog !== undefined && err instanceof Error) err.message += `\nbootstrap log:\n${bootLog}`
+    throw err
+  }
+}

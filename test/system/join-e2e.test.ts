@@ -1,0 +1,110 @@
+/**
+ * `mesh join` end to end, through the CLI, with every agent a separate process in its own namespace:
+ * a bootstrap on the internet, three clouds behind cone NATs and one behind a symmetric NAT, coturn.
+ */
+import assert from 'node:assert/strict'
+import { requireOrSkip } from '../helpers/prereq.ts'
+import { createTestnet, type PeerRow, type Testnet } from '../helpers/testnet.ts'
+
+const DIRECT = new Set(['host', 'srflx', 'prflx'])
+
+describe('mesh join across NATs (e2e, CLI, real processes)', function () {
+  this.timeout(240_000)
+  let net: Testnet | undefined
+
+  before(async function () {
+    requireOrSkip(this, { root: true, commands: ['ip', 'nft', 'turnserver'] })
+    net = await createTestnet({
+      clouds: [
+        { name: 'a', nat: 'cone' },
+        { name: 'b', nat: 'cone' },
+        { name: 'c', nat: 'cone' },
+        { name: 's', nat: 'symmetric' },
+      ],
+      turn: true,
+    })
+  })
+
+  after(async () => {
+    await net?.destroy()
+  })
+
+  afterEach(function () {
+    if (this.currentTest?.state === 'failed' && net !== undefined) {
+      for (const a of net.agents.values())
+        process.stdout.write(`--- ${a.name} log (tail)\n${a.log().split('\n').slice(-30).join('\n')}\n`)
+    }
+  })
+
+  it('all members get links: direct between cone clouds, relayed through TURN for the symmetric one', async () => {
+    const view = await net!.waitForFullMesh(['a1', 'b1', 'c1', 's1'], 150_000)
+    const path = (from: string, to: string) => view.get(from)!.find((p: PeerRow) => p.name === to)!.path
+    for (const [x, y] of [
+      ['a1', 'b1'],
+      ['a1', 'c1'],
+      ['b1', 'c1'],
+    ] as const) {
+      assert.ok(DIRECT.has(path(x, y) ?? ''), `${x}->${y} should be direct, is ${path(x, y)}`)
+    }
+    for (const x of ['a1', 'b1', 'c1']) assert.equal(path('s1', x), 'relay', `s1->${x} should be relayed`)
+  })
+
+  it('data flows both ways on direct and relayed links', async () => {
+    for (const [from, to] of [
+      ['a1', 'b1'],
+      ['b1', 'a1'],
+      ['s1', 'c1'],
+      ['c1', 's1'],
+    ] as const) {
+      const r = await net!.agents
+        .get(from)!
+        .json<{ bytes: number; mbps: number }>(['bench', to, '--mib', '2'], {
+          timeoutMs: 90_000,
+        })
+      assert.equal(r.bytes, 2 * 1024 * 1024)
+      assert.ok(r.mbps > 0)
+      const p = await net!.agents.get(from)!.json<{ rttMs: number[] }>(['ping', to, '-c', '2'])
+      assert.equal(p.rttMs.length, 2)
+    }
+  })
+
+  it('a forged invite is refused with a clear error', async () => {
+    const good = await net!.invite()
+    // Flip one character of the signature: the invite no longer verifies.
+    const sigStart = good.lastIndexOf('.') + 1
+    const forged = good.slice(0, sigStart) + (good[sigStart] === 'A' ? 'B' : 'A') + good.slice(sigStart + 1)
+    const host = net!.topo.clouds[0]!.hosts[0]!.name
+    const f = await net!.join(host, { invite: forged, waitReady: false, name: 'forger' })
+    const exitF = await new Promise<number | null>((r) => f.child.once('exit', (code) => r(code)))
+    assert.equal(exitF, 1)
+    assert.match(f.log(), /forged|signature/i)
+  })
+
+  it('a revoked member loses its links and cannot come back with its old invite', async () => {
+    const victim = net!.agents.get('c1')!
+    const r = await net!.boot.mesh(['revoke', 'c1'])
+    assert.equal(r.code, 0, r.stderr)
+    // Its links close everywhere, and the others drop it from their peer lists.
+    const deadline = Date.now() + 30_000
+    for (;;) {
+      const rows = await net!.agents.get('a1')!.json<{ peers: PeerRow[] }>(['peers'])
+      if (!rows.peers.some((p) => p.name === 'c1' && p.link === 'open')) break
+      assert.ok(Date.now() < deadline, 'a1 still has an open link to revoked c1')
+      await new Promise((res) => setTimeout(res, 1000))
+    }
+    await victim.kill()
+    // Restarting the revoked node: refused (it exits with an error naming the revocation).
+    victim.start()
+    const code = await new Promise<number | null>((res) => victim.child.once('exit', (c) => res(c)))
+    assert.notEqual(code, 0)
+    assert.match(victim.log(), /revoked/i)
+  })
+
+  it('a link cut for 10 s comes back by itself', async () => {
+    const a = net!.topo.cloud('a')
+    await a.cut()
+    await new Promise((r) => setTimeout(r, 10_000))
+    await a.restore()
+    await net!.waitForFullMesh(['a1', 'b1'], 60_000)
+  })
+})
