@@ -589,6 +589,17 @@ function natRules(firewall: Firewall, nat: NatType): { cmd: string; args: string
       `    oifname "wan0" ${masq}`,
       '  }',
       '}',
+      // A NAT box does not answer unsolicited packets. Without this, a hole-punching packet that
+      // reaches the router before the LAN host has sent its own creates a conntrack entry for the
+      // router itself on that public port; masquerade then has to pick ANOTHER port for the host's
+      // outgoing flow, so its server-reflexive address stops being valid and punching fails. Dropping
+      // at input leaves the entry unconfirmed, as a real NAT would.
+      'table inet meshin {',
+      '  chain input {',
+      '    type filter hook input priority filter; policy accept;',
+      '    iifname "wan0" ct state new drop',
+      '  }',
+      '}',
       // cut() fills this chain; it is separate so that restore() can simply flush it.
       'table inet meshcut {',
       '  chain forward {',
@@ -603,6 +614,11 @@ function natRules(firewall: Firewall, nat: NatType): { cmd: string; args: string
   if (nat === 'symmetric') masq.push('--random-fully')
   return [
     { cmd: 'iptables', args: masq },
+    // See the nft rules: unsolicited packets to the router must not claim public ports.
+    {
+      cmd: 'iptables',
+      args: ['-w', '5', '-A', 'INPUT', '-i', 'wan0', '-m', 'conntrack', '--ctstate', 'NEW', '-j', 'DROP'],
+    },
     { cmd: 'iptables', args: ['-w', '5', '-N', 'MESHCUT'] },
     { cmd: 'iptables', args: ['-w', '5', '-A', 'FORWARD', '-j', 'MESHCUT'] },
   ]
