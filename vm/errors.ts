@@ -45,7 +45,11 @@ export class VmExitedError extends MeshError {
   readonly exit: VmExitInfo
   constructor(what: string, exit: VmExitInfo, options: { cause?: unknown } = {}) {
     const status =
-      exit.signal !== null ? `signal ${exit.signal}` : exit.code !== null ? `status ${exit.code}` : 'unknown status'
+      exit.signal !== null
+        ? `signal ${exit.signal}`
+        : exit.code !== null
+          ? `status ${exit.code}`
+          : 'unknown status'
     const tail = exit.lastLines.length > 0 ? `; last output: ${exit.lastLines.slice(-5).join(' | ')}` : ''
     super(`${what}: QEMU exited with ${status}${tail}`, { ...options, code: 'E_VM_EXITED' })
     this.exit = exit

@@ -70,7 +70,8 @@ function int(o: Record<string, unknown>, key: string, min: number, max: number, 
 function pathOrImage(key: string, v: string | undefined, baseDir: string | undefined): string | undefined {
   if (v === undefined) return undefined
   if (v.startsWith('image:')) {
-    if (parseImageRef(v) === undefined) throw new VmSpecError(`spec.${key}`, `bad image name '${v}' (image:NAME[:TAG])`)
+    if (parseImageRef(v) === undefined)
+      throw new VmSpecError(`spec.${key}`, `bad image name '${v}' (image:NAME[:TAG])`)
     return v
   }
   if (v.includes('\0') || v.includes(',')) {
@@ -110,12 +111,15 @@ export function validateVmSpec(input: unknown, baseDir?: string): VmSpec {
   const disk = pathOrImage('disk', str(o, 'disk', false), baseDir)
   let mac = str(o, 'mac', false)?.toLowerCase()
   if (mac === undefined) mac = macForName(name)
-  else if (!MAC_RE.test(mac)) throw new VmSpecError('spec.mac', `must look like 52:54:00:12:34:56, got '${mac}'`)
-  else if ((Number.parseInt(mac.slice(0, 2), 16) & 1) === 1) throw new VmSpecError('spec.mac', 'must be unicast')
+  else if (!MAC_RE.test(mac))
+    throw new VmSpecError('spec.mac', `must look like 52:54:00:12:34:56, got '${mac}'`)
+  else if ((Number.parseInt(mac.slice(0, 2), 16) & 1) === 1)
+    throw new VmSpecError('spec.mac', 'must be unicast')
   const ip = str(o, 'ip', false)
   if (ip !== undefined) checkCidr(ip)
   const cmdline = str(o, 'cmdline', false)
-  if (cmdline !== undefined && /[\n\0]/.test(cmdline)) throw new VmSpecError('spec.cmdline', 'must be one line')
+  if (cmdline !== undefined && /[\n\0]/.test(cmdline))
+    throw new VmSpecError('spec.cmdline', 'must be one line')
   const spec: VmSpec = { name, memoryMiB, vcpus, kernel, mac }
   if (initrd !== undefined) spec.initrd = initrd
   if (disk !== undefined) spec.disk = disk

@@ -3,6 +3,7 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
+import { createLocalVmManager, createVmService } from '../../vm/service.ts'
 import { statePaths } from '../config.ts'
 import { MeshError, UsageError } from '../errors.ts'
 import { createLogger, type Logger } from '../log.ts'
@@ -114,7 +115,9 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     pnet: opts.pnet ?? false,
     log: log.child('net'),
   })
-  const services: AgentService[] = [net]
+  const vmLog = log.child('vm')
+  const vms = createVmService({ manager: createLocalVmManager(paths.dir), log: (m, f) => vmLog.warn(m, f) })
+  const services: AgentService[] = [net, vms]
   return createAgent({ stateDir: paths.dir, services, log })
 }
 

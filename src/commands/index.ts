@@ -2,13 +2,16 @@ import type { CommandModule } from '../command.ts'
 import { agent } from './agent.ts'
 import { bench } from './bench.ts'
 import { expose } from './expose.ts'
+import { image } from './image.ts'
 import { invite } from './invite.ts'
 import { join } from './join.ts'
+import { migrate } from './migrate.ts'
 import { network } from './network.ts'
 import { peers } from './peers.ts'
 import { ping } from './ping.ts'
 import { revoke } from './revoke.ts'
 import { status } from './status.ts'
+import { vm } from './vm.ts'
 
 /**
  * Every `mesh` command, one file each. Later commands register here; the order is the order
@@ -25,4 +28,7 @@ export const commands: CommandModule[] = [
   ping,
   expose,
   bench,
+  vm,
+  image,
+  migrate,
 ]

@@ -58,7 +58,11 @@ export class CompareDirtyTracker implements DirtyTracker {
   }
 
   /** Reads the file block by block; compares (or, for the baseline, copies) chunk by chunk. */
-  private async scan(retained: Buffer, signal: AbortSignal | undefined, baseline: boolean): Promise<number[]> {
+  private async scan(
+    retained: Buffer,
+    signal: AbortSignal | undefined,
+    baseline: boolean,
+  ): Promise<number[]> {
     if (this.busy) throw new Error('DirtyTracker: start()/collect() already running')
     this.busy = true
     const fh = await open(this.path, 'r')

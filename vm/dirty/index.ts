@@ -16,8 +16,12 @@ export interface DirtySource {
 }
 
 /** Soft-dirty when the kernel has it and we know the process, else comparison with the last round. */
-export function createDirtyTracker(source: DirtySource, chunkSize = 64 * 1024): DirtyTracker {
-  if (source.pid !== undefined && source.freeze !== undefined && softDirtySupported()) {
+export function createDirtyTracker(
+  source: DirtySource,
+  chunkSize = 64 * 1024,
+  method: 'auto' | 'compare' = 'auto',
+): DirtyTracker {
+  if (method === 'auto' && source.pid !== undefined && source.freeze !== undefined && softDirtySupported()) {
     return new SoftDirtyTracker(source.pid, source.path, source.size, source.freeze, chunkSize)
   }
   return new CompareDirtyTracker(source.path, source.size, chunkSize)

@@ -16,8 +16,8 @@
 import type { VmExitInfo } from '../errors.ts'
 import type { VmSpec } from '../spec.ts'
 
-export type { VmSpec } from '../spec.ts'
 export type { VmExitInfo } from '../errors.ts'
+export type { VmSpec } from '../spec.ts'
 
 /**
  * Where a VM is in its life:
@@ -49,10 +49,11 @@ export interface StartOptions {
   /** Start with CPUs stopped (status `paused`); resume() boots. Ignored when `incoming`. */
   paused?: boolean
   /**
-   * Test/host-only extra network (e.g. user-mode networking with host port forwards so a test can reach
-   * guest services without the tunnel). The guest sees it as a second NIC.
+   * Tests only: replace the guest NIC's backend by user-mode networking with these host port forwards,
+   * so a test reaches guest services without the tunnel (the guest should use 10.0.2.15/24). Drivers
+   * without networking ignore it.
    */
-  extraNetdev?: { type: 'user'; hostfwd: Array<{ hostPort: number; guestPort: number }> }
+  testNet?: { hostfwd: Array<{ hostPort: number; guestPort: number }> }
   signal?: AbortSignal
 }
 
@@ -77,7 +78,12 @@ export interface DirtyTracker {
   readonly chunkSize: number
   /** Marks the baseline: every chunk counts as clean now. */
   start(signal?: AbortSignal): Promise<void>
-  /** Returns the chunks that changed since the last collect()/start(), and sets a new baseline. */
+  /**
+   * Returns the chunks that changed since the last collect()/start(), and sets a new baseline.
+   * While the guest runs, a write that lands in a chunk after that chunk was scanned shows up in the
+   * *next* round only. So the final round of a migration must be collected after pause()/saveState()
+   * has resolved (never concurrently with it): only then does it hold every remaining change.
+   */
   collect(signal?: AbortSignal): Promise<DirtyRound>
   /** Releases the retained copy / file handles. */
   close(): Promise<void>
@@ -86,6 +92,12 @@ export interface DirtyTracker {
 export interface DirtyTrackerOptions {
   /** Default 64 KiB; a multiple of 4 KiB. */
   chunkSize?: number
+  /**
+   * `auto` (default): kernel soft-dirty bits when available, else `compare`. Soft-dirty sees only what
+   * the hypervisor process writes (the guest); `compare` also sees writes by other processes into the
+   * RAM file (tests, tools), at the cost of a RAM-sized copy in this process.
+   */
+  method?: 'auto' | 'compare'
 }
 
 /** Payloads of the VM's events. */
@@ -106,6 +118,11 @@ export interface Vm {
   readonly pid: number | undefined
   /** Serial console log file (the guest's ttyS0), when there is one. */
   readonly consolePath: string | undefined
+  /**
+   * The guest NIC's stream socket (the hypervisor listens; the tunnel connects, and may reconnect).
+   * Frames are a 4-byte big-endian length + the Ethernet frame. Undefined with `testNet` or in the fake.
+   */
+  readonly netSocket: string | undefined
   status(): VmStatus
   /** Stops the guest CPUs. Idempotent when already paused. */
   pause(signal?: AbortSignal): Promise<void>

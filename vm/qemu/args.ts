@@ -1,4 +1,4 @@
-import { accessSync, constants } from 'node:fs'
+import { accessSync, constants, existsSync } from 'node:fs'
 import type { VmSpec } from '../spec.ts'
 
 /** Everything host-specific QEMU needs besides the spec. */
@@ -26,14 +26,21 @@ export interface QemuArgsOptions {
   net?: NetBackend
 }
 
-/** True when /dev/kvm exists and we may open it read-write. */
-export function kvmUsable(): boolean {
+/**
+ * True when KVM can run our guests: /dev/kvm opens read-write *and* it is backed by hardware
+ * virtualisation (kvm_intel / kvm_amd). A PVM host offers /dev/kvm too (module kvm_pvm), but only
+ * PVM-enabled guest kernels run there (a Debian cloud kernel hangs early: measured), so it gets TCG.
+ * `MESH_ACCEL=kvm|tcg` overrides the choice.
+ */
+export function kvmUsable(env: NodeJS.ProcessEnv = process.env): boolean {
+  if (env.MESH_ACCEL === 'kvm') return true
+  if (env.MESH_ACCEL === 'tcg') return false
   try {
     accessSync('/dev/kvm', constants.R_OK | constants.W_OK)
-    return true
   } catch {
     return false
   }
+  return existsSync('/sys/module/kvm_intel') || existsSync('/sys/module/kvm_amd')
 }
 
 /** QEMU splits option values on commas; `,,` is a literal comma. */
@@ -94,7 +101,9 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuPaths, options: QemuArgsO
   if (net.type === 'stream') {
     args.push('-netdev', `stream,id=n0,server=on,addr.type=unix,addr.path=${esc(paths.netPath)}`)
   } else {
-    const fwd = net.hostfwd.map((f) => `,hostfwd=tcp:${f.hostAddr ?? '127.0.0.1'}:${f.hostPort}-:${f.guestPort}`)
+    const fwd = net.hostfwd.map(
+      (f) => `,hostfwd=tcp:${f.hostAddr ?? '127.0.0.1'}:${f.hostPort}-:${f.guestPort}`,
+    )
     args.push('-netdev', `user,id=n0${fwd.join('')}`)
   }
   args.push('-device', `virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`)

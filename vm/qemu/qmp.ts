@@ -67,7 +67,10 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
    * Connects, reads the greeting and negotiates capabilities. Fails with QmpProtocolError when the socket
    * is not there, nothing answers in time, or the greeting is not QMP.
    */
-  static async connect(path: string, options: QmpOptions & { signal?: AbortSignal } = {}): Promise<QmpClient> {
+  static async connect(
+    path: string,
+    options: QmpOptions & { signal?: AbortSignal } = {},
+  ): Promise<QmpClient> {
     const timeoutMs = options.timeoutMs ?? 30_000
     const maxLine = options.maxLineBytes ?? 4 * 1024 * 1024
     const socket = createConnection({ path })
@@ -102,9 +105,13 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     })
 
     const greeting = await new Promise<QmpGreeting>((resolve, reject) => {
-      const timer = setTimeout(() => done(new QmpProtocolError(`QMP: no greeting on ${path} in ${timeoutMs} ms`)), timeoutMs)
+      const timer = setTimeout(
+        () => done(new QmpProtocolError(`QMP: no greeting on ${path} in ${timeoutMs} ms`)),
+        timeoutMs,
+      )
       const onAbort = () => done(new AbortError('QMP connect aborted', { cause: options.signal?.reason }))
-      const onError = (err: Error) => done(new QmpProtocolError(`QMP: cannot connect to ${path}: ${err.message}`, { cause: err }))
+      const onError = (err: Error) =>
+        done(new QmpProtocolError(`QMP: cannot connect to ${path}: ${err.message}`, { cause: err }))
       const onClose = () => done(new QmpProtocolError(`QMP: ${path} closed before the greeting`))
       const done = (err: Error | undefined, g?: QmpGreeting) => {
         clearTimeout(timer)
@@ -134,7 +141,9 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     })
 
     client = new QmpClient(socket, greeting, timeoutMs)
-    socket.on('error', (err) => client?.fail(new QmpProtocolError(`QMP: socket error: ${err.message}`, { cause: err })))
+    socket.on('error', (err) =>
+      client?.fail(new QmpProtocolError(`QMP: socket error: ${err.message}`, { cause: err })),
+    )
     socket.on('close', () => client?.fail(undefined))
     try {
       await client.execute('qmp_capabilities', undefined, options)
@@ -150,9 +159,15 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
   }
 
   /** Runs a command; resolves with its `return` value, rejects with QmpError carrying QEMU's class/desc. */
-  execute<T = unknown>(command: string, args?: Record<string, unknown>, options: ExecuteOptions = {}): Promise<T> {
+  execute<T = unknown>(
+    command: string,
+    args?: Record<string, unknown>,
+    options: ExecuteOptions = {},
+  ): Promise<T> {
     if (this.closed) {
-      return Promise.reject(new QmpProtocolError(`QMP ${command}: connection closed`, { cause: this.closeError }))
+      return Promise.reject(
+        new QmpProtocolError(`QMP ${command}: connection closed`, { cause: this.closeError }),
+      )
     }
     if (options.signal?.aborted === true) {
       return Promise.reject(new AbortError(`QMP ${command} aborted`, { cause: options.signal.reason }))
@@ -191,16 +206,24 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     const timeoutMs = options.timeoutMs ?? this.timeoutMs
     return new Promise<QmpEvent>((resolve, reject) => {
       if (this.closed) {
-        reject(new QmpProtocolError(`QMP: connection closed while waiting for ${name}`, { cause: this.closeError }))
+        reject(
+          new QmpProtocolError(`QMP: connection closed while waiting for ${name}`, {
+            cause: this.closeError,
+          }),
+        )
         return
       }
-      const timer = setTimeout(() => done(new QmpProtocolError(`QMP: no ${name} event in ${timeoutMs} ms`)), timeoutMs)
+      const timer = setTimeout(
+        () => done(new QmpProtocolError(`QMP: no ${name} event in ${timeoutMs} ms`)),
+        timeoutMs,
+      )
       const onEvent = (e: QmpEvent) => {
         if (e.event === name && (options.match === undefined || options.match(e))) done(undefined, e)
       }
       const onClose = (err: Error | undefined) =>
         done(new QmpProtocolError(`QMP: connection closed while waiting for ${name}`, { cause: err }))
-      const onAbort = () => done(new AbortError(`waiting for ${name} aborted`, { cause: options.signal?.reason }))
+      const onAbort = () =>
+        done(new AbortError(`waiting for ${name} aborted`, { cause: options.signal?.reason }))
       const done = (err: Error | undefined, e?: QmpEvent) => {
         clearTimeout(timer)
         this.off('event', onEvent)
@@ -223,7 +246,8 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
 
   private dispatch(msg: Record<string, unknown>): void {
     if (typeof msg.event === 'string') {
-      const data = typeof msg.data === 'object' && msg.data !== null ? (msg.data as Record<string, unknown>) : {}
+      const data =
+        typeof msg.data === 'object' && msg.data !== null ? (msg.data as Record<string, unknown>) : {}
       const ev: QmpEvent = { event: msg.event, data }
       if (typeof msg.timestamp === 'object' && msg.timestamp !== null) {
         ev.timestamp = msg.timestamp as QmpEvent['timestamp']

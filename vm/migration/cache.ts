@@ -1,0 +1,66 @@
+import { createHash } from 'node:crypto'
+import { closeSync, openSync, readSync } from 'node:fs'
+import type { ChunkStore } from '../../net/chunks/interfaces.ts'
+import { buildManifest } from '../../net/chunks/manifest.ts'
+import type { RamCache } from './interfaces.ts'
+
+const PIN = (vm: string) => `migration/ram/${vm}`
+
+/**
+ * RAM kept in the host's chunk store: the last RAM of each VM that moved away is a manifest pinned
+ * under `migration/ram/<vm>` (so the store's GC keeps its chunks until the VM comes back or a newer
+ * copy replaces it). Reads verify every chunk.
+ */
+export function createStoreRamCache(store: ChunkStore): RamCache {
+  return {
+    has: (hash) => store.has(hash),
+    get: (hash) => store.get(hash),
+    async remember(vm, ramPath, chunkSize, signal) {
+      await buildManifest(ramPath, { store, chunkSize, pin: PIN(vm), ...(signal ? { signal } : {}) })
+    },
+    async forget(vm) {
+      if (store.pins().has(PIN(vm))) await store.unpin(PIN(vm))
+    },
+  }
+}
+
+/** The same in memory (unit tests): chunks by hex hash, per VM. */
+export function createMemoryRamCache(): RamCache & { chunks(): number } {
+  const byVm = new Map<string, Map<string, Buffer>>()
+  const find = (hex: string): Buffer | undefined => {
+    for (const m of byVm.values()) {
+      const b = m.get(hex)
+      if (b !== undefined) return b
+    }
+    return undefined
+  }
+  return {
+    has: (hash) => find(Buffer.from(hash).toString('hex')) !== undefined,
+    async get(hash) {
+      const b = find(Buffer.from(hash).toString('hex'))
+      if (b === undefined) throw new Error('not in the cache')
+      return b
+    },
+    async remember(vm, ramPath, chunkSize) {
+      const m = new Map<string, Buffer>()
+      const fd = openSync(ramPath, 'r')
+      try {
+        const zero = Buffer.alloc(chunkSize)
+        for (let pos = 0; ; pos += chunkSize) {
+          const b = Buffer.alloc(chunkSize)
+          const n = readSync(fd, b, 0, chunkSize, pos)
+          if (n === 0) break
+          if (b.equals(zero)) continue
+          m.set(createHash('sha256').update(b).digest('hex'), b)
+        }
+      } finally {
+        closeSync(fd)
+      }
+      byVm.set(vm, m)
+    },
+    async forget(vm) {
+      byVm.delete(vm)
+    },
+    chunks: () => [...byVm.values()].reduce((n, m) => n + m.size, 0),
+  }
+}

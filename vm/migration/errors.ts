@@ -1,0 +1,69 @@
+import { MeshError } from '../../src/errors.ts'
+
+/** Base of every migration failure. */
+export class MigrationError extends MeshError {}
+
+/** A migration message that cannot be decoded (bad version, type, length or field). */
+export class MigrationDecodeError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_DECODE' })
+  }
+}
+
+/** The destination (or the host that runs the VM) said no: the reason is the peer's. */
+export class MigrationRefusedError extends MigrationError {
+  readonly reason: string
+  constructor(reason: string, options: { cause?: unknown; code?: string } = {}) {
+    super(`migration refused: ${reason}`, {
+      cause: options.cause,
+      code: options.code ?? 'E_MIGRATION_REFUSED',
+    })
+    this.reason = reason
+  }
+}
+
+/** A command carried a fencing token older than the newest this host has seen for the VM. */
+export class StaleTokenError extends MigrationError {
+  constructor(vm: string, got: number, have: number) {
+    super(`VM '${vm}': fencing token ${got} is stale (this host has seen ${have})`, { code: 'E_STALE_TOKEN' })
+  }
+}
+
+/** A wait in the protocol ran out of time (the peer is slow, gone, or the link is stuck). */
+export class MigrationTimeoutError extends MigrationError {
+  constructor(what: string, ms: number) {
+    super(`migration timed out after ${ms} ms waiting for ${what}`, { code: 'E_MIGRATION_TIMEOUT' })
+  }
+}
+
+/** The link to the peer closed mid-migration. */
+export class MigrationLinkError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_LINK' })
+  }
+}
+
+/** The peer aborted the migration (its reason is in the message). */
+export class MigrationAbortedError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_ABORTED' })
+  }
+}
+
+/**
+ * The source committed the switch but could not learn whether the destination resumed (the link died
+ * between commit and 'resumed' and the destination stayed unreachable). The VM stays paused on the
+ * source: resuming it could make two copies run. Resolved when the destination is reachable again.
+ */
+export class MigrationInDoubtError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_IN_DOUBT' })
+  }
+}
+
+/** The request names a VM no reachable member runs, or a peer that is not linked. */
+export class MigrationTargetError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_TARGET' })
+  }
+}

@@ -1,0 +1,80 @@
+import { randomBytes } from 'node:crypto'
+import { mkdir, open, rm } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
+import type { VmSpec } from '../spec.ts'
+import type { VmHost } from './interfaces.ts'
+
+export interface DriverHostInit {
+  driver: VmDriver
+  /** Where incoming RAM files go (for QEMU: the driver's RAM dir, e.g. /dev/shm/mesh). */
+  ramDir: string
+  /** Extra start options for incoming VMs (tests: a user-network port forward per host). */
+  startOptions?: (spec: VmSpec) => Omit<StartOptions, 'incoming' | 'memoryPath' | 'signal'>
+}
+
+/** A VmHost over a bare driver, kept in memory: tests, benchmarks, and hosts without a VM manager. */
+export interface DriverHost extends VmHost {
+  /** Registers a VM started outside migration (it then can be moved away). */
+  add(vm: Vm): void
+  names(): string[]
+  /** Stops every VM this host holds (test cleanup). */
+  stopAll(): Promise<void>
+}
+
+export function createDriverHost(init: DriverHostInit): DriverHost {
+  const vms = new Map<string, Vm>()
+  const tokens = new Map<string, number>()
+  const host: DriverHost = {
+    get: (name) => {
+      const vm = vms.get(name)
+      if (vm === undefined) return undefined
+      const st = vm.status()
+      if (st === 'stopped' || st === 'exited') {
+        vms.delete(name)
+        return undefined
+      }
+      return vm
+    },
+    async allocateRam(spec: VmSpec) {
+      await mkdir(init.ramDir, { recursive: true, mode: 0o700 })
+      const path = join(init.ramDir, `${spec.name}.in-${randomBytes(4).toString('hex')}.ram`)
+      const fh = await open(path, 'wx', 0o600)
+      try {
+        await fh.truncate(spec.memoryMiB * 1024 * 1024)
+      } finally {
+        await fh.close()
+      }
+      return path
+    },
+    async discardRam(path) {
+      await rm(path, { force: true })
+    },
+    startIncoming: (spec, memoryPath, signal) =>
+      init.driver.start(spec, {
+        ...init.startOptions?.(spec),
+        incoming: true,
+        memoryPath,
+        ...(signal ? { signal } : {}),
+      }),
+    async adopt(vm) {
+      vms.set(vm.spec.name, vm)
+    },
+    async release(name) {
+      vms.delete(name)
+    },
+    token: (name) => tokens.get(name) ?? 0,
+    async setToken(name, token) {
+      if (token > (tokens.get(name) ?? 0)) tokens.set(name, token)
+    },
+    add(vm) {
+      vms.set(vm.spec.name, vm)
+    },
+    names: () => [...vms.keys()].filter((n) => host.get(n) !== undefined),
+    async stopAll() {
+      await Promise.allSettled([...vms.values()].map((vm) => vm.stop()))
+      vms.clear()
+    },
+  }
+  return host
+}

@@ -1,0 +1,143 @@
+/**
+ * What live migration needs from the rest of the system, as small interfaces. Nothing here names
+ * libp2p or werift: the overlay reaches migration as `MigrationNetwork` (see overlay.ts for the adapter
+ * over net/link's Overlay 'migrate' channel), the runtime as `VmHost`, the chunk store as `RamCache`.
+ */
+import type { Vm } from '../driver/interfaces.ts'
+import type { VmSpec } from '../spec.ts'
+
+/** One reliable, ordered message channel to a peer (the link's 'migrate' channel). */
+export interface MigrationChannel {
+  /** The remote member's PeerId. */
+  readonly peer: string
+  readonly open: boolean
+  /** false = stop sending until drain() resolves (the message was still accepted). */
+  send(message: Uint8Array): boolean
+  /** Resolves when the send buffer is low again; rejects when the channel closes or the signal fires. */
+  drain(signal?: AbortSignal): Promise<void>
+  onMessage(handler: (message: Uint8Array) => void): () => void
+  onClose(handler: (reason?: Error) => void): () => void
+}
+
+/** The overlay as migration sees it: this node, and a migrate channel per linked member. */
+export interface MigrationNetwork {
+  readonly self: string
+  channel(peer: string): MigrationChannel | undefined
+  channels(): MigrationChannel[]
+  /** Called for every channel that opens (also re-opened ones after a link failure). */
+  onChannel(handler: (channel: MigrationChannel) => void): () => void
+}
+
+/**
+ * The VMs of this host, as migration needs them. The agent's VM manager implements it (host.ts has a
+ * small one over a bare VmDriver for tests and benchmarks). Fencing tokens live here because they must
+ * outlive a migration session: a host refuses any command carrying a token older than the newest it has
+ * seen for that VM.
+ */
+export interface VmHost {
+  /** The VM of this name running (or paused) on this host, if any. */
+  get(name: string): Vm | undefined
+  /** A fresh, correctly sized RAM file for an incoming copy of `spec` (removed by discardRam or by
+   *  the VM's stop()). */
+  allocateRam(spec: VmSpec, signal?: AbortSignal): Promise<string>
+  /** Removes a RAM file that no VM took over (a failed incoming migration). */
+  discardRam(path: string): Promise<void>
+  /** Starts a VM that waits for device state, on a RAM file from allocateRam(). */
+  startIncoming(spec: VmSpec, memoryPath: string, signal?: AbortSignal): Promise<Vm>
+  /** The incoming VM now runs here: the host owns it from now on (lists it, re-adopts it...). */
+  adopt(vm: Vm): Promise<void>
+  /** The VM moved away (it is stopped): forget it. */
+  release(name: string): Promise<void>
+  /** The newest fencing token this host has seen for a VM (0 when none). */
+  token(name: string): number
+  /** Records a newer token (persisted by real hosts before the call returns). Never lowers it. */
+  setToken(name: string, token: number): Promise<void>
+}
+
+/**
+ * Chunks of guest RAM that this host held before (e.g. the last RAM of a VM that moved away), by
+ * content hash (SHA-256 of the chunk, the chunk store's names). A destination that holds a chunk
+ * fills it locally instead of asking for it: a return move A→B→A sends only what changed.
+ */
+export interface RamCache {
+  has(hash: Uint8Array): boolean
+  /** The chunk's bytes (verified); throws when it is gone or corrupt (the caller then asks the source). */
+  get(hash: Uint8Array): Promise<Uint8Array>
+  /**
+   * Keeps the chunks of a RAM file (a VM that just moved away) under the VM's name, replacing what
+   * was kept for it before. The file is only read. Runs after the move, off the critical path.
+   */
+  remember(vm: string, ramPath: string, chunkSize: number, signal?: AbortSignal): Promise<void>
+  /** Drops what was kept for the VM (it moved back here and runs again). */
+  forget(vm: string): Promise<void>
+}
+
+/** The phases a migration goes through (progress events carry them). */
+export type MigrationPhase =
+  | 'prepare'
+  | 'bulk'
+  | 'precopy'
+  | 'switch'
+  | 'resumed'
+  | 'done'
+  | 'rollback'
+  | 'failed'
+
+/** A progress event, emitted by both ends (the source's go to the CLI). */
+export interface MigrationProgress {
+  vm: string
+  phase: MigrationPhase
+  /** 0 = bulk copy, 1.. = pre-copy rounds; the final delta has the last number. */
+  round: number
+  /** Bytes put on the migrate channel so far (messages, headers included). */
+  wireBytes: number
+  /** Guest RAM bytes carried (decoded) so far, including pages filled from the destination's cache. */
+  ramBytes: number
+  /** Bytes the destination filled from its cache instead of the wire. */
+  dedupBytes: number
+  /** Of the current phase when known (bulk: all non-zero RAM; rounds: the dirty set). */
+  phaseBytes?: number
+  phaseDoneBytes?: number
+  /** Wire rate over the last interval, bytes/s. */
+  rateBytesPerSec: number
+  /** The guest's dirty rate seen by the last round, bytes/s. */
+  dirtyRateBytesPerSec: number
+  /** Bytes dirty at the last round boundary. */
+  dirtyBytes: number
+  elapsedMs: number
+  message?: string
+}
+
+/** The result of a successful move, as reported to whoever triggered it. */
+export interface MigrationReport {
+  vm: string
+  from: string
+  to: string
+  token: number
+  totalMs: number
+  /** Guest paused on the source → guest running on the destination, by the two hosts' clocks. */
+  downtimeMs: number
+  /** The same measured on the source's clock only: pause → 'resumed' received, minus half an RTT. */
+  downtimeSourceMs: number
+  /** Round-trip time between the two hosts, measured on the migrate channel during the move. */
+  rttMs: number
+  /** Bytes of migration messages sent both ways. */
+  wireBytes: number
+  /** RAM bytes the destination filled from its cache (not sent). */
+  dedupBytes: number
+  /** 4 KiB pages sent as references to pages the destination already held (duplicates, not sent). */
+  dupPageBytes: number
+  /** Non-zero guest RAM at the start. */
+  ramBytes: number
+  /** Pre-copy rounds after the bulk copy (the final delta not counted). */
+  rounds: number
+  /** Bytes in the final delta (sent while the guest was paused). */
+  finalDeltaBytes: number
+  deviceStateBytes: number
+  /** Why pre-copy ended: 'small', 'not-shrinking', 'max-rounds', 'deadline'. */
+  switchReason: string
+  deadlineMs?: number
+  /** Where the time went, ms by step (prepare, trackerStart, scan, bulk, rounds, pause, saveState,
+   *  finalSend, ready (destination wrote + loaded), resumed (commit → resumed)). */
+  timings: Record<string, number>
+}

@@ -1,0 +1,87 @@
+import { randomBytes } from 'node:crypto'
+import { mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
+import type { VmManager } from '../manager.ts'
+import type { VmSpec } from '../spec.ts'
+import type { VmHost } from './interfaces.ts'
+
+export interface ManagerHostInit {
+  manager: VmManager
+  driver: VmDriver
+  /** Where incoming RAM files go (the driver's RAM dir). */
+  ramDir: string
+  /** Fencing tokens are kept in `<stateDir>/migration-tokens.json` (written atomically). */
+  stateDir: string
+  startOptions?: Omit<StartOptions, 'incoming' | 'memoryPath' | 'signal'>
+}
+
+/** The agent's VmHost: VMs of its VmManager, fencing tokens persisted before any call returns. */
+export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> {
+  const file = join(init.stateDir, 'migration-tokens.json')
+  const tokens = new Map<string, number>()
+  try {
+    const parsed = JSON.parse(await readFile(file, 'utf8')) as unknown
+    if (typeof parsed === 'object' && parsed !== null) {
+      for (const [k, v] of Object.entries(parsed))
+        if (typeof v === 'number' && Number.isSafeInteger(v)) tokens.set(k, v)
+    }
+  } catch {
+    // first start: no tokens yet
+  }
+  let writing: Promise<void> = Promise.resolve()
+  const persist = () => {
+    // Serialised: a later write never lands before an earlier one.
+    writing = writing.then(async () => {
+      await mkdir(init.stateDir, { recursive: true, mode: 0o700 })
+      const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`
+      await writeFile(tmp, JSON.stringify(Object.fromEntries(tokens)), { mode: 0o600 })
+      await rename(tmp, file)
+    })
+    return writing
+  }
+  return {
+    get(name) {
+      try {
+        const vm = init.manager.get(name)
+        const st = vm.status()
+        return st === 'stopped' || st === 'exited' ? undefined : vm
+      } catch {
+        return undefined
+      }
+    },
+    async allocateRam(spec: VmSpec) {
+      await mkdir(init.ramDir, { recursive: true, mode: 0o700 })
+      const path = join(init.ramDir, `${spec.name}.in-${randomBytes(4).toString('hex')}.ram`)
+      const fh = await open(path, 'wx', 0o600)
+      try {
+        await fh.truncate(spec.memoryMiB * 1024 * 1024)
+      } finally {
+        await fh.close()
+      }
+      return path
+    },
+    async discardRam(path) {
+      await rm(path, { force: true })
+    },
+    startIncoming: (spec, memoryPath, signal) =>
+      init.driver.start(spec, {
+        ...init.startOptions,
+        incoming: true,
+        memoryPath,
+        ...(signal ? { signal } : {}),
+      }),
+    async adopt(vm: Vm) {
+      await init.manager.register(vm)
+    },
+    async release(name) {
+      await init.manager.forget(name)
+    },
+    token: (name) => tokens.get(name) ?? 0,
+    async setToken(name, token) {
+      if (token <= (tokens.get(name) ?? 0)) return
+      tokens.set(name, token)
+      await persist()
+    },
+  }
+}

@@ -1,0 +1,74 @@
+import { createHash } from 'node:crypto'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import type { AgentService } from '../src/agent/interfaces.ts'
+import { UsageError } from '../src/errors.ts'
+import type { VmDriver } from './driver/interfaces.ts'
+import { VmManager } from './manager.ts'
+import { createQemuDriver } from './qemu/driver.ts'
+import { validateVmSpec } from './spec.ts'
+
+/** Unix socket paths are limited to 107 bytes: keep the per-VM run dir short. */
+export function runDirFor(stateDir: string): string {
+  const dir = join(resolve(stateDir), 'run')
+  if (dir.length <= 60) return dir
+  const h = createHash('sha256').update(resolve(stateDir)).digest('hex').slice(0, 12)
+  return join(tmpdir(), `mesh-run-${h}`)
+}
+
+/** The VM manager of a state dir, with the QEMU driver configured for it. */
+export function createLocalVmManager(stateDir: string, driver?: VmDriver): VmManager {
+  return new VmManager({
+    driver: driver ?? createQemuDriver({ runDir: runDirFor(stateDir) }),
+    dir: join(resolve(stateDir), 'vms'),
+  })
+}
+
+function nameParam(params: unknown): string {
+  const name = (params as { name?: unknown } | null)?.name
+  if (typeof name !== 'string' || name === '') throw new UsageError('vm: missing name')
+  return name
+}
+
+/**
+ * The agent service that hosts the VM manager: `vm.run`, `vm.ls`, `vm.stop`, `vm.console`. On agent
+ * stop the VMs keep running (detached); the next agent re-adopts them in start().
+ */
+export function createVmService(options: {
+  manager: VmManager
+  log?: (msg: string, fields?: Record<string, unknown>) => void
+}): AgentService {
+  const { manager } = options
+  manager.on('exited', ({ name, exit }) =>
+    options.log?.('VM exited', {
+      vm: name,
+      code: exit.code,
+      signal: exit.signal,
+      lastLines: exit.lastLines.slice(-5),
+    }),
+  )
+  return {
+    name: 'vm',
+    async start(signal) {
+      await manager.init(signal)
+    },
+    async stop() {
+      await manager.close()
+    },
+    handlers() {
+      return {
+        'vm.run': async (params, ctx) =>
+          manager.run(validateVmSpec((params as { spec?: unknown })?.spec), ctx.signal),
+        'vm.ls': async () => ({ vms: await manager.list() }),
+        'vm.stop': async (params, ctx) => manager.stop(nameParam(params), ctx.signal),
+        'vm.console': async (params) => {
+          const lines = (params as { lines?: unknown })?.lines
+          return { lines: await manager.console(nameParam(params), typeof lines === 'number' ? lines : 50) }
+        },
+      }
+    },
+    status() {
+      return manager.summary()
+    },
+  }
+}
