@@ -60,4 +60,6 @@ export interface ChunkStore {
   /** Deletes every chunk and manifest that no pin (or live lease) references. */
   gc(): Promise<GcResult>
   stats(): StoreStats
+  /** Waits for queued writes and closes open files. */
+  close(): Promise<void>
 }

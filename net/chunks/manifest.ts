@@ -80,7 +80,8 @@ export function encodeManifest(m: Manifest): Uint8Array {
 export function decodeManifest(bytes: Uint8Array, limits: ManifestLimits = {}): Manifest {
   const maxSize = limits.maxSize ?? 2 ** 40
   const maxChunks = limits.maxChunks ?? 2 ** 22
-  if (bytes.byteLength < HEADER) throw new ManifestDecodeError(`manifest too short (${bytes.byteLength} bytes)`)
+  if (bytes.byteLength < HEADER)
+    throw new ManifestDecodeError(`manifest too short (${bytes.byteLength} bytes)`)
   const b = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
   if (b[0] !== MANIFEST_VERSION) throw new ManifestDecodeError(`unknown manifest version ${b[0]}`)
   if (b[1] !== 0) throw new ManifestDecodeError(`unknown manifest flags ${b[1]}`)
@@ -91,7 +92,8 @@ export function decodeManifest(bytes: Uint8Array, limits: ManifestLimits = {}): 
     throw new ManifestDecodeError('manifest has an invalid chunk size', { cause: err })
   }
   const bigSize = b.readBigUInt64BE(6)
-  if (bigSize > BigInt(maxSize)) throw new ManifestDecodeError(`manifest size ${bigSize} over the limit ${maxSize}`)
+  if (bigSize > BigInt(maxSize))
+    throw new ManifestDecodeError(`manifest size ${bigSize} over the limit ${maxSize}`)
   const size = Number(bigSize)
   const count = b.readUInt32BE(14)
   if (count > maxChunks) throw new ManifestDecodeError(`manifest lists ${count} chunks, limit ${maxChunks}`)
@@ -100,7 +102,7 @@ export function decodeManifest(bytes: Uint8Array, limits: ManifestLimits = {}): 
   if (b.byteLength !== HEADER + count * HASH_SIZE)
     throw new ManifestDecodeError(`manifest length ${b.byteLength} does not match ${count} chunks`)
   // Copy: the caller's buffer (a network message) must not pin or alias the manifest.
-  return { size, chunkSize, count, hashes: Uint8Array.prototype.slice.call(b, HEADER) }
+  return { size, chunkSize, count, hashes: new Uint8Array(b.subarray(HEADER)) }
 }
 
 /** The manifest's name: hex SHA-256 of its encoding. */
@@ -154,7 +156,10 @@ export async function buildManifest(path: string, opts: BuildOptions = {}): Prom
     if (offset < 0 || length < 0) throw new RangeError('byte range outside the file')
     const count = chunkCount(length, chunkSize)
     const hashes = new Uint8Array(count * HASH_SIZE)
-    const readSize = Math.max(chunkSize, Math.floor((opts.readSize ?? 4 * 1024 * 1024) / chunkSize) * chunkSize)
+    const readSize = Math.max(
+      chunkSize,
+      Math.floor((opts.readSize ?? 4 * 1024 * 1024) / chunkSize) * chunkSize,
+    )
     const bufs = [Buffer.allocUnsafe(readSize), Buffer.allocUnsafe(readSize)]
     const pending: Promise<unknown>[][] = [[], []]
     const lease = opts.store?.lease()
@@ -213,7 +218,10 @@ export async function buildManifest(path: string, opts: BuildOptions = {}): Prom
 }
 
 export interface UpdateOptions {
+  /** Import the changed chunks and the new manifest into this store. */
   store?: ChunkStore
+  /** With a store: pin the new manifest under this name before the lease on its chunks ends. */
+  pin?: string
   /** Byte offset of the manifest's resource in the file (default 0). */
   offset?: number
   readSize?: number
@@ -239,7 +247,8 @@ export async function updateManifest(
 ): Promise<UpdateResult> {
   const indices = [...new Set(dirty)].sort((a, b) => a - b)
   for (const i of indices) {
-    if (!Number.isInteger(i) || i < 0 || i >= base.count) throw new RangeError(`chunk index ${i} out of range`)
+    if (!Number.isInteger(i) || i < 0 || i >= base.count)
+      throw new RangeError(`chunk index ${i} out of range`)
   }
   const hashes = base.hashes.slice()
   const changed: number[] = []
@@ -280,12 +289,17 @@ export async function updateManifest(
       }
       await Promise.all(puts)
     }
+    const manifest = makeManifest(base.size, cs, hashes)
+    let id = manifestId(manifest)
+    if (opts.store !== undefined) {
+      id = await opts.store.putManifest(manifest)
+      if (opts.pin !== undefined) await opts.store.pin(opts.pin, id)
+    }
+    return { manifest, id, changed }
   } finally {
     lease?.release()
     await fh.close()
   }
-  const manifest = makeManifest(base.size, cs, hashes)
-  return { manifest, id: manifestId(manifest), changed }
 }
 
 async function readFully(

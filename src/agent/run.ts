@@ -1,6 +1,7 @@
 import { existsSync, readFileSync, statSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
+import { createChunkAgentService } from '../../net/chunks/agent-service.ts'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
 import { createLocalVmManager, createVmService } from '../../vm/service.ts'
@@ -117,7 +118,12 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
   })
   const vmLog = log.child('vm')
   const vms = createVmService({ manager: createLocalVmManager(paths.dir), log: (m, f) => vmLog.warn(m, f) })
-  const services: AgentService[] = [net, vms]
+  const chunks = createChunkAgentService({
+    stateDir: paths.dir,
+    overlay: () => net.node.overlay,
+    log: log.child('chunks'),
+  })
+  const services: AgentService[] = [net, chunks, vms]
   return createAgent({ stateDir: paths.dir, services, log })
 }
 

@@ -3,7 +3,15 @@ import { Command } from 'commander'
 import type { CommandModule } from '../command.ts'
 import { UsageError } from '../errors.ts'
 import { createProgressRenderer, formatBytes, type ProgressEvent } from '../progress.ts'
-import { formatTable, interruptSignal, jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
+import {
+  formatTable,
+  interruptSignal,
+  jsonOption,
+  printJson,
+  type StateOpts,
+  stateOption,
+  withAgent,
+} from './common.ts'
 
 /**
  * `mesh image push FILE... --name NAME[:TAG]`, `mesh image pull NAME[:TAG] [--dir DIR]`, `mesh image ls`.
@@ -32,10 +40,10 @@ interface ImageRow {
   created: string
 }
 
-const REF_RE = /^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$/
+const REF_RE = /^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$/
 
 function checkRef(ref: string): string {
-  if (!REF_RE.test(ref)) throw new UsageError(`invalid image reference '${ref}' (expected NAME[:TAG], lower-case name)`)
+  if (!REF_RE.test(ref)) throw new UsageError(`invalid image reference '${ref}' (expected NAME[:TAG])`)
   return ref.includes(':') ? ref : `${ref}:latest`
 }
 
@@ -51,7 +59,9 @@ function progressFor(json: boolean, label: string) {
 }
 
 export function buildImageCommand(run: AgentRunner = withAgent as AgentRunner): Command {
-  const cmd = new Command('image').description('distribute kernel, initrd and disk images over the mesh as chunks')
+  const cmd = new Command('image').description(
+    'distribute kernel, initrd and disk images over the mesh as chunks',
+  )
 
   cmd
     .command('push')
@@ -70,7 +80,9 @@ export function buildImageCommand(run: AgentRunner = withAgent as AgentRunner): 
       ).finally(() => p.done())) as ImageRow
       if (opts.json) return printJson({ event: 'result', image: res })
       const total = res.files.reduce((s, f) => s + f.size, 0)
-      process.stdout.write(`pushed ${res.name}:${res.tag}: ${res.files.length} file(s), ${formatBytes(total)}\n`)
+      process.stdout.write(
+        `pushed ${res.name}:${res.tag}: ${res.files.length} file(s), ${formatBytes(total)}\n`,
+      )
     })
 
   cmd

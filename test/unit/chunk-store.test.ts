@@ -1,0 +1,143 @@
+import assert from 'node:assert/strict'
+import { type ChildProcess, spawn } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
+import { mkdtemp, open, readdir, readFile, rm, stat } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { isZeroHash, sha256, toHex } from '../../net/chunks/hash.ts'
+import { buildManifest } from '../../net/chunks/manifest.ts'
+import { openChunkStore, scanPack } from '../../net/chunks/store.ts'
+import { writeTestFile } from '../../net/chunks/testing.ts'
+
+const root = fileURLToPath(new URL('../..', import.meta.url))
+
+describe('chunk store', function () {
+  this.timeout(60_000)
+  let dir: string
+  let child: ChildProcess | undefined
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'chunk-store-'))
+  })
+  afterEach(async () => {
+    if (child !== undefined && child.exitCode === null) child.kill('SIGKILL')
+    child = undefined
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  it('stores, finds and verifies chunks; zero chunks are never stored', async () => {
+    const store = await openChunkStore({ dir })
+    const data = randomBytes(64 * 1024)
+    const h = await store.put(data)
+    assert.equal(toHex(h), toHex(sha256(data)))
+    assert.ok(store.has(h))
+    assert.deepEqual(await store.get(h), data)
+    const z = await store.put(Buffer.alloc(64 * 1024))
+    assert.ok(isZeroHash(z))
+    assert.equal(store.stats().chunks, 1)
+    await assert.rejects(store.put(data, sha256(Buffer.from('other'))), { name: 'ChunkVerifyError' })
+    const reopened = await openChunkStore({ dir })
+    assert.ok(reopened.has(h))
+    assert.equal(reopened.stats().bytes, 64 * 1024)
+  })
+
+  it('a byte flipped on disk makes the read fail with ChunkVerifyError and drops the bad copy', async () => {
+    const store = await openChunkStore({ dir })
+    const data = randomBytes(64 * 1024)
+    const h = await store.put(data)
+    await store.close()
+    const pack = join(dir, 'packs', (await readdir(join(dir, 'packs')))[0]!)
+    const bytes = await readFile(pack)
+    const at = bytes.indexOf(Buffer.from(h)) + 32 + 1234
+    const fh = await open(pack, 'r+')
+    await fh.write(Buffer.of(bytes[at]! ^ 0x40), 0, 1, at)
+    await fh.close()
+    const reopened = await openChunkStore({ dir })
+    assert.ok(reopened.has(h))
+    await assert.rejects(reopened.get(h), { name: 'ChunkVerifyError' })
+    assert.equal(reopened.has(h), false, 'a corrupt chunk must not count as present')
+    await assert.rejects(reopened.get(h), { name: 'ChunkNotFoundError' })
+    // A good copy can be stored again.
+    await reopened.put(data)
+    assert.deepEqual(await reopened.get(h), data)
+    await reopened.close()
+  })
+
+  it('a writer killed mid-write leaves no torn chunk under a valid name', async () => {
+    // The child appends big (8 MiB) chunks in a loop; we SIGKILL it at varying moments until a kill hit
+    // an append in progress (a pack ends in an incomplete record), then check what the store indexes.
+    const script = `
+      const { openChunkStore } = await import(${JSON.stringify(join(root, 'net/chunks/store.ts'))})
+      const { randomBytes } = await import('node:crypto')
+      const store = await openChunkStore({ dir: ${JSON.stringify(dir)} })
+      const buf = randomBytes(8 * 1024 * 1024)
+      process.stdout.write('ready\\n')
+      for (let i = 0; ; i++) { buf.writeUInt32BE(i, 0); await store.put(buf) }
+    `
+    let torn: { hex?: string } | undefined
+    for (let attempt = 0; attempt < 20 && torn === undefined; attempt++) {
+      const c = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        cwd: root,
+        stdio: ['ignore', 'pipe', 'inherit'],
+      })
+      child = c
+      await new Promise<void>((resolve, reject) => {
+        c.stdout!.on('data', (d: Buffer) => {
+          if (d.toString().includes('ready')) resolve()
+        })
+        c.once('exit', (code) => reject(new Error(`writer exited early (${code})`)))
+      })
+      await new Promise((r) => setTimeout(r, 100 + ((attempt * 53) % 400)))
+      const exited = new Promise((r) => c.once('exit', r))
+      c.kill('SIGKILL')
+      await exited
+      for (const name of await readdir(join(dir, 'packs'))) {
+        const scan = await scanPack(join(dir, 'packs', name))
+        if (scan.validEnd < scan.size) torn = { ...(scan.tornHex ? { hex: scan.tornHex } : {}) }
+      }
+      // Reopening cuts the torn tail; the next child appends to a fresh pack.
+      if (torn === undefined) await (await openChunkStore({ dir })).close()
+    }
+    assert.ok(torn !== undefined, 'never killed the writer mid-append')
+    const store = await openChunkStore({ dir })
+    assert.ok(store.stats().chunks > 0)
+    // The torn record's name is absent (or, if an earlier complete copy exists, reads back valid).
+    if (torn.hex !== undefined && store.has(Buffer.from(torn.hex, 'hex')))
+      await store.get(Buffer.from(torn.hex, 'hex'))
+    // Every indexed chunk reads back verified, and every pack now ends at a record boundary.
+    for (const name of await readdir(join(dir, 'packs'))) {
+      const scan = await scanPack(join(dir, 'packs', name))
+      assert.equal(scan.validEnd, scan.size)
+      for (const r of scan.records) await store.get(Buffer.from(r.hex, 'hex'))
+    }
+    await store.close()
+  })
+
+  it('gc keeps pinned manifests’ chunks and removes the rest; a full store throws StoreFullError', async () => {
+    const store = await openChunkStore({ dir, maxBytes: 3 * 1024 * 1024 })
+    const file = join(dir, 'a.bin')
+    await writeTestFile(file, 2 * 1024 * 1024)
+    const built = await buildManifest(file, { store, pin: 'keep' })
+    assert.equal(built.storedChunks, 32)
+    const loose = await store.put(randomBytes(64 * 1024))
+    const res = await store.gc()
+    assert.equal(res.removedChunks, 1)
+    assert.equal(store.has(loose), false)
+    assert.equal(store.stats().chunks, 32)
+    // 2 MiB pinned of 3 MiB allowed: another pinned 2 MiB cannot fit.
+    const file2 = join(dir, 'b.bin')
+    await writeTestFile(file2, 2 * 1024 * 1024)
+    await assert.rejects(buildManifest(file2, { store, pin: 'b' }), { name: 'StoreFullError' })
+    await store.unpin('keep')
+    const res2 = await store.gc()
+    assert.ok(res2.removedChunks >= 32)
+    assert.ok(store.stats().bytes <= 3 * 1024 * 1024)
+    // Dead packs are unlinked: the disk holds about what is live.
+    let onDisk = 0
+    for (const name of await readdir(join(dir, 'packs')))
+      onDisk += (await stat(join(dir, 'packs', name))).size
+    assert.ok(onDisk <= store.stats().bytes + 1024 * 1024, `packs hold ${onDisk} bytes`)
+    await store.close()
+  })
+})
