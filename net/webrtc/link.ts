@@ -7,7 +7,9 @@
  *   onDrain(), with a high/low water mark per channel.
  * - Liveness: a private heartbeat channel (not in CHANNELS) carries ping/pong every second; any
  *   message received on any channel counts as a sign of life. Nothing heard for `deadAfterMs`
- *   (default 5 s) closes the link with LinkDeadError. werift's own ICE consent check takes 30 s.
+ *   (default 4.5 s, checked every 250 ms, so a dead link is closed within 5 s) closes the link with
+ *   LinkDeadError. werift's own ICE consent check would take 30 s (and is switched off: see
+ *   relaxConsent).
  * - UDP socket buffers are raised (DESIGN.md: the 208 KiB default drops thousands of packets per run).
  */
 import { randomBytes } from 'node:crypto'
@@ -57,7 +59,7 @@ export interface WebRtcLinkOptions {
   connectTimeoutMs?: number
   /** Heartbeat period (default 1000 ms). */
   heartbeatMs?: number
-  /** Closes the link with LinkDeadError when nothing was heard for this long (default 5000 ms). */
+  /** Closes the link with LinkDeadError when nothing was heard for this long (default 4500 ms). */
   deadAfterMs?: number
   /** send() returns false above this many buffered bytes per channel (default 1 MiB). */
   highWaterMark?: number
@@ -89,48 +91,91 @@ class Listeners<T extends unknown[]> {
   }
 }
 
+/**
+ * werift keeps every message handed to dc.send() as one pending promise that waits on a shared
+ * "flush" event, and each of those waiters re-subscribes with an O(n) filter: n queued messages cost
+ * O(n²) per flush (measured: 600 messages of 1.5 KB took 4-10 s on loopback). So each channel keeps
+ * its own queue and hands werift only a small window; the window refills when werift's
+ * bufferedAmount for the channel falls back to zero (it drops in bursts, when SCTP's outbound queue
+ * empties).
+ */
+const WERIFT_WINDOW_BYTES = 1024 * 1024
+const WERIFT_WINDOW_MESSAGES = 64
+
 class WebRtcChannel implements MessageChannel {
   readonly reliable: boolean
   state: ChannelState = 'open'
   private readonly messageListeners = new Listeners<[Uint8Array]>()
   private readonly closeListeners = new Listeners<[Error | undefined]>()
   private readonly drainListeners = new Listeners<[]>()
+  private readonly queue: (Buffer | string)[] = []
+  private queuedBytes = 0
+  /** Sizes of the messages handed to werift and not yet sent, oldest first. */
+  private readonly handed: number[] = []
+  private handedBytes = 0
 
   constructor(
     readonly name: ChannelName,
     private readonly dc: RTCDataChannel,
     private readonly highWaterMark: number,
     private readonly lowWaterMark: number,
-    private readonly onActivity: () => void,
+    onActivity: () => void,
   ) {
     this.reliable = CHANNELS[name].reliable
-    dc.bufferedAmountLowThreshold = lowWaterMark
-    dc.bufferedAmountLow.subscribe(() => this.drainListeners.emit())
+    dc.bufferedAmountLowThreshold = 0
+    dc.bufferedAmountLow.subscribe(() => this.pump())
     dc.onMessage.subscribe((data) => {
       onActivity()
       if (this.state !== 'open') return
-      const bytes = typeof data === 'string' ? new TextEncoder().encode(data) : data
-      this.messageListeners.emit(new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength))
+      // Strings are never sent except as the marker of an empty message (see send()).
+      if (typeof data === 'string') this.messageListeners.emit(new Uint8Array(0))
+      else this.messageListeners.emit(new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
     })
   }
 
   get bufferedAmount(): number {
-    return this.state === 'open' ? this.dc.bufferedAmount : 0
+    return this.state === 'open' ? this.queuedBytes + this.dc.bufferedAmount : 0
   }
 
   send(message: Uint8Array): boolean {
     if (this.state === 'closed') throw new ChannelClosedError(`channel '${this.name}' is closed`)
     if (message.byteLength > MAX_MESSAGE_SIZE)
       throw new MessageTooLargeError(message.byteLength, MAX_MESSAGE_SIZE)
-    if (!this.reliable && this.dc.bufferedAmount + message.byteLength > this.highWaterMark) return false
-    // Copy: the caller may reuse its buffer once send() returns, and werift keeps a Buffer without
-    // copying it until the data is on the wire.
-    try {
-      this.dc.send(Buffer.from(message))
-    } catch (err) {
-      throw new ChannelClosedError(`channel '${this.name}' send failed`, { cause: err })
+    if (!this.reliable && this.bufferedAmount + message.byteLength > this.highWaterMark) return false
+    // Copy: the caller may reuse its buffer once send() returns. werift turns an empty binary message
+    // into zero SCTP chunks while still consuming a stream sequence number, which stalls an ordered
+    // stream for good; a one-character string (its own PPID) stands for "empty" instead.
+    this.queue.push(message.byteLength === 0 ? '\0' : Buffer.from(message))
+    this.queuedBytes += message.byteLength
+    this.pump()
+    return this.bufferedAmount < this.highWaterMark
+  }
+
+  /** Moves queued messages into werift while its window has room; signals drain. */
+  private pump(): void {
+    if (this.state !== 'open') return
+    // Forget what werift has sent: its bufferedAmount shrinks by whole messages, oldest first.
+    const pending = this.dc.bufferedAmount
+    while (this.handedBytes > pending && this.handed.length > 0) this.handedBytes -= this.handed.shift()!
+    while (
+      this.queue.length > 0 &&
+      this.handedBytes < WERIFT_WINDOW_BYTES &&
+      this.handed.length < WERIFT_WINDOW_MESSAGES
+    ) {
+      const m = this.queue.shift()!
+      const size = typeof m === 'string' ? 0 : m.byteLength
+      this.queuedBytes -= size
+      try {
+        this.dc.send(m)
+      } catch (err) {
+        this.close(new ChannelClosedError(`channel '${this.name}' send failed`, { cause: err }))
+        return
+      }
+      const accounted = typeof m === 'string' ? 1 : size
+      this.handed.push(accounted)
+      this.handedBytes += accounted
     }
-    return this.dc.bufferedAmount < this.highWaterMark
+    if (this.bufferedAmount <= this.lowWaterMark) this.drainListeners.emit()
   }
 
   onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
@@ -138,7 +183,7 @@ class WebRtcChannel implements MessageChannel {
     if (this.state === 'closed')
       return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
     if (signal?.aborted === true) return Promise.reject(new AbortError(undefined, { cause: signal.reason }))
-    if (this.dc.bufferedAmount <= this.lowWaterMark) return Promise.resolve()
+    if (this.bufferedAmount <= this.lowWaterMark) return Promise.resolve()
     return new Promise<void>((resolve, reject) => {
       const done = () => {
         offDrain()
@@ -146,7 +191,6 @@ class WebRtcChannel implements MessageChannel {
         signal?.removeEventListener('abort', onAbort)
       }
       const offDrain = this.drainListeners.add(() => {
-        if (this.dc.bufferedAmount > this.lowWaterMark) return
         done()
         resolve()
       })
@@ -177,6 +221,8 @@ class WebRtcChannel implements MessageChannel {
   close(reason?: Error): void {
     if (this.state === 'closed') return
     this.state = 'closed'
+    this.queue.length = 0
+    this.queuedBytes = 0
     this.closeListeners.emit(reason)
     this.closeListeners.clear()
     this.messageListeners.clear()
@@ -201,6 +247,7 @@ export class WebRtcLink implements Link {
   private lastHeard = Date.now()
   private heartbeatTimer: NodeJS.Timeout | undefined
   private pingSeq = 0
+  private lastPing = 0
   private readonly pingsSent = new Map<number, number>()
 
   constructor(
@@ -240,7 +287,12 @@ export class WebRtcLink implements Link {
         if (s === 'closed') this.close(new LinkDeadError(`link to ${peer}: data channel closed`))
       })
     }
-    this.heartbeatTimer = setInterval(() => this.tick(), opts.heartbeatMs)
+    this.heartbeatTimer = setInterval(() => this.tick(), Math.min(250, opts.heartbeatMs))
+  }
+
+  /** Milliseconds since anything was last received from the peer. */
+  get silentMs(): number {
+    return Date.now() - this.lastHeard
   }
 
   channel(name: ChannelName): MessageChannel {
@@ -263,7 +315,8 @@ export class WebRtcLink implements Link {
     clearInterval(this.heartbeatTimer)
     this.heartbeatTimer = undefined
     // Tell the peer at once (best effort) so it need not wait for its dead timer.
-    const sayBye = reason === undefined || !(reason instanceof LinkDeadError || reason instanceof LinkClosedByPeerError)
+    const sayBye =
+      reason === undefined || !(reason instanceof LinkDeadError || reason instanceof LinkClosedByPeerError)
     if (sayBye) this.sendHeartbeat(HB_BYE, 0)
     for (const ch of this.channels.values()) ch.close(reason)
     this.closeListeners.emit(reason)
@@ -286,7 +339,11 @@ export class WebRtcLink implements Link {
       this.close(new LinkDeadError(`link to ${this.peer}: nothing heard for ${silentMs} ms`))
       return
     }
-    const seq = (this.pingSeq = (this.pingSeq + 1) >>> 0)
+    const now = performance.now()
+    if (now - this.lastPing < this.opts.heartbeatMs) return
+    this.lastPing = now
+    this.pingSeq = (this.pingSeq + 1) >>> 0
+    const seq = this.pingSeq
     this.pingsSent.set(seq, performance.now())
     if (this.pingsSent.size > 16) this.pingsSent.delete(this.pingsSent.keys().next().value!)
     this.sendHeartbeat(HB_PING, seq)
@@ -325,16 +382,19 @@ export class WebRtcLink implements Link {
 }
 
 interface CandidateLike {
-  type?: string
-  address?: string
-  ip?: string
-  port?: number
+  candidate?: string
+}
+
+/** Parses `candidate:<f> <c> <proto> <prio> <ip> <port> typ <type> ...` (RFC 8839). */
+function parseCandidate(c: CandidateLike | undefined): { type: string; addr: string } {
+  const f = (c?.candidate ?? '').replace(/^candidate:/, '').split(' ')
+  return { type: f[7] ?? 'host', addr: `${f[4] ?? '?'}:${f[5] ?? '?'}` }
 }
 
 const PATH_RANK: Record<PathType, number> = { memory: -1, host: 0, prflx: 1, srflx: 2, relay: 3 }
 
 function candidateType(c: CandidateLike | undefined): PathType {
-  const t = c?.type
+  const t = parseCandidate(c).type
   return t === 'srflx' || t === 'prflx' || t === 'relay' ? t : 'host'
 }
 
@@ -347,7 +407,7 @@ export function selectedPath(pc: RTCPeerConnection): PathInfo {
   if (pair == null) return { type: 'host' }
   const lt = candidateType(pair.local)
   const rt = candidateType(pair.remote)
-  const addr = (c: CandidateLike) => `${c.address ?? c.ip ?? '?'}:${c.port ?? '?'}`
+  const addr = (c: CandidateLike) => parseCandidate(c).addr
   return {
     type: PATH_RANK[lt] >= PATH_RANK[rt] ? lt : rt,
     local: `${lt} ${addr(pair.local)}`,
@@ -381,6 +441,32 @@ export function enlargeUdpBuffers(pc: RTCPeerConnection, bytes: number): number 
     }
   }
   return n
+}
+
+/**
+ * Turns off werift's RFC 7675 consent expiry on an established connection. Measured: while a busy
+ * process moves bulk data, consent responses wait behind megabytes of queued datagrams and miss
+ * werift's 0.5-1 s response timeout; after 30 s of that ICE goes 'failed' and werift stops sending,
+ * killing a healthy link mid-transfer. The link's own heartbeat (ping/pong, dead after 5 s, any
+ * received message counts) replaces it: it notices a dead path faster, keeps NAT bindings warm, and a
+ * peer that stops answering is dropped within deadAfterMs as consent would. Touches werift internals,
+ * so it checks their shape and does nothing if they changed.
+ */
+export function relaxConsent(pc: RTCPeerConnection): boolean {
+  let done = false
+  for (const t of pc.iceTransports) {
+    const c = t.connection as unknown as {
+      stopConsentLifecycle?: () => void
+      queryConsent?: () => void
+      consentFresh?: boolean
+    }
+    if (typeof c.stopConsentLifecycle !== 'function' || typeof c.queryConsent !== 'function') continue
+    c.stopConsentLifecycle()
+    c.queryConsent = () => {}
+    c.consentFresh = true
+    done = true
+  }
+  return done
 }
 
 function waitGatheringComplete(pc: RTCPeerConnection, signal: AbortSignal): Promise<void> {
@@ -428,8 +514,10 @@ function waitOpen(dc: RTCDataChannel, signal: AbortSignal): Promise<void> {
   })
 }
 
-/** Creates the fixed channel set, pre-negotiated. The tunnel channel asks for no retransmissions;
- *  whether werift honours that is the business of the patch in patches/ (see the README there). */
+/** Creates the fixed channel set, pre-negotiated. The tunnel channel asks for no retransmissions
+ *  (maxRetransmits: 0); stock werift 0.24.4 ignores that and can hang when abandoning, which
+ *  patches/werift+0.24.4.patch (applied by patch-package at npm install) fixes; proven by
+ *  test/system/webrtc-unreliable.test.ts. */
 function createChannels(pc: RTCPeerConnection): {
   dcs: Map<ChannelName, RTCDataChannel>
   heartbeat: RTCDataChannel
@@ -464,7 +552,8 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
   const lowWaterMark = options.lowWaterMark ?? 256 * 1024
   const ctl = new AbortController()
   const timeout = setTimeout(
-    () => ctl.abort(new LinkConnectError(`link to ${options.peer}: not connected after ${connectTimeoutMs} ms`)),
+    () =>
+      ctl.abort(new LinkConnectError(`link to ${options.peer}: not connected after ${connectTimeoutMs} ms`)),
     connectTimeoutMs,
   )
   const onOuterAbort = () => ctl.abort(new AbortError(undefined, { cause: options.signal?.reason }))
@@ -474,7 +563,9 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
     iceServers: (options.iceServers ?? []).map((s) => ({ ...s })),
     iceTransportPolicy: options.iceTransportPolicy ?? 'all',
     iceUseIpv6: false,
-    ...(options.iceAdditionalHostAddresses ? { iceAdditionalHostAddresses: options.iceAdditionalHostAddresses } : {}),
+    ...(options.iceAdditionalHostAddresses
+      ? { iceAdditionalHostAddresses: options.iceAdditionalHostAddresses }
+      : {}),
     ...(options.iceInterfaceAddress ? { iceInterfaceAddresses: { udp4: options.iceInterfaceAddress } } : {}),
     ...(options.portRange ? { icePortRange: options.portRange } : {}),
     // Advertise what the link layer promises; SCTP fragments into 1200-byte chunks underneath.
@@ -495,7 +586,8 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
       const i = queued.findIndex((m) => m.type === want || m.type === 'bye')
       if (i >= 0) {
         const m = queued.splice(i, 1)[0]!
-        if (m.type === 'bye') throw new LinkConnectError(`link to ${options.peer}: peer refused (${m.reason ?? 'bye'})`)
+        if (m.type === 'bye')
+          throw new LinkConnectError(`link to ${options.peer}: peer refused (${m.reason ?? 'bye'})`)
         if (m.type === 'offer' || m.type === 'answer') return m
       }
       await new Promise<void>((resolve, reject) => {
@@ -549,23 +641,37 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
       ctl.signal.addEventListener('abort', () => sub.unSubscribe(), { once: true })
     })
     failed.catch(() => {})
-    await Promise.race([Promise.all([...dcs.values(), heartbeat].map((dc) => waitOpen(dc, ctl.signal))), failed])
+    await Promise.race([
+      Promise.all([...dcs.values(), heartbeat].map((dc) => waitOpen(dc, ctl.signal))),
+      failed,
+    ])
     const link = new WebRtcLink(options.peer, session, pc, dcs, heartbeat, {
       heartbeatMs: options.heartbeatMs ?? 1000,
-      deadAfterMs: options.deadAfterMs ?? 5000,
+      deadAfterMs: options.deadAfterMs ?? 4500,
       highWaterMark,
       lowWaterMark,
     })
+    relaxConsent(pc)
     link.path = selectedPath(pc)
     link.setupMs = performance.now() - started
+    const outer = options.signal
+    if (outer !== undefined) {
+      // The caller's signal bounds the link's whole life, not only the connect.
+      const onAbort = () => link.close(new AbortError('link aborted', { cause: outer.reason }))
+      outer.addEventListener('abort', onAbort, { once: true })
+      link.onClose(() => outer.removeEventListener('abort', onAbort))
+    }
     return link
   } catch (err) {
     if (session !== '') options.signaling.send({ v: 1, session, type: 'bye', reason: 'connect failed' })
     await pc.close().catch(() => {})
     if (err instanceof AbortError || err instanceof LinkConnectError) throw err
-    throw new LinkConnectError(`link to ${options.peer}: ${err instanceof Error ? err.message : String(err)}`, {
-      cause: err,
-    })
+    throw new LinkConnectError(
+      `link to ${options.peer}: ${err instanceof Error ? err.message : String(err)}`,
+      {
+        cause: err,
+      },
+    )
   } finally {
     ctl.abort() // releases the helper listeners above
     clearTimeout(timeout)

@@ -133,6 +133,12 @@ async function startCoturn(host: Host, dir: string): Promise<{ url: string; cred
       'no-dtls',
       'no-cli',
       'no-tcp-relay',
+      // Relaying to a peer's private host candidate fails with ENETUNREACH and coturn then drops the
+      // whole allocation; members only ever need public (NAT'd) peers through TURN.
+      'denied-peer-ip=10.0.0.0-10.255.255.255',
+      'denied-peer-ip=172.16.0.0-172.31.255.255',
+      'denied-peer-ip=192.168.0.0-192.168.255.255',
+      'no-multicast-peers',
       'log-file=stdout',
       'simple-log',
       `pidfile=${join(dir, 'turnserver.pid')}`,

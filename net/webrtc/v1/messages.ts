@@ -42,7 +42,12 @@ export interface ByeMessage extends Base {
   readonly type: 'bye'
   readonly reason?: string
 }
-export type SignalMessage = OfferMessage | AnswerMessage | CandidateMessage | EndOfCandidatesMessage | ByeMessage
+export type SignalMessage =
+  | OfferMessage
+  | AnswerMessage
+  | CandidateMessage
+  | EndOfCandidatesMessage
+  | ByeMessage
 export type SignalType = SignalMessage['type']
 
 function str(obj: Record<string, unknown>, key: string, max: number, optional: true): string | undefined
@@ -98,7 +103,8 @@ export function validateSignal(value: unknown): SignalMessage {
 export function encodeSignal(msg: SignalMessage): Uint8Array {
   // Validate on the way out too: a message we would refuse to decode must not be sent.
   const bytes = new TextEncoder().encode(JSON.stringify(validateSignal(msg)))
-  if (bytes.byteLength > MAX_SIGNAL_BYTES) throw new SignalDecodeError(`encoded size over ${MAX_SIGNAL_BYTES}`)
+  if (bytes.byteLength > MAX_SIGNAL_BYTES)
+    throw new SignalDecodeError(`encoded size over ${MAX_SIGNAL_BYTES}`)
   return bytes
 }
 

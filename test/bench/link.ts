@@ -1,0 +1,260 @@
+/**
+ * `npm run bench -- link [--mib N] [--clouds]`: a werift link between two processes (each its own
+ * Node, as two agents would be), with raw TCP between the same two places measured in the same run.
+ *
+ * Default: both processes on loopback. `--clouds` (root): the two processes in hosts of two different
+ * cone-NAT'd clouds of the clouds fixture, STUN and the signaling relay on an internet host.
+ *
+ * Prints progress on stderr; the result (last stdout line, via test/bench/main.ts, or from
+ * runLinkBench() when run directly) is
+ *   {"bench":"link","mbps":…,"tcpMbps":…,"rttMs":…,"path":"…","engine":"werift","setupMs":…}
+ */
+import { type ChildProcess, spawn } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import type { Host, Topology } from '../helpers/clouds.ts'
+import {
+  dropUnsolicitedAtRouters,
+  PEER_SCRIPT,
+  PeerProcess,
+  peerConfigDir,
+  RELAY_SCRIPT,
+} from '../helpers/webrtc-peer-process.ts'
+import { startSignalRelay } from '../helpers/webrtc-signal-relay.ts'
+
+const NODE = process.execPath
+const STUN_SCRIPT = fileURLToPath(new URL('../../net/stun/server.ts', import.meta.url))
+
+export interface LinkBenchResult {
+  mbps: number
+  tcpMbps: number
+  rttMs: number
+  path: string
+  engine: 'werift'
+  setupMs: number
+  mib: number
+  where: 'loopback' | 'clouds'
+}
+
+const log = (s: string) => process.stderr.write(`[bench link] ${s}\n`)
+
+// Raw TCP baseline: a sink that counts N bytes and prints the elapsed time, a source that writes them.
+const TCP_SINK = `
+const n = Number(process.argv[2]); let got = 0, t0 = 0
+const srv = require('node:net').createServer((c) => {
+  c.on('data', (d) => { if (!t0) t0 = performance.now(); got += d.length
+    if (got >= n) { console.log(JSON.stringify({ tcp: got, ms: performance.now() - t0 })); c.destroy(); srv.close() } })
+  c.on('error', () => {})
+}).listen(0, process.argv[1], () => console.log(JSON.stringify({ port: srv.address().port })))`
+const TCP_SOURCE = `
+const [host, port, n] = [process.argv[1], Number(process.argv[2]), Number(process.argv[3])]
+const buf = Buffer.alloc(256 * 1024, 7); let sent = 0
+const s = require('node:net').connect({ host, port }, function pump() {
+  while (sent < n) { sent += buf.length; if (!s.write(buf)) return s.once('drain', pump) }
+  s.end() })
+s.on('error', () => {})`
+
+type Spawner = (cmd: string, args: string[]) => ChildProcess
+
+function firstJson(child: ChildProcess, key: string, timeoutMs: number): Promise<Record<string, number>> {
+  return new Promise((resolve, reject) => {
+    let buf = ''
+    const timer = setTimeout(
+      () => reject(new Error(`no '${key}' line within ${timeoutMs} ms; output: ${buf.slice(-500)}`)),
+      timeoutMs,
+    )
+    child.stderr?.on('data', (b: Buffer) => {
+      buf += b.toString()
+    })
+    child.stdout?.on('data', (b: Buffer) => {
+      buf += b.toString()
+      for (const line of buf.split('\n')) {
+        if (!line.startsWith('{')) continue
+        try {
+          const o = JSON.parse(line) as Record<string, number>
+          if (key in o) {
+            clearTimeout(timer)
+            resolve(o)
+          }
+        } catch {}
+      }
+    })
+  })
+}
+
+async function measureTcp(spawnA: Spawner, spawnB: Spawner, bHost: string, bytes: number): Promise<number> {
+  const sink = spawnB(NODE, ['-e', TCP_SINK, bHost, String(bytes)])
+  const { port } = await firstJson(sink, 'port', 30_000)
+  const done = firstJson(sink, 'tcp', 120_000)
+  const src = spawnA(NODE, ['-e', TCP_SOURCE, bHost, String(port), String(bytes)])
+  const { ms } = await done
+  src.kill()
+  sink.kill()
+  return bytes / 1e6 / (ms! / 1000)
+}
+
+export interface PairSetup {
+  spawnA: Spawner
+  spawnB: Spawner
+  /** Where the raw TCP baseline's sink runs (default: with B) and its address. */
+  bHost: string
+  tcpSpawnSink?: Spawner
+  relay: { host: string; port: number }
+  iceServers: { urls: string }[]
+  extraHost?: string[]
+  where: 'loopback' | 'clouds'
+}
+
+export async function measureLinkPair(setup: PairSetup, mib: number): Promise<LinkBenchResult> {
+  const cfgs = peerConfigDir()
+  const peers: PeerProcess[] = []
+  try {
+    const room = `bench-${process.pid}-${Date.now()}`
+    for (const [name, peer, initiator, sp] of [
+      ['a', 'b', true, setup.spawnA],
+      ['b', 'a', false, setup.spawnB],
+    ] as const) {
+      const path = cfgs.write(name, {
+        name,
+        peer,
+        initiator,
+        relay: setup.relay,
+        room,
+        iceServers: setup.iceServers,
+        ...(setup.extraHost ? { iceAdditionalHostAddresses: setup.extraHost } : {}),
+      })
+      peers.push(new PeerProcess(sp(NODE, ['--import', 'tsx', PEER_SCRIPT, path])))
+    }
+    const [a, b] = peers as [PeerProcess, PeerProcess]
+    a.send({ cmd: 'connect' })
+    b.send({ cmd: 'connect' })
+    const [openA] = await Promise.all([a.next('open', 60_000), b.next('open', 60_000)])
+    const path = (openA.path as { type: string }).type
+    log(`link open: ${JSON.stringify(openA.path)} in ${openA.setupMs} ms`)
+    a.send({ cmd: 'ping', n: 20 })
+    const rtt = await a.next('rtt', 60_000)
+    log(`rtt median ${Number(rtt.ms).toFixed(2)} ms`)
+    const bytes = mib * 1024 * 1024
+    const t0 = performance.now()
+    a.send({ cmd: 'send', bytes })
+    const got = await b.next('received', 600_000)
+    const secs = (performance.now() - t0) / 1000
+    if (got.ok !== true) throw new Error('link bench: received data does not match what was sent')
+    const mbps = bytes / 1e6 / secs
+    log(`werift ${mib} MiB: ${mbps.toFixed(1)} MB/s`)
+    a.send({ cmd: 'exit' })
+    b.send({ cmd: 'exit' })
+    const tcpMbps = await measureTcp(
+      setup.spawnA,
+      setup.tcpSpawnSink ?? setup.spawnB,
+      setup.bHost,
+      Math.max(bytes, 256 * 1024 * 1024),
+    )
+    log(`raw TCP: ${tcpMbps.toFixed(1)} MB/s`)
+    return {
+      mbps: round(mbps),
+      tcpMbps: round(tcpMbps),
+      rttMs: round(Number(rtt.ms)),
+      path,
+      engine: 'werift',
+      setupMs: Number(openA.setupMs),
+      mib,
+      where: setup.where,
+    }
+  } finally {
+    for (const p of peers) p.child.kill('SIGKILL')
+    cfgs.remove()
+  }
+}
+
+const round = (x: number) => Math.round(x * 100) / 100
+
+async function loopback(mib: number): Promise<LinkBenchResult> {
+  const relay = await startSignalRelay('127.0.0.1')
+  const children: ChildProcess[] = []
+  const sp: Spawner = (cmd, args) => {
+    const c = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] })
+    children.push(c)
+    return c
+  }
+  try {
+    return await measureLinkPair(
+      {
+        spawnA: sp,
+        spawnB: sp,
+        bHost: '127.0.0.1',
+        relay: { host: '127.0.0.1', port: relay.port },
+        iceServers: [],
+        extraHost: ['127.0.0.1'],
+        where: 'loopback',
+      },
+      mib,
+    )
+  } finally {
+    for (const c of children) c.kill('SIGKILL')
+    await relay.close()
+  }
+}
+
+/** Starts the STUN responder and the signaling relay on an internet host of a clouds topology. */
+export async function startRendezvous(boot: Host): Promise<{ relayPort: number; stunPort: number }> {
+  const { waitForLine } = await import('../helpers/clouds.ts')
+  const relay = boot.spawn(NODE, ['--import', 'tsx', RELAY_SCRIPT, boot.ip, '7000'])
+  const stun = boot.spawn(NODE, ['--import', 'tsx', STUN_SCRIPT, boot.ip, '3478'])
+  await waitForLine(relay, /"listening"/, 30_000)
+  await waitForLine(stun, /"listening"/, 30_000)
+  return { relayPort: 7000, stunPort: 3478 }
+}
+
+async function clouds(mib: number): Promise<LinkBenchResult> {
+  const { createClouds } = await import('../helpers/clouds.ts')
+  const topo: Topology = await createClouds({
+    clouds: [
+      { name: 'a', nat: 'cone' },
+      { name: 'b', nat: 'cone' },
+    ],
+    internetHosts: ['boot'],
+  })
+  try {
+    await dropUnsolicitedAtRouters(topo)
+    const boot = topo.host('boot')
+    const { relayPort, stunPort } = await startRendezvous(boot)
+    const a1 = topo.host('a1')
+    const b1 = topo.host('b1')
+    // Raw TCP across the NATs needs a reachable listener: B's router forwards nothing inbound, so the
+    // TCP baseline runs from a1 to the internet host (through a1's NAT and the same bridge).
+    return await measureLinkPair(
+      {
+        spawnA: (c, args) => a1.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
+        spawnB: (c, args) => b1.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
+        bHost: boot.ip,
+        tcpSpawnSink: (c, args) => boot.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
+        relay: { host: boot.ip, port: relayPort },
+        iceServers: [{ urls: `stun:${boot.ip}:${stunPort}` }],
+        where: 'clouds',
+      },
+      mib,
+    )
+  } finally {
+    await topo.destroy()
+  }
+}
+
+export async function runLinkBench(args: string[] = []): Promise<LinkBenchResult> {
+  const i = args.indexOf('--mib')
+  const mib = i >= 0 ? Number(args[i + 1]) : 32
+  return args.includes('--clouds') ? clouds(mib) : loopback(mib)
+}
+
+/** Entry point for test/bench/main.ts (`npm run bench -- link`). */
+export async function main(args: string[]): Promise<Record<string, unknown>> {
+  return { ...(await runLinkBench(args)) }
+}
+
+if (
+  process.argv[1] !== undefined &&
+  import.meta.url.endsWith('/bench/link.ts') &&
+  process.argv[1].endsWith('link.ts')
+) {
+  const r = await runLinkBench(process.argv.slice(2))
+  process.stdout.write(`${JSON.stringify({ bench: 'link', ...r })}\n`)
+}

@@ -1,0 +1,242 @@
+/**
+ * Live migration with the tunnel, in one process: N hosts, each with a QEMU driver (guest NIC on a
+ * `-netdev stream` socket), a chunk store as RAM cache, a migration service and a tunnel switch, all
+ * joined by in-memory links; plus a client member `T` whose host TAP port sits in a private network
+ * namespace, from where a test streams TCP data to the guest while it moves.
+ *
+ * The tunnel follows the VM through the VmHost hooks migration already calls, which is how the agent
+ * should wire it too: startIncoming → attachVm(mac, the new QEMU's net socket) (frames can reach the
+ * destination before it resumes); adopt (after resume) → announce(mac); release, or the VM stopping
+ * for good → detachVm(mac) (the old host forwards stragglers for the grace period).
+ */
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { ensureGuest } from '../../fixtures/guest/build.ts'
+import { READY_RE } from '../../fixtures/guest/ports.ts'
+import { openChunkStore } from '../../net/chunks/store.ts'
+import { createMemoryNetwork } from '../../net/link/memory.ts'
+import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
+import { createTunnelService, type TunnelService } from '../../net/tunnel/service.ts'
+import { createLogger, type Logger } from '../../src/log.ts'
+import type { Vm, VmDriver } from '../../vm/driver/interfaces.ts'
+import { createStoreRamCache } from '../../vm/migration/cache.ts'
+import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
+import type { VmHost } from '../../vm/migration/interfaces.ts'
+import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
+import { createMigrationService, type MigrationService } from '../../vm/migration/service.ts'
+import { createQemuDriver } from '../../vm/qemu/driver.ts'
+import { type VmSpec, validateVmSpec } from '../../vm/spec.ts'
+import { deleteNetns, killNetnsProcesses, runChecked } from './netns.ts'
+import type { StreamEchoResult } from './stream-client.ts'
+import { waitConsole } from './vm.ts'
+
+const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)))
+
+export interface MigHost {
+  id: string
+  driver: VmDriver
+  host: DriverHost
+  migration: MigrationService
+  tunnel: TunnelService
+}
+
+export interface MigRig {
+  hosts: Map<string, MigHost>
+  netns: string
+  spec(name: string, ip: string, memoryMiB?: number): VmSpec
+  boot(on: string, spec: VmSpec): Promise<Vm>
+  /** Starts the stream client in T's namespace; `stop()` ends it and resolves its result. */
+  streamEcho(ip: string, port: number): { stop(): Promise<StreamEchoResult> }
+  ping(ip: string): Promise<string>
+  destroy(): Promise<void>
+}
+
+/** The tunnel hooks on a VmHost (see the file comment). */
+function withTunnel(inner: DriverHost, driver: VmDriver, tunnel: TunnelService): DriverHost {
+  const attached = new Map<string, Vm>()
+  const plug = (vm: Vm) => {
+    const mac = vm.spec.mac
+    attached.set(mac, vm)
+    tunnel.switch.attachVm(mac, driver.handle(vm).paths.net!)
+    const unplug = () => {
+      if (attached.get(mac) === vm) {
+        attached.delete(mac)
+        void tunnel.switch.detachVm(mac)
+      }
+    }
+    vm.once('stopped', unplug)
+    vm.once('exited', unplug)
+  }
+  return {
+    ...inner,
+    add(vm) {
+      inner.add(vm)
+      plug(vm)
+    },
+    async startIncoming(spec, memoryPath, signal) {
+      const vm = await inner.startIncoming(spec, memoryPath, signal)
+      plug(vm)
+      return vm
+    },
+    async adopt(vm) {
+      await inner.adopt(vm)
+      tunnel.switch.announce(vm.spec.mac)
+    },
+    async release(name) {
+      const mac = inner.get(name)?.spec.mac
+      await inner.release(name)
+      if (mac !== undefined && attached.has(mac)) {
+        attached.delete(mac)
+        await tunnel.switch.detachVm(mac)
+      }
+    },
+  } satisfies VmHost & DriverHost
+}
+
+export async function createMigRig(ids: string[], opts: { log?: Logger; subnet: string }): Promise<MigRig> {
+  const guest = await ensureGuest()
+  const log = opts.log ?? createLogger({ level: 'warn' })
+  const net = createMemoryNetwork()
+  const tag = `tm${process.pid.toString(36)}`
+  const netns = `mtunmig-${process.pid.toString(36)}`
+  const hosts = new Map<string, MigHost>()
+  const dirs: string[] = []
+  const children = new Set<ChildProcess>()
+  let client: TunnelService | undefined
+  let nsCreated = false
+
+  const destroy = async () => {
+    for (const c of children) c.kill('SIGKILL')
+    for (const h of hosts.values()) {
+      await h.migration.stop().catch(() => {})
+      await h.host.stopAll().catch(() => {})
+      await h.tunnel.stop().catch(() => {})
+    }
+    hosts.clear()
+    await client?.stop().catch(() => {})
+    if (nsCreated) {
+      await killNetnsProcesses(netns, 500).catch(() => {})
+      await deleteNetns(netns).catch(() => {})
+      nsCreated = false
+    }
+    for (const d of dirs.splice(0)) await rm(d, { recursive: true, force: true })
+  }
+
+  try {
+    await runChecked('ip', ['netns', 'add', netns])
+    nsCreated = true
+    await runChecked('ip', ['-n', netns, 'link', 'set', 'lo', 'up'])
+    client = createTunnelService({
+      overlay: net.node('T'),
+      log: log.child('T'),
+      tap: { name: `${tag}T`.slice(0, 15), address: `${opts.subnet}.1/24`, netns },
+    })
+    await client.start(new AbortController().signal)
+    for (const id of ids) {
+      const ramDir = `/dev/shm/${tag}-${id}`
+      const runDir = join(tmpdir(), `${tag}-${id}`)
+      dirs.push(ramDir, runDir)
+      const driver = createQemuDriver({
+        ramDir,
+        runDir,
+        accel: 'tcg',
+        startTimeoutMs: 120_000,
+        commandTimeoutMs: 120_000,
+      })
+      const tunnel = createTunnelService({ overlay: net.node(id), log: log.child(`${id}/tunnel`) })
+      await tunnel.start(new AbortController().signal)
+      const host = withTunnel(createDriverHost({ driver, ramDir }), driver, tunnel)
+      const storeDir = await mkdtemp(join(tmpdir(), `${tag}-store-${id}-`))
+      dirs.push(storeDir)
+      const store = await openChunkStore({ dir: storeDir })
+      const migration = createMigrationService({
+        network: overlayMigrationNetwork(net.node(id)),
+        host,
+        cache: createStoreRamCache(store),
+        log: log.child(id),
+        isMember: (p) => ids.includes(p),
+        tuning: { timeoutMs: 180_000 },
+      })
+      await migration.start(new AbortController().signal)
+      hosts.set(id, { id, driver, host, migration, tunnel })
+    }
+    const all = ['T', ...ids]
+    for (let i = 0; i < all.length; i++)
+      for (let j = i + 1; j < all.length; j++) net.connect(all[i]!, all[j]!)
+  } catch (err) {
+    await destroy()
+    throw err
+  }
+
+  return {
+    hosts,
+    netns,
+    spec: (name, ip, memoryMiB = 128) =>
+      validateVmSpec({
+        name,
+        memoryMiB,
+        vcpus: 1,
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        ip,
+        cmdline: `quiet panic=-1 mesh.mtu=${TUNNEL_MTU} mesh.name=${name}`,
+      }),
+    async boot(on, spec) {
+      const h = hosts.get(on)!
+      const vm = await h.driver.start(spec)
+      h.host.add(vm)
+      await waitConsole(vm, READY_RE)
+      h.tunnel.switch.announce(vm.spec.mac)
+      return vm
+    },
+    streamEcho(ip, port) {
+      const child = spawn(
+        'ip',
+        [
+          'netns',
+          'exec',
+          netns,
+          process.execPath,
+          '--import',
+          'tsx',
+          join(ROOT, 'test/helpers/stream-client.ts'),
+          ip,
+          String(port),
+          '3600000',
+        ],
+        { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+      )
+      children.add(child)
+      let out = ''
+      let err = ''
+      child.stdout.setEncoding('utf8').on('data', (s: string) => {
+        out += s
+      })
+      child.stderr.setEncoding('utf8').on('data', (s: string) => {
+        err = (err + s).slice(-2000)
+      })
+      const exited = new Promise<void>((r) => child.once('exit', () => r()))
+      return {
+        async stop() {
+          child.kill('SIGTERM')
+          await exited
+          children.delete(child)
+          const line = out.trim().split('\n').at(-1) ?? ''
+          try {
+            return JSON.parse(line) as StreamEchoResult
+          } catch {
+            throw new Error(`stream client printed no result: ${err}`)
+          }
+        },
+      }
+    },
+    async ping(ip) {
+      const r = await runChecked('ip', ['netns', 'exec', netns, 'busybox', 'ping', '-c', '3', '-W', '5', ip])
+      return r.stdout
+    },
+    destroy,
+  }
+}

@@ -1,0 +1,391 @@
+import assert from 'node:assert/strict'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { createServer, type Server, type Socket } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createMemoryNetwork, type MemoryLinkOptions, type MemoryNetwork } from '../../net/link/memory.ts'
+import type { PortKind, TunnelSwitch } from '../../net/tunnel/interfaces.ts'
+import { encodeLengthPrefixed, LengthPrefixedReader } from '../../net/tunnel/stream-port.ts'
+import { createSwitch, type SwitchOptions } from '../../net/tunnel/switch.ts'
+import { encodeAnnounce, parseMac } from '../../net/tunnel/v1/frames.ts'
+
+const BCAST = 'ff:ff:ff:ff:ff:ff'
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/** An Ethernet frame with a test ethertype and a 4-byte sequence number as payload. */
+function frame(dst: string, src: string, seq = 0, size = 64): Uint8Array {
+  const f = new Uint8Array(size)
+  f.set(parseMac(dst), 0)
+  f.set(parseMac(src), 6)
+  f[12] = 0x88
+  f[13] = 0xb5
+  new DataView(f.buffer).setUint32(14, seq)
+  return f
+}
+const seqOf = (f: Uint8Array) => new DataView(f.buffer, f.byteOffset).getUint32(14)
+
+/** A local test port: records what the switch delivers and can inject frames. */
+interface Nic {
+  got: Uint8Array[]
+  inject(f: Uint8Array): void
+  remove(): Promise<void>
+}
+function nic(sw: TunnelSwitch, id: string, kind: PortKind = 'local'): Nic {
+  const got: Uint8Array[] = []
+  let receive!: (f: Uint8Array) => void
+  const remove = sw.addPort(id, kind, (r) => {
+    receive = r
+    return {
+      send: (f) => {
+        got.push(f.slice())
+        return true
+      },
+      close: () => {},
+    }
+  })
+  return { got, inject: (f) => receive(f), remove }
+}
+
+/** A fake QEMU `-netdev stream,server=on`: one client at a time, length-prefixed frames. */
+interface FakeQemu {
+  path: string
+  got: Uint8Array[]
+  send(f: Uint8Array): void
+  connected(): Promise<void>
+  close(): Promise<void>
+}
+async function fakeQemu(dir: string, name: string): Promise<FakeQemu> {
+  const path = join(dir, `${name}.sock`)
+  const got: Uint8Array[] = []
+  let client: Socket | undefined
+  let waiters: Array<() => void> = []
+  const server: Server = createServer((s) => {
+    client = s
+    const r = new LengthPrefixedReader((f) => got.push(Buffer.from(f)))
+    s.on('data', (c: Buffer) => r.push(c))
+    s.on('error', () => {})
+    for (const w of waiters) w()
+    waiters = []
+  })
+  await new Promise<void>((res) => server.listen(path, res))
+  return {
+    path,
+    got,
+    send: (f) => client?.write(encodeLengthPrefixed(f)),
+    connected: () => (client !== undefined ? Promise.resolve() : new Promise((r) => waiters.push(r))),
+    close: () =>
+      new Promise<void>((res) => {
+        client?.destroy()
+        server.close(() => res())
+      }),
+  }
+}
+
+async function until(cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> {
+  const t0 = Date.now()
+  while (!cond()) {
+    if (Date.now() - t0 > timeoutMs) assert.fail(`timed out waiting for ${what}`)
+    await sleep(5)
+  }
+}
+
+/** Full mesh of switches over the memory network. */
+function mesh(names: string[], link: MemoryLinkOptions = {}, opts: Partial<SwitchOptions> = {}) {
+  const net: MemoryNetwork = createMemoryNetwork()
+  const sws = new Map<string, TunnelSwitch>()
+  for (const n of names) {
+    const sw = createSwitch({ overlay: net.node(n), ...opts })
+    sw.start()
+    sws.set(n, sw)
+  }
+  for (let i = 0; i < names.length; i++)
+    for (let j = i + 1; j < names.length; j++) net.connect(names[i]!, names[j]!, link)
+  return {
+    net,
+    sw: (n: string) => sws.get(n)!,
+    stop: () => Promise.all([...sws.values()].map((s) => s.stop())),
+  }
+}
+
+const X = '52:54:00:00:00:0a'
+const Y = '52:54:00:00:00:0b'
+const Z = '52:54:00:00:00:0c'
+const V = '52:54:00:00:00:99'
+
+describe('tunnel switch (memory network)', function () {
+  this.timeout(30_000)
+  let cleanup: Array<() => unknown> = []
+  afterEach(async () => {
+    for (const c of cleanup.reverse()) await c()
+    cleanup = []
+  })
+
+  it('learns MAC locations: unknown unicast floods, replies go only where the MAC is', async () => {
+    const m = mesh(['a', 'b', 'c'])
+    cleanup.push(m.stop)
+    const x = nic(m.sw('a'), 'x')
+    const y = nic(m.sw('b'), 'y')
+    const z = nic(m.sw('c'), 'z')
+    x.inject(frame(Y, X, 1)) // Y unknown at a: flooded to b and c
+    await until(() => y.got.length === 1 && z.got.length === 1, 5000, 'flood')
+    assert.equal(m.sw('b').lookup(X), 'peer:a')
+    y.inject(frame(X, Y, 2)) // X learned at b: unicast to a only
+    await until(() => x.got.length === 1, 5000, 'reply')
+    await sleep(50)
+    assert.equal(z.got.length, 1, 'c saw only the first flood')
+    assert.equal(m.sw('a').lookup(Y), 'peer:b')
+    x.inject(frame(Y, X, 3))
+    await until(() => y.got.length === 2)
+    await sleep(50)
+    assert.equal(z.got.length, 1, 'learned unicast is not flooded')
+    const st = m.sw('a').status()
+    const pb = st.ports.find((p) => p.id === 'peer:b')!
+    assert.equal(pb.txFrames, 2)
+    assert.equal(pb.rxFrames, 1)
+    assert.equal(st.mtu, 1184)
+  })
+
+  it('floods broadcast exactly once to every port, never relays between remote ports (4 nodes, split horizon)', async () => {
+    const names = ['a', 'b', 'c', 'd']
+    const m = mesh(names)
+    cleanup.push(m.stop)
+    const nics = names.map((n) => [nic(m.sw(n), `${n}1`), nic(m.sw(n), `${n}2`)] as const)
+    nics[0]![0].inject(frame(BCAST, X, 42))
+    await sleep(200)
+    assert.equal(nics[0]![0].got.length, 0, 'not back to the sender')
+    assert.equal(nics[0]![1].got.length, 1)
+    for (let i = 1; i < 4; i++)
+      for (const n of nics[i]!) assert.equal(n.got.length, 1, `exactly one copy at ${names[i]}`)
+    for (const n of names.slice(1)) {
+      const remoteTx = m
+        .sw(n)
+        .status()
+        .ports.filter((p) => p.kind === 'remote')
+        .reduce((s, p) => s + p.txFrames, 0)
+      assert.equal(remoteTx, 0, `${n} relayed nothing to other members`)
+    }
+    // Unknown unicast from a remote port is flooded locally only, too.
+    const remoteTx = (n: string) =>
+      m
+        .sw(n)
+        .status()
+        .ports.filter((p) => p.kind === 'remote')
+        .reduce((s, p) => s + p.txFrames, 0)
+    const before = ['a', 'c', 'd'].map(remoteTx)
+    nics[1]![0].inject(frame(Z, Y, 43))
+    await sleep(200)
+    assert.deepEqual(['a', 'c', 'd'].map(remoteTx), before)
+    for (const i of [0, 2, 3]) for (const n of nics[i]!) assert.equal(n.got.at(-1)?.[0], 0x52)
+    assert.equal(remoteTx('b'), 3, 'b flooded its own frame to each member once')
+  })
+
+  it('a flood of frames to and from random MACs keeps the table and queues bounded', async () => {
+    const m = mesh(['a', 'b'], { highWaterMark: 64 * 1024 }, { maxMacs: 256 })
+    cleanup.push(m.stop)
+    const x = nic(m.sw('a'), 'x')
+    let bDelivered = 0
+    m.sw('b').addPort('sink', 'local', () => ({
+      send: () => {
+        bDelivered++
+        return true
+      },
+      close: () => {},
+    }))
+    const rnd = () =>
+      `52:54:${Array.from({ length: 4 }, () =>
+        Math.floor(Math.random() * 256)
+          .toString(16)
+          .padStart(2, '0'),
+      ).join(':')}`
+    global.gc?.()
+    const heap0 = process.memoryUsage().heapUsed
+    let maxBuffered = 0
+    const ch = m.net.node('a').link('b')!.channel('tunnel')
+    for (let round = 0; round < 12; round++) {
+      for (let i = 0; i < 5000; i++) x.inject(frame(rnd(), rnd(), i, 1000))
+      maxBuffered = Math.max(maxBuffered, ch.bufferedAmount)
+      await sleep(1)
+    }
+    await sleep(100)
+    const st = m.sw('a').status()
+    assert.ok(st.macs <= 256, `table bounded (${st.macs})`)
+    assert.ok((st.drops.evicted ?? 0) > 50_000, 'old entries were evicted')
+    assert.ok(maxBuffered <= 64 * 1024, `channel queue bounded (${maxBuffered})`)
+    const peer = st.ports.find((p) => p.id === 'peer:b')!
+    assert.ok(peer.drops > 0, 'frames beyond the channel budget were dropped, not queued')
+    assert.ok(m.sw('b').status().macs <= 256)
+    assert.ok(bDelivered > 0)
+    global.gc?.()
+    const grew = process.memoryUsage().heapUsed - heap0
+    assert.ok(grew < 64 * 1024 * 1024, `heap grew ${grew} bytes for 60k frames`)
+  })
+
+  it('drops oversize frames and counts undecodable messages', async () => {
+    const m = mesh(['a', 'b'])
+    cleanup.push(m.stop)
+    const x = nic(m.sw('a'), 'x')
+    const y = nic(m.sw('b'), 'y')
+    x.inject(frame(BCAST, X, 1, 1199))
+    x.inject(frame(BCAST, X, 2, 1198))
+    const ch = m.net.node('b').link('a')!.channel('tunnel')
+    ch.send(new Uint8Array([9, 9, 9]))
+    ch.send(new Uint8Array([1, 7, 0, 0]))
+    await until(() => y.got.length === 1)
+    await sleep(50)
+    assert.equal(seqOf(y.got[0]!), 2)
+    assert.equal(m.sw('a').status().drops.oversize, 1)
+    assert.equal(m.sw('a').status().drops['decode-version'], 1)
+    assert.equal(m.sw('a').status().drops['decode-type'], 1)
+  })
+
+  describe('VM moves', () => {
+    let dir: string
+    beforeEach(() => {
+      dir = mkdtempSync(join(tmpdir(), 'mesh-tunnel-'))
+    })
+    afterEach(() => rmSync(dir, { recursive: true, force: true }))
+
+    it('talks to QEMU over its stream socket and reconnects when the socket comes back', async () => {
+      const m = mesh(['a', 'b'])
+      cleanup.push(m.stop)
+      let q = await fakeQemu(dir, 'vm')
+      cleanup.push(() => q.close())
+      m.sw('a').attachVm(V, q.path)
+      await q.connected()
+      const y = nic(m.sw('b'), 'y')
+      q.send(frame(BCAST, V, 1))
+      await until(() => y.got.length === 1, 5000, 'frame from the VM')
+      y.inject(frame(V, Y, 2))
+      await until(() => q.got.length === 1, 5000, 'frame to the VM')
+      assert.equal(seqOf(q.got[0]!), 2)
+      // QEMU restarts its server side (or the connection drops): the port dials again.
+      await q.close()
+      q = await fakeQemu(dir, 'vm')
+      await q.connected()
+      await sleep(50)
+      y.inject(frame(V, Y, 3))
+      await until(() => q.got.length === 1, 5000, 'frame after reconnect')
+      const st = m
+        .sw('a')
+        .status()
+        .ports.find((p) => p.kind === 'vm')!
+      assert.equal(st.connected, true)
+      assert.equal(st.detail, V)
+    })
+
+    it('moves a MAC at once, forwards stragglers during the grace period, and ignores stale announcements', async () => {
+      const m = mesh(['a', 'b', 'c'], {}, { graceMs: 2000 })
+      cleanup.push(m.stop)
+      const qa = await fakeQemu(dir, 'a')
+      const qb = await fakeQemu(dir, 'b')
+      cleanup.push(
+        () => qa.close(),
+        () => qb.close(),
+      )
+      m.sw('a').attachVm(V, qa.path)
+      m.sw('a').announce(V)
+      await qa.connected()
+      const x = nic(m.sw('c'), 'x')
+      qa.send(frame(BCAST, V, 0))
+      await until(() => x.got.length === 1 && m.sw('c').lookup(V) === 'peer:a')
+      await sleep(800) // let a's announcement repeats finish, so the stale count below is exact
+      let seq = 1
+      const sendBurst = (n: number) => {
+        for (let i = 0; i < n; i++) x.inject(frame(V, X, seq++))
+      }
+      sendBurst(20)
+      await until(() => qa.got.length === 20, 5000, 'frames at A')
+      // Migration: the source lets go of the NIC; c still sends to a; a holds those frames.
+      await m.sw('a').detachVm(V)
+      sendBurst(10)
+      await sleep(50)
+      assert.equal(m.sw('a').lookup(V), 'held')
+      // Destination plugs the NIC in and announces: a forwards what it held, c switches to b at once.
+      m.sw('b').attachVm(V, qb.path)
+      await qb.connected()
+      const epoch = m.sw('b').announce(V)
+      await until(() => m.sw('c').lookup(V) === 'peer:b', 5000, 'c moved V to b')
+      assert.equal(m.sw('a').lookup(V), 'peer:b')
+      await until(() => qb.got.length === 10, 5000, 'held frames forwarded to b')
+      sendBurst(10)
+      await until(() => qb.got.length === 20, 5000, 'new frames straight to b')
+      // A late frame that reached a during the grace period is forwarded, once.
+      m.net
+        .node('c')
+        .link('a')!
+        .channel('tunnel')
+        .send(new Uint8Array([1, 1, ...frame(V, X, seq++)]))
+      await until(() => qb.got.length === 21, 5000, 'straggler forwarded')
+      // Every frame delivered exactly once, none lost, none duplicated.
+      const all = [...qa.got, ...qb.got].map(seqOf).sort((p, q) => p - q)
+      assert.deepEqual(
+        all,
+        Array.from({ length: seq - 1 }, (_, i) => i + 1),
+      )
+      // A stale announcement (lower epoch) cannot move it back; nor can a late frame from the old host.
+      const stale = encodeAnnounce(V, epoch - 1)
+      const staleBefore = m.sw('c').status().drops['stale-announce'] ?? 0
+      m.net.node('a').link('c')!.channel('tunnel').send(stale)
+      m.net
+        .node('a')
+        .link('c')!
+        .channel('tunnel')
+        .send(new Uint8Array([1, 1, ...frame(BCAST, V, 999)]))
+      await sleep(100)
+      assert.equal(m.sw('c').lookup(V), 'peer:b')
+      assert.equal(m.sw('c').status().drops['stale-announce'], staleBefore + 1)
+      // Forwarded frames are never relayed again (no loops even if two switches disagree).
+      const fa = m
+        .sw('a')
+        .status()
+        .ports.find((p) => p.id === 'peer:c')!
+      assert.equal(fa.txFrames, 1, 'a sent c only the initial broadcast')
+      // After the grace period a forgets the move.
+      await until(() => m.sw('a').status().movedAway === 0, 5000, 'grace period to end')
+    })
+
+    it('a migration destination that attached the NIC does not take the MAC before it announces', async () => {
+      const m = mesh(['a', 'b'])
+      cleanup.push(m.stop)
+      const qa = await fakeQemu(dir, 'a')
+      const qb = await fakeQemu(dir, 'b')
+      cleanup.push(
+        () => qa.close(),
+        () => qb.close(),
+      )
+      m.sw('a').attachVm(V, qa.path)
+      m.sw('a').announce(V)
+      await qa.connected()
+      await until(() => m.sw('b').lookup(V) === 'peer:a')
+      const y = nic(m.sw('b'), 'y')
+      m.sw('b').attachVm(V, qb.path) // incoming VM, paused, during pre-copy
+      await qb.connected()
+      y.inject(frame(V, Y, 1))
+      await until(() => qa.got.length === 1, 5000, 'frame still goes to the source')
+      assert.equal(qb.got.length, 0)
+      m.sw('b').announce(V) // resumed here
+      y.inject(frame(V, Y, 2))
+      await until(() => qb.got.length === 1, 5000, 'frame goes to the destination')
+      await until(() => m.sw('a').lookup(V) === 'peer:b', 5000, 'a learned the move')
+    })
+
+    it('announcements get through a lossy channel (repeats) and the move still completes', async () => {
+      let s = 1
+      const random = () => {
+        s = (s * 48271) % 2147483647
+        return s / 2147483647
+      }
+      const m = mesh(['a', 'b', 'c'], { lossRate: 0.5, random })
+      cleanup.push(m.stop)
+      const qb = await fakeQemu(dir, 'b')
+      cleanup.push(() => qb.close())
+      m.sw('b').attachVm(V, qb.path)
+      m.sw('b').announce(V)
+      await until(
+        () => m.sw('a').lookup(V) === 'peer:b' && m.sw('c').lookup(V) === 'peer:b',
+        3000,
+        'announce',
+      )
+    })
+  })
+})
