@@ -1,16 +1,28 @@
+import { createHash } from 'node:crypto'
 import { existsSync, readFileSync, statSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { createChunkAgentService } from '../../net/chunks/agent-service.ts'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
-import { createLocalVmManager, createVmService } from '../../vm/service.ts'
+import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
+import { createTunnelService } from '../../net/tunnel/service.ts'
+import { createStoreRamCache } from '../../vm/migration/cache.ts'
+import type { RamCache } from '../../vm/migration/interfaces.ts'
+import { createManagerHost } from '../../vm/migration/manager-host.ts'
+import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
+import { createMigrationService } from '../../vm/migration/service.ts'
+import { sweepIncoming } from '../../vm/migration/sweep.ts'
+import { createQemuDriver } from '../../vm/qemu/driver.ts'
+import { createLocalVmManager, createVmService, runDirFor } from '../../vm/service.ts'
+import type { VmSpec } from '../../vm/spec.ts'
 import { statePaths } from '../config.ts'
 import { MeshError, UsageError } from '../errors.ts'
 import { createLogger, type Logger } from '../log.ts'
 import { type Agent, createAgent } from './agent.ts'
 import type { AgentService } from './interfaces.ts'
 import { createNetService, stunFromBootstrap } from './net-service.ts'
+import { plugVmsIntoTunnel } from './vm-tunnel.ts'
 
 export const NETWORK_KEY_FILE = 'network.key'
 
@@ -28,6 +40,30 @@ export interface AgentOptions {
   turnCredentials?: string
   invite?: string
   pnet?: boolean
+  /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
+  tap?: { name: string; address: string }
+}
+
+/** The chunk store exists only once its service started; the migration service is built before. */
+function lazyRamCache(make: () => RamCache): RamCache {
+  let cache: RamCache | undefined
+  const get = () => {
+    cache ??= make()
+    return cache
+  }
+  return {
+    has: (hash) => get().has(hash),
+    get: (hash) => get().get(hash),
+    remember: (vm, path, chunkSize, signal) => get().remember(vm, path, chunkSize, signal),
+    forget: (vm) => get().forget(vm),
+  }
+}
+
+/** Guests' MTU must let one Ethernet frame fit one tunnel message (net/tunnel: no fragmentation). */
+function withTunnelMtu(spec: VmSpec): VmSpec {
+  const cmdline = spec.cmdline ?? ''
+  if (/(^|\s)mesh\.mtu=/.test(cmdline)) return spec
+  return { ...spec, cmdline: `${cmdline} mesh.mtu=${TUNNEL_MTU}`.trim() }
 }
 
 export class AgentConfigError extends MeshError {}
@@ -116,15 +152,60 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     pnet: opts.pnet ?? false,
     log: log.child('net'),
   })
-  const vmLog = log.child('vm')
-  const vms = createVmService({ manager: createLocalVmManager(paths.dir), log: (m, f) => vmLog.warn(m, f) })
   const chunks = createChunkAgentService({
     stateDir: paths.dir,
     overlay: () => net.node.overlay,
     log: log.child('chunks'),
   })
-  const services: AgentService[] = [net, chunks, vms]
-  return createAgent({ stateDir: paths.dir, services, log })
+  const tunnel = createTunnelService({
+    overlay: net.node.overlay,
+    log: log.child('tunnel'),
+    ...(opts.tap === undefined ? {} : { tap: opts.tap }),
+    resolveVm: async (vm) => (await manager.list()).find((v) => v.name === vm)?.ip?.split('/')[0],
+  })
+
+  // One driver per agent; its RAM files live in a directory of their own so that several agents on
+  // one machine (tests, the demo) never collide on a VM's name.
+  const ramDir =
+    process.env.MESH_RAM_DIR ??
+    `/dev/shm/mesh/${createHash('sha256').update(paths.dir).digest('hex').slice(0, 12)}`
+  const driver = createQemuDriver({ runDir: runDirFor(paths.dir), ramDir })
+  const manager = createLocalVmManager(paths.dir, driver)
+  const run = manager.run.bind(manager)
+  manager.run = (spec, signal) => run(withTunnelMtu(spec), signal)
+  const vmLog = log.child('vm')
+  const vms = createVmService({ manager, log: (m, f) => vmLog.warn(m, f) })
+  const managerHost = await createManagerHost({ manager, driver, ramDir, stateDir: paths.dir })
+  const host = plugVmsIntoTunnel(manager, driver, managerHost, () => tunnel)
+  const migration = createMigrationService({
+    network: overlayMigrationNetwork(() => net.node.overlay),
+    host,
+    cache: lazyRamCache(() => createStoreRamCache(chunks.store)),
+    log: log.child('migrate'),
+    isMember: (peer) => net.node.members().some((m) => m.peerId === peer),
+    resolvePeer: (ref) => net.resolvePeer(ref).peerId,
+  })
+  // After the VM manager re-adopted its VMs: kill incoming QEMUs a killed agent left behind.
+  const sweep: AgentService = {
+    name: 'sweep',
+    async start() {
+      const inUse = new Set((await manager.list()).map((v) => v.memoryPath))
+      const r = await sweepIncoming(ramDir, inUse)
+      if (Object.values(r).some((v) => Array.isArray(v) && v.length > 0))
+        log.info('swept leftovers', { ...r })
+    },
+    async stop() {},
+    handlers: () => ({}),
+  }
+  const services: AgentService[] = [net, chunks, tunnel, vms, sweep, migration]
+  const agent = createAgent({ stateDir: paths.dir, services, log })
+  // A revoked node can do nothing useful: say so once, clearly, and stop with a failure status.
+  net.node.on('self-revoked', (e) => {
+    log.error('this node was revoked from the network; stopping', { network: e.network })
+    process.exitCode = 1
+    void agent.stop()
+  })
+  return agent
 }
 
 /** Runs an agent in the foreground until SIGINT/SIGTERM or `agent.stop`. */
