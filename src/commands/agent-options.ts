@@ -1,5 +1,6 @@
 import { type Command, Option } from 'commander'
 import type { AgentOptions } from '../agent/run.ts'
+import { UsageError } from '../errors.ts'
 import { resolveState, stateOption } from './common.ts'
 
 const collect = (v: string, prev: string[] | undefined) => [...(prev ?? []), v]
@@ -21,6 +22,8 @@ export function addAgentOptions(cmd: Command): Command {
     )
     .option('--ice <url>', 'extra ICE server, stun:HOST:PORT or turn:HOST:PORT (repeatable)', collect)
     .option('--turn-credentials <file>', "file (mode 0600) holding 'user:password' for the TURN servers")
+    .option('--tap <name>', 'host TAP interface into the guest network (needs root and --address)')
+    .option('--address <cidr>', "this host's address on the guest network, with --tap (e.g. 10.99.0.1/24)")
     .option('--pnet', 'add a libp2p pre-shared key derived from the network (all members must agree)', false)
 }
 
@@ -34,10 +37,18 @@ export interface AgentCliOptions {
   ice?: string[]
   turnCredentials?: string
   pnet: boolean
+  tap?: string
+  address?: string
 }
 
 export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
+  if ((o.tap === undefined) !== (o.address === undefined))
+    throw new UsageError('--tap and --address go together')
+  if (o.address !== undefined && !/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/.test(o.address)) {
+    throw new UsageError(`--address '${o.address}' must be an IPv4 CIDR like 10.99.0.1/24`)
+  }
   return {
+    ...(o.tap === undefined || o.address === undefined ? {} : { tap: { name: o.tap, address: o.address } }),
     state: resolveState(o),
     ...(o.name === undefined ? {} : { name: o.name }),
     ...(o.listen === undefined ? {} : { listen: o.listen }),

@@ -14,6 +14,9 @@ export interface ManagerHostInit {
   /** Fencing tokens are kept in `<stateDir>/migration-tokens.json` (written atomically). */
   stateDir: string
   startOptions?: Omit<StartOptions, 'incoming' | 'memoryPath' | 'signal'>
+  /** Resolves `image:NAME[:TAG]` references of a spec to local files (pulls them through the chunk
+   *  layer); runs while the RAM arrives, as part of starting the incoming VM. */
+  resolveImages?: (spec: VmSpec, signal?: AbortSignal) => Promise<VmSpec>
 }
 
 /** The agent's VmHost: VMs of its VmManager, fencing tokens persisted before any call returns. */

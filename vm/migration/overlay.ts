@@ -26,18 +26,25 @@ function wrap(link: Link): MigrationChannel {
   return w
 }
 
-export function overlayMigrationNetwork(overlay: Overlay): MigrationNetwork {
+/**
+ * `overlay` may be a getter: the agent's overlay node exists only once its net service started (before
+ * the migration service starts), so the agent can build this adapter up front.
+ */
+export function overlayMigrationNetwork(overlay: Overlay | (() => Overlay)): MigrationNetwork {
+  const get = typeof overlay === 'function' ? overlay : () => overlay
   return {
-    self: overlay.self,
+    get self() {
+      return get().self
+    },
     channel(peer) {
-      const l = overlay.link(peer)
+      const l = get().link(peer)
       return l === undefined || l.state === 'closed' ? undefined : wrap(l)
     },
     channels: () =>
-      overlay
+      get()
         .links()
         .filter((l) => l.state !== 'closed')
         .map(wrap),
-    onChannel: (handler) => overlay.onLink((l) => handler(wrap(l))),
+    onChannel: (handler) => get().onLink((l) => handler(wrap(l))),
   }
 }

@@ -11,6 +11,7 @@
  */
 import { createHash } from 'node:crypto'
 import { closeSync, openSync, readSync, writeSync } from 'node:fs'
+import { open } from 'node:fs/promises'
 import { promisify } from 'node:util'
 import { deflateRaw, inflateRawSync } from 'node:zlib'
 import { MigrationDecodeError } from './errors.ts'
@@ -75,6 +76,15 @@ export class RamEncoder {
    *  was hashed (no second read, no second hashing); later changes are the dirty tracker's business,
    *  whose baseline was taken before the scan. */
   private readonly scanned = new Map<number, Buffer>()
+  /**
+   * Exactly what the destination's RAM holds, per chunk that is not all zeros there (views into read
+   * buffers that are never reused). The final delta is computed against it while the guest is paused,
+   * instead of trusting the dirty tracker: a compare-based tracker takes its baseline at collect()
+   * time but we read the chunk later, so a chunk written and then restored to its baseline bytes in
+   * between would look clean while the destination holds the intermediate bytes (a lock word taken
+   * at read time would hang the guest after the move).
+   */
+  private readonly held = new Map<number, Buffer>()
   /** Adaptive compression: after a run of chunks that did not compress, skip a stretch. */
   private compressFails = 0
   private compressSkip = 0
@@ -120,6 +130,7 @@ export class RamEncoder {
         const index = (pos + off) / this.chunkSize
         indices.push(index)
         this.scanned.set(index, chunk)
+        this.held.set(index, chunk)
         hashes.push(createHash('sha256').update(chunk).digest())
         const keys: string[] = []
         for (let p = 0; p < this.chunkSize; p += PAGE_SIZE) {
@@ -161,11 +172,12 @@ export class RamEncoder {
     const maxRun = Math.max(1, Math.floor((4 * 1024 * 1024) / this.chunkSize))
     let k = 0
     while (k < indices.length) {
-      const held = this.scanned.get(indices[k]!)
-      if (held !== undefined) {
+      const fromScan = this.scanned.get(indices[k]!)
+      if (fromScan !== undefined) {
         const index = indices[k]!
         this.scanned.delete(index)
-        out.push(this.encodeOne(index, held, this.offered.get(index)))
+        this.held.set(index, fromScan)
+        out.push(this.encodeOne(index, fromScan, this.offered.get(index)))
         k++
         continue
       }
@@ -185,9 +197,56 @@ export class RamEncoder {
     return out
   }
 
-  /** Drops what the scan kept (after the bulk copy). */
+  /** Drops what the scan kept for the bulk copy (after it). */
   releaseScan(): void {
     this.scanned.clear()
+  }
+
+  /**
+   * With the guest paused: every chunk whose bytes differ from what the destination holds (zeros for
+   * chunks never sent). Exact, whatever the dirty tracker saw. Reads the whole file once.
+   */
+  async finalDelta(path: string): Promise<number[]> {
+    const block = Math.max(this.chunkSize, Math.floor((4 * 1024 * 1024) / this.chunkSize) * this.chunkSize)
+    const bufs = [Buffer.allocUnsafe(block), Buffer.allocUnsafe(block)]
+    const out: number[] = []
+    // Asynchronous reads (thread pool), one ahead: the event loop stays free for the QMP exchange that
+    // saves the device state meanwhile, and comparing overlaps reading.
+    const fh = await open(path, 'r')
+    try {
+      const readAt = async (pos: number, buf: Buffer): Promise<number> => {
+        const len = Math.min(block, this.size - pos)
+        let done = 0
+        while (done < len) {
+          const { bytesRead } = await fh.read(buf, done, len - done, pos + done)
+          if (bytesRead === 0) {
+            buf.fill(0, done, len)
+            break
+          }
+          done += bytesRead
+        }
+        return len
+      }
+      let next: Promise<number> | undefined = readAt(0, bufs[0]!)
+      for (let pos = 0, turn = 0; pos < this.size; pos += block, turn ^= 1) {
+        const len = await next!
+        const buf = bufs[turn]!
+        next = pos + block < this.size ? readAt(pos + block, bufs[turn ^ 1]!) : undefined
+        this.compareBlock(buf, pos, len, out)
+      }
+    } finally {
+      await fh.close()
+    }
+    return out
+  }
+
+  private compareBlock(buf: Buffer, pos: number, len: number, out: number[]): void {
+    for (let off = 0; off < len; off += this.chunkSize) {
+      const index = (pos + off) / this.chunkSize
+      const chunk = buf.subarray(off, off + this.chunkSize)
+      const there = this.held.get(index)
+      if (there === undefined ? !isZero(chunk) : !chunk.equals(there)) out.push(index)
+    }
   }
 
   private encodeOne(index: number, chunk: Buffer, keys?: string[]): Promise<EncodedChunk> {

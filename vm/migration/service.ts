@@ -28,6 +28,9 @@ export interface MigrationServiceInit {
   /** Membership check: only members may send a VM here or ask for a move. */
   isMember(peer: string): boolean
   tuning?: MigrationTuning
+  /** Turns a member name or PeerId prefix into a PeerId (the net service's resolver); default: exact
+   *  PeerId or a unique prefix among the linked peers. */
+  resolvePeer?: (ref: string) => string
   /** How long to wait for members to say where a VM runs (default 3 s). */
   locateTimeoutMs?: number
 }
@@ -101,6 +104,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     return p
   }
   const resolvePeer = (to: string): string => {
+    if (init.resolvePeer !== undefined) return init.resolvePeer(to)
     const peers = network.channels().map((c) => c.peer)
     if (peers.includes(to)) return to
     const matches = peers.filter((p) => p.startsWith(to))

@@ -357,9 +357,10 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     paused = true
     await vm.pause(signal)
     lap('pause')
-    const [state, last] = await Promise.all([vm.saveState(signal), tracker.collect(signal)])
+    // The final delta is computed against what the destination holds, not from the tracker (see
+    // RamEncoder.finalDelta), while QEMU writes out the device state.
+    const [state, finalSet] = await Promise.all([vm.saveState(signal), enc.finalDelta(vm.memory.path)])
     lap('saveState')
-    const finalSet = [...new Set([...pending.chunks, ...last.chunks])].sort((a, b) => a - b)
     const w0 = conv.sentBytes
     phaseBytes = finalSet.length * t.chunkSize
     phaseDone = 0

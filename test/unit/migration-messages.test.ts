@@ -1,0 +1,186 @@
+import assert from 'node:assert/strict'
+import fc from 'fast-check'
+import { MigrationDecodeError } from '../../vm/migration/errors.ts'
+import { RamEncoder, RamWriter } from '../../vm/migration/ram.ts'
+import {
+  decodeMessage,
+  encodeDataMessage,
+  encodeMessage,
+  HEADER_SIZE,
+  type Message,
+  MIGRATION_VERSION,
+  newSessionId,
+  PAGE_LITERAL,
+} from '../../vm/migration/v1/messages.ts'
+import { validateVmSpec } from '../../vm/spec.ts'
+
+const sid = newSessionId()
+const spec = validateVmSpec({ name: 'g1', memoryMiB: 16, kernel: '/k', ip: '10.0.0.2/24' })
+
+const samples: Message[] = [
+  {
+    type: 'prepare',
+    sid,
+    spec,
+    token: 3,
+    ramSize: 16 * 1024 * 1024,
+    chunkSize: 65536,
+    pageSize: 4096,
+    images: [],
+    deadlineMs: 25_000,
+  },
+  { type: 'accept', sid, cachedChunks: 0 },
+  { type: 'refuse', sid, code: 'E_STALE_TOKEN', reason: 'stale' },
+  { type: 'offer', sid, batch: 2, indices: [1, 5], hashes: new Uint8Array(64).fill(7) },
+  { type: 'want', sid, batch: 2, indices: [5] },
+  {
+    type: 'data',
+    sid,
+    round: 1,
+    chunks: [
+      {
+        index: 3,
+        deflated: false,
+        kinds: Uint8Array.from([1, 0, 2, 3]),
+        refs: [99],
+        literal: new Uint8Array(4096).fill(1),
+      },
+    ],
+  },
+  { type: 'round', sid, round: 1, chunks: 3, bytes: 196608 },
+  { type: 'state', sid, offset: 0, total: 10, bytes: new Uint8Array(10).fill(9) },
+  { type: 'final', sid, token: 3, round: 2, pausedAt: 1700000000000 },
+  { type: 'ready', sid, loadedAt: 1700000000001 },
+  { type: 'commit', sid, token: 3 },
+  { type: 'resumed', sid, token: 3, resumedAt: 1700000000002 },
+  { type: 'abort', sid, code: 'E_X', reason: 'because' },
+  { type: 'query', sid, vm: 'g1', token: 3 },
+  { type: 'query-reply', sid, vm: 'g1', state: 'running', token: 3 },
+  { type: 'ping', sid, t0: 1 },
+  { type: 'pong', sid, t0: 1, t1: 2 },
+  { type: 'locate', sid, vm: 'g1' },
+  { type: 'locate-reply', sid, vm: 'g1', here: true, token: 1 },
+  { type: 'request', sid, vm: 'g1', to: 'peer', deadlineMs: 25000 },
+  { type: 'request-event', sid, event: { phase: 'bulk' } },
+  { type: 'request-result', sid, ok: false, error: { code: 'E', message: 'm' } },
+]
+
+/** Typed arrays as plain arrays: the decoder may return Buffers where the sample has Uint8Arrays. */
+function norm(v: unknown): unknown {
+  if (v instanceof Uint8Array) return Array.from(v)
+  if (Array.isArray(v)) return v.map(norm)
+  if (typeof v === 'object' && v !== null)
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, norm(x)]))
+  return v
+}
+
+let zdata: Buffer<ArrayBufferLike> | undefined
+
+describe('migration protocol v1', () => {
+  it('round-trips every message type', () => {
+    for (const m of samples) assert.deepEqual(norm(decodeMessage(encodeMessage(m))), norm(m), m.type)
+  })
+
+  it('refuses other versions, unknown types, truncation and trailing bytes with MigrationDecodeError', () => {
+    const b = Buffer.from(encodeMessage(samples[4]!))
+    const v2 = Buffer.from(b)
+    v2[0] = MIGRATION_VERSION + 1
+    assert.throws(() => decodeMessage(v2), { name: 'MigrationDecodeError', message: /version/ })
+    const t = Buffer.from(b)
+    t[1] = 200
+    assert.throws(() => decodeMessage(t), { name: 'MigrationDecodeError', message: /type/ })
+    assert.throws(() => decodeMessage(b.subarray(0, b.length - 1)), { name: 'MigrationDecodeError' })
+    assert.throws(() => decodeMessage(Buffer.concat([b, Buffer.from([0])])), { name: 'MigrationDecodeError' })
+    assert.throws(() => decodeMessage(b.subarray(0, HEADER_SIZE - 1)), { name: 'MigrationDecodeError' })
+  })
+
+  it('refuses a prepare whose RAM size does not match the spec, and huge counts without allocating', () => {
+    const bad = { ...samples[0]!, ramSize: 1 } as Message
+    assert.throws(() => decodeMessage(encodeMessage(bad)), { name: 'MigrationDecodeError' })
+    const offer = Buffer.from(encodeMessage(samples[3]!))
+    offer.writeUInt32BE(0xffffffff, HEADER_SIZE + 4)
+    assert.throws(() => decodeMessage(offer), { name: 'MigrationDecodeError', message: /exceeds/ })
+  })
+
+  it('a compressible data message travels as zdata and decodes to the same data', async () => {
+    const m = samples[5] as Extract<Message, { type: 'data' }>
+    const { bytes, compressed } = await encodeDataMessage(m, true)
+    assert.ok(compressed && bytes.byteLength < 1000, `zdata of ${bytes.byteLength} bytes`)
+    assert.deepEqual(norm(decodeMessage(bytes)), norm(m))
+    zdata = Buffer.from(bytes)
+  })
+
+  it('fuzz: random bytes and mutated messages decode or fail with MigrationDecodeError only', () => {
+    const encoded: Buffer<ArrayBufferLike>[] = samples.map((m) => Buffer.from(encodeMessage(m)))
+    if (zdata !== undefined) encoded.push(zdata)
+    fc.assert(
+      fc.property(
+        fc.oneof(
+          fc.uint8Array({ maxLength: 600 }).map((u) => {
+            const b = Buffer.from(u)
+            if (b.length > 1) b[0] = MIGRATION_VERSION
+            return b
+          }),
+          fc
+            .tuple(
+              fc.nat(encoded.length - 1),
+              fc.array(fc.tuple(fc.nat(), fc.nat(255)), { maxLength: 6 }),
+              fc.nat(),
+            )
+            .map(([i, flips, cut]) => {
+              const b = Buffer.from(encoded[i]!)
+              for (const [pos, v] of flips) b[pos % b.length] = v
+              return cut % 4 === 0 ? b.subarray(0, cut % (b.length + 1)) : b
+            }),
+        ),
+        (bytes) => {
+          try {
+            decodeMessage(bytes)
+          } catch (err) {
+            if (!(err instanceof MigrationDecodeError)) throw err
+          }
+        },
+      ),
+      { numRuns: 3000 },
+    )
+  })
+
+  it('RAM codec: zero pages cost nothing, duplicates go as references, and a bad literal is refused', async () => {
+    const { mkdtemp, writeFile, readFile, rm } = await import('node:fs/promises')
+    const { tmpdir } = await import('node:os')
+    const { join } = await import('node:path')
+    const { randomBytes } = await import('node:crypto')
+    const dir = await mkdtemp(join(tmpdir(), 'mig-ram-'))
+    try {
+      const size = 1024 * 1024
+      const src = Buffer.alloc(size)
+      const page = randomBytes(4096)
+      page.copy(src, 0)
+      page.copy(src, 8 * 4096)
+      page.copy(src, 40 * 4096)
+      Buffer.from('hello').copy(src, 70 * 4096)
+      await writeFile(join(dir, 'src'), src)
+      await writeFile(join(dir, 'dst'), Buffer.alloc(size))
+      const enc = new RamEncoder(join(dir, 'src'), size, 65536, true)
+      const w = new RamWriter(join(dir, 'dst'), size, 65536)
+      const scan = enc.scan()
+      assert.deepEqual(scan.indices, [0, 2, 4])
+      const chunks = await Promise.all(enc.encode(scan.indices))
+      for (const c of chunks) w.apply(c)
+      assert.ok((await readFile(join(dir, 'dst'))).equals(src))
+      assert.equal(enc.stats.dupPages, 2)
+      const lit = chunks.reduce((n, c) => n + c.literal.byteLength, 0)
+      assert.ok(lit < 2 * 4096, `literal bytes ${lit}`)
+      const broken = {
+        ...chunks[0]!,
+        deflated: false,
+        kinds: Uint8Array.from(new Array(16).fill(PAGE_LITERAL)),
+      }
+      assert.throws(() => w.apply(broken), { name: 'MigrationDecodeError' })
+      enc.close()
+      w.close()
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+})

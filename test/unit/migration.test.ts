@@ -1,0 +1,457 @@
+import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs'
+import { mkdtemp, readdir, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { createMemoryNetwork, type MemoryNetwork } from '../../net/link/memory.ts'
+import { createLogger } from '../../src/log.ts'
+import type { Vm } from '../../vm/driver/interfaces.ts'
+import { createFakeDriver, type FakeVm } from '../../vm/fake/driver.ts'
+import { createMemoryRamCache } from '../../vm/migration/cache.ts'
+import { Conversation } from '../../vm/migration/conversation.ts'
+import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
+import type { MigrationChannel, MigrationNetwork, MigrationProgress } from '../../vm/migration/interfaces.ts'
+import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
+import { createMigrationService, type MigrationService } from '../../vm/migration/service.ts'
+import { decodeMessage, type MessageType, newSessionId } from '../../vm/migration/v1/messages.ts'
+import { validateVmSpec } from '../../vm/spec.ts'
+
+const MiB = 1024 * 1024
+const RAM_MIB = 16
+
+/** Cuts the link the first time this side sends a message of `type` (the message is not sent). */
+interface Tap {
+  cutOn?: MessageType
+  /** Runs after this side sent a message of `type` (e.g. kill the other side). */
+  after?: { type: MessageType; run: () => void }
+}
+
+function tapped(net: MigrationNetwork, tap: Tap, cut: () => void): MigrationNetwork {
+  const wrap = (ch: MigrationChannel): MigrationChannel => ({
+    peer: ch.peer,
+    get open() {
+      return ch.open
+    },
+    send(m) {
+      const type = decodeMessage(m).type
+      if (tap.cutOn !== undefined && type === tap.cutOn) {
+        tap.cutOn = undefined
+        cut()
+        return true
+      }
+      const r = ch.send(m)
+      if (tap.after !== undefined && type === tap.after.type) {
+        const run = tap.after.run
+        tap.after = undefined
+        queueMicrotask(run)
+      }
+      return r
+    },
+    drain: (s) => ch.drain(s),
+    onMessage: (h) => ch.onMessage(h),
+    onClose: (h) => ch.onClose(h),
+  })
+  return {
+    self: net.self,
+    channel: (p) => {
+      const c = net.channel(p)
+      return c === undefined ? undefined : wrap(c)
+    },
+    channels: () => net.channels().map(wrap),
+    onChannel: (h) => net.onChannel((c) => h(wrap(c))),
+  }
+}
+
+interface Node {
+  id: string
+  host: DriverHost
+  service: MigrationService
+  ramDir: string
+  tap: Tap
+}
+
+/** A guest that writes memory only while it runs (a sync check+write, so never into a paused VM). */
+class Guest {
+  readonly shadow: Buffer
+  private timer: NodeJS.Timeout | undefined
+  constructor(public vm: Vm) {
+    this.shadow = Buffer.alloc(vm.memory.size)
+  }
+  write(offset: number, data: Buffer): boolean {
+    if (this.vm.status() !== 'running') return false
+    const fd = openSync(this.vm.memory.path, 'r+')
+    try {
+      writeSync(fd, data, 0, data.length, offset)
+    } finally {
+      closeSync(fd)
+    }
+    data.copy(this.shadow, offset)
+    return true
+  }
+  /** Fills `mib` MiB with random data, plus duplicates and zero pages. */
+  fill(mib: number): void {
+    const rnd = randomBytes(mib * MiB)
+    assert.ok(this.write(0, rnd))
+    // A second copy of the first 1 MiB (duplicate pages) further up.
+    assert.ok(this.write(8 * MiB, rnd.subarray(0, MiB)))
+  }
+  churn(bytesPerTick: number, everyMs = 5): void {
+    this.timer = setInterval(() => {
+      const off = Math.floor(Math.random() * (this.vm.memory.size - bytesPerTick))
+      this.write(off - (off % 4096), randomBytes(bytesPerTick))
+    }, everyMs)
+  }
+  stop(): void {
+    if (this.timer !== undefined) clearInterval(this.timer)
+  }
+  assertIntact(vm: Vm): void {
+    const ram = readFileSync(vm.memory.path)
+    if (!ram.equals(this.shadow)) {
+      let first = -1
+      for (let i = 0; i < ram.length; i += 4096)
+        if (!ram.subarray(i, i + 4096).equals(this.shadow.subarray(i, i + 4096))) {
+          first = i / 4096
+          break
+        }
+      assert.fail(`guest memory differs from what the guest wrote (first bad page ${first})`)
+    }
+  }
+}
+
+describe('migration (fake driver, memory links)', function () {
+  this.timeout(30_000)
+  let net: MemoryNetwork
+  let nodes: Map<string, Node>
+  let members: Set<string>
+  let root: string
+  let guests: Guest[]
+  const log = createLogger({ sink: () => {} })
+
+  async function node(id: string, tuning = {}): Promise<Node> {
+    const ramDir = join(root, id)
+    const driver = createFakeDriver({ ramDir: root })
+    const host = createDriverHost({ driver, ramDir })
+    const tap: Tap = {}
+    const other = (peer: string) => (id < peer ? [id, peer] : [peer, id]) as [string, string]
+    const network = tapped(overlayMigrationNetwork(net.node(id)), tap, () => {
+      for (const l of net.node(id).links()) net.disconnect(...other(l.peer))
+    })
+    const service = createMigrationService({
+      network,
+      host,
+      cache: createMemoryRamCache(),
+      log,
+      isMember: (p) => members.has(p),
+      tuning: { timeoutMs: 3000, inDoubtMs: 5000, switchBytes: 256 * 1024, ...tuning },
+    })
+    await service.start(new AbortController().signal)
+    const n = { id, host, service, ramDir, tap }
+    nodes.set(id, n)
+    return n
+  }
+
+  async function bootGuest(on: Node, name = 'g1'): Promise<Guest> {
+    const driver = createFakeDriver({ ramDir: root })
+    const vm = await driver.start(validateVmSpec({ name, memoryMiB: RAM_MIB, kernel: '/fake/vmlinuz' }))
+    on.host.add(vm)
+    const g = new Guest(vm)
+    guests.push(g)
+    return g
+  }
+
+  function running(name: string): Node[] {
+    return [...nodes.values()].filter((n) => n.host.get(name)?.status() === 'running')
+  }
+
+  beforeEach(async () => {
+    net = createMemoryNetwork()
+    nodes = new Map()
+    members = new Set(['A', 'B'])
+    guests = []
+    root = await mkdtemp(join(tmpdir(), 'mig-unit-'))
+    await node('A')
+    await node('B')
+    net.connect('A', 'B')
+  })
+
+  afterEach(async () => {
+    for (const g of guests) g.stop()
+    for (const n of nodes.values()) {
+      await n.service.stop()
+      await n.host.stopAll()
+    }
+    await rm(root, { recursive: true, force: true })
+  })
+
+  it('moves A→B→A with the guest writing: memory intact, uptime continuous, the return move sends only changes', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(4)
+    g.churn(4096)
+    await sleep(20)
+    const events: MigrationProgress[] = []
+    const up0 = (g.vm as FakeVm).uptimeMs()
+    const r1 = await A.service.migrate({ vm: 'g1', to: 'B' }, { onProgress: (e) => events.push(e) })
+    const onB = B.host.get('g1')!
+    assert.equal(onB.status(), 'running')
+    assert.equal(A.host.get('g1'), undefined)
+    assert.deepEqual(
+      running('g1').map((n) => n.id),
+      ['B'],
+    )
+    g.vm = onB
+    g.assertIntact(onB)
+    assert.ok((onB as FakeVm).uptimeMs() >= up0, 'uptime continues')
+    assert.ok(r1.wireBytes > 4 * MiB * 0.9, `first move carries the data (${r1.wireBytes})`)
+    assert.ok(r1.wireBytes < 7 * MiB, `duplicates and zeros are not sent (${r1.wireBytes})`)
+    assert.ok(r1.dupPageBytes >= MiB * 0.9, 'the duplicate MiB went as references')
+    assert.equal(r1.token, 1)
+    assert.ok(events.some((e) => e.phase === 'bulk') && events.some((e) => e.phase === 'done'))
+    await A.service.settled()
+
+    await sleep(30)
+    const r2 = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(
+      r2 instanceof Error,
+      'A no longer runs it: a move from A must be forwarded, and B cannot move to itself',
+    )
+
+    const r3 = await B.service.migrate({ vm: 'g1', to: 'A' })
+    const onA = A.host.get('g1')!
+    g.vm = onA
+    g.stop()
+    g.assertIntact(onA)
+    assert.deepEqual(
+      running('g1').map((n) => n.id),
+      ['A'],
+    )
+    assert.equal(r3.token, 2)
+    assert.ok(r3.dedupBytes > 3 * MiB, `the return move filled from A's cache (${r3.dedupBytes})`)
+    assert.ok(r3.wireBytes < 0.05 * RAM_MIB * MiB, `return move wire ${r3.wireBytes} ≤ 5% of RAM`)
+    const left = await readdir(B.ramDir).catch(() => [])
+    assert.deepEqual(left, [], 'B holds no RAM file after the VM left')
+  })
+
+  it('any member can trigger: a request from B for a VM on A is forwarded to A', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    const events: MigrationProgress[] = []
+    const r = await B.service.migrate({ vm: 'g1', to: 'B' }, { onProgress: (e) => events.push(e) })
+    assert.equal(r.to, 'B')
+    assert.equal(B.host.get('g1')?.status(), 'running')
+    assert.ok(events.length > 0, 'progress streamed back to the requester')
+    g.vm = B.host.get('g1')!
+    g.assertIntact(g.vm)
+  })
+
+  it('destination dies during pre-copy → the VM keeps running on A; B has no VM and no RAM file', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(4)
+    g.churn(64 * 1024, 2)
+    // B "dies" once it answered the first offer: its service stops and the link goes down.
+    B.tap.after = {
+      type: 'want',
+      run: () => {
+        net.disconnect('A', 'B')
+        void B.service.stop()
+      },
+    }
+    const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(err instanceof Error)
+    assert.equal(err.name, 'MigrationLinkError')
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    await B.service.settled()
+    assert.equal(B.host.get('g1'), undefined)
+    assert.deepEqual(await readdir(B.ramDir).catch(() => []), [])
+    g.stop()
+    g.assertIntact(A.host.get('g1')!)
+  })
+
+  for (const [side, type, expect] of [
+    ['B', 'ready', 'A'],
+    ['A', 'commit', 'A'],
+    ['B', 'resumed', 'B'],
+  ] as const) {
+    it(`link cut when ${side} sends '${type}' → exactly one running copy (on ${expect}), memory intact`, async () => {
+      const A = nodes.get('A')!
+      const g = await bootGuest(A)
+      g.fill(2)
+      nodes.get(side)!.tap.cutOn = type
+      // The link comes back a little later (what the source needs to learn the outcome).
+      const p = A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+      while (net.node('A').link('B') !== undefined) await sleep(5)
+      await sleep(100)
+      net.connect('A', 'B')
+      const r = await p
+      if (expect === 'B') assert.ok(!(r instanceof Error), `the move completes: ${String(r)}`)
+      else assert.ok(r instanceof Error, 'the move fails')
+      for (const n of nodes.values()) await n.service.settled()
+      assert.deepEqual(
+        running('g1').map((n) => n.id),
+        [expect],
+      )
+      const other = expect === 'A' ? 'B' : 'A'
+      assert.equal(nodes.get(other)!.host.get('g1'), undefined, `${other} holds no copy`)
+      const vm = nodes.get(expect)!.host.get('g1')!
+      g.assertIntact(vm)
+    })
+  }
+
+  it('source dies after the destination resumed → the VM runs on B', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    B.tap.after = {
+      type: 'resumed',
+      run: () => {
+        net.disconnect('A', 'B')
+        void A.service.stop()
+      },
+    }
+    await A.service.migrate({ vm: 'g1', to: 'B' }).catch(() => {})
+    assert.equal(B.host.get('g1')?.status(), 'running')
+    assert.notEqual(A.host.get('g1')?.status(), 'running')
+    g.assertIntact(B.host.get('g1')!)
+  })
+
+  it('refuses a non-member: its migrate request and its prepare', async () => {
+    const A = nodes.get('A')!
+    await bootGuest(A)
+    net.connect('A', 'C')
+    const ch = overlayMigrationNetwork(net.node('C')).channel('A')!
+    const sid = newSessionId()
+    const conv = new Conversation(ch, sid)
+    ch.onMessage((b) => conv.deliver(decodeMessage(b), b.byteLength))
+    await conv.send({ type: 'request', sid, vm: 'g1', to: 'C' })
+    const res = await conv.next(['request-result'], 'result', 3000)
+    assert.equal(res.ok, false)
+    assert.equal(res.error?.code, 'E_NOT_MEMBER')
+    const sid2 = newSessionId()
+    const conv2 = new Conversation(ch, sid2)
+    ch.onMessage((b) => conv2.deliver(decodeMessage(b), b.byteLength))
+    const spec = validateVmSpec({ name: 'evil', memoryMiB: 16, kernel: '/k' })
+    await conv2.send({
+      type: 'prepare',
+      sid: sid2,
+      spec,
+      token: 1,
+      ramSize: 16 * MiB,
+      chunkSize: 65536,
+      pageSize: 4096,
+      images: [],
+    })
+    const e = await conv2.next(['accept'], 'accept', 3000).catch((x: Error) => x)
+    assert.ok(e instanceof Error && e.name === 'MigrationRefusedError', String(e))
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    assert.equal(A.host.get('evil'), undefined)
+    assert.equal(A.service.status().refused, 2)
+  })
+
+  it('refuses a stale fencing token; the VM keeps running on the source', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    await bootGuest(A)
+    await B.host.setToken('g1', 7)
+    const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(err instanceof Error && err.name === 'MigrationRefusedError', String(err))
+    assert.match(err.message, /stale/)
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    assert.equal(B.host.get('g1'), undefined)
+  })
+
+  it('deadline: a guest that dirties faster than the link ends pre-copy in time', async () => {
+    const A = nodes.get('A')!
+    const g = await bootGuest(A)
+    g.fill(4)
+    g.churn(256 * 1024, 1)
+    const r = await A.service.migrate({ vm: 'g1', to: 'B', deadlineMs: 4000 })
+    assert.ok(r.totalMs < 4000, `total ${r.totalMs} ms within the deadline`)
+    g.stop()
+    g.assertIntact(nodes.get('B')!.host.get('g1')!)
+  })
+
+  it('cancel (AbortSignal) before the switch rolls back: the VM runs on A only', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(4)
+    const ac = new AbortController()
+    A.tap.after = { type: 'offer', run: () => ac.abort(new Error('user cancel')) }
+    const err = await A.service.migrate({ vm: 'g1', to: 'B' }, { signal: ac.signal }).catch((e: Error) => e)
+    assert.ok(err instanceof Error && err.name === 'AbortError', String(err))
+    await B.service.settled()
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    assert.equal(B.host.get('g1'), undefined)
+    assert.deepEqual(await readdir(B.ramDir).catch(() => []), [])
+  })
+})
+
+describe('migration VmHost over the VM manager', () => {
+  it('registers incoming VMs, forgets moved ones, and persists fencing tokens across restarts', async () => {
+    const { VmManager } = await import('../../vm/manager.ts')
+    const { createManagerHost } = await import('../../vm/migration/manager-host.ts')
+    const dir = await mkdtemp(join(tmpdir(), 'mig-mh-'))
+    try {
+      const driver = createFakeDriver({ ramDir: dir })
+      const manager = new VmManager({ driver, dir: join(dir, 'vms') })
+      await manager.init()
+      const host = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
+      const spec = validateVmSpec({ name: 'mh', memoryMiB: 16, kernel: '/k' })
+      const ram = await host.allocateRam(spec)
+      const vm = await host.startIncoming(spec, ram)
+      assert.equal(host.get('mh'), undefined, 'not the host’s until adopted')
+      const donor = await driver.start(spec)
+      await vm.loadState(await donor.saveState())
+      await donor.stop()
+      await vm.resume()
+      await host.adopt(vm)
+      assert.equal(host.get('mh'), vm)
+      assert.equal((await manager.list()).length, 1)
+      await host.setToken('mh', 3)
+      await host.setToken('mh', 2)
+      assert.equal(host.token('mh'), 3, 'never lowered')
+      await vm.stop()
+      await host.release('mh')
+      assert.equal(host.get('mh'), undefined)
+      const again = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
+      assert.equal(again.token('mh'), 3, 'tokens survive a restart')
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+})
+
+describe('migration leftovers of a killed destination agent', () => {
+  it('sweepIncoming kills the orphaned incoming process and removes its RAM file, keeps files in use', async () => {
+    const { spawn } = await import('node:child_process')
+    const { writeFile } = await import('node:fs/promises')
+    const { sweepIncoming } = await import('../../vm/migration/sweep.ts')
+    const dir = await mkdtemp(join(tmpdir(), 'mig-sweep-'))
+    const orphan = join(dir, 'g1.in-0123abcd.ram')
+    const kept = join(dir, 'g2.in-89abcdef.ram')
+    const other = join(dir, 'unrelated.ram')
+    for (const f of [orphan, kept, other]) await writeFile(f, 'x')
+    // Stands in for the incoming QEMU: a process whose command line names the RAM file.
+    const child = spawn('sh', ['-c', 'sleep 30', orphan], { stdio: 'ignore' })
+    const exited = new Promise<NodeJS.Signals | null>((r) => child.once('exit', (_c, s) => r(s)))
+    try {
+      await sleep(100)
+      const r = await sweepIncoming(dir, new Set([kept]))
+      assert.deepEqual(r.removedFiles, [orphan])
+      assert.deepEqual(r.killedPids, [child.pid])
+      assert.equal(await exited, 'SIGKILL')
+      assert.deepEqual((await readdir(dir)).sort(), ['g2.in-89abcdef.ram', 'unrelated.ram'])
+    } finally {
+      child.kill('SIGKILL')
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+})
