@@ -76,6 +76,9 @@ export class NetworkKeyError extends MembershipError {
 /** Admission was refused by the member (the message carries the member's reason). */
 export class AdmissionRefusedError extends MembershipError {
   constructor(reason: string, options: { cause?: unknown; code?: string } = {}) {
-    super(`admission refused: ${reason}`, { cause: options.cause, code: options.code ?? 'E_ADMISSION_REFUSED' })
+    super(`admission refused: ${reason}`, {
+      cause: options.cause,
+      code: options.code ?? 'E_ADMISSION_REFUSED',
+    })
   }
 }

@@ -43,6 +43,16 @@
  * - Non-members cannot inject state: the member-set protocol and every other mesh protocol refuse
  *   streams from peers that are not current members, before reading a byte.
  *
+ * Enforcement in the node (net/node.ts): every stream handler — the mesh protocols and libp2p's own
+ * identify and ping — runs behind one member check that resets the stream before reading a byte and
+ * logs/emits a `refused` event. Circuit-relay reservations and relayed connections are gated the same
+ * way (connection gater). A peer we do not know yet may have just been admitted elsewhere; the check
+ * then asks that peer once (per 10 s) for the records about itself, which verify on their own. A
+ * stranger's connection is closed after an admission window. A revoked peer may still connect, so
+ * that its first stream gets a clear "revoked" refusal; revocation also closes its links and
+ * connections everywhere. Optionally, pnet (a PSK derived from the network public key) keeps
+ * non-invite-holders from completing even the TCP handshake.
+ *
  * Replication: the member set is a grow-only set of signed records (entries ∪ revocations), keyed by the
  * hash of their bytes. Each record is verified on its own; merge is set union, hence commutative,
  * associative and idempotent, and the current members are a deterministic function of the set. Members

@@ -1,6 +1,11 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { chmod, open, readFile, stat } from 'node:fs/promises'
-import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf, publicKeyFromRaw } from '@libp2p/crypto/keys'
+import {
+  generateKeyPair,
+  privateKeyFromProtobuf,
+  privateKeyToProtobuf,
+  publicKeyFromRaw,
+} from '@libp2p/crypto/keys'
 import type { PrivateKey } from '@libp2p/interface'
 import { NetworkKeyError } from './errors.ts'
 import type { NetworkInfo } from './interfaces.ts'
@@ -32,7 +37,8 @@ export function fromB64u(text: string): Uint8Array {
 }
 
 export async function createNetwork(name: string): Promise<NetworkKey> {
-  if (!isValidName(name)) throw new NetworkKeyError(`invalid network name '${name}' (letters, digits, . _ -; max 64)`)
+  if (!isValidName(name))
+    throw new NetworkKeyError(`invalid network name '${name}' (letters, digits, . _ -; max 64)`)
   const privateKey = await generateKeyPair('Ed25519')
   const publicKey = privateKey.publicKey.raw
   return { privateKey, info: { id: networkIdOf(publicKey, name), name, publicKey } }
@@ -88,7 +94,8 @@ export function decodeNetworkKey(text: string): NetworkKey {
   if (privateKey.type !== 'Ed25519') throw new NetworkKeyError('network key must be Ed25519')
   const publicKey = privateKey.publicKey.raw
   const info = { id: networkIdOf(publicKey, o.name), name: o.name, publicKey }
-  if (o.id !== undefined && o.id !== info.id) throw new NetworkKeyError('network key file id does not match its key')
+  if (o.id !== undefined && o.id !== info.id)
+    throw new NetworkKeyError('network key file id does not match its key')
   return { privateKey, info }
 }
 
@@ -116,7 +123,9 @@ export async function loadNetworkKey(path: string): Promise<NetworkKey> {
   try {
     const st = await stat(path)
     if ((st.mode & 0o077) !== 0)
-      throw new NetworkKeyError(`${path} is readable by others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`)
+      throw new NetworkKeyError(
+        `${path} is readable by others (mode ${(st.mode & 0o777).toString(8)}); chmod 600 it`,
+      )
     text = await readFile(path, 'utf8')
   } catch (err) {
     if (err instanceof NetworkKeyError) throw err
@@ -128,7 +137,11 @@ export async function loadNetworkKey(path: string): Promise<NetworkKey> {
 /** 32-byte pnet pre-shared key, derived from the network PUBLIC key: every invite holder can compute it,
  *  which is what we want — pnet keeps out strangers scanning the port, admission keeps out the rest. */
 export function pnetKeyOf(network: NetworkInfo): Uint8Array {
-  const psk = createHash('sha256').update('mesh-pnet-v1').update(network.publicKey).update(network.id).digest('hex')
+  const psk = createHash('sha256')
+    .update('mesh-pnet-v1')
+    .update(network.publicKey)
+    .update(network.id)
+    .digest('hex')
   return new TextEncoder().encode(`/key/swarm/psk/1.0.0/\n/base16/\n${psk}`)
 }
 

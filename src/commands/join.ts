@@ -22,6 +22,6 @@ export const join: CommandModule = {
         .description('join a network with an invite and run the agent in the foreground')
         .argument('<invite>', "invite from 'mesh invite'; '-' reads it from stdin, '@FILE' from a file"),
     ).action(async (inviteArg: string, opts: AgentCliOptions) => {
-      await runAgent(toAgentOptions(opts, readInvite(inviteArg)))
+      await runAgent(toAgentOptions(opts, await readInvite(inviteArg)))
     }),
 }
