@@ -2,14 +2,23 @@
  * `npm run demo`: the main job on one machine. Builds an internet and three clouds behind NATs out of
  * network namespaces, starts a bootstrap member (circuit relay + STUN) and coturn on the internet, joins
  * one host per cloud with invites through the `mesh` CLI, and shows the resulting mesh: every pair of
- * members with its link, path type (host/srflx/relay) and RTT, plus a throughput sample. Everything it
+ * members with its link, path type (host/srflx/relay) and RTT, plus a throughput sample. Then it boots a
+ * QEMU guest in one cloud, keeps a client's TCP connection to it open from a third cloud, moves the VM
+ * to another cloud and back, and prints each move's report and the longest stall. Everything it
  * creates is removed at the end, also on Ctrl-C.
  */
 
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { ensureGuest } from '../../fixtures/guest/build.ts'
+import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
+import { outputLines, waitForExit } from '../../test/helpers/clouds.ts'
 import { missing } from '../../test/helpers/prereq.ts'
 import { createTestnet, type PeerRow, type Testnet } from '../../test/helpers/testnet.ts'
 import { formatTable } from '../commands/common.ts'
 
+const GUEST_IP = '10.99.0.10'
+const STREAM_CLIENT = new URL('../../test/helpers/stream-client.ts', import.meta.url).pathname
 const step = (msg: string) => process.stdout.write(`\n==> ${msg}\n`)
 
 async function main(): Promise<number> {
@@ -45,9 +54,12 @@ async function main(): Promise<number> {
       )
     }
     const names = net.topo.clouds.map((c) => c.hosts[0]!.name)
+    const clientName = names[2]!
     for (const n of names) {
-      step(`mesh invite  →  mesh join (on ${n})`)
-      const a = await net.join(n)
+      // The last member also plugs a host TAP into the guest network: it plays the user's client.
+      const tap = n === clientName ? ['--tap', 'mesh0', '--address', '10.99.0.1/24'] : []
+      step(`mesh invite  →  mesh join ${tap.join(' ')}  (on ${n})`)
+      const a = await net.join(n, { args: tap })
       process.stdout.write(`${n} joined as ${a.peerId}\n`)
     }
     step('waiting for a WebRTC link between every pair of members')
@@ -70,6 +82,69 @@ async function main(): Promise<number> {
       .get(names[0]!)!
       .mesh(['bench', names[1]!, '--mib', '8'], { timeoutMs: 120_000 })
     process.stdout.write(b.code === 0 ? b.stdout : `bench failed: ${b.stderr}`)
+    const [src, dst] = [net.agents.get(names[0]!)!, net.agents.get(names[1]!)!]
+    const client = net.agents.get(clientName)!
+    step(
+      `mesh vm run g1.json   (on ${src.name}: a 256 MiB QEMU guest, 10.99.0.10, NIC plugged into the overlay)`,
+    )
+    const image = await ensureGuest()
+    const spec = join(net.dir, 'g1.json')
+    writeFileSync(
+      spec,
+      JSON.stringify({
+        name: 'g1',
+        memoryMiB: 256,
+        vcpus: 1,
+        kernel: image.kernel,
+        initrd: image.initrd,
+        ip: `${GUEST_IP}/24`,
+      }),
+    )
+    const run = await src.mesh(['vm', 'run', spec], { timeoutMs: 120_000 })
+    process.stdout.write(run.code === 0 ? run.stdout : `vm run failed: ${run.stderr}`)
+    if (run.code !== 0) return 1
+    const deadline = Date.now() + 120_000
+    while (!/MESH-GUEST-READY/.test((await src.mesh(['vm', 'console', 'g1'])).stdout)) {
+      if (Date.now() > deadline) throw new Error('the guest did not boot within 120 s')
+      await new Promise((r) => setTimeout(r, 1000))
+    }
+    process.stdout.write('guest is up\n')
+    step(`a client on ${clientName} opens a TCP echo stream to the guest and keeps it open across the moves`)
+    const stream = client.host.spawn(process.execPath, [
+      '--import',
+      'tsx',
+      STREAM_CLIENT,
+      GUEST_IP,
+      String(ECHO_PORT),
+      '600000',
+    ])
+    await new Promise((r) => setTimeout(r, 2000))
+    for (const [from, to] of [
+      [src, dst],
+      [dst, src],
+    ] as const) {
+      step(`mesh migrate g1 --to ${to.name}   (on ${from.name})`)
+      const m = await from.mesh(['migrate', 'g1', '--to', to.name], { timeoutMs: 300_000 })
+      process.stdout.write(m.code === 0 ? m.stdout : `migrate failed: ${m.stderr}`)
+      if (m.code !== 0) return 1
+    }
+    stream.kill('SIGTERM')
+    await waitForExit(stream, 30_000)
+    const res = JSON.parse(
+      outputLines(stream)
+        .filter((l) => l.startsWith('{'))
+        .at(-1) ?? '{}',
+    ) as {
+      resets?: number
+      mismatches?: number
+      bytesEchoed?: number
+      maxGapMs?: number
+    }
+    step('the client connection across both moves')
+    process.stdout.write(
+      `${res.bytesEchoed ?? 0} bytes echoed, ${res.mismatches ?? '?'} mismatches, ${res.resets ?? '?'} resets, longest stall ${res.maxGapMs ?? '?'} ms\n`,
+    )
+    await src.mesh(['vm', 'stop', 'g1'])
     step(`done in ${((Date.now() - t0) / 1000).toFixed(1)} s; removing every namespace and process`)
     return 0
   } finally {
