@@ -1,6 +1,8 @@
 /**
- * `npm run bench -- link [--mib N] [--clouds]`: a werift link between two processes (each its own
- * Node, as two agents would be), with raw TCP between the same two places measured in the same run.
+ * `npm run bench -- link [--mib N] [--clouds] [--engine werift|libdatachannel]`: a WebRTC link between
+ * two processes (each its own Node, as two agents would be), with raw TCP between the same two places
+ * measured in the same run. `--engine libdatachannel` measures the node-datachannel engine
+ * (net/webrtc/ndc) and, in the same run, werift as its baseline (`weriftMbps`).
  *
  * Default: both processes on loopback. `--clouds` (root): the two processes in hosts of two different
  * cone-NAT'd clouds of the clouds fixture, STUN and the signaling relay on an internet host.
@@ -29,7 +31,9 @@ export interface LinkBenchResult {
   tcpMbps: number
   rttMs: number
   path: string
-  engine: 'werift'
+  engine: 'werift' | 'libdatachannel'
+  /** With --engine libdatachannel: werift between the same two places in the same run. */
+  weriftMbps?: number
   setupMs: number
   mib: number
   where: 'loopback' | 'clouds'
@@ -104,7 +108,42 @@ export interface PairSetup {
   where: 'loopback' | 'clouds'
 }
 
-export async function measureLinkPair(setup: PairSetup, mib: number): Promise<LinkBenchResult> {
+type Engine = LinkBenchResult['engine']
+
+export async function measureLinkPair(
+  setup: PairSetup,
+  mib: number,
+  engine: Engine = 'werift',
+): Promise<LinkBenchResult> {
+  const main = await measureEngine(setup, mib, engine)
+  // The same-run werift baseline for another engine (werift is slow: at most 32 MiB of it).
+  const weriftMbps =
+    engine === 'werift' ? undefined : (await measureEngine(setup, Math.min(mib, 32), 'werift')).mbps
+  const tcpMbps = await measureTcp(
+    setup.spawnA,
+    setup.tcpSpawnSink ?? setup.spawnB,
+    setup.bHost,
+    Math.max(mib * 1024 * 1024, 256 * 1024 * 1024),
+  )
+  log(`raw TCP: ${tcpMbps.toFixed(1)} MB/s`)
+  return {
+    mbps: round(main.mbps),
+    tcpMbps: round(tcpMbps),
+    rttMs: round(main.rttMs),
+    path: main.path,
+    engine,
+    ...(weriftMbps === undefined ? {} : { weriftMbps: round(weriftMbps) }),
+    setupMs: main.setupMs,
+    mib,
+    where: setup.where,
+  }
+}
+
+async function measureEngine(
+  setup: PairSetup,
+  mib: number,
+  engine: Engine,
+): Promise<{ mbps: number; rttMs: number; path: string; setupMs: number }> {
   const cfgs = peerConfigDir()
   const peers: PeerProcess[] = []
   try {
@@ -120,6 +159,7 @@ export async function measureLinkPair(setup: PairSetup, mib: number): Promise<Li
         relay: setup.relay,
         room,
         iceServers: setup.iceServers,
+        engine,
         ...(setup.extraHost ? { iceAdditionalHostAddresses: setup.extraHost } : {}),
       })
       peers.push(new PeerProcess(sp(NODE, ['--import', 'tsx', PEER_SCRIPT, path])))
@@ -129,7 +169,7 @@ export async function measureLinkPair(setup: PairSetup, mib: number): Promise<Li
     b.send({ cmd: 'connect' })
     const [openA] = await Promise.all([a.next('open', 60_000), b.next('open', 60_000)])
     const path = (openA.path as { type: string }).type
-    log(`link open: ${JSON.stringify(openA.path)} in ${openA.setupMs} ms`)
+    log(`${engine} link open: ${JSON.stringify(openA.path)} in ${openA.setupMs} ms`)
     a.send({ cmd: 'ping', n: 20 })
     const rtt = await a.next('rtt', 60_000)
     log(`rtt median ${Number(rtt.ms).toFixed(2)} ms`)
@@ -140,26 +180,10 @@ export async function measureLinkPair(setup: PairSetup, mib: number): Promise<Li
     const secs = (performance.now() - t0) / 1000
     if (got.ok !== true) throw new Error('link bench: received data does not match what was sent')
     const mbps = bytes / 1e6 / secs
-    log(`werift ${mib} MiB: ${mbps.toFixed(1)} MB/s`)
+    log(`${engine} ${mib} MiB: ${mbps.toFixed(1)} MB/s`)
     a.send({ cmd: 'exit' })
     b.send({ cmd: 'exit' })
-    const tcpMbps = await measureTcp(
-      setup.spawnA,
-      setup.tcpSpawnSink ?? setup.spawnB,
-      setup.bHost,
-      Math.max(bytes, 256 * 1024 * 1024),
-    )
-    log(`raw TCP: ${tcpMbps.toFixed(1)} MB/s`)
-    return {
-      mbps: round(mbps),
-      tcpMbps: round(tcpMbps),
-      rttMs: round(Number(rtt.ms)),
-      path,
-      engine: 'werift',
-      setupMs: Number(openA.setupMs),
-      mib,
-      where: setup.where,
-    }
+    return { mbps, rttMs: Number(rtt.ms), path, setupMs: Number(openA.setupMs) }
   } finally {
     for (const p of peers) p.child.kill('SIGKILL')
     cfgs.remove()
@@ -168,7 +192,7 @@ export async function measureLinkPair(setup: PairSetup, mib: number): Promise<Li
 
 const round = (x: number) => Math.round(x * 100) / 100
 
-async function loopback(mib: number): Promise<LinkBenchResult> {
+async function loopback(mib: number, engine: Engine): Promise<LinkBenchResult> {
   const relay = await startSignalRelay('127.0.0.1')
   const children: ChildProcess[] = []
   const sp: Spawner = (cmd, args) => {
@@ -188,6 +212,7 @@ async function loopback(mib: number): Promise<LinkBenchResult> {
         where: 'loopback',
       },
       mib,
+      engine,
     )
   } finally {
     for (const c of children) c.kill('SIGKILL')
@@ -205,7 +230,7 @@ export async function startRendezvous(boot: Host): Promise<{ relayPort: number; 
   return { relayPort: 7000, stunPort: 3478 }
 }
 
-async function clouds(mib: number): Promise<LinkBenchResult> {
+async function clouds(mib: number, engine: Engine): Promise<LinkBenchResult> {
   const { createClouds } = await import('../helpers/clouds.ts')
   const topo: Topology = await createClouds({
     clouds: [
@@ -233,6 +258,7 @@ async function clouds(mib: number): Promise<LinkBenchResult> {
         where: 'clouds',
       },
       mib,
+      engine,
     )
   } finally {
     await topo.destroy()
@@ -242,7 +268,11 @@ async function clouds(mib: number): Promise<LinkBenchResult> {
 export async function runLinkBench(args: string[] = []): Promise<LinkBenchResult> {
   const i = args.indexOf('--mib')
   const mib = i >= 0 ? Number(args[i + 1]) : 32
-  return args.includes('--clouds') ? clouds(mib) : loopback(mib)
+  const e = args.indexOf('--engine')
+  const engine = e >= 0 ? args[e + 1] : 'werift'
+  if (engine !== 'werift' && engine !== 'libdatachannel')
+    throw new Error(`--engine: expected werift or libdatachannel, got ${engine}`)
+  return args.includes('--clouds') ? clouds(mib, engine) : loopback(mib, engine)
 }
 
 /** Entry point for test/bench/main.ts (`npm run bench -- link`). */

@@ -310,3 +310,17 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
     throw err
   }
 }
+
+/** The last JSON document in a command's output (progress events come first, one per line). */
+export function lastJson<T>(stdout: string): T {
+  const text = stdout.trimEnd()
+  for (let i = text.lastIndexOf('{'); i >= 0; i = text.lastIndexOf('{', i - 1)) {
+    if (i > 0 && text[i - 1] !== '\n') continue
+    try {
+      return JSON.parse(text.slice(i)) as T
+    } catch {
+      // Not the start of the last document yet: keep walking back.
+    }
+  }
+  throw new Error(`no JSON in output:\n${stdout.slice(-500)}`)
+}

@@ -5,7 +5,8 @@
  *   node --import tsx test/helpers/webrtc-peer.ts CONFIG.json
  *
  * CONFIG (a file, mode 0600: it may hold TURN credentials, which never go in argv):
- *   { name, peer, initiator, relay: {host, port}, room, iceServers?, iceTransportPolicy?, deadAfterMs? }
+ *   { name, peer, initiator, relay: {host, port}, room, iceServers?, iceTransportPolicy?, deadAfterMs?,
+ *     engine?: 'werift' | 'libdatachannel' }
  *
  * Commands (stdin):  {"cmd":"connect","room":"r2"}  builds a (new) link, room defaults to CONFIG.room
  *                    {"cmd":"send","bytes":N}        pumps N bytes on 'chunks' with backpressure
@@ -20,6 +21,7 @@ import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import type { IceServer } from '../../net/webrtc/interfaces.ts'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
+import type { NdcLink } from '../../net/webrtc/ndc/link.ts'
 import { connectTcpSignaling, type TcpSignaling } from './webrtc-signal-relay.ts'
 
 export interface PeerConfig {
@@ -32,17 +34,19 @@ export interface PeerConfig {
   iceTransportPolicy?: 'all' | 'relay'
   iceAdditionalHostAddresses?: string[]
   deadAfterMs?: number
+  /** Link engine (default werift). */
+  engine?: 'werift' | 'libdatachannel'
 }
 
 const cfg = JSON.parse(readFileSync(process.argv[2] ?? '', 'utf8')) as PeerConfig
 const out = (o: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(o)}\n`)
 
-let link: WebRtcLink | undefined
+let link: WebRtcLink | NdcLink | undefined
 let sig: TcpSignaling | undefined
 let rx = { expect: -1, hash: '', got: 0, h: createHash('sha256'), t0: 0 }
 const pongs = new Map<number, () => void>()
 
-function attach(l: WebRtcLink): void {
+function attach(l: WebRtcLink | NdcLink): void {
   const chunks = l.channel('chunks')
   const control = l.channel('control')
   chunks.onMessage((m) => {
@@ -90,7 +94,11 @@ async function connectLink(room: string): Promise<void> {
     }
     s.onMessage((m) => process.stderr.write(`signal in: ${JSON.stringify(m)}\n`))
   }
-  link = await createWebRtcLink({
+  const create =
+    cfg.engine === 'libdatachannel'
+      ? (await import('../../net/webrtc/ndc/link.ts')).createNdcLink
+      : createWebRtcLink
+  link = await create({
     peer: cfg.peer,
     initiator: cfg.initiator,
     signaling: sig,

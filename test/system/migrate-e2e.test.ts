@@ -11,7 +11,7 @@ import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT, MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit, waitForLine } from '../helpers/clouds.ts'
 import { requireOrSkip } from '../helpers/prereq.ts'
-import { type AgentProc, createTestnet, REPO_ROOT, type Testnet } from '../helpers/testnet.ts'
+import { type AgentProc, createTestnet, lastJson, REPO_ROOT, type Testnet } from '../helpers/testnet.ts'
 
 const GUEST_IP = '10.99.0.10'
 const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
@@ -44,8 +44,7 @@ describe("live migration across NAT'd clouds (e2e, CLI, QEMU guest, tunnel)", fu
   async function migrate(from: AgentProc, vm: string, to: string): Promise<MigrateReport> {
     const r = await from.mesh(['migrate', vm, '--to', to, '--json'], { timeoutMs: 300_000 })
     assert.equal(r.code, 0, `mesh migrate failed: ${r.stderr}`)
-    const lines = r.stdout.trim().split('\n')
-    return JSON.parse(lines.slice(lines.findIndex((l) => l.startsWith('{'))).join('\n')) as MigrateReport
+    return lastJson<MigrateReport>(r.stdout)
   }
 
   before(async function () {

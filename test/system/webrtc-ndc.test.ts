@@ -4,8 +4,8 @@
  * host's interfaces, signaling in memory.
  */
 import assert from 'node:assert/strict'
-import { createNdcLink, type NdcLink, toNdcIceServers } from '../../net/webrtc/ndc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
+import { createNdcLink, type NdcLink, toNdcIceServers } from '../../net/webrtc/ndc/link.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
 
 async function ndcPair(extra: { deadAfterMs?: number } = {}): Promise<{ a: NdcLink; b: NdcLink }> {
@@ -117,7 +117,11 @@ describe('webrtc link (libdatachannel) specifics', function () {
     assert.deepEqual(
       toNdcIceServers([
         { urls: 'stun:198.51.100.1:3478' },
-        { urls: ['turn:198.51.100.2?transport=tcp', 'turn:198.51.100.2:3479'], username: 'u', credential: 'p' },
+        {
+          urls: ['turn:198.51.100.2?transport=tcp', 'turn:198.51.100.2:3479'],
+          username: 'u',
+          credential: 'p',
+        },
         { urls: 'bogus' },
       ]),
       [
