@@ -8,13 +8,11 @@
  * creates is removed at the end, also on Ctrl-C.
  */
 
-import { writeFileSync } from 'node:fs'
-import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit } from '../../test/helpers/clouds.ts'
 import { missing } from '../../test/helpers/prereq.ts'
-import { createTestnet, type PeerRow, type Testnet } from '../../test/helpers/testnet.ts'
+import { createTestnet, type PeerRow, runGuestVm, type Testnet } from '../../test/helpers/testnet.ts'
 import { formatTable } from '../commands/common.ts'
 
 const GUEST_IP = '10.99.0.10'
@@ -88,26 +86,7 @@ async function main(): Promise<number> {
       `mesh vm run g1.json   (on ${src.name}: a 256 MiB QEMU guest, 10.99.0.10, NIC plugged into the overlay)`,
     )
     const image = await ensureGuest()
-    const spec = join(net.dir, 'g1.json')
-    writeFileSync(
-      spec,
-      JSON.stringify({
-        name: 'g1',
-        memoryMiB: 256,
-        vcpus: 1,
-        kernel: image.kernel,
-        initrd: image.initrd,
-        ip: `${GUEST_IP}/24`,
-      }),
-    )
-    const run = await src.mesh(['vm', 'run', spec], { timeoutMs: 120_000 })
-    process.stdout.write(run.code === 0 ? run.stdout : `vm run failed: ${run.stderr}`)
-    if (run.code !== 0) return 1
-    const deadline = Date.now() + 120_000
-    while (!/MESH-GUEST-READY/.test((await src.mesh(['vm', 'console', 'g1'])).stdout)) {
-      if (Date.now() > deadline) throw new Error('the guest did not boot within 120 s')
-      await new Promise((r) => setTimeout(r, 1000))
-    }
+    await runGuestVm(src, image, { name: 'g1', ip: `${GUEST_IP}/24` })
     process.stdout.write('guest is up\n')
     step(`a client on ${clientName} opens a TCP echo stream to the guest and keeps it open across the moves`)
     const stream = client.host.spawn(process.execPath, [

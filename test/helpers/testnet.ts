@@ -324,3 +324,35 @@ export function lastJson<T>(stdout: string): T {
   }
   throw new Error(`no JSON in output:\n${stdout.slice(-500)}`)
 }
+
+/**
+ * Boots the guest fixture as VM `name` on an agent through `mesh vm run`, and waits for its ready line
+ * on the serial console. The guest's NIC is plugged into the overlay (its IP is `ip`, CIDR).
+ */
+export async function runGuestVm(
+  agent: AgentProc,
+  image: { kernel: string; initrd: string },
+  opts: { name: string; ip: string; memoryMiB?: number; timeoutMs?: number },
+): Promise<void> {
+  const spec = join(agent.state, `${opts.name}.vm.json`)
+  writeFileSync(
+    spec,
+    JSON.stringify({
+      name: opts.name,
+      memoryMiB: opts.memoryMiB ?? 256,
+      vcpus: 1,
+      kernel: image.kernel,
+      initrd: image.initrd,
+      ip: opts.ip,
+    }),
+  )
+  const run = await agent.mesh(['vm', 'run', spec], { timeoutMs: 120_000 })
+  if (run.code !== 0) throw new Error(`mesh vm run failed: ${run.stderr}`)
+  const deadline = Date.now() + (opts.timeoutMs ?? 120_000)
+  for (;;) {
+    const c = await agent.mesh(['vm', 'console', opts.name])
+    if (/MESH-GUEST-READY/.test(c.stdout)) return
+    if (Date.now() > deadline) throw new Error(`guest ${opts.name} not ready:\n${c.stdout.slice(-2000)}`)
+    await new Promise((r) => setTimeout(r, 1000))
+  }
+}

@@ -5,13 +5,19 @@
  * report intact after each move and the return move must put ≤ 5% of the RAM on the wire.
  */
 import assert from 'node:assert/strict'
-import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT, MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit, waitForLine } from '../helpers/clouds.ts'
 import { requireOrSkip } from '../helpers/prereq.ts'
-import { type AgentProc, createTestnet, lastJson, REPO_ROOT, type Testnet } from '../helpers/testnet.ts'
+import {
+  type AgentProc,
+  createTestnet,
+  lastJson,
+  REPO_ROOT,
+  runGuestVm,
+  type Testnet,
+} from '../helpers/testnet.ts'
 
 const GUEST_IP = '10.99.0.10'
 const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
@@ -55,28 +61,7 @@ describe("live migration across NAT'd clouds (e2e, CLI, QEMU guest, tunnel)", fu
     await net.join('b1')
     client = await net.join('c1', { args: ['--tap', 'mesh0', '--address', '10.99.0.1/24'] })
     await net.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
-    const spec = join(net.dir, 'g1.json')
-    writeFileSync(
-      spec,
-      JSON.stringify({
-        name: 'g1',
-        memoryMiB: 256,
-        vcpus: 1,
-        kernel: image.kernel,
-        initrd: image.initrd,
-        ip: `${GUEST_IP}/24`,
-      }),
-    )
-    const a1 = net.agents.get('a1')!
-    const run = await a1.mesh(['vm', 'run', spec], { timeoutMs: 120_000 })
-    assert.equal(run.code, 0, run.stderr)
-    const deadline = Date.now() + 120_000
-    for (;;) {
-      const c = await a1.mesh(['vm', 'console', 'g1'])
-      if (/MESH-GUEST-READY/.test(c.stdout)) break
-      assert.ok(Date.now() < deadline, `guest not ready:\n${c.stdout}`)
-      await new Promise((r) => setTimeout(r, 1000))
-    }
+    await runGuestVm(net.agents.get('a1')!, image, { name: 'g1', ip: `${GUEST_IP}/24` })
   })
 
   after(async () => {
