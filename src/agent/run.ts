@@ -7,6 +7,7 @@ import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
 import { createTunnelService } from '../../net/tunnel/service.ts'
+import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/ndc/index.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import type { RamCache } from '../../vm/migration/interfaces.ts'
 import { createManagerHost } from '../../vm/migration/manager-host.ts'
@@ -40,6 +41,8 @@ export interface AgentOptions {
   turnCredentials?: string
   invite?: string
   pnet?: boolean
+  /** WebRTC implementation for links (default werift). */
+  engine?: LinkEngine
   /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
   tap?: { name: string; address: string }
 }
@@ -150,6 +153,7 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     ...(opts.invite === undefined ? {} : { invite: opts.invite }),
     iceServers: iceServers(opts, knownBootstrap(paths.dir, opts.invite)),
     pnet: opts.pnet ?? false,
+    ...(opts.engine === undefined ? {} : { linkFactory: linkFactoryFor(opts.engine) }),
     log: log.child('net'),
   })
   const chunks = createChunkAgentService({

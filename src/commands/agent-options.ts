@@ -1,4 +1,5 @@
 import { type Command, Option } from 'commander'
+import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/ndc/index.ts'
 import type { AgentOptions } from '../agent/run.ts'
 import { UsageError } from '../errors.ts'
 import { resolveState, stateOption } from './common.ts'
@@ -22,6 +23,11 @@ export function addAgentOptions(cmd: Command): Command {
     )
     .option('--ice <url>', 'extra ICE server, stun:HOST:PORT or turn:HOST:PORT (repeatable)', collect)
     .option('--turn-credentials <file>', "file (mode 0600) holding 'user:password' for the TURN servers")
+    .addOption(
+      new Option('--engine <engine>', 'WebRTC implementation of the links')
+        .choices([...LINK_ENGINES])
+        .default(DEFAULT_LINK_ENGINE),
+    )
     .option('--tap <name>', 'host TAP interface into the guest network (needs root and --address)')
     .option('--address <cidr>', "this host's address on the guest network, with --tap (e.g. 10.99.0.1/24)")
     .option('--pnet', 'add a libp2p pre-shared key derived from the network (all members must agree)', false)
@@ -39,6 +45,7 @@ export interface AgentCliOptions {
   pnet: boolean
   tap?: string
   address?: string
+  engine: LinkEngine
 }
 
 export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
@@ -58,6 +65,7 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     ...(o.ice === undefined ? {} : { ice: o.ice }),
     ...(o.turnCredentials === undefined ? {} : { turnCredentials: o.turnCredentials }),
     pnet: o.pnet,
+    engine: o.engine,
     ...(invite === undefined ? {} : { invite }),
   }
 }

@@ -84,6 +84,11 @@ function checkDone(): void {
 }
 
 async function connectLink(room: string): Promise<void> {
+  // Load the engine first: a message that arrives before the link subscribes to `sig` is lost.
+  const create =
+    cfg.engine === 'libdatachannel'
+      ? (await import('../../net/webrtc/ndc/link.ts')).createNdcLink
+      : createWebRtcLink
   sig = await connectTcpSignaling(cfg.relay.host, cfg.relay.port, room)
   if (process.env.WEBRTC_PEER_DEBUG === '1') {
     const s = sig
@@ -94,10 +99,6 @@ async function connectLink(room: string): Promise<void> {
     }
     s.onMessage((m) => process.stderr.write(`signal in: ${JSON.stringify(m)}\n`))
   }
-  const create =
-    cfg.engine === 'libdatachannel'
-      ? (await import('../../net/webrtc/ndc/link.ts')).createNdcLink
-      : createWebRtcLink
   link = await create({
     peer: cfg.peer,
     initiator: cfg.initiator,

@@ -120,6 +120,7 @@ for (const initiator of ['werift', 'libdatachannel'] as const) {
           if (i % 10 === 9) await sleep(5)
         }
         await until(() => got >= 100, 5000)
+        process.stdout.write(`      ${got} of 100 frames arrived\n`)
         assert.ok(seen.size >= 50, `only ${seen.size} of 100 frames on an idle link`)
         assert.equal(seen.size, got, 'no duplicates')
       }
@@ -202,6 +203,7 @@ describe('webrtc interop: tunnel channel under loss (werift → libdatachannel)'
       }
       // A retransmitting channel would deliver all n within a few RTOs; give it ample time to try.
       await sleep(3000)
+      process.stdout.write(`      ${got} of ${n} frames arrived, ${loss.dropped} packets dropped\n`)
       assert.ok(loss.dropped > 0, 'loss was injected')
       assert.ok(got < n, `all ${n} frames arrived despite ${loss.dropped} dropped packets: retransmitted`)
       assert.ok(got > n * 0.5, `only ${got} of ${n} frames arrived at 10% loss`)

@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
+import { linkFactoryFor, parseLinkEngine } from '../../net/webrtc/ndc/index.ts'
 import { createNdcLink, type NdcLink, toNdcIceServers } from '../../net/webrtc/ndc/link.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
 
@@ -130,5 +131,40 @@ describe('webrtc link (libdatachannel) specifics', function () {
         { hostname: '198.51.100.2', port: 3479, username: 'u', password: 'p', relayType: 'TurnUdp' },
       ],
     )
+  })
+
+  it('linkFactoryFor builds links of either engine that talk to each other', async () => {
+    assert.equal(parseLinkEngine('libdatachannel'), 'libdatachannel')
+    assert.throws(() => parseLinkEngine('pion'), { name: 'UsageError' })
+    const sig = createMemorySignalingPair()
+    const ac = new AbortController()
+    const common = { iceServers: [], signal: ac.signal }
+    const [a, b] = await Promise.all([
+      linkFactoryFor('werift', { iceAdditionalHostAddresses: ['127.0.0.1'] })({
+        peer: 'b',
+        initiator: true,
+        signaling: sig.a,
+        ...common,
+      }),
+      linkFactoryFor('libdatachannel')({ peer: 'a', initiator: false, signaling: sig.b, ...common }),
+    ])
+    try {
+      assert.equal((b as NdcLink).engine, 'libdatachannel')
+      const got: number[] = []
+      b.channel('control').onMessage((m) => got.push(m.byteLength))
+      a.channel('control').send(new Uint8Array(1234))
+      const t0 = Date.now()
+      while (got.length < 1 && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 20))
+      assert.deepEqual(got, [1234])
+    } finally {
+      // The factory's signal bounds the links' life.
+      ac.abort()
+      const t0 = Date.now()
+      while ((a.state !== 'closed' || b.state !== 'closed') && Date.now() - t0 < 10_000)
+        await new Promise((r) => setTimeout(r, 20))
+      assert.equal(a.state, 'closed')
+      assert.equal(b.state, 'closed')
+      await (b as NdcLink).closed
+    }
   })
 })

@@ -208,7 +208,12 @@ export class NdcLink implements Link {
     private readonly pc: PeerConnection,
     dcs: Map<ChannelName, DataChannel>,
     private readonly heartbeat: DataChannel,
-    private readonly opts: { heartbeatMs: number; deadAfterMs: number; highWaterMark: number; lowWaterMark: number },
+    private readonly opts: {
+      heartbeatMs: number
+      deadAfterMs: number
+      highWaterMark: number
+      lowWaterMark: number
+    },
   ) {
     this.closed = new Promise((r) => {
       this.resolveClosed = r
@@ -488,7 +493,9 @@ export async function createNdcLink(options: NdcLinkOptions): Promise<NdcLink> {
     disableAutoNegotiation: true,
     maxMessageSize: MAX_MESSAGE_SIZE + 1024,
     ...(options.iceInterfaceAddress ? { bindAddress: options.iceInterfaceAddress } : {}),
-    ...(options.portRange ? { portRangeBegin: options.portRange[0], portRangeEnd: options.portRange[1] } : {}),
+    ...(options.portRange
+      ? { portRangeBegin: options.portRange[0], portRangeEnd: options.portRange[1] }
+      : {}),
   })
   let channels: ReturnType<typeof createChannels> | undefined
 
@@ -559,7 +566,8 @@ export async function createNdcLink(options: NdcLinkOptions): Promise<NdcLink> {
     const { dcs, heartbeat } = channels
     const failed = new Promise<never>((_, reject) => {
       pc.onStateChange((s) => {
-        if (s === 'failed' || s === 'closed') reject(new LinkConnectError(`link to ${options.peer}: connection ${s}`))
+        if (s === 'failed' || s === 'closed')
+          reject(new LinkConnectError(`link to ${options.peer}: connection ${s}`))
       })
     })
     failed.catch(() => {})

@@ -1,0 +1,204 @@
+/**
+ * The libdatachannel engine (net/webrtc/ndc) across real NATs (clouds fixture), alone and paired with a
+ * werift end: one link end per host namespace, each its own Node process (test/helpers/webrtc-peer.ts
+ * with `engine`); STUN responder, signaling relay and coturn on the internet host. Same rig as
+ * webrtc-nat.test.ts (werift only).
+ */
+import assert from 'node:assert/strict'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { createClouds, type Host, type Topology, waitForLine } from '../helpers/clouds.ts'
+import { requireOrSkip } from '../helpers/prereq.ts'
+import {
+  dropUnsolicitedAtRouters,
+  PEER_SCRIPT,
+  PeerProcess,
+  peerConfigDir,
+  RELAY_SCRIPT,
+} from '../helpers/webrtc-peer-process.ts'
+
+type Engine = 'werift' | 'libdatachannel'
+const NODE = process.execPath
+const ROOT = fileURLToPath(new URL('../..', import.meta.url))
+const STUN_SCRIPT = join(ROOT, 'net/stun/server.ts')
+const RELAY_PORT = 7000
+const STUN_PORT = 3478
+const TURN_PORT = 3479
+const TURN_USER = 'meshtest'
+// Generated per run; only ever written to 0600 files, never to argv or logs.
+const TURN_PASS = `p${Math.random().toString(36).slice(2)}${Date.now().toString(36)}`
+
+describe('webrtc links across NATs (clouds), libdatachannel engine', function () {
+  this.timeout(90_000)
+  let topo: Topology | undefined
+  let cfgs: ReturnType<typeof peerConfigDir> | undefined
+  let turnDir: string | undefined
+  let boot: Host
+  const peers: PeerProcess[] = []
+  let room = 0
+
+  before(async function () {
+    this.timeout(120_000)
+    requireOrSkip(this, { root: true, commands: ['ip', 'turnserver'] })
+    topo = await createClouds({
+      clouds: [
+        { name: 'a', nat: 'cone' },
+        { name: 'b', nat: 'cone' },
+        { name: 's', nat: 'symmetric' },
+      ],
+      internetHosts: ['boot'],
+      killGraceMs: 500,
+    })
+    await dropUnsolicitedAtRouters(topo)
+    cfgs = peerConfigDir()
+    boot = topo.host('boot')
+    const relay = boot.spawn(NODE, ['--import', 'tsx', RELAY_SCRIPT, boot.ip, String(RELAY_PORT)], {
+      cwd: ROOT,
+    })
+    const stun = boot.spawn(NODE, ['--import', 'tsx', STUN_SCRIPT, boot.ip, String(STUN_PORT)], { cwd: ROOT })
+    turnDir = mkdtempSync(join(tmpdir(), 'mesh-turn-'))
+    const conf = join(turnDir, 'turnserver.conf')
+    writeFileSync(
+      conf,
+      [
+        `listening-ip=${boot.ip}`,
+        `relay-ip=${boot.ip}`,
+        `listening-port=${TURN_PORT}`,
+        'min-port=49152',
+        'max-port=49252',
+        'lt-cred-mech',
+        'fingerprint',
+        `user=${TURN_USER}:${TURN_PASS}`,
+        'realm=mesh.test',
+        'no-tls',
+        'no-dtls',
+        'no-cli',
+        'no-tcp-relay',
+        // Recommended for any TURN server, and needed here: an ICE agent also asks to relay to the
+        // peer's private host candidates; without this coturn tries, gets ENETUNREACH and drops the
+        // whole allocation (werift then loops on 438 Stale Nonce). Denied, it answers 403 and the
+        // relay-to-relay pair still works.
+        'denied-peer-ip=10.0.0.0-10.255.255.255',
+        'denied-peer-ip=172.16.0.0-172.31.255.255',
+        'denied-peer-ip=192.168.0.0-192.168.255.255',
+        'log-file=stdout',
+        'simple-log',
+        `pidfile=${join(turnDir, 'turnserver.pid')}`,
+        `userdb=${join(turnDir, 'turndb')}`,
+        '',
+      ].join('\n'),
+      { mode: 0o600 },
+    )
+    const turn = boot.spawn('turnserver', ['-c', conf], { cwd: turnDir })
+    await waitForLine(relay, /"listening"/, 30_000)
+    await waitForLine(stun, /"listening"/, 30_000)
+    await waitForLine(turn, /(Total General servers|IPv4. UDP listener opened|relay)/i, 30_000)
+  })
+
+  after(async () => {
+    for (const p of peers) p.child.kill('SIGKILL')
+    await topo?.destroy()
+    cfgs?.remove()
+    if (turnDir !== undefined) rmSync(turnDir, { recursive: true, force: true })
+  })
+
+  afterEach(() => {
+    for (const p of peers.splice(0)) p.child.kill('SIGKILL')
+  })
+
+  function startPair(
+    hostA: string,
+    hostB: string,
+    opts: { turn?: boolean; deadAfterMs?: number; engines: [Engine, Engine] },
+  ): [PeerProcess, PeerProcess] {
+    const t = topo!
+    const r = `r${++room}`
+    const iceServers = [
+      { urls: `stun:${boot.ip}:${STUN_PORT}` },
+      ...(opts.turn
+        ? [{ urls: `turn:${boot.ip}:${TURN_PORT}`, username: TURN_USER, credential: TURN_PASS }]
+        : []),
+    ]
+    const pair = [
+      [hostA, hostB, true],
+      [hostB, hostA, false],
+    ].map(([name, peer, initiator], i) => {
+      const path = cfgs!.write(`${r}-${name}`, {
+        name: name as string,
+        peer: peer as string,
+        initiator: initiator as boolean,
+        relay: { host: boot.ip, port: RELAY_PORT },
+        room: r,
+        iceServers,
+        engine: opts.engines[i]!,
+        ...(opts.deadAfterMs === undefined ? {} : { deadAfterMs: opts.deadAfterMs }),
+      })
+      const child = t
+        .host(name as string)
+        .spawn(NODE, ['--import', 'tsx', PEER_SCRIPT, path], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] })
+      const p = new PeerProcess(child)
+      peers.push(p)
+      return p
+    }) as [PeerProcess, PeerProcess]
+    return pair
+  }
+
+  async function connect(a: PeerProcess, b: PeerProcess, room?: string) {
+    a.send({ cmd: 'connect', ...(room ? { room } : {}) })
+    b.send({ cmd: 'connect', ...(room ? { room } : {}) })
+    const [oa, ob] = await Promise.all([a.next('open', 45_000), b.next('open', 45_000)])
+    return { a: oa, b: ob }
+  }
+
+  async function bothWays(a: PeerProcess, b: PeerProcess, bytes: number) {
+    a.send({ cmd: 'send', bytes })
+    const ab = await b.next('received', 45_000)
+    b.send({ cmd: 'send', bytes })
+    const ba = await a.next('received', 45_000)
+    assert.equal(ab.ok, true, 'a→b data intact')
+    assert.equal(ba.ok, true, 'b→a data intact')
+    assert.equal(ab.bytes, bytes)
+    assert.equal(ba.bytes, bytes)
+    return { ab: Number(ab.mbps), ba: Number(ba.mbps) }
+  }
+
+  for (const engines of [
+    ['libdatachannel', 'libdatachannel'],
+    ['werift', 'libdatachannel'],
+    ['libdatachannel', 'werift'],
+  ] as [Engine, Engine][]) {
+    it(`cone ↔ cone, ${engines.join(' ↔ ')}: a direct path, data both ways`, async () => {
+      const [a, b] = startPair('a1', 'b1', { engines })
+      const open = await connect(a, b)
+      const path = open.a.path as { type: string }
+      assert.ok(
+        ['srflx', 'prflx', 'host'].includes(path.type),
+        `direct path expected, got ${JSON.stringify(path)}`,
+      )
+      assert.ok(!JSON.stringify(open.b.path).includes('relay'))
+      const mbps = await bothWays(a, b, 4 * 1024 * 1024)
+      process.stdout.write(
+        `      ${engines.join('↔')}: path ${JSON.stringify(path)}, setup ${open.a.setupMs} ms, ` +
+          `${mbps.ab.toFixed(2)} / ${mbps.ba.toFixed(2)} MB/s\n`,
+      )
+    })
+  }
+
+  for (const engines of [
+    ['libdatachannel', 'libdatachannel'],
+    ['libdatachannel', 'werift'],
+  ] as [Engine, Engine][]) {
+    it(`symmetric ↔ cone, ${engines.join(' ↔ ')}: relayed through TURN, data both ways`, async () => {
+      const [s, a] = startPair('s1', 'a1', { turn: true, engines })
+      const open = await connect(s, a)
+      assert.equal((open.a.path as { type: string }).type, 'relay', JSON.stringify(open.a.path))
+      const mbps = await bothWays(s, a, 1024 * 1024)
+      process.stdout.write(
+        `      symmetric↔cone ${engines.join('↔')}: path ${JSON.stringify(open.a.path)}, ` +
+          `${mbps.ab.toFixed(2)} / ${mbps.ba.toFixed(2)} MB/s\n`,
+      )
+    })
+  }
+})
