@@ -1,10 +1,9 @@
-import { AbortError } from '../../src/errors.ts'
+import { ChannelBase, Listeners } from './channel-base.ts'
 import { ChannelClosedError, MessageTooLargeError } from './errors.ts'
 import {
   CHANNEL_NAMES,
   CHANNELS,
   type ChannelName,
-  type ChannelState,
   type Link,
   type LinkState,
   MAX_MESSAGE_SIZE,
@@ -31,38 +30,23 @@ export interface MemoryLinkOptions {
   random?: () => number
 }
 
-type Listener<T extends unknown[]> = (...args: T) => void
-
-class Listeners<T extends unknown[]> {
-  private readonly set = new Set<Listener<T>>()
-  add(fn: Listener<T>): () => void {
-    this.set.add(fn)
-    return () => this.set.delete(fn)
-  }
-  emit(...args: T): void {
-    for (const fn of [...this.set]) fn(...args)
-  }
-  clear(): void {
-    this.set.clear()
-  }
-}
-
-class MemoryChannel implements MessageChannel {
+class MemoryChannel extends ChannelBase {
   readonly reliable: boolean
-  state: ChannelState = 'open'
   bufferedAmount = 0
   remote: MemoryChannel | undefined
   private readonly queue: Uint8Array[] = []
   private scheduled = false
-  private readonly messageListeners = new Listeners<[Uint8Array]>()
-  private readonly closeListeners = new Listeners<[Error | undefined]>()
-  private readonly drainListeners = new Listeners<[]>()
 
   constructor(
     readonly name: ChannelName,
     private readonly opts: Required<MemoryLinkOptions>,
   ) {
+    super()
     this.reliable = CHANNELS[name].reliable
+  }
+
+  protected get lowWaterMark(): number {
+    return this.opts.lowWaterMark
   }
 
   send(message: Uint8Array): boolean {
@@ -78,46 +62,6 @@ class MemoryChannel implements MessageChannel {
     this.bufferedAmount += message.byteLength
     this.schedule()
     return this.bufferedAmount < this.opts.highWaterMark
-  }
-
-  onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
-    const { signal } = options
-    if (this.state === 'closed')
-      return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
-    if (signal?.aborted === true) return Promise.reject(new AbortError(undefined, { cause: signal.reason }))
-    if (this.bufferedAmount <= this.opts.lowWaterMark) return Promise.resolve()
-    return new Promise<void>((resolve, reject) => {
-      const done = () => {
-        offDrain()
-        offClose()
-        signal?.removeEventListener('abort', onAbort)
-      }
-      const offDrain = this.drainListeners.add(() => {
-        done()
-        resolve()
-      })
-      const offClose = this.closeListeners.add(() => {
-        done()
-        reject(new ChannelClosedError(`channel '${this.name}' closed while waiting for drain`))
-      })
-      const onAbort = () => {
-        done()
-        reject(new AbortError(undefined, { cause: signal?.reason }))
-      }
-      signal?.addEventListener('abort', onAbort, { once: true })
-    })
-  }
-
-  onMessage(handler: (message: Uint8Array) => void): () => void {
-    return this.messageListeners.add(handler)
-  }
-
-  onClose(handler: (reason?: Error) => void): () => void {
-    if (this.state === 'closed') {
-      queueMicrotask(() => handler())
-      return () => {}
-    }
-    return this.closeListeners.add(handler)
   }
 
   deliver(message: Uint8Array): void {

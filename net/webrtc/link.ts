@@ -12,16 +12,17 @@
  *   relaxConsent).
  * - UDP socket buffers are raised (DESIGN.md: the 208 KiB default drops thousands of packets per run).
  */
+
 import { randomBytes } from 'node:crypto'
 import type { Socket } from 'node:dgram'
 import { type RTCDataChannel, RTCPeerConnection } from 'werift'
 import { AbortError, throwIfAborted } from '../../src/errors.ts'
+import { ChannelBase, Listeners } from '../link/channel-base.ts'
 import { ChannelClosedError, MessageTooLargeError } from '../link/errors.ts'
 import {
   CHANNEL_NAMES,
   CHANNELS,
   type ChannelName,
-  type ChannelState,
   type Link,
   type LinkState,
   MAX_MESSAGE_SIZE,
@@ -70,27 +71,6 @@ export interface WebRtcLinkOptions {
   signal?: AbortSignal
 }
 
-type Listener<T extends unknown[]> = (...args: T) => void
-class Listeners<T extends unknown[]> {
-  private readonly set = new Set<Listener<T>>()
-  add(fn: Listener<T>): () => void {
-    this.set.add(fn)
-    return () => this.set.delete(fn)
-  }
-  emit(...args: T): void {
-    for (const fn of [...this.set]) {
-      try {
-        fn(...args)
-      } catch {
-        // A throwing handler must not break delivery to the others nor werift's event loop.
-      }
-    }
-  }
-  clear(): void {
-    this.set.clear()
-  }
-}
-
 /**
  * werift keeps every message handed to dc.send() as one pending promise that waits on a shared
  * "flush" event, and each of those waiters re-subscribes with an O(n) filter: n queued messages cost
@@ -102,12 +82,8 @@ class Listeners<T extends unknown[]> {
 const WERIFT_WINDOW_BYTES = 1024 * 1024
 const WERIFT_WINDOW_MESSAGES = 64
 
-class WebRtcChannel implements MessageChannel {
+class WebRtcChannel extends ChannelBase {
   readonly reliable: boolean
-  state: ChannelState = 'open'
-  private readonly messageListeners = new Listeners<[Uint8Array]>()
-  private readonly closeListeners = new Listeners<[Error | undefined]>()
-  private readonly drainListeners = new Listeners<[]>()
   private readonly queue: (Buffer | string)[] = []
   private queuedBytes = 0
   /** Sizes of the messages handed to werift and not yet sent, oldest first. */
@@ -118,9 +94,10 @@ class WebRtcChannel implements MessageChannel {
     readonly name: ChannelName,
     private readonly dc: RTCDataChannel,
     private readonly highWaterMark: number,
-    private readonly lowWaterMark: number,
+    protected readonly lowWaterMark: number,
     onActivity: () => void,
   ) {
+    super()
     this.reliable = CHANNELS[name].reliable
     dc.bufferedAmountLowThreshold = 0
     dc.bufferedAmountLow.subscribe(() => this.pump())
@@ -176,46 +153,6 @@ class WebRtcChannel implements MessageChannel {
       this.handedBytes += accounted
     }
     if (this.bufferedAmount <= this.lowWaterMark) this.drainListeners.emit()
-  }
-
-  onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
-    const { signal } = options
-    if (this.state === 'closed')
-      return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
-    if (signal?.aborted === true) return Promise.reject(new AbortError(undefined, { cause: signal.reason }))
-    if (this.bufferedAmount <= this.lowWaterMark) return Promise.resolve()
-    return new Promise<void>((resolve, reject) => {
-      const done = () => {
-        offDrain()
-        offClose()
-        signal?.removeEventListener('abort', onAbort)
-      }
-      const offDrain = this.drainListeners.add(() => {
-        done()
-        resolve()
-      })
-      const offClose = this.closeListeners.add(() => {
-        done()
-        reject(new ChannelClosedError(`channel '${this.name}' closed while waiting for drain`))
-      })
-      const onAbort = () => {
-        done()
-        reject(new AbortError(undefined, { cause: signal?.reason }))
-      }
-      signal?.addEventListener('abort', onAbort, { once: true })
-    })
-  }
-
-  onMessage(handler: (message: Uint8Array) => void): () => void {
-    return this.messageListeners.add(handler)
-  }
-
-  onClose(handler: (reason?: Error) => void): () => void {
-    if (this.state === 'closed') {
-      queueMicrotask(() => handler())
-      return () => {}
-    }
-    return this.closeListeners.add(handler)
   }
 
   close(reason?: Error): void {

@@ -18,15 +18,16 @@
  * queue is needed: send() returns false above the high-water mark of the native bufferedAmount, and
  * onDrain() waits for libdatachannel's bufferedAmountLow callback at the low-water mark.
  */
+
 import { randomBytes } from 'node:crypto'
 import nodeDataChannel from 'node-datachannel'
 import { AbortError, throwIfAborted } from '../../../src/errors.ts'
+import { ChannelBase, Listeners } from '../../link/channel-base.ts'
 import { ChannelClosedError, MessageTooLargeError } from '../../link/errors.ts'
 import {
   CHANNEL_NAMES,
   CHANNELS,
   type ChannelName,
-  type ChannelState,
   type Link,
   type LinkState,
   MAX_MESSAGE_SIZE,
@@ -53,43 +54,19 @@ const HB_BYE = 3
  *  ignored: libjuice gathers every interface address itself and sizes its own sockets. */
 export type NdcLinkOptions = WebRtcLinkOptions
 
-type Listener<T extends unknown[]> = (...args: T) => void
-class Listeners<T extends unknown[]> {
-  private readonly set = new Set<Listener<T>>()
-  add(fn: Listener<T>): () => void {
-    this.set.add(fn)
-    return () => this.set.delete(fn)
-  }
-  emit(...args: T): void {
-    for (const fn of [...this.set]) {
-      try {
-        fn(...args)
-      } catch {
-        // A throwing handler must not break delivery to the others nor the native callback.
-      }
-    }
-  }
-  clear(): void {
-    this.set.clear()
-  }
-}
-
 const EMPTY_MARKER = '\0'
 
-class NdcChannel implements MessageChannel {
+class NdcChannel extends ChannelBase {
   readonly reliable: boolean
-  state: ChannelState = 'open'
-  private readonly messageListeners = new Listeners<[Uint8Array]>()
-  private readonly closeListeners = new Listeners<[Error | undefined]>()
-  private readonly drainListeners = new Listeners<[]>()
 
   constructor(
     readonly name: ChannelName,
     private readonly dc: DataChannel,
     private readonly highWaterMark: number,
-    private readonly lowWaterMark: number,
+    protected readonly lowWaterMark: number,
     onActivity: () => void,
   ) {
+    super()
     this.reliable = CHANNELS[name].reliable
     dc.setBufferedAmountLowThreshold(lowWaterMark)
     dc.onBufferedAmountLow(() => {
@@ -131,46 +108,6 @@ class NdcChannel implements MessageChannel {
       throw e
     }
     return before + message.byteLength < this.highWaterMark
-  }
-
-  onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
-    const { signal } = options
-    if (this.state === 'closed')
-      return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
-    if (signal?.aborted === true) return Promise.reject(new AbortError(undefined, { cause: signal.reason }))
-    if (this.bufferedAmount <= this.lowWaterMark) return Promise.resolve()
-    return new Promise<void>((resolve, reject) => {
-      const done = () => {
-        offDrain()
-        offClose()
-        signal?.removeEventListener('abort', onAbort)
-      }
-      const offDrain = this.drainListeners.add(() => {
-        done()
-        resolve()
-      })
-      const offClose = this.closeListeners.add(() => {
-        done()
-        reject(new ChannelClosedError(`channel '${this.name}' closed while waiting for drain`))
-      })
-      const onAbort = () => {
-        done()
-        reject(new AbortError(undefined, { cause: signal?.reason }))
-      }
-      signal?.addEventListener('abort', onAbort, { once: true })
-    })
-  }
-
-  onMessage(handler: (message: Uint8Array) => void): () => void {
-    return this.messageListeners.add(handler)
-  }
-
-  onClose(handler: (reason?: Error) => void): () => void {
-    if (this.state === 'closed') {
-      queueMicrotask(() => handler())
-      return () => {}
-    }
-    return this.closeListeners.add(handler)
   }
 
   close(reason?: Error): void {
