@@ -47,6 +47,12 @@ export interface AgentOptions {
   tap?: { name: string; address: string }
 }
 
+/** Where an agent's guest RAM files live: tmpfs, one directory per agent (state dir). */
+export function ramDirFor(stateDir: string, env: NodeJS.ProcessEnv = process.env): string {
+  const id = createHash('sha256').update(statePaths(stateDir).dir).digest('hex').slice(0, 12)
+  return env.MESH_RAM_DIR ?? `/dev/shm/mesh/${id}`
+}
+
 /** The chunk store exists only once its service started; the migration service is built before. */
 function lazyRamCache(make: () => RamCache): RamCache {
   let cache: RamCache | undefined
@@ -170,9 +176,7 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
 
   // One driver per agent; its RAM files live in a directory of their own so that several agents on
   // one machine (tests, the demo) never collide on a VM's name.
-  const ramDir =
-    process.env.MESH_RAM_DIR ??
-    `/dev/shm/mesh/${createHash('sha256').update(paths.dir).digest('hex').slice(0, 12)}`
+  const ramDir = ramDirFor(paths.dir)
   const driver = createQemuDriver({ runDir: runDirFor(paths.dir), ramDir })
   const manager = createLocalVmManager(paths.dir, driver)
   const run = manager.run.bind(manager)

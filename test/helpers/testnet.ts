@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { ramDirFor } from '../../src/agent/run.ts'
 import { type CloudSpec, createClouds, type Host, outputLines, type Topology, waitForLine } from './clouds.ts'
 
 export const MESH_BIN = fileURLToPath(new URL('../../bin/mesh.js', import.meta.url))
@@ -295,6 +296,8 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
       },
       async destroy() {
         await topo.destroy()
+        // Guest RAM files of VMs still running at the end (their QEMUs died with the namespaces).
+        for (const a of agents.values()) rmSync(ramDirFor(a.state), { recursive: true, force: true })
         rmSync(dir, { recursive: true, force: true })
       },
     }
