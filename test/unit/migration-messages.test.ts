@@ -163,7 +163,7 @@ describe('migration protocol v1', () => {
       await writeFile(join(dir, 'dst'), Buffer.alloc(size))
       const enc = new RamEncoder(join(dir, 'src'), size, 65536, true)
       const w = new RamWriter(join(dir, 'dst'), size, 65536)
-      const scan = enc.scan()
+      const scan = await enc.scan()
       assert.deepEqual(scan.indices, [0, 2, 4])
       const chunks = await Promise.all(enc.encode(scan.indices))
       for (const c of chunks) w.apply(c)

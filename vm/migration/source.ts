@@ -185,7 +185,7 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     lap('trackerStart')
     encoder = new RamEncoder(vm.memory.path, size, t.chunkSize, false)
     const enc = encoder
-    const scan = enc.scan()
+    const scan = await enc.scan()
     lap('scan')
     phaseBytes = scan.nonZeroBytes
     const ramAtStart = scan.nonZeroBytes
