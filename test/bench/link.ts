@@ -14,13 +14,7 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import type { Host, Topology } from '../helpers/clouds.ts'
-import {
-  dropUnsolicitedAtRouters,
-  PEER_SCRIPT,
-  PeerProcess,
-  peerConfigDir,
-  RELAY_SCRIPT,
-} from '../helpers/webrtc-peer-process.ts'
+import { PEER_SCRIPT, PeerProcess, peerConfigDir, RELAY_SCRIPT } from '../helpers/webrtc-peer-process.ts'
 import { startSignalRelay } from '../helpers/webrtc-signal-relay.ts'
 
 const NODE = process.execPath
@@ -240,7 +234,6 @@ async function clouds(mib: number, engine: Engine): Promise<LinkBenchResult> {
     internetHosts: ['boot'],
   })
   try {
-    await dropUnsolicitedAtRouters(topo)
     const boot = topo.host('boot')
     const { relayPort, stunPort } = await startRendezvous(boot)
     const a1 = topo.host('a1')

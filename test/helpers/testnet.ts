@@ -12,6 +12,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ramDirFor } from '../../src/agent/run.ts'
 import { type CloudSpec, createClouds, type Host, outputLines, type Topology, waitForLine } from './clouds.ts'
+import { startCoturn } from './coturn.ts'
 
 export const MESH_BIN = fileURLToPath(new URL('../../bin/mesh.js', import.meta.url))
 export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
@@ -112,49 +113,6 @@ export interface Testnet {
   destroy(): Promise<void>
 }
 
-const TURN_USER = 'meshtest'
-const TURN_PORT = 3479
-
-async function startCoturn(host: Host, dir: string): Promise<{ url: string; credentialsFile: string }> {
-  const password = `pw${Math.random().toString(36).slice(2)}`
-  const conf = join(dir, 'turnserver.conf')
-  writeFileSync(
-    conf,
-    [
-      `listening-ip=${host.ip}`,
-      `relay-ip=${host.ip}`,
-      `listening-port=${TURN_PORT}`,
-      'min-port=49152',
-      'max-port=49500',
-      'lt-cred-mech',
-      'fingerprint',
-      `user=${TURN_USER}:${password}`,
-      'realm=mesh.test',
-      'no-tls',
-      'no-dtls',
-      'no-cli',
-      'no-tcp-relay',
-      // Relaying to a peer's private host candidate fails with ENETUNREACH and coturn then drops the
-      // whole allocation; members only ever need public (NAT'd) peers through TURN.
-      'denied-peer-ip=10.0.0.0-10.255.255.255',
-      'denied-peer-ip=172.16.0.0-172.31.255.255',
-      'denied-peer-ip=192.168.0.0-192.168.255.255',
-      'no-multicast-peers',
-      'log-file=stdout',
-      'simple-log',
-      `pidfile=${join(dir, 'turnserver.pid')}`,
-      `userdb=${join(dir, 'turndb')}`,
-      '',
-    ].join('\n'),
-    { mode: 0o600 },
-  )
-  const credentialsFile = join(dir, 'turn-credentials')
-  writeFileSync(credentialsFile, `${TURN_USER}:${password}\n`, { mode: 0o600 })
-  const turn = host.spawn('turnserver', ['-c', conf], { cwd: dir })
-  await waitForLine(turn, /(Total General servers|IPv4. UDP listener opened|relay)/i, 30_000)
-  return { url: `turn:${host.ip}:${TURN_PORT}`, credentialsFile }
-}
-
 export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
   const internetHosts = ['boot', ...(opts.turn === true ? ['turn'] : []), ...(opts.internetHosts ?? [])]
   const topo = await createClouds({ clouds: opts.clouds, internetHosts })
@@ -163,6 +121,7 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
   const env = { ...process.env, ...opts.env }
   let boot: AgentProc | undefined
   let turn: Testnet['turn']
+  const cleanups: (() => void)[] = []
 
   const makeAgent = (name: string, host: Host, args: string[], initialChild: ChildProcess): AgentProc => {
     const state = join(dir, name)
@@ -212,7 +171,11 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
   }
 
   try {
-    if (opts.turn === true) turn = await startCoturn(topo.host('turn'), dir)
+    if (opts.turn === true) {
+      const c = await startCoturn(topo.host('turn'))
+      turn = { url: c.url, credentialsFile: c.credentialsFile }
+      cleanups.push(c.cleanup)
+    }
     const bootHost = topo.host('boot')
     const bootState = join(dir, 'boot')
     const created = await mesh(['network', 'create', 'testnet', '--state', bootState])
@@ -298,6 +261,7 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
         await topo.destroy()
         // Guest RAM files of VMs still running at the end (their QEMUs died with the namespaces).
         for (const a of agents.values()) rmSync(ramDirFor(a.state), { recursive: true, force: true })
+        for (const c of cleanups) c()
         rmSync(dir, { recursive: true, force: true })
       },
     }
@@ -308,6 +272,7 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
   } catch (err) {
     const bootLog = boot?.log()
     await topo.destroy()
+    for (const c of cleanups) c()
     rmSync(dir, { recursive: true, force: true })
     if (bootLog !== undefined && err instanceof Error) err.message += `\nbootstrap log:\n${bootLog}`
     throw err

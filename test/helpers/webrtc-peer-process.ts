@@ -7,7 +7,6 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import type { Topology } from './clouds.ts'
 import type { PeerConfig } from './webrtc-peer.ts'
 
 export const PEER_SCRIPT = fileURLToPath(new URL('./webrtc-peer.ts', import.meta.url))
@@ -103,40 +102,5 @@ export function peerConfigDir(): { write(name: string, cfg: PeerConfig): string;
     remove() {
       rmSync(dir, { recursive: true, force: true })
     },
-  }
-}
-
-/**
- * Makes the clouds' routers drop unsolicited inbound packets addressed to themselves, as a real
- * gateway's input filter does. Without it, the first ICE check from the far side (arriving before our
- * own check left) creates a conntrack entry router:port <- peer; our outgoing check then clashes with
- * it, masquerade picks another source port, and each side keeps punching at a port the other NAT never
- * mapped: ICE between two cone NATs fails every time. Dropped in the input filter, the entry is never
- * confirmed. (Belongs in the clouds fixture; applied by the WebRTC tests until it is.)
- */
-export async function dropUnsolicitedAtRouters(topo: Topology): Promise<void> {
-  for (const c of topo.clouds) {
-    if (topo.firewall === 'nft') {
-      await c.router.run('nft', ['-f', '-'], {
-        input:
-          'table inet meshin {\n chain input {\n type filter hook input priority filter; policy accept;\n' +
-          ' iifname "wan0" ct state new drop\n }\n}\n',
-      })
-    } else {
-      await c.router.run('iptables', [
-        '-w',
-        '5',
-        '-A',
-        'INPUT',
-        '-i',
-        'wan0',
-        '-m',
-        'conntrack',
-        '--ctstate',
-        'NEW',
-        '-j',
-        'DROP',
-      ])
-    }
   }
 }

@@ -103,28 +103,6 @@ if (process.env.MESH_NODE_CHILD !== undefined) {
         ],
         internetHosts: ['boot'],
       })
-      for (const c of topo.clouds) {
-        if (topo.firewall === 'nft')
-          await c.router.run('nft', ['-f', '-'], {
-            input:
-              'table inet meshin {\n chain input {\n type filter hook input priority filter; policy accept;\n iifname "wan0" ct state new drop\n }\n}\n',
-          })
-        else
-          await c.router.run('iptables', [
-            '-w',
-            '5',
-            '-A',
-            'INPUT',
-            '-i',
-            'wan0',
-            '-m',
-            'conntrack',
-            '--ctstate',
-            'NEW',
-            '-j',
-            'DROP',
-          ])
-      }
     })
 
     after(async () => {

@@ -5,19 +5,12 @@
  * webrtc-nat.test.ts (werift only).
  */
 import assert from 'node:assert/strict'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createClouds, type Host, type Topology, waitForLine } from '../helpers/clouds.ts'
+import { type Coturn, startCoturn } from '../helpers/coturn.ts'
 import { requireOrSkip } from '../helpers/prereq.ts'
-import {
-  dropUnsolicitedAtRouters,
-  PEER_SCRIPT,
-  PeerProcess,
-  peerConfigDir,
-  RELAY_SCRIPT,
-} from '../helpers/webrtc-peer-process.ts'
+import { PEER_SCRIPT, PeerProcess, peerConfigDir, RELAY_SCRIPT } from '../helpers/webrtc-peer-process.ts'
 
 type Engine = 'werift' | 'libdatachannel'
 const NODE = process.execPath
@@ -26,15 +19,12 @@ const STUN_SCRIPT = join(ROOT, 'net/stun/server.ts')
 const RELAY_PORT = 7000
 const STUN_PORT = 3478
 const TURN_PORT = 3479
-const TURN_USER = 'meshtest'
-// Generated per run; only ever written to 0600 files, never to argv or logs.
-const TURN_PASS = `p${Math.random().toString(36).slice(2)}${Date.now().toString(36)}`
 
 describe('webrtc links across NATs (clouds), libdatachannel engine', function () {
   this.timeout(90_000)
   let topo: Topology | undefined
   let cfgs: ReturnType<typeof peerConfigDir> | undefined
-  let turnDir: string | undefined
+  let coturn: Coturn | undefined
   let boot: Host
   const peers: PeerProcess[] = []
   let room = 0
@@ -51,57 +41,22 @@ describe('webrtc links across NATs (clouds), libdatachannel engine', function ()
       internetHosts: ['boot'],
       killGraceMs: 500,
     })
-    await dropUnsolicitedAtRouters(topo)
     cfgs = peerConfigDir()
     boot = topo.host('boot')
     const relay = boot.spawn(NODE, ['--import', 'tsx', RELAY_SCRIPT, boot.ip, String(RELAY_PORT)], {
       cwd: ROOT,
     })
     const stun = boot.spawn(NODE, ['--import', 'tsx', STUN_SCRIPT, boot.ip, String(STUN_PORT)], { cwd: ROOT })
-    turnDir = mkdtempSync(join(tmpdir(), 'mesh-turn-'))
-    const conf = join(turnDir, 'turnserver.conf')
-    writeFileSync(
-      conf,
-      [
-        `listening-ip=${boot.ip}`,
-        `relay-ip=${boot.ip}`,
-        `listening-port=${TURN_PORT}`,
-        'min-port=49152',
-        'max-port=49252',
-        'lt-cred-mech',
-        'fingerprint',
-        `user=${TURN_USER}:${TURN_PASS}`,
-        'realm=mesh.test',
-        'no-tls',
-        'no-dtls',
-        'no-cli',
-        'no-tcp-relay',
-        // Recommended for any TURN server, and needed here: an ICE agent also asks to relay to the
-        // peer's private host candidates; without this coturn tries, gets ENETUNREACH and drops the
-        // whole allocation (werift then loops on 438 Stale Nonce). Denied, it answers 403 and the
-        // relay-to-relay pair still works.
-        'denied-peer-ip=10.0.0.0-10.255.255.255',
-        'denied-peer-ip=172.16.0.0-172.31.255.255',
-        'denied-peer-ip=192.168.0.0-192.168.255.255',
-        'log-file=stdout',
-        'simple-log',
-        `pidfile=${join(turnDir, 'turnserver.pid')}`,
-        `userdb=${join(turnDir, 'turndb')}`,
-        '',
-      ].join('\n'),
-      { mode: 0o600 },
-    )
-    const turn = boot.spawn('turnserver', ['-c', conf], { cwd: turnDir })
+    coturn = await startCoturn(boot, { port: TURN_PORT })
     await waitForLine(relay, /"listening"/, 30_000)
     await waitForLine(stun, /"listening"/, 30_000)
-    await waitForLine(turn, /(Total General servers|IPv4. UDP listener opened|relay)/i, 30_000)
   })
 
   after(async () => {
     for (const p of peers) p.child.kill('SIGKILL')
     await topo?.destroy()
     cfgs?.remove()
-    if (turnDir !== undefined) rmSync(turnDir, { recursive: true, force: true })
+    coturn?.cleanup()
   })
 
   afterEach(() => {
@@ -118,7 +73,7 @@ describe('webrtc links across NATs (clouds), libdatachannel engine', function ()
     const iceServers = [
       { urls: `stun:${boot.ip}:${STUN_PORT}` },
       ...(opts.turn
-        ? [{ urls: `turn:${boot.ip}:${TURN_PORT}`, username: TURN_USER, credential: TURN_PASS }]
+        ? [{ urls: coturn!.url, username: coturn!.username, credential: coturn!.credential }]
         : []),
     ]
     const pair = [
