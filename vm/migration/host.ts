@@ -5,6 +5,22 @@ import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmSpec } from '../spec.ts'
 import type { VmHost } from './interfaces.ts'
 
+/**
+ * A fresh, sparse RAM file of the spec's size for an incoming copy. The `.in-` name is what
+ * sweepIncoming() recognises as a leftover after a killed destination agent.
+ */
+export async function allocateIncomingRam(ramDir: string, spec: VmSpec): Promise<string> {
+  await mkdir(ramDir, { recursive: true, mode: 0o700 })
+  const path = join(ramDir, `${spec.name}.in-${randomBytes(4).toString('hex')}.ram`)
+  const fh = await open(path, 'wx', 0o600)
+  try {
+    await fh.truncate(spec.memoryMiB * 1024 * 1024)
+  } finally {
+    await fh.close()
+  }
+  return path
+}
+
 export interface DriverHostInit {
   driver: VmDriver
   /** Where incoming RAM files go (for QEMU: the driver's RAM dir, e.g. /dev/shm/mesh). */
@@ -36,20 +52,8 @@ export function createDriverHost(init: DriverHostInit): DriverHost {
       }
       return vm
     },
-    async allocateRam(spec: VmSpec) {
-      await mkdir(init.ramDir, { recursive: true, mode: 0o700 })
-      const path = join(init.ramDir, `${spec.name}.in-${randomBytes(4).toString('hex')}.ram`)
-      const fh = await open(path, 'wx', 0o600)
-      try {
-        await fh.truncate(spec.memoryMiB * 1024 * 1024)
-      } finally {
-        await fh.close()
-      }
-      return path
-    },
-    async discardRam(path) {
-      await rm(path, { force: true })
-    },
+    allocateRam: (spec: VmSpec) => allocateIncomingRam(init.ramDir, spec),
+    discardRam: (path) => rm(path, { force: true }),
     startIncoming: (spec, memoryPath, signal) =>
       init.driver.start(spec, {
         ...init.startOptions?.(spec),

@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto'
-import { mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmManager } from '../manager.ts'
 import type { VmSpec } from '../spec.ts'
+import { allocateIncomingRam } from './host.ts'
 import type { VmHost } from './interfaces.ts'
 
 export interface ManagerHostInit {
@@ -53,20 +54,8 @@ export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> 
         return undefined
       }
     },
-    async allocateRam(spec: VmSpec) {
-      await mkdir(init.ramDir, { recursive: true, mode: 0o700 })
-      const path = join(init.ramDir, `${spec.name}.in-${randomBytes(4).toString('hex')}.ram`)
-      const fh = await open(path, 'wx', 0o600)
-      try {
-        await fh.truncate(spec.memoryMiB * 1024 * 1024)
-      } finally {
-        await fh.close()
-      }
-      return path
-    },
-    async discardRam(path) {
-      await rm(path, { force: true })
-    },
+    allocateRam: (spec: VmSpec) => allocateIncomingRam(init.ramDir, spec),
+    discardRam: (path) => rm(path, { force: true }),
     startIncoming: (spec, memoryPath, signal) =>
       init.driver.start(spec, {
         ...init.startOptions,
