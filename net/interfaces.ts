@@ -29,6 +29,8 @@ export interface MemberStatus {
   readonly state: MemberState
   readonly link: LinkState | 'none'
   readonly path?: PathType
+  /** The bulk channels ride a direct libp2p connection to this address (not the WebRTC link). */
+  readonly direct?: string
   /** Last round-trip time measured (link heartbeat if the link reports it, else libp2p ping), in ms. */
   readonly rttMs?: number
   /** Unix ms of the last time the member was seen up. */
@@ -46,6 +48,8 @@ export interface MeshNodeEvents {
   'members-changed': { members: number }
   'link-up': { peer: string; path: PathType }
   'link-down': { peer: string; reason?: string }
+  /** The link's bulk channels (chunks, migrate) moved to a direct libp2p connection. */
+  'link-direct': { peer: string; remote: string }
   /** A stream or connection was refused (non-member, revoked, bad invite). */
   refused: { peer: string; protocol: string; code: string; reason: string }
   /** This node itself has been revoked: all its links and connections are closed (the agent should
@@ -93,6 +97,9 @@ export interface MeshNodeInit {
   webrtc?: Omit<WebRtcLinkOptions, 'peer' | 'initiator' | 'signaling' | 'iceServers' | 'signal'>
   /** Data-plane link factory (default: werift WebRTC with `webrtc` options). */
   linkFactory?: LinkFactory
+  /** Move links' bulk channels (chunks, migrate) onto a direct libp2p connection when either end can
+   *  dial the other (default true); the WebRTC link always carries control and tunnel. */
+  direct?: boolean
   /** Add a libp2p pnet pre-shared key derived from the network's public key (default false). */
   pnet?: boolean
   timing?: MeshNodeTiming

@@ -37,6 +37,13 @@ import type {
   MeshNodeInit,
   MeshNodeTiming,
 } from './interfaces.ts'
+import { createPathLink } from './link/direct/link.ts'
+import {
+  createDirectPaths,
+  DIRECT_PROTOCOL,
+  type DirectInbox,
+  type DirectPaths,
+} from './link/direct/paths.ts'
 import type { Link, Overlay } from './link/interfaces.ts'
 import {
   AdmissionRefusedError,
@@ -166,6 +173,7 @@ class MeshNodeImpl implements MeshNode {
   private selfRevoked = false
   private stun: StunServer | undefined
   private readonly onExternalAbort = () => void this.stop()
+  private readonly direct: DirectPaths
 
   constructor(private readonly init: MeshNodeInit) {
     if (!isValidName(init.name)) throw new MembershipError(`invalid member name '${init.name}'`)
@@ -173,6 +181,12 @@ class MeshNodeImpl implements MeshNode {
     this.linkFactory = init.linkFactory ?? ((o) => createWebRtcLink({ ...init.webrtc, ...o }))
     this.log = init.log ?? (() => {})
     this.bootstrap = [...(init.bootstrap ?? [])]
+    this.direct = createDirectPaths({
+      libp2p: () => this.libp2p,
+      hints: (peer) => this.hints.get(peer) ?? [],
+      enabled: init.direct !== false,
+      log: this.log,
+    })
   }
 
   get peerId(): string {
@@ -347,6 +361,12 @@ class MeshNodeImpl implements MeshNode {
       this.guard(SIGNAL_PROTOCOL, (s, c) => this.handleSignal(s, c)),
       opts,
     )
+    // Direct paths exist only on direct connections: no runOnLimitedConnection.
+    await node.handle(
+      DIRECT_PROTOCOL,
+      this.guard(DIRECT_PROTOCOL, (s, c) => this.direct.handle(s, c)),
+      { maxInboundStreams: 16 },
+    )
     node.addEventListener('connection:open', (evt) => this.onConnectionOpen(evt.detail))
     node.addEventListener('connection:close', (evt) => {
       const peer = evt.detail.remotePeer.toString()
@@ -391,6 +411,7 @@ class MeshNodeImpl implements MeshNode {
       st.signaling?.close()
     }
     this.peers.clear()
+    this.direct.stop()
     await this.stun?.close()
     this.stun = undefined
     await this.persistChain
@@ -863,6 +884,7 @@ class MeshNodeImpl implements MeshNode {
     st.connecting = ctl
     const run = async () => {
       let signaling: StreamSignaling | undefined
+      let inbox: DirectInbox | undefined
       try {
         const stream = await this.dialMember(
           peer,
@@ -870,6 +892,7 @@ class MeshNodeImpl implements MeshNode {
           AbortSignal.any([ctl.signal, AbortSignal.timeout(15_000)]),
         )
         signaling = createStreamSignaling(stream, { log: this.log })
+        inbox = this.direct.inbox(signaling)
         const settle = this.boundAttempt(ctl, signaling)
         let link: Awaited<ReturnType<LinkFactory>>
         try {
@@ -883,8 +906,9 @@ class MeshNodeImpl implements MeshNode {
         } finally {
           settle()
         }
-        this.attachLink(peer, link, signaling)
+        this.attachLink(peer, link, signaling, inbox, true)
       } catch (err) {
+        inbox?.close()
         signaling?.close()
         // Stopped, revoked, or superseded by the peer's own attempt: no retry from here.
         if (parent.signal.aborted || st.connecting !== ctl || this.peers.get(peer) !== st) return
@@ -941,6 +965,7 @@ class MeshNodeImpl implements MeshNode {
     parent.signal.addEventListener('abort', onParent, { once: true })
     st.connecting = ctl
     const signaling = createStreamSignaling(stream, { log: this.log })
+    const inbox = this.direct.inbox(signaling)
     const settle = this.boundAttempt(ctl, signaling)
     try {
       let link: Awaited<ReturnType<LinkFactory>>
@@ -955,8 +980,9 @@ class MeshNodeImpl implements MeshNode {
       } finally {
         settle()
       }
-      this.attachLink(peer, link, signaling)
+      this.attachLink(peer, link, signaling, inbox, false)
     } catch (err) {
+      inbox.close()
       signaling.close()
       if (!parent.signal.aborted) this.log(`link from ${peer} failed: ${describeError(err)}`)
     } finally {
@@ -967,9 +993,13 @@ class MeshNodeImpl implements MeshNode {
 
   private attachLink(
     peer: string,
-    link: Link & { readonly rttMs?: number },
+    rawLink: Link & { readonly rttMs?: number },
     signaling: StreamSignaling,
+    inbox: DirectInbox,
+    initiator: boolean,
   ): void {
+    // Every link is a PathLink: its bulk channels may move to a direct connection once it is up.
+    const link = createPathLink(rawLink)
     const st = this.peers.get(peer)
     if (
       this.libp2p === undefined ||
@@ -978,6 +1008,7 @@ class MeshNodeImpl implements MeshNode {
       link.state === 'closed'
     ) {
       link.close(new NotMemberError(peer))
+      inbox.close()
       signaling.close()
       return
     }
@@ -1002,6 +1033,13 @@ class MeshNodeImpl implements MeshNode {
       if (lived > 10_000) st.backoffMs = 0
       st.nextAttemptAt = st.backoffMs === 0 ? 0 : Date.now() + st.backoffMs
       this.log(`link to ${peer} down: ${reason === undefined ? 'closed' : describeError(reason)}`)
+    })
+    // In the background: the link is already usable; its bulk channels move if a direct path exists.
+    const upgrade = new AbortController()
+    link.onClose(() => upgrade.abort(new ControlError('link closed')))
+    void this.direct.negotiate(link, { signaling, inbox, initiator, signal: upgrade.signal }).then(() => {
+      if (link.path.direct !== undefined && link.state === 'open')
+        this.emit('link-direct', { peer, remote: link.path.direct })
     })
   }
 
@@ -1101,6 +1139,7 @@ class MeshNodeImpl implements MeshNode {
         state: self ? 'up' : (st?.state ?? 'down'),
         link: self ? 'none' : (link?.state ?? (st?.connecting === undefined ? 'none' : 'connecting')),
         ...(link === undefined ? {} : { path: link.path.type }),
+        ...(link?.path.direct === undefined ? {} : { direct: link.path.direct }),
         ...(st?.rttMs === undefined ? {} : { rttMs: st.rttMs }),
         ...(st === undefined ? {} : { lastSeen: st.lastSeen }),
         addedBy: m.addedBy,

@@ -61,6 +61,9 @@ export interface PathInfo {
   readonly type: PathType
   readonly local?: string
   readonly remote?: string
+  /** The bulk channels (chunks, migrate) ride a direct libp2p connection to this address instead of
+   *  the WebRTC link (net/link/direct); absent while they ride the link. */
+  readonly direct?: string
 }
 
 export type LinkState = 'connecting' | 'open' | 'closed'

@@ -62,6 +62,7 @@ export function createNetService(init: NetServiceInit): NetService {
     state: m.state,
     link: m.link,
     ...(m.path === undefined ? {} : { path: m.path }),
+    ...(m.direct === undefined ? {} : { direct: m.direct }),
     ...(m.rttMs === undefined ? {} : { rttMs: m.rttMs }),
     ...(m.relayed === undefined ? {} : { relayed: m.relayed }),
   })
@@ -78,6 +79,7 @@ export function createNetService(init: NetServiceInit): NetService {
       await node.start()
       diag = createDiag(node.overlay, (l) => log.warn(l))
       node.on('link-up', (e) => log.info('link up', { peer: e.peer, path: e.path }))
+      node.on('link-direct', (e) => log.info('bulk channels direct', { peer: e.peer, remote: e.remote }))
       node.on('link-down', (e) => log.info('link down', { peer: e.peer, reason: e.reason }))
       node.on('refused', (e) => log.warn('refused', { peer: e.peer, protocol: e.protocol, code: e.code }))
       node.on('admitted', (e) => log.info('admitted member', { peer: e.peer, name: e.name }))

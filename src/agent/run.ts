@@ -43,6 +43,8 @@ export interface AgentOptions {
   pnet?: boolean
   /** WebRTC implementation for links (default werift). */
   engine?: LinkEngine
+  /** Move bulk channels onto a direct libp2p connection when one is possible (default true). */
+  direct?: boolean
   /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
   tap?: { name: string; address: string }
 }
@@ -159,6 +161,7 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     ...(opts.invite === undefined ? {} : { invite: opts.invite }),
     iceServers: iceServers(opts, knownBootstrap(paths.dir, opts.invite)),
     pnet: opts.pnet ?? false,
+    direct: opts.direct ?? true,
     ...(opts.engine === undefined ? {} : { linkFactory: linkFactoryFor(opts.engine) }),
     log: log.child('net'),
   })

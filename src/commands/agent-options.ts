@@ -31,6 +31,10 @@ export function addAgentOptions(cmd: Command): Command {
     .option('--tap <name>', 'host TAP interface into the guest network (needs root and --address)')
     .option('--address <cidr>', "this host's address on the guest network, with --tap (e.g. 10.99.0.1/24)")
     .option('--pnet', 'add a libp2p pre-shared key derived from the network (all members must agree)', false)
+    .option(
+      '--no-direct',
+      'keep bulk traffic (chunks, migration) on the WebRTC link even when a direct TCP path to a member exists',
+    )
 }
 
 export interface AgentCliOptions {
@@ -46,6 +50,8 @@ export interface AgentCliOptions {
   tap?: string
   address?: string
   engine: LinkEngine
+  /** commander's negation of --no-direct: true unless it was given. */
+  direct: boolean
 }
 
 export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
@@ -66,6 +72,7 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     ...(o.turnCredentials === undefined ? {} : { turnCredentials: o.turnCredentials }),
     pnet: o.pnet,
     engine: o.engine,
+    direct: o.direct,
     ...(invite === undefined ? {} : { invite }),
   }
 }

@@ -8,6 +8,8 @@ export interface PeerRow {
   state: string
   link: string
   path?: string
+  /** Bulk channels ride a direct TCP connection to this address. */
+  direct?: string
   rttMs?: number
 }
 
@@ -25,7 +27,7 @@ export const peers: CommandModule = {
           p.id,
           p.state,
           p.link,
-          p.path ?? '-',
+          p.direct === undefined ? (p.path ?? '-') : `${p.path ?? '-'}+tcp`,
           p.rttMs === undefined ? '-' : `${p.rttMs.toFixed(1)} ms`,
         ])
         process.stdout.write(`${formatTable(['NAME', 'PEER', 'STATE', 'LINK', 'PATH', 'RTT'], rows)}\n`)

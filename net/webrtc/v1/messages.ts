@@ -15,6 +15,7 @@ export const MAX_CANDIDATE_LENGTH = 1024
 export const MAX_MID_LENGTH = 64
 export const MAX_REASON_LENGTH = 256
 const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/
+const TOKEN_RE = /^[A-Za-z0-9_-]{22}$/
 
 interface Base {
   readonly v: 1
@@ -42,12 +43,29 @@ export interface ByeMessage extends Base {
   readonly type: 'bye'
   readonly reason?: string
 }
+/**
+ * After the link is up, the two ends agree on a direct libp2p path for the bulk channels
+ * (net/link/direct): the side that could dial the other offers the token its streams carry (no token:
+ * "I cannot reach you, try me"); the other answers with an ack. Carried here because this stream is the
+ * pair's authenticated rendezvous; the link engines ignore these types.
+ */
+export interface DirectOfferMessage extends Base {
+  readonly type: 'direct'
+  /** base64url of the 16-byte token the offered streams carry; absent when the sender cannot dial. */
+  readonly token?: string
+}
+export interface DirectAckMessage extends Base {
+  readonly type: 'direct-ack'
+  readonly ok: boolean
+}
 export type SignalMessage =
   | OfferMessage
   | AnswerMessage
   | CandidateMessage
   | EndOfCandidatesMessage
   | ByeMessage
+  | DirectOfferMessage
+  | DirectAckMessage
 export type SignalType = SignalMessage['type']
 
 function str(obj: Record<string, unknown>, key: string, max: number, optional: true): string | undefined
@@ -94,6 +112,15 @@ export function validateSignal(value: unknown): SignalMessage {
     case 'bye': {
       const reason = str(obj, 'reason', MAX_REASON_LENGTH, true)
       return reason === undefined ? { v: 1, session, type } : { v: 1, session, type, reason }
+    }
+    case 'direct': {
+      const token = str(obj, 'token', 32, true)
+      if (token !== undefined && !TOKEN_RE.test(token)) throw new SignalDecodeError('bad direct token')
+      return token === undefined ? { v: 1, session, type } : { v: 1, session, type, token }
+    }
+    case 'direct-ack': {
+      if (typeof obj.ok !== 'boolean') throw new SignalDecodeError("field 'ok' must be a boolean")
+      return { v: 1, session, type, ok: obj.ok }
     }
     default:
       throw new SignalDecodeError(`unknown type ${JSON.stringify(type)?.slice(0, 40)}`)
