@@ -124,6 +124,13 @@ export interface MeshNode {
   /** Revokes a member everywhere (needs init.networkKey). */
   revoke(peer: string): Promise<void>
   members(options?: { includeDropped?: boolean }): MemberStatus[]
+  /** Throughput of a plain libp2p stream (tcp + noise + yamux) to the peer: the baseline the overlay
+   *  link is compared with. Uses the direct connection when there is one, else the relayed one. */
+  benchStream(
+    peer: string,
+    bytes: number,
+    options?: { signal?: AbortSignal },
+  ): Promise<{ bytes: number; seconds: number; mbps: number; remote: string; direct: boolean }>
   /** libp2p ping round trip in ms. */
   ping(peer: string, options?: { signal?: AbortSignal }): Promise<number>
   /** The multiaddrs this node can be reached on (including relay circuits). */

@@ -27,6 +27,12 @@ import {
   type MembersMessage,
 } from './control/protocols.ts'
 import { FramedStream } from './control/stream.ts'
+import {
+  receiveStreamBench,
+  STREAM_BENCH_PROTOCOL,
+  type StreamBenchResult,
+  sendStreamBench,
+} from './diag/stream-bench.ts'
 import { type Identity, loadOrCreateIdentity } from './identity/index.ts'
 import type {
   LinkFactory,
@@ -366,6 +372,11 @@ class MeshNodeImpl implements MeshNode {
       DIRECT_PROTOCOL,
       this.guard(DIRECT_PROTOCOL, (s, c) => this.direct.handle(s, c)),
       { maxInboundStreams: 16 },
+    )
+    await node.handle(
+      STREAM_BENCH_PROTOCOL,
+      this.guard(STREAM_BENCH_PROTOCOL, async (s) => receiveStreamBench(s)),
+      { runOnLimitedConnection: true, maxInboundStreams: 2 },
     )
     node.addEventListener('connection:open', (evt) => this.onConnectionOpen(evt.detail))
     node.addEventListener('connection:close', (evt) => {
@@ -1150,6 +1161,29 @@ class MeshNodeImpl implements MeshNode {
       })
     }
     return out
+  }
+
+  async benchStream(
+    peer: string,
+    bytes: number,
+    options: { signal?: AbortSignal } = {},
+  ): Promise<StreamBenchResult & { remote: string; direct: boolean }> {
+    const node = this.libp2p
+    if (node === undefined) throw new NodeStateError('not started')
+    if (this.set?.isMember(peer) !== true) throw new NotMemberError(peer)
+    const signal = options.signal ?? AbortSignal.timeout(600_000)
+    const id = peerIdFromString(peer)
+    // The connection the direct path uses when there is one; else whatever reaches the peer (relay).
+    const direct = node
+      .getConnections(id)
+      .find((c) => c.status === 'open' && c.direct && c.limits === undefined)
+    const stream =
+      direct !== undefined
+        ? await direct.newStream(STREAM_BENCH_PROTOCOL, { signal })
+        : await this.dialMember(peer, STREAM_BENCH_PROTOCOL, signal)
+    const conn = direct ?? node.getConnections(id).find((c) => c.streams.includes(stream))
+    const r = await sendStreamBench(stream, bytes, signal)
+    return { ...r, remote: conn?.remoteAddr.toString() ?? '?', direct: conn?.direct === true }
   }
 
   async ping(peer: string, options: { signal?: AbortSignal } = {}): Promise<number> {

@@ -125,8 +125,26 @@ export function createNetService(init: NetServiceInit): NetService {
           const p = asObject(params)
           const m = resolvePeer(String(p.peer ?? ''))
           const bytes = Math.min(Math.max(Number(p.bytes ?? 64 * 2 ** 20), 1), 4 * 2 ** 30)
+          if (p.over === 'libp2p') {
+            const r = await node.benchStream(m.peerId, bytes, { signal: ctx.signal })
+            return {
+              peer: m.name,
+              peerId: m.peerId,
+              over: 'libp2p',
+              ...r,
+              path: r.direct ? 'direct-tcp' : 'relayed',
+            }
+          }
           const r = await diag!.bench(m.peerId, bytes, { signal: ctx.signal })
-          return { peer: m.name, peerId: m.peerId, ...r, path: node.overlay.link(m.peerId)?.path.type }
+          const link = node.overlay.link(m.peerId)
+          return {
+            peer: m.name,
+            peerId: m.peerId,
+            over: 'link',
+            ...r,
+            path: link?.path.type,
+            ...(link?.path.direct === undefined ? {} : { direct: link.path.direct }),
+          }
         },
         invite: async (params) => {
           const p = asObject(params)

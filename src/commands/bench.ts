@@ -1,4 +1,4 @@
-import { Command } from 'commander'
+import { Command, Option } from 'commander'
 import type { CommandModule } from '../command.ts'
 import { interruptSignal, jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
 import { positiveInt } from './ping.ts'
@@ -7,16 +7,24 @@ export const bench: CommandModule = {
   build: () =>
     new Command('bench')
       .description(
-        "measure throughput of the overlay link to a member (bulk data on the link's chunk channel)",
+        'measure throughput to a member: the overlay link (its control channel) or, with --over libp2p, a plain libp2p stream',
       )
       .argument('<peer>', 'member name or PeerId (a unique prefix is enough)')
       .option('--mib <n>', 'MiB to send', positiveInt('--mib'), 64)
+      .addOption(
+        new Option(
+          '--over <what>',
+          "'link': the overlay link's control channel (WebRTC); 'libp2p': a plain libp2p stream (tcp+noise+yamux, direct when possible), the baseline",
+        )
+          .choices(['link', 'libp2p'])
+          .default('link'),
+      )
       .addOption(stateOption())
       .addOption(jsonOption())
-      .action(async (peer: string, opts: StateOpts & { json: boolean; mib: number }) => {
+      .action(async (peer: string, opts: StateOpts & { json: boolean; mib: number; over: string }) => {
         const signal = interruptSignal()
         const res = (await withAgent(opts, (c) =>
-          c.call('bench', { peer, bytes: opts.mib * 1024 * 1024 }, { signal }),
+          c.call('bench', { peer, bytes: opts.mib * 1024 * 1024, over: opts.over }, { signal }),
         )) as {
           peer: string
           bytes: number

@@ -1,21 +1,19 @@
 /**
- * `npm run bench -- chunks [--mib N] [--keep]`: the chunk layer's throughput.
+ * `npm run bench -- chunks [--mib N] [--engine E] [--no-direct] [--memory-only]`: the chunk layer's throughput.
  *
- * In one process over the in-memory overlay (the protocol + store ceiling, no network cost):
- *   - manifest build of an N MiB file (hash only, and hash + import into a store),
- *   - fetch from one holder (`fetchMBps`) and from three (`fetch3MBps`), with CPU seconds per MB,
- *   - the raw channel rate of the same memory link (`linkMBps`),
- *   - pulling v2 that shares 90% of its chunks with v1 (`dedupWireRatio` = wire bytes / size of v2).
- * Then (unless `--memory-only`) the same between separate processes over werift WebRTC links on
- * loopback (test/system/chunk-node.ts, one process per node): fetch from one holder, from three, the
- * raw link rate of a werift pair in the same run (test/bench/link.ts), and the v2 pull. When that part
- * runs, the top-level figures are the two-process ones and the in-process ones move under `memory`.
- * Cross-cloud runs (agents in NAT'd namespaces) are the lead's agent bench.
+ * 1. In one process over the in-memory overlay (the protocol + store ceiling, no network cost, under
+ *    `memory`): manifest build, fetch from one holder and from three with CPU ms per MB, the memory
+ *    channel's raw rate, the v2 pull.
+ * 2. Between agents in NAT'd clouds (test/bench/_chunks-clouds.ts; real `mesh agent` processes, the
+ *    CLI): fetch N MiB of random data from one holder (`fetchMBps`) and from three (`fetch3MBps`);
+ *    in the same run the overlay link's raw rate (`linkMBps`, WebRTC) and a plain libp2p stream's
+ *    between the same two agents (`libp2pTcpMBps`); then v2 sharing 90% of its chunks
+ *    (`dedupWireRatio` = bytes fetched / size of v2). `path` says how the pulls travelled
+ *    (`direct-tcp` or `webrtc-<ICE type>`), `engine` which WebRTC implementation the links used.
  *
- * Last stdout line: {"bench":"chunks","fetchMBps":…,"fetch3MBps":…,"linkMBps":…,"dedupWireRatio":…,…}
+ * Last stdout line: {"bench":"chunks",…,"engine":…,"path":…,"libp2pTcpMBps":…,"fetchMBps":…,"fetch3MBps":…,"linkMBps":…,"dedupWireRatio":…}
  */
-import { spawn } from 'node:child_process'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { type ChunkService, createChunkService } from '../../net/chunks/exchange.ts'
@@ -24,14 +22,15 @@ import { buildManifest } from '../../net/chunks/manifest.ts'
 import { openChunkStore } from '../../net/chunks/store.ts'
 import { writeTestFile, writeVariant } from '../../net/chunks/testing.ts'
 import { createMemoryNetwork, type MemoryNetwork } from '../../net/link/memory.ts'
-import { PeerProcess } from '../helpers/webrtc-peer-process.ts'
-import { startSignalRelay } from '../helpers/webrtc-signal-relay.ts'
-import type { ChunkNodeConfig } from '../system/chunk-node.ts'
+import { chunksAcrossClouds } from './_chunks-clouds.ts'
 
 export interface ChunksBenchOptions {
   mib?: number
-  /** Also run the two-process WebRTC part (default true). */
-  webrtc?: boolean
+  /** Also run the part between agents in NAT'd clouds (default true; needs root). */
+  clouds?: boolean
+  engine?: 'werift' | 'libdatachannel'
+  /** Direct paths for bulk channels (default true, as agents run by default). */
+  direct?: boolean
   /** Keep the temp dir (for inspection). */
   keep?: boolean
   log?: (line: string) => void
@@ -47,9 +46,7 @@ export interface ChunksBenchResult {
   fetchCpuMsPerMB: number
   fetch3CpuMsPerMB: number
   fileMiB: number
-  transport: 'memory' | 'webrtc'
-  memory?: ChunksBenchResult
-  webrtcError?: string
+  transport: 'memory'
 }
 
 const MiB = 1024 * 1024
@@ -163,143 +160,49 @@ async function memoryBench(opts: ChunksBenchOptions = {}): Promise<ChunksBenchRe
   }
 }
 
-const NODE_SCRIPT = new URL('../system/chunk-node.ts', import.meta.url).pathname
-
-/** Two-process (and four-process) runs over werift links on loopback. */
-async function webrtcBench(
-  mib: number,
-  log: (s: string) => void,
-): Promise<Omit<ChunksBenchResult, 'memory'>> {
-  const dir = await mkdtemp(join(tmpdir(), 'bench-chunks-rtc-'))
-  const relay = await startSignalRelay('127.0.0.1')
-  const procs: PeerProcess[] = []
-  const start = async (name: string, links: ChunkNodeConfig['links']): Promise<PeerProcess> => {
-    const cfg: ChunkNodeConfig = {
-      name,
-      store: join(dir, name),
-      relay: { host: '127.0.0.1', port: relay.port },
-      links,
-      iceAdditionalHostAddresses: ['127.0.0.1'],
-    }
-    const path = join(dir, `${name}.json`)
-    await writeFile(path, JSON.stringify(cfg), { mode: 0o600 })
-    const p = new PeerProcess(
-      spawn(process.execPath, ['--import', 'tsx', NODE_SCRIPT, path], { stdio: 'pipe' }),
-    )
-    procs.push(p)
-    return p
-  }
-  const cpuOf = (e: Record<string, unknown>) => Number(e.mbps)
-  try {
-    const file = join(dir, 'v1.bin')
-    const h1 = await start('h1', [
-      { peer: 'd1', initiator: true, room: 'h1-d1' },
-      { peer: 'd3', initiator: true, room: 'h1-d3' },
-    ])
-    h1.send({ cmd: 'seed', file, mib })
-    const { id } = (await h1.next('seeded', 300_000)) as unknown as { id: string }
-    const d1 = await start('d1', [{ peer: 'h1', initiator: false, room: 'h1-d1' }])
-    d1.send({ cmd: 'connect' })
-    // h1's link to d3 is opened later, when d3 exists (a link waits at most 30 s for its peer).
-    h1.send({ cmd: 'connect', peers: ['d1'] })
-    await d1.next('open', 60_000)
-    d1.send({ cmd: 'fetch', id })
-    const f1 = await d1.next('fetched', 900_000)
-    const fetchMBps = cpuOf(f1)
-    log(`webrtc, 2 processes: fetch from 1 holder ${fetchMBps.toFixed(1)} MB/s`)
-
-    h1.send({ cmd: 'variant', src: file, file: join(dir, 'v2.bin'), fraction: 0.1 })
-    const v2 = (await h1.next('seeded', 300_000)) as unknown as { id: string; size: number }
-    d1.send({ cmd: 'fetch', id: v2.id })
-    const f2 = await d1.next('fetched', 900_000)
-    const dedupWireRatio = (Number(f2.wireIn) + Number(f2.wireOut)) / v2.size
-    log(`webrtc v2 pull: wire ratio ${dedupWireRatio.toFixed(3)}`)
-    d1.send({ cmd: 'exit' })
-
-    const h2 = await start('h2', [{ peer: 'd3', initiator: true, room: 'h2-d3' }])
-    const h3 = await start('h3', [{ peer: 'd3', initiator: true, room: 'h3-d3' }])
-    for (const h of [h2, h3]) h.send({ cmd: 'seed', file })
-    for (const h of [h2, h3]) await h.next('seeded', 300_000)
-    for (const h of [h2, h3]) h.send({ cmd: 'connect' })
-    h1.send({ cmd: 'connect', peers: ['d3'] })
-    const d3 = await start('d3', [
-      { peer: 'h1', initiator: false, room: 'h1-d3' },
-      { peer: 'h2', initiator: false, room: 'h2-d3' },
-      { peer: 'h3', initiator: false, room: 'h3-d3' },
-    ])
-    d3.send({ cmd: 'connect' })
-    await d3.next('open', 60_000)
-    d3.send({ cmd: 'fetch', id })
-    const f3 = await d3.next('fetched', 900_000)
-    const fetch3MBps = cpuOf(f3)
-    log(`webrtc, 4 processes: fetch from 3 holders ${fetch3MBps.toFixed(1)} MB/s`)
-    for (const p of procs) p.send({ cmd: 'exit' })
-
-    // The raw rate of a werift pair between two processes, in the same run (test/bench/link.ts).
-    const { measureLinkPair } = await import('./link.ts')
-    const sp = (cmd: string, args: string[]) => spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] })
-    const link = await measureLinkPair(
-      {
-        spawnA: sp,
-        spawnB: sp,
-        bHost: '127.0.0.1',
-        relay: { host: '127.0.0.1', port: relay.port },
-        iceServers: [],
-        extraHost: ['127.0.0.1'],
-        where: 'loopback',
-      },
-      Math.min(mib, 128),
-    )
-    log(`werift link raw: ${link.mbps} MB/s (TCP ${link.tcpMbps} MB/s)`)
-    return {
-      fetchMBps: round(fetchMBps),
-      fetch3MBps: round(fetch3MBps),
-      linkMBps: round(link.mbps),
-      dedupWireRatio: round(dedupWireRatio, 4),
-      manifestMBps: 0,
-      importMBps: 0,
-      fetchCpuMsPerMB: 0,
-      fetch3CpuMsPerMB: 0,
-      fileMiB: mib,
-      transport: 'webrtc',
-    }
-  } finally {
-    for (const p of procs) p.child.kill('SIGKILL')
-    await relay.close()
-    await rm(dir, { recursive: true, force: true })
-  }
-}
-
-export async function runChunksBench(opts: ChunksBenchOptions = {}): Promise<ChunksBenchResult> {
+export async function runChunksBench(opts: ChunksBenchOptions = {}): Promise<Record<string, unknown>> {
   const log = opts.log ?? ((s: string) => process.stderr.write(`[bench chunks] ${s}\n`))
   const memory = await memoryBench(opts)
-  if (opts.webrtc === false) return memory
-  try {
-    const rtc = await webrtcBench(opts.mib ?? 256, log)
-    return {
-      ...rtc,
-      manifestMBps: memory.manifestMBps,
-      importMBps: memory.importMBps,
-      fetchCpuMsPerMB: memory.fetchCpuMsPerMB,
-      fetch3CpuMsPerMB: memory.fetch3CpuMsPerMB,
-      memory,
-    }
-  } catch (err) {
-    log(`webrtc part failed: ${err instanceof Error ? err.message : String(err)}`)
-    return { ...memory, webrtcError: err instanceof Error ? err.message : String(err) }
+  if (opts.clouds === false) return { ...memory, engine: 'memory', path: 'memory' }
+  const clouds = await chunksAcrossClouds({
+    mib: opts.mib ?? 256,
+    engine: opts.engine ?? 'werift',
+    direct: opts.direct ?? true,
+    log,
+  })
+  return {
+    ...clouds,
+    transport: 'clouds',
+    manifestMBps: memory.manifestMBps,
+    importMBps: memory.importMBps,
+    memory,
   }
 }
 
-/** Entry for test/bench/main.ts: `npm run bench -- chunks [--mib N] [--memory-only] [--keep]`. */
+/**
+ * Entry for test/bench/main.ts:
+ * `npm run bench -- chunks [--mib N] [--engine werift|libdatachannel] [--no-direct] [--memory-only] [--keep]`.
+ */
 export async function main(args: string[]): Promise<Record<string, unknown>> {
-  const at = args.indexOf('--mib')
-  const mib = at >= 0 ? Number(args[at + 1]) : 256
+  const value = (flag: string) => {
+    const at = args.indexOf(flag)
+    return at >= 0 ? args[at + 1] : undefined
+  }
+  const mib = Number(value('--mib') ?? 256)
+  if (!(mib > 0)) throw new Error('--mib must be a positive number')
+  const engine = value('--engine') ?? 'werift'
+  if (engine !== 'werift' && engine !== 'libdatachannel')
+    throw new Error('--engine is werift or libdatachannel')
+  if (!args.includes('--memory-only') && process.getuid?.() !== 0)
+    throw new Error('the cross-cloud part needs root (network namespaces); use --memory-only without it')
   const r = await runChunksBench({
     mib,
     keep: args.includes('--keep'),
-    webrtc: !args.includes('--memory-only'),
+    clouds: !args.includes('--memory-only'),
+    engine,
+    direct: !args.includes('--no-direct'),
   })
-  // The four headline fields last, so the JSON line ends with them.
-  const { fetchMBps, fetch3MBps, linkMBps, dedupWireRatio, ...rest } = r
-  return { ...rest, fetchMBps, fetch3MBps, linkMBps, dedupWireRatio }
+  // The headline fields last, so the JSON line ends with them.
+  const { fetchMBps, fetch3MBps, linkMBps, dedupWireRatio, libp2pTcpMBps, engine: e, path, ...rest } = r
+  return { ...rest, engine: e, path, libp2pTcpMBps, fetchMBps, fetch3MBps, linkMBps, dedupWireRatio }
 }

@@ -124,6 +124,12 @@ export interface Cloud {
   /** Undoes cut(). Existing NAT mappings survive a cut that is shorter than conntrack's timeouts. */
   restore(): Promise<void>
   readonly isCut: boolean
+  /**
+   * Forwards TCP `port` on the router's public address to the same port of `host` (default: the
+   * cloud's first host): a cloud VM with a public IP and an open security-group port. Returns the
+   * public multiaddr (`/ip4/PUBLIC/tcp/PORT`) to announce.
+   */
+  forwardTcp(port: number, host?: Host): Promise<string>
 }
 
 export interface Topology {
@@ -409,6 +415,31 @@ class CloudImpl implements Cloud {
       await this.router.run('iptables', ['-w', '5', '-A', 'MESHCUT', '-o', 'wan0', '-j', 'DROP'])
     }
     this.isCut = true
+  }
+
+  async forwardTcp(port: number, host: Host = this.hosts[0]!): Promise<string> {
+    this.topo.assertOpen()
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw new CloudsError(`bad port ${port}`)
+    if (host.cloud !== this.name) throw new CloudsError(`${host.name} is not in cloud ${this.name}`)
+    if (this.topo.firewall === 'nft') {
+      await this.router.run('nft', ['-f', '-'], {
+        input: [
+          'table ip meshfwd {',
+          '  chain prerouting {',
+          '    type nat hook prerouting priority dstnat; policy accept;',
+          '  }',
+          '}',
+          `add rule ip meshfwd prerouting iifname "wan0" tcp dport ${port} dnat to ${host.ip}:${port}`,
+          '',
+        ].join('\n'),
+      })
+    } else {
+      await this.router.run('iptables', [
+        ...['-w', '5', '-t', 'nat', '-A', 'PREROUTING', '-i', 'wan0', '-p', 'tcp'],
+        ...['--dport', String(port), '-j', 'DNAT', '--to-destination', `${host.ip}:${port}`],
+      ])
+    }
+    return `/ip4/${this.publicIp}/tcp/${port}`
   }
 
   async restore(): Promise<void> {
