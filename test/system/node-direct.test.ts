@@ -1,19 +1,7 @@
 import assert from 'node:assert/strict'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import type { MeshNode, MeshNodeInit } from '../../net/interfaces.ts'
 import type { Link } from '../../net/link/interfaces.ts'
 import { createNetwork } from '../../net/membership/network.ts'
-import { createMeshNode } from '../../net/node.ts'
-
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
-  }
-}
+import { useLoopbackNodes, waitFor } from '../helpers/loopback-nodes.ts'
 
 /** Sends `count` numbered messages on `chunks` as fast as backpressure allows. */
 async function pump(link: Link, count: number, size: number): Promise<void> {
@@ -43,32 +31,7 @@ function collect(link: Link): number[] {
  */
 describe('mesh node: bulk channels move to a direct libp2p path (loopback)', function () {
   this.timeout(180_000)
-  const nodes: MeshNode[] = []
-  const dirs: string[] = []
-  const logs: string[] = []
-  after(async () => {
-    for (const n of nodes) await n.stop().catch(() => {})
-    for (const d of dirs) await rm(d, { recursive: true, force: true })
-  })
-  afterEach(function () {
-    if (this.currentTest?.state === 'failed') process.stdout.write(`${logs.slice(-120).join('\n')}\n`)
-  })
-
-  const mk = async (name: string, extra: Partial<MeshNodeInit>) => {
-    const d = await mkdtemp(join(tmpdir(), 'mesh-direct-'))
-    dirs.push(d)
-    const n = createMeshNode({
-      stateDir: d,
-      name,
-      listen: ['/ip4/127.0.0.1/tcp/0'],
-      webrtc: { iceAdditionalHostAddresses: ['127.0.0.1'], iceInterfaceAddress: '127.0.0.1' },
-      timing: { tickMs: 250 },
-      log: (l) => logs.push(`${name}: ${l}`),
-      ...extra,
-    })
-    nodes.push(n)
-    return n
-  }
+  const { mk, logs } = useLoopbackNodes()
 
   it('moves chunks+migrate mid-transfer, in order and complete both ways; control stays on WebRTC', async () => {
     const key = await createNetwork('directnet')

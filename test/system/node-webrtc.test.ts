@@ -1,49 +1,13 @@
 import assert from 'node:assert/strict'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import type { MeshNode } from '../../net/interfaces.ts'
 import { createNetwork } from '../../net/membership/network.ts'
-import { createMeshNode } from '../../net/node.ts'
-
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 100))
-  }
-}
+import { useLoopbackNodes, waitFor } from '../helpers/loopback-nodes.ts'
 
 /** The real wiring: werift links signaled over libp2p streams, between three nodes on loopback. */
 describe('mesh node: werift links over libp2p signaling (loopback)', function () {
   this.timeout(180_000)
-  const nodes: MeshNode[] = []
-  const dirs: string[] = []
-  const logs: string[] = []
-  after(async () => {
-    for (const n of nodes) await n.stop().catch(() => {})
-    for (const d of dirs) await rm(d, { recursive: true, force: true })
-  })
-  afterEach(function () {
-    if (this.currentTest?.state === 'failed') process.stdout.write(`${logs.slice(-80).join('\n')}\n`)
-  })
+  const { mk } = useLoopbackNodes()
 
   it('bootstrap + 2 members get WebRTC links and data flows both ways', async () => {
-    const mk = async (name: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
-      const d = await mkdtemp(join(tmpdir(), 'mesh-rtc-'))
-      dirs.push(d)
-      const n = createMeshNode({
-        stateDir: d,
-        name,
-        listen: ['/ip4/127.0.0.1/tcp/0'],
-        webrtc: { iceAdditionalHostAddresses: ['127.0.0.1'], iceInterfaceAddress: '127.0.0.1' },
-        timing: { tickMs: 250 },
-        log: (l) => logs.push(`${name}: ${l}`),
-        ...extra,
-      })
-      nodes.push(n)
-      return n
-    }
     const key = await createNetwork('rtcnet')
     const boot = await mk('boot', { networkKey: key, bootstrapRole: { relay: true } })
     await boot.start()

@@ -1,0 +1,54 @@
+/**
+ * Mesh nodes on loopback for system tests: one call in a `describe` registers the hooks that stop the
+ * nodes, remove their state dirs and print the last log lines of a failed test.
+ */
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { MeshNode, MeshNodeInit } from '../../net/interfaces.ts'
+import { createMeshNode } from '../../net/node.ts'
+
+export async function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
+  const end = Date.now() + timeoutMs
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 50))
+  }
+}
+
+export interface LoopbackNodes {
+  /** A node listening on 127.0.0.1 with werift links on loopback (not started). */
+  mk(name: string, extra?: Partial<MeshNodeInit>): Promise<MeshNode>
+  readonly logs: string[]
+}
+
+export function useLoopbackNodes(): LoopbackNodes {
+  const nodes: MeshNode[] = []
+  const dirs: string[] = []
+  const logs: string[] = []
+  after(async () => {
+    for (const n of nodes) await n.stop().catch(() => {})
+    for (const d of dirs) await rm(d, { recursive: true, force: true })
+  })
+  afterEach(function () {
+    if (this.currentTest?.state === 'failed') process.stdout.write(`${logs.slice(-120).join('\n')}\n`)
+  })
+  return {
+    logs,
+    async mk(name, extra = {}) {
+      const d = await mkdtemp(join(tmpdir(), 'mesh-node-'))
+      dirs.push(d)
+      const n = createMeshNode({
+        stateDir: d,
+        name,
+        listen: ['/ip4/127.0.0.1/tcp/0'],
+        webrtc: { iceAdditionalHostAddresses: ['127.0.0.1'], iceInterfaceAddress: '127.0.0.1' },
+        timing: { tickMs: 250 },
+        log: (l) => logs.push(`${name}: ${l}`),
+        ...extra,
+      })
+      nodes.push(n)
+      return n
+    },
+  }
+}
