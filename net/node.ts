@@ -336,9 +336,14 @@ class MeshNodeImpl implements MeshNode {
       streamMuxers: [yamux()],
       ...(this.init.pnet === true ? { connectionProtector: preSharedKey({ psk: pnetKeyOf(network) }) } : {}),
       connectionGater: this.gater(),
+      // libp2p's monitor pings every connection and, by default, aborts one whose ping fails. Its ping
+      // collided with our own (`mesh ping`, RTT ticks) on the ping protocol's one-stream limit and then
+      // killed a healthy connection carrying direct-path streams mid-transfer. Liveness is the links'
+      // heartbeat's job: the monitor only measures.
+      connectionMonitor: { abortConnectionOnPingFailure: false },
       services: {
         identify: identify(),
-        ping: ping(),
+        ping: ping({ maxOutboundStreams: 4, maxInboundStreams: 4 }),
         // The relay carries members' signaling and control streams, not bulk data (that goes over
         // WebRTC): no default data/duration limit, so relayed connections are not "limited".
         ...(relay

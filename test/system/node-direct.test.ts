@@ -47,8 +47,9 @@ describe('mesh node: bulk channels move to a direct libp2p path (loopback)', fun
     const cb = c.overlay.link(b.peerId)!
     const atB = collect(bc)
     const atC = collect(cb)
-    // Start at once: the upgrade happens while these run.
-    const count = 3000
+    // Start at once: the upgrade happens while these run. (Kept small: three nodes share this process
+    // and a long werift burst here can starve the links' heartbeats on a loaded machine.)
+    const count = 800
     await Promise.all([pump(bc, count, 16 * 1024), pump(cb, count, 16 * 1024)])
     await waitFor('all messages', () => atB.length === count && atC.length === count)
     assert.deepEqual(atC, [...Array(count).keys()], 'b→c in order, complete, intact')

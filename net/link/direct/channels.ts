@@ -1,3 +1,4 @@
+import { describeError } from '../../../src/errors.ts'
 import type { FramedStream } from '../../control/stream.ts'
 import { ChannelBase } from '../channel-base.ts'
 import { ChannelClosedError, LinkError, MessageTooLargeError } from '../errors.ts'
@@ -161,7 +162,8 @@ export class SwitchableChannel extends ChannelBase {
         this.early.push(m)
       }),
       direct.onClose((reason) => {
-        this.fail(new DirectPathError(`'${this.name}': direct stream closed`, { cause: reason }))
+        const why = reason === undefined ? '' : `: ${describeError(reason)}`
+        this.fail(new DirectPathError(`'${this.name}': direct stream closed${why}`, { cause: reason }))
       }),
     )
     direct.send(encodeSwitch(this.sentOld))
