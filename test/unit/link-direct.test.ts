@@ -87,9 +87,9 @@ describe('direct path v1 messages', () => {
 
 describe('SwitchableChannel', () => {
   it('keeps order when the direct path overtakes the old one (peer switches mid-stream)', async () => {
-    // The old path is slow (latency), the direct one instant: direct messages arrive first and must be
+    // The old path is slow (16 bytes per tick), the direct one fast: direct messages arrive first and must be
     // held until every old-path message is delivered.
-    const slow = createMemoryLinkPair('pa', 'pb', { latencyMs: 30 })
+    const slow = createMemoryLinkPair('pa', 'pb', { bytesPerTick: 16 })
     const fast = createMemoryLinkPair('pa', 'pb')
     const failures: Error[] = []
     const tx = new SwitchableChannel('chunks', slow.a.channel('chunks'), (e) => failures.push(e))
