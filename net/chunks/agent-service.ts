@@ -9,7 +9,7 @@ import {
   openImageRegistry,
 } from './images.ts'
 import type { ChunkStore } from './interfaces.ts'
-import { openChunkStore } from './store.ts'
+import { type ChunkStoreOptions, openChunkStore } from './store.ts'
 
 /**
  * The chunk layer as one agent service (same shape as src/agent's AgentService, without importing it):
@@ -29,6 +29,9 @@ export interface ChunkAgentServiceInit {
   /** Store size limit in bytes (default unlimited). */
   maxBytes?: number
   chunkSize?: number
+  /** Opens the store (default openChunkStore). A composition point: e.g. a test agent that serves
+   *  forged chunks wraps the real store here, with no test hook in the service itself. */
+  openStore?: (opts: ChunkStoreOptions) => Promise<ChunkStore>
 }
 
 export interface ChunkAgentService {
@@ -53,7 +56,7 @@ export function createChunkAgentService(init: ChunkAgentServiceInit): ChunkAgent
   return {
     name: 'chunks',
     async start() {
-      const store = await openChunkStore({
+      const store = await (init.openStore ?? openChunkStore)({
         dir: join(init.stateDir, 'chunks'),
         ...(init.maxBytes === undefined ? {} : { maxBytes: init.maxBytes }),
         ...(init.chunkSize === undefined ? {} : { chunkSize: init.chunkSize }),

@@ -145,7 +145,14 @@ export interface ImageRegistry {
     bytesFetched: number
     bytesSkipped: number
     elapsedMs: number
+    /** Members that hold the record. */
     from: string[]
+    /** Chunk bytes accepted from each member (verified), by PeerId. */
+    bytesFromPeer: Record<string, number>
+    /** Members whose chunks did not match their names: rejected, and not asked again. */
+    badPeers: string[]
+    /** Chunks re-requested from other holders after their first holder died or forged. */
+    chunksRequeued: number
   }>
 }
 
@@ -321,6 +328,9 @@ export async function openImageRegistry(opts: { store: ChunkStore; dir?: string 
       let chunksSkipped = 0
       let chunksFetched = 0
       let before = 0
+      const bytesFromPeer: Record<string, number> = {}
+      const badPeers = new Set<string>()
+      let chunksRequeued = 0
       try {
         for (const [i, f] of record.files.entries()) {
           const r = await service.fetch(manifests[i]!, {
@@ -341,6 +351,10 @@ export async function openImageRegistry(opts: { store: ChunkStore; dir?: string 
               }),
           })
           fetched += r.bytesFetched
+          for (const [peer, n] of Object.entries(r.bytesFromPeer))
+            bytesFromPeer[peer] = (bytesFromPeer[peer] ?? 0) + n
+          for (const peer of r.badPeers) badPeers.add(peer)
+          chunksRequeued += r.chunksRequeued
           skipped += r.bytesSkippedPresent + r.bytesSkippedZero
           chunksSkipped += r.chunksSkipped
           chunksFetched += r.chunksFetched
@@ -368,6 +382,9 @@ export async function openImageRegistry(opts: { store: ChunkStore; dir?: string 
         bytesSkipped: skipped,
         elapsedMs: performance.now() - t0,
         from: best.peers,
+        bytesFromPeer,
+        badPeers: [...badPeers],
+        chunksRequeued,
       }
     },
   }

@@ -21,6 +21,11 @@ export interface StoreLease {
   release(): void
 }
 
+export interface ReadItem {
+  hash: ChunkHash
+  target: Uint8Array
+}
+
 export interface StoreStats {
   chunks: number
   bytes: number
@@ -40,6 +45,15 @@ export interface ChunkStore {
   readonly chunkSize: number
   /** Present in the local index (a cheap in-memory lookup). */
   has(hash: ChunkHash): boolean
+  /** Byte length of a stored chunk; undefined when absent. */
+  sizeOf(hash: ChunkHash): number | undefined
+  /**
+   * Reads stored chunks straight into the caller's buffers (each `target` exactly sizeOf(hash) bytes),
+   * verifying every one. Chunks that lie back to back in the store are read with one system call, so
+   * serving a run of chunks costs one read, not one per chunk. Per item: undefined when read and
+   * verified, else the error (ChunkVerifyError: the bad copy was dropped; ChunkNotFoundError).
+   */
+  readInto(items: readonly ReadItem[]): Promise<(Error | undefined)[]>
   /** Reads and verifies a chunk: ChunkVerifyError if its bytes do not match (the bad copy is removed),
    *  ChunkNotFoundError if absent. */
   get(hash: ChunkHash): Promise<Buffer>

@@ -108,8 +108,14 @@ export interface Testnet {
     hostName: string,
     opts?: { invite?: string; args?: string[]; waitReady?: boolean; name?: string },
   ): Promise<AgentProc>
-  /** Waits until every listed agent sees an open link to every other listed agent. */
-  waitForFullMesh(names: string[], timeoutMs?: number): Promise<Map<string, PeerRow[]>>
+  /** Waits until every listed agent sees an open link to every other listed agent. `commandTimeoutMs`
+   *  bounds each `mesh peers` call (default 30 s; a CLI start alone takes several seconds on a loaded
+   *  2-core machine). */
+  waitForFullMesh(
+    names: string[],
+    timeoutMs?: number,
+    opts?: { commandTimeoutMs?: number },
+  ): Promise<Map<string, PeerRow[]>>
   destroy(): Promise<void>
 }
 
@@ -228,7 +234,7 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
         if (o.waitReady !== false) await readyPeerId(a)
         return a
       },
-      async waitForFullMesh(names, timeoutMs = 90_000) {
+      async waitForFullMesh(names, timeoutMs = 90_000, wopts = {}) {
         const deadline = Date.now() + timeoutMs
         let last = new Map<string, PeerRow[]>()
         for (;;) {
@@ -237,7 +243,7 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
           for (const n of names) {
             const a = agents.get(n)
             if (a === undefined) throw new Error(`no agent ${n}`)
-            const r = await a.mesh(['peers', '--json'], { timeoutMs: 10_000 })
+            const r = await a.mesh(['peers', '--json'], { timeoutMs: wopts.commandTimeoutMs ?? 30_000 })
             const rows = r.code === 0 ? (JSON.parse(r.stdout) as { peers: PeerRow[] }).peers : []
             last.set(n, rows)
             for (const other of names) {

@@ -140,6 +140,14 @@ describe('chunk exchange over the memory overlay', function () {
       const forgedBefore = forger.stats.forged
       await c.svc.fetch(m) // all present now: no request at all
       assert.equal(forger.stats.forged, forgedBefore)
+      // A new resource: the distrusted forger (it claims to hold everything) is not asked at all.
+      const src2 = join(dir, 'src2.bin')
+      await writeTestFile(src2, 4 * MiB)
+      const m2 = (await buildManifest(src2, { store: honest.store, pin: 'two' })).manifest
+      const r2 = await c.svc.fetch(m2)
+      assert.equal(forger.stats.forged, forgedBefore)
+      assert.deepEqual(r2.bytesFromPeer, { honest: 4 * MiB })
+      assert.equal(c.svc.stats().peersDistrusted, 1)
     } finally {
       forger.stop()
     }
@@ -172,6 +180,11 @@ describe('chunk exchange over the memory overlay', function () {
     const served = holders.map((h) => h.svc.stats().bytesServed)
     assert.ok(served[0]! > 4 * MiB && served[2]! > 4 * MiB, `served ${served}`)
     assert.ok(served[1]! > 0 && served[1]! < 16 * MiB, `h2 served ${served[1]}`)
+    assert.ok(r.chunksRequeued > 0, 'h2’s chunks in flight were asked of the others')
+    assert.equal(
+      Object.values(r.bytesFromPeer).reduce((a, b) => a + b, 0),
+      32 * MiB,
+    )
   })
 
   it('dedup: pulling v2 that shares 90% of its chunks with v1 moves about 10% of the bytes', async () => {

@@ -42,6 +42,43 @@ describe('chunk store', function () {
     assert.equal(reopened.stats().bytes, 64 * 1024)
   })
 
+  it('readInto reads runs of chunks into the caller’s buffers, verified one by one', async () => {
+    const store = await openChunkStore({ dir })
+    const datas = Array.from({ length: 40 }, (_, i) => randomBytes(i === 39 ? 1000 : 64 * 1024))
+    const hashes: Uint8Array[] = []
+    for (const d of datas) hashes.push(await store.put(d))
+    await store.close()
+    // Corrupt chunk 7 on disk; chunks 0..39 lie back to back in one pack.
+    const pack = join(dir, 'packs', (await readdir(join(dir, 'packs')))[0]!)
+    const bytes = await readFile(pack)
+    const at = bytes.indexOf(Buffer.from(hashes[7]!)) + 32 + 99
+    const fh = await open(pack, 'r+')
+    await fh.write(Buffer.of(bytes[at]! ^ 0x01), 0, 1, at)
+    await fh.close()
+    const reopened = await openChunkStore({ dir })
+    // Out of order, with a chunk that is not there and one whose buffer has the wrong size.
+    const order = [...Array(40).keys()].reverse()
+    const absent = sha256(Buffer.from('absent'))
+    const items = [
+      ...order.map((i) => ({ hash: hashes[i]!, target: Buffer.alloc(reopened.sizeOf(hashes[i]!)!) })),
+      { hash: absent, target: Buffer.alloc(10) },
+      { hash: hashes[3]!, target: Buffer.alloc(10) },
+    ]
+    assert.equal(reopened.sizeOf(absent), undefined)
+    const errs = await reopened.readInto(items)
+    order.forEach((i, k) => {
+      if (i === 7) assert.equal(errs[k]?.name, 'ChunkVerifyError')
+      else {
+        assert.equal(errs[k], undefined, `chunk ${i}: ${errs[k]?.message}`)
+        assert.ok(items[k]!.target.equals(datas[i]!), `chunk ${i} bytes`)
+      }
+    })
+    assert.equal(errs[40]?.name, 'ChunkNotFoundError')
+    assert.equal(errs[41]?.name, 'RangeError')
+    assert.equal(reopened.has(hashes[7]!), false, 'the corrupt copy is dropped')
+    await reopened.close()
+  })
+
   it('a byte flipped on disk makes the read fail with ChunkVerifyError and drops the bad copy', async () => {
     const store = await openChunkStore({ dir })
     const data = randomBytes(64 * 1024)
@@ -76,7 +113,10 @@ describe('chunk store', function () {
       for (let i = 0; ; i++) { buf.writeUInt32BE(i, 0); await store.put(buf) }
     `
     let torn: { hex?: string } | undefined
-    for (let attempt = 0; attempt < 20 && torn === undefined; attempt++) {
+    let complete = 0
+    // Until a kill tore an append that follows at least one complete record (on a loaded machine the
+    // very first append may be the one cut, which would leave nothing to check).
+    for (let attempt = 0; attempt < 30 && (torn === undefined || complete === 0); attempt++) {
       const c = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
         cwd: root,
         stdio: ['ignore', 'pipe', 'inherit'],
@@ -92,12 +132,17 @@ describe('chunk store', function () {
       const exited = new Promise((r) => c.once('exit', r))
       c.kill('SIGKILL')
       await exited
+      complete = 0
       for (const name of await readdir(join(dir, 'packs'))) {
         const scan = await scanPack(join(dir, 'packs', name))
+        complete += scan.records.length
         if (scan.validEnd < scan.size) torn = { ...(scan.tornHex ? { hex: scan.tornHex } : {}) }
       }
       // Reopening cuts the torn tail; the next child appends to a fresh pack.
-      if (torn === undefined) await (await openChunkStore({ dir })).close()
+      if (torn === undefined || complete === 0) {
+        torn = undefined
+        await (await openChunkStore({ dir })).close()
+      }
     }
     assert.ok(torn !== undefined, 'never killed the writer mid-append')
     const store = await openChunkStore({ dir })

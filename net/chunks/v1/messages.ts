@@ -42,6 +42,40 @@ export const MAX_IMAGE_RECORD = 128 * 1024
 /** Manifest bytes per MANIFEST_DATA message. */
 export const MANIFEST_SLICE = 192 * 1024
 
+/** Bytes of a BLOCKS message around its blocks (version, type, count) and per block (hash, length). */
+export const BLOCKS_OVERHEAD = 4
+export const BLOCK_HEADER = HASH_SIZE + 4
+
+/**
+ * Lays out a BLOCKS message for chunks of the given lengths: header, hashes and lengths written, each
+ * chunk's bytes left as a slot for the caller to fill in place (the server reads them straight from
+ * disk into the message: no per-chunk buffer, no copy).
+ */
+export function allocBlocks(blocks: readonly { hash: Uint8Array; length: number }[]): {
+  message: Buffer
+  slots: Buffer[]
+} {
+  let len = BLOCKS_OVERHEAD
+  for (const b of blocks) {
+    if (b.length > MAX_CHUNK_SIZE) throw new RangeError('block larger than MAX_CHUNK_SIZE')
+    len += BLOCK_HEADER + b.length
+  }
+  const message = Buffer.allocUnsafe(len)
+  message[0] = PROTOCOL_VERSION
+  message[1] = MsgType.Blocks
+  message.writeUInt16BE(blocks.length, 2)
+  const slots: Buffer[] = []
+  let o = BLOCKS_OVERHEAD
+  for (const b of blocks) {
+    if (b.hash.byteLength !== HASH_SIZE) throw new RangeError('hash must be 32 bytes')
+    message.set(b.hash, o)
+    message.writeUInt32BE(b.length, o + HASH_SIZE)
+    slots.push(message.subarray(o + BLOCK_HEADER, o + BLOCK_HEADER + b.length))
+    o += BLOCK_HEADER + b.length
+  }
+  return { message, slots }
+}
+
 export interface Block {
   hash: Uint8Array
   data: Uint8Array

@@ -1,0 +1,108 @@
+/**
+ * A member agent that FORGES chunks: `node --import tsx test/helpers/forger-agent.ts --state DIR --name NAME`.
+ *
+ * It is a real member (the state dir of a node that joined with an invite), built from the same
+ * factories as `mesh agent` (createNetService + createChunkAgentService + createAgent), so it links,
+ * answers `mesh status/peers/image ...` on its control socket and answers have/image queries honestly.
+ * Only its store is wrapped (through the chunk service's `openStore` option): every chunk it READS
+ * comes back with one byte flipped, so every block it serves is forged while its own pushes (which only
+ * write) stay correct. Used by test/system/chunks-e2e.test.ts; no test hook lives in production code.
+ */
+import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { createChunkAgentService } from '../../net/chunks/agent-service.ts'
+import type { ChunkHash, ChunkStore } from '../../net/chunks/interfaces.ts'
+import { openChunkStore } from '../../net/chunks/store.ts'
+import { createAgent } from '../../src/agent/agent.ts'
+import { createNetService, stunFromBootstrap } from '../../src/agent/net-service.ts'
+import { statePaths } from '../../src/config.ts'
+import { createLogger } from '../../src/log.ts'
+
+function flipped<T extends Uint8Array>(data: T): T {
+  if (data.byteLength > 0) data[data.byteLength >> 1]! ^= 0xff
+  return data
+}
+
+/** The real store, except that every read returns bytes that no longer match their name. */
+export function forgingStore(inner: ChunkStore): ChunkStore {
+  return {
+    get dir() {
+      return inner.dir
+    },
+    get chunkSize() {
+      return inner.chunkSize
+    },
+    has: (h: ChunkHash) => inner.has(h),
+    sizeOf: (h: ChunkHash) => inner.sizeOf(h),
+    get: async (h: ChunkHash) => flipped(await inner.get(h)),
+    readInto: async (items) => {
+      const res = await inner.readInto(items)
+      items.forEach((it, i) => {
+        if (res[i] === undefined) flipped(it.target)
+      })
+      return res
+    },
+    put: (d, e) => inner.put(d, e),
+    putVerified: (h, d) => inner.putVerified(h, d),
+    delete: (h) => inner.delete(h),
+    lease: () => inner.lease(),
+    putManifest: (m) => inner.putManifest(m),
+    getManifest: (id) => inner.getManifest(id),
+    hasManifest: (id) => inner.hasManifest(id),
+    pin: (n, id) => inner.pin(n, id),
+    unpin: (n) => inner.unpin(n),
+    pins: () => inner.pins(),
+    gc: () => inner.gc(),
+    stats: () => inner.stats(),
+    close: () => inner.close(),
+  }
+}
+
+function arg(name: string): string {
+  const i = process.argv.indexOf(name)
+  const v = i < 0 ? undefined : process.argv[i + 1]
+  if (v === undefined) {
+    process.stderr.write(`usage: forger-agent.ts --state DIR --name NAME (missing ${name})\n`)
+    process.exit(2)
+  }
+  return v
+}
+
+async function main(): Promise<void> {
+  const dir = statePaths(arg('--state')).dir
+  const name = arg('--name')
+  if (!existsSync(join(dir, 'network.json'))) throw new Error(`${dir} is not a member's state (join first)`)
+  const { bootstrap } = JSON.parse(readFileSync(join(dir, 'network.json'), 'utf8')) as {
+    bootstrap?: string[]
+  }
+  const log = createLogger()
+  const net = createNetService({
+    stateDir: dir,
+    name,
+    listen: ['/ip4/0.0.0.0/tcp/0'],
+    iceServers: stunFromBootstrap(bootstrap ?? []),
+    pnet: false,
+    log: log.child('net'),
+  })
+  const chunks = createChunkAgentService({
+    stateDir: dir,
+    overlay: () => net.node.overlay,
+    log: log.child('chunks'),
+    openStore: async (o) => forgingStore(await openChunkStore(o)),
+  })
+  const agent = createAgent({ stateDir: dir, services: [net, chunks], log })
+  const stop = () => void agent.stop()
+  process.once('SIGINT', stop)
+  process.once('SIGTERM', stop)
+  await agent.start()
+  log.info('forger: every chunk this member serves has a flipped byte')
+  await agent.wait()
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  main().catch((err) => {
+    process.stderr.write(`forger agent failed: ${err instanceof Error ? err.message : String(err)}\n`)
+    process.exit(1)
+  })
+}

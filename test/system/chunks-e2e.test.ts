@@ -1,0 +1,235 @@
+/**
+ * The chunk exchange between agent PROCESSES in separate NAT'd clouds (issue #4), through the CLI:
+ *   - a member that serves forged chunks (test/helpers/forger-agent.ts: a real agent whose store flips
+ *     a byte of everything it reads) is rejected and distrusted, and the pull completes, byte-identical,
+ *     from the honest holder; a later pull does not ask the forger at all;
+ *   - three holders in three clouds, one killed with SIGKILL mid-pull: the pull completes from the
+ *     other two, byte-identical, and the killed holder's in-flight chunks were asked of the others.
+ * One testnet (clouds a, b, c, d; one host each) serves both cases: c1 is the forger first, then a
+ * normal agent again on the same state dir.
+ */
+import assert from 'node:assert/strict'
+import { type ChildProcess, spawn } from 'node:child_process'
+import { createHash, randomBytes } from 'node:crypto'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { waitForLine } from '../helpers/clouds.ts'
+import { requireOrSkip } from '../helpers/prereq.ts'
+import {
+  type AgentProc,
+  createTestnet,
+  lastJson,
+  MESH_BIN,
+  REPO_ROOT,
+  type Testnet,
+} from '../helpers/testnet.ts'
+
+const MiB = 1024 * 1024
+const FORGER = fileURLToPath(new URL('../helpers/forger-agent.ts', import.meta.url))
+
+interface PullResult {
+  event: string
+  bytesFetched: number
+  bytesFromPeer: Record<string, number>
+  badPeers: string[]
+  chunksRequeued: number
+}
+
+interface WireStats {
+  blocksServed: number
+  rejectedBlocks: number
+  peersDistrusted: number
+}
+
+const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex')
+
+/** Writes SIZE random bytes into the testnet dir; returns the path and the bytes' sha256. */
+function randomFile(dir: string, name: string, size: number): { path: string; sha: string } {
+  const data = randomBytes(size)
+  const path = join(dir, name)
+  writeFileSync(path, data)
+  return { path, sha: sha(data) }
+}
+
+async function wire(a: AgentProc): Promise<WireStats> {
+  const st = await a.json<{ chunks: { chunks: { wire: WireStats } } }>(['status'])
+  return st.chunks.chunks.wire
+}
+
+async function push(a: AgentProc, file: string, ref: string): Promise<void> {
+  const r = await a.mesh(['image', 'push', file, '--name', ref, '--json'], { timeoutMs: 120_000 })
+  assert.equal(r.code, 0, `push on ${a.name}: ${r.stderr}`)
+}
+
+/** `mesh image pull --json` whose progress events the caller sees as they come (to act mid-pull). */
+function pullStreaming(
+  a: AgentProc,
+  ref: string,
+  dir: string,
+  onEvent: (e: Record<string, unknown>) => void,
+  timeoutMs: number,
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(
+      process.execPath,
+      [MESH_BIN, 'image', 'pull', ref, '--dir', dir, '--json', '--state', a.state],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    )
+    let stdout = ''
+    let stderr = ''
+    let partial = ''
+    child.stdout.on('data', (b: Buffer) => {
+      stdout += b.toString()
+      partial += b.toString()
+      const lines = partial.split('\n')
+      partial = lines.pop() ?? ''
+      for (const line of lines) {
+        try {
+          onEvent(JSON.parse(line) as Record<string, unknown>)
+        } catch {
+          // not one JSON object per line (the final result is pretty-printed): ignored here
+        }
+      }
+    })
+    child.stderr.on('data', (b: Buffer) => {
+      stderr += b.toString()
+    })
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+    child.on('error', reject)
+    child.on('close', (code) => {
+      clearTimeout(timer)
+      resolve({ code: code ?? -1, stdout, stderr })
+    })
+  })
+}
+
+describe("chunk exchange between agents in NAT'd clouds: forged chunks, killed holder (e2e)", function () {
+  this.timeout(300_000)
+  let net: Testnet | undefined
+  let forger: ChildProcess | undefined
+
+  const agent = (name: string) => net!.agents.get(name)!
+  const killForger = async () => {
+    const f = forger
+    forger = undefined
+    if (f === undefined || f.exitCode !== null || f.signalCode !== null) return
+    const exited = new Promise((r) => f.once('exit', r))
+    try {
+      process.kill(-f.pid!, 'SIGKILL')
+    } catch {
+      f.kill('SIGKILL')
+    }
+    await exited
+  }
+
+  before(async function () {
+    // Five agents and six WebRTC links to set up: minutes when the 2 cores are shared.
+    this.timeout(480_000)
+    requireOrSkip(this, { root: true, commands: ['ip', 'nft'] })
+    net = await createTestnet({ clouds: [{ name: 'a' }, { name: 'b' }, { name: 'c' }, { name: 'd' }] })
+    // c1 joined as a normal member; it now runs as the forger on the same state (same PeerId).
+    const c1 = agent('c1')
+    await c1.kill()
+    forger = c1.host.spawn(
+      process.execPath,
+      ['--import', 'tsx', FORGER, '--state', c1.state, '--name', 'c1'],
+      { cwd: REPO_ROOT, env: process.env },
+    )
+    await waitForLine(forger, /agent ready/, 90_000)
+    await net.waitForFullMesh(['a1', 'b1', 'c1', 'd1'], 240_000, { commandTimeoutMs: 30_000 })
+  })
+
+  after(async () => {
+    await killForger()
+    await net?.destroy()
+  })
+
+  it('forged chunks from a member are rejected, the forger is not asked again, the pull completes from an honest holder', async () => {
+    const [a1, c1, d1] = [agent('a1'), agent('c1'), agent('d1')]
+    // Bigger than one fetch window (8 MiB per peer), so both holders are asked for chunks.
+    const size1 = 12 * MiB
+    const f1 = randomFile(net!.dir, 'forged-1.img', size1)
+    await push(a1, f1.path, 'forged:1')
+    await push(c1, f1.path, 'forged:1')
+
+    const out1 = join(net!.dir, 'out-forged-1')
+    const pull1 = await d1.mesh(['image', 'pull', 'forged:1', '--dir', out1, '--json'], {
+      timeoutMs: 180_000,
+    })
+    assert.equal(pull1.code, 0, pull1.stderr)
+    assert.equal(sha(readFileSync(join(out1, 'forged-1.img'))), f1.sha, 'pulled bytes differ')
+    const r1 = lastJson<PullResult>(pull1.stdout)
+    process.stdout.write(`      pull 1: ${JSON.stringify({ ...r1, record: undefined })}\n`)
+    assert.deepEqual(r1.badPeers, [c1.peerId], 'the forger is reported as a bad peer')
+    assert.equal(r1.bytesFromPeer[c1.peerId] ?? 0, 0, 'no byte from the forger was accepted')
+    assert.equal(r1.bytesFromPeer[a1.peerId], size1, 'everything came from the honest holder')
+    const forgerServed = (await wire(c1)).blocksServed
+    const d1Wire = await wire(d1)
+    assert.ok(forgerServed > 0, 'the forger was asked for chunks')
+    assert.ok(d1Wire.rejectedBlocks >= 1 && d1Wire.peersDistrusted === 1, JSON.stringify(d1Wire))
+    assert.match(d1.log(), /do not match chunk/)
+
+    // A second image both hold: the distrusted forger is not asked for a single chunk.
+    const f2 = randomFile(net!.dir, 'forged-2.img', 4 * MiB)
+    await push(a1, f2.path, 'forged:2')
+    await push(c1, f2.path, 'forged:2')
+    const out2 = join(net!.dir, 'out-forged-2')
+    const pull2 = await d1.mesh(['image', 'pull', 'forged:2', '--dir', out2, '--json'], {
+      timeoutMs: 180_000,
+    })
+    assert.equal(pull2.code, 0, pull2.stderr)
+    assert.equal(sha(readFileSync(join(out2, 'forged-2.img'))), f2.sha, 'pulled bytes differ')
+    const r2 = lastJson<PullResult>(pull2.stdout)
+    assert.deepEqual(r2.bytesFromPeer, { [a1.peerId]: 4 * MiB })
+    assert.equal((await wire(c1)).blocksServed, forgerServed, 'the forger was asked again')
+    assert.equal((await wire(d1)).rejectedBlocks, d1Wire.rejectedBlocks)
+  })
+
+  it('swarm: three holders in three clouds, one killed -9 mid-pull → the pull completes, bytes identical', async () => {
+    // c1 becomes an honest member again (the forger's store on disk is intact: it only forged reads).
+    // d1 distrusts c1's PeerId for as long as its chunk service runs, so a1 pulls this time, from
+    // b1, c1 and d1 (three clouds other than its own).
+    await killForger()
+    const [a1, b1, c1, d1] = [agent('a1'), agent('b1'), agent('c1'), agent('d1')]
+    await c1.restart()
+    await net!.waitForFullMesh(['a1', 'c1'], 150_000, { commandTimeoutMs: 30_000 })
+
+    // Three fetch windows (8 MiB per peer): every holder has chunks in flight from the start.
+    const size = 24 * MiB
+    const f = randomFile(net!.dir, 'swarm.img', size)
+    for (const h of [b1, c1, d1]) await push(h, f.path, 'swarm:1')
+
+    const out = join(net!.dir, 'out-swarm')
+    let killedAt: number | undefined
+    let killing: Promise<void> | undefined
+    const pull = await pullStreaming(
+      a1,
+      'swarm:1',
+      out,
+      (e) => {
+        const got = typeof e.bytesFetched === 'number' ? e.bytesFetched : 0
+        if (killing === undefined && e.phase === 'fetch' && got >= 0.1 * size) {
+          killedAt = got
+          killing = b1.kill()
+        }
+      },
+      240_000,
+    )
+    await killing
+    assert.equal(pull.code, 0, pull.stderr)
+    assert.ok(killedAt !== undefined && killedAt < size, `b1 was not killed mid-pull (at ${killedAt})`)
+    assert.equal(sha(readFileSync(join(out, 'swarm.img'))), f.sha, 'pulled bytes differ')
+    const r = lastJson<PullResult>(pull.stdout)
+    process.stdout.write(
+      `      swarm pull: killed b1 at ${((killedAt ?? 0) / MiB).toFixed(1)} MiB; ${JSON.stringify({ bytesFromPeer: r.bytesFromPeer, chunksRequeued: r.chunksRequeued })}\n`,
+    )
+    assert.equal(r.bytesFetched, size)
+    const from = (p: AgentProc) => r.bytesFromPeer[p.peerId] ?? 0
+    assert.equal(from(b1) + from(c1) + from(d1), size)
+    assert.ok(from(b1) > 0 && from(b1) < size / 2, `the killed holder served ${from(b1)} B`)
+    assert.ok(from(c1) > 0 && from(d1) > 0, 'both surviving holders served')
+    assert.ok(r.chunksRequeued > 0, 'chunks in flight from the killed holder were asked of the others')
+    assert.deepEqual(r.badPeers, [])
+  })
+})
