@@ -68,6 +68,7 @@ interface Node {
   id: string
   host: DriverHost
   service: MigrationService
+  network: MigrationNetwork
   ramDir: string
   tap: Tap
 }
@@ -138,6 +139,13 @@ describe('migration (fake driver, memory links)', function () {
     const network = tapped(overlayMigrationNetwork(net.node(id)), tap, () => {
       for (const l of net.node(id).links()) net.disconnect(...other(l.peer))
     })
+    const service = await startService(network, host, tuning)
+    const n = { id, host, service, network, ramDir, tap }
+    nodes.set(id, n)
+    return n
+  }
+
+  async function startService(network: MigrationNetwork, host: DriverHost, tuning = {}) {
     const service = createMigrationService({
       network,
       host,
@@ -147,9 +155,21 @@ describe('migration (fake driver, memory links)', function () {
       tuning: { timeoutMs: 3000, inDoubtMs: 5000, switchBytes: 256 * 1024, ...tuning },
     })
     await service.start(new AbortController().signal)
-    const n = { id, host, service, ramDir, tap }
-    nodes.set(id, n)
-    return n
+    return service
+  }
+
+  /** The agent restarts (or was killed: stop() aborts what it was doing): VMs and records stay. */
+  async function restart(n: Node, tuning = {}): Promise<void> {
+    await n.service.stop()
+    n.service = await startService(n.network, n.host, tuning)
+  }
+
+  async function until(what: string, ok: () => boolean, ms = 10_000): Promise<void> {
+    const end = Date.now() + ms
+    while (!ok()) {
+      if (Date.now() > end) assert.fail(`timed out waiting for ${what}`)
+      await sleep(10)
+    }
   }
 
   async function bootGuest(on: Node, name = 'g1'): Promise<Guest> {
@@ -322,6 +342,98 @@ describe('migration (fake driver, memory links)', function () {
     g.assertIntact(B.host.get('g1')!)
   })
 
+  for (const [side, type, expect] of [
+    ['A', 'commit', 'A'],
+    ['B', 'resumed', 'B'],
+  ] as const) {
+    it(`in doubt past its budget (link cut when ${side} sends '${type}', down for long): paused, then settles on its own once the link heals (runs on ${expect})`, async () => {
+      const A = nodes.get('A')!
+      const B = nodes.get('B')!
+      await restart(A, { inDoubtMs: 300 })
+      const g = await bootGuest(A)
+      g.fill(2)
+      nodes.get(side)!.tap.cutOn = type
+      const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+      assert.ok(err instanceof Error && err.name === 'MigrationInDoubtError', String(err))
+      // The link is still down: the copy on A stays paused, and A neither moves it nor claims it.
+      assert.equal(A.host.get('g1')?.status(), 'paused')
+      assert.deepEqual(A.service.status().inDoubt as string[], ['g1'])
+      assert.equal(A.host.switches().length, 1)
+      const again = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+      assert.ok(again instanceof Error && (again as { code?: string }).code === 'E_MIGRATION_IN_DOUBT')
+      await sleep(600)
+      assert.equal(A.host.get('g1')?.status(), 'paused', 'still paused while nobody can answer')
+      assert.deepEqual(
+        running('g1').map((n) => n.id),
+        expect === 'B' ? ['B'] : [],
+      )
+      net.connect('A', 'B')
+      await until('the switch to settle', () => A.host.switches().length === 0)
+      await until('the in-doubt mark to clear', () => (A.service.status().inDoubt as string[]).length === 0)
+      assert.deepEqual(
+        running('g1').map((n) => n.id),
+        [expect],
+      )
+      if (expect === 'B') {
+        assert.equal(A.host.get('g1'), undefined, 'A stopped and forgot its copy')
+        assert.equal(g.vm.status(), 'stopped')
+        assert.equal(A.host.token('g1'), 1, 'A learnt the token it lost')
+      } else assert.equal(B.host.get('g1'), undefined)
+      g.assertIntact(nodes.get(expect)!.host.get('g1')!)
+    })
+  }
+
+  it('source agent killed after the destination resumed: the restarted agent stops its paused copy', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    // 'resumed' never reaches A (the link drops as B sends it), then A's agent dies while it asks.
+    B.tap.cutOn = 'resumed'
+    const p = A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    await until('the link to drop', () => net.node('A').link('B') === undefined)
+    await until('B to run the VM', () => B.host.get('g1')?.status() === 'running')
+    await A.service.stop()
+    const err = await p
+    assert.ok(err instanceof Error && err.name === 'MigrationInDoubtError', String(err))
+    assert.equal(A.host.get('g1')?.status(), 'paused', 'a killed agent leaves its QEMU paused')
+    assert.equal(A.host.switches().length, 1)
+    assert.equal(A.host.token('g1'), 0)
+    // The new agent starts while the destination is unreachable, and settles once it is back.
+    A.service = await startService(A.network, A.host)
+    await sleep(300)
+    assert.equal(A.host.get('g1')?.status(), 'paused')
+    net.connect('A', 'B')
+    await until('the switch to settle', () => A.host.switches().length === 0)
+    assert.equal(A.host.get('g1'), undefined)
+    assert.equal(g.vm.status(), 'stopped', 'the stale copy was stopped, never resumed')
+    assert.equal(A.host.token('g1'), 1)
+    assert.deepEqual(
+      running('g1').map((n) => n.id),
+      ['B'],
+    )
+    g.assertIntact(B.host.get('g1')!)
+  })
+
+  it('source agent killed between the pause and the commit: the restarted agent resumes its copy', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    // What a kill -9 right after the pause leaves: the paused QEMU and the switch record.
+    await A.host.beginSwitch({ vm: 'g1', token: 1, to: 'B', at: Date.now() })
+    await g.vm.pause()
+    await restart(A)
+    await until('the switch to settle', () => A.host.switches().length === 0)
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    assert.equal(B.host.get('g1'), undefined)
+    assert.equal(A.host.token('g1'), 0)
+    g.assertIntact(A.host.get('g1')!)
+    // And it can move again afterwards.
+    await A.service.migrate({ vm: 'g1', to: 'B' })
+    assert.equal(B.host.get('g1')?.status(), 'running')
+  })
+
   it('refuses a non-member: its migrate request and its prepare', async () => {
     const A = nodes.get('A')!
     await bootGuest(A)
@@ -423,6 +535,13 @@ describe('migration VmHost over the VM manager', () => {
       assert.equal(host.get('mh'), undefined)
       const again = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
       assert.equal(again.token('mh'), 3, 'tokens survive a restart')
+      const rec = { vm: 'mh', token: 4, to: 'B', at: 1 }
+      await again.beginSwitch!(rec)
+      const third = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
+      assert.deepEqual(third.switches!(), [rec], 'a switch in progress survives a restart')
+      await third.endSwitch!('mh')
+      const fourth = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
+      assert.deepEqual(fourth.switches!(), [])
     } finally {
       await rm(dir, { recursive: true, force: true })
     }

@@ -3,7 +3,7 @@ import { mkdir, open, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmSpec } from '../spec.ts'
-import type { VmHost } from './interfaces.ts'
+import type { SwitchRecord, VmHost } from './interfaces.ts'
 
 /**
  * A fresh, sparse RAM file of the spec's size for an incoming copy. The `.in-` name is what
@@ -36,11 +36,15 @@ export interface DriverHost extends VmHost {
   names(): string[]
   /** Stops every VM this host holds (test cleanup). */
   stopAll(): Promise<void>
+  beginSwitch(record: SwitchRecord): Promise<void>
+  endSwitch(name: string): Promise<void>
+  switches(): SwitchRecord[]
 }
 
 export function createDriverHost(init: DriverHostInit): DriverHost {
   const vms = new Map<string, Vm>()
   const tokens = new Map<string, number>()
+  const switches = new Map<string, SwitchRecord>()
   const host: DriverHost = {
     get: (name) => {
       const vm = vms.get(name)
@@ -71,6 +75,13 @@ export function createDriverHost(init: DriverHostInit): DriverHost {
     async setToken(name, token) {
       if (token > (tokens.get(name) ?? 0)) tokens.set(name, token)
     },
+    async beginSwitch(record) {
+      switches.set(record.vm, { ...record })
+    },
+    async endSwitch(name) {
+      switches.delete(name)
+    },
+    switches: () => [...switches.values()].map((r) => ({ ...r })),
     add(vm) {
       vms.set(vm.spec.name, vm)
     },

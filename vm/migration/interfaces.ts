@@ -52,6 +52,28 @@ export interface VmHost {
   token(name: string): number
   /** Records a newer token (persisted by real hosts before the call returns). Never lowers it. */
   setToken(name: string, token: number): Promise<void>
+  /**
+   * Records an outgoing switch before the source pauses the guest (persisted by real hosts before the
+   * call returns). Until endSwitch(), the copy here must neither run nor be thrown away without an
+   * answer from the destination: a source agent killed mid-switch finds the record when it restarts
+   * and settles it (see settle.ts). Optional: a host without it cannot settle after a restart.
+   */
+  beginSwitch?(record: SwitchRecord): Promise<void>
+  /** The switch is settled: the VM runs here again, or it runs on the destination and ours is gone. */
+  endSwitch?(name: string): Promise<void>
+  /** Switches begun and not ended (after an agent restart: the ones a killed agent left). */
+  switches?(): SwitchRecord[]
+}
+
+/** An outgoing move that reached the switch (the guest here may be paused) and is not settled yet. */
+export interface SwitchRecord {
+  vm: string
+  /** The fencing token the move carries: the destination runs the VM only under this one. */
+  token: number
+  /** The destination's PeerId. */
+  to: string
+  /** When the switch began (ms since the epoch), for logs. */
+  at: number
 }
 
 /**

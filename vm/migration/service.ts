@@ -5,6 +5,7 @@ import { Conversation } from './conversation.ts'
 import { type DestinationOutcome, migrateIn } from './destination.ts'
 import {
   MigrationError,
+  MigrationInDoubtError,
   MigrationRefusedError,
   MigrationTargetError,
   MigrationTimeoutError,
@@ -15,8 +16,10 @@ import type {
   MigrationProgress,
   MigrationReport,
   RamCache,
+  SwitchRecord,
   VmHost,
 } from './interfaces.ts'
+import { settleSwitch } from './settle.ts'
 import { type MigrationTuning, migrateOut } from './source.ts'
 import { decodeMessage, type Message, newSessionId } from './v1/messages.ts'
 
@@ -86,6 +89,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   /** Outcome of recent incoming sessions by VM and token, for the source's 'query'. */
   const outcomes = new Map<string, DestinationOutcome | 'pending'>()
   const busy = new Set<string>()
+  /** VMs whose last move out is in doubt (paused here until the destination answers), by name. */
+  const settling = new Map<string, SwitchRecord>()
   const background = new Set<Promise<unknown>>()
   const unsubs: Array<() => void> = []
   let ac = new AbortController()
@@ -133,6 +138,31 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       off()
       offClose()
     })
+  }
+
+  /**
+   * Settles a switch in the background until the destination answers (see settle.ts). Meanwhile the VM
+   * is neither moved again nor reported as here: its copy is paused and may not be ours any more.
+   */
+  const settle = (record: SwitchRecord) => {
+    if (settling.has(record.vm)) return
+    settling.set(record.vm, record)
+    log.warn('settling an unfinished switch with the destination', {
+      vm: record.vm,
+      to: record.to,
+      token: record.token,
+    })
+    void track(
+      settleSwitch({ network, register, host, log, record, signal: ac.signal })
+        .then(
+          (outcome) => log.info('switch settled', { vm: record.vm, to: record.to, outcome }),
+          (err: unknown) => {
+            if (!(err instanceof AbortError))
+              log.error('settling a switch failed', { vm: record.vm, error: describeError(err) })
+          },
+        )
+        .finally(() => settling.delete(record.vm)),
+    )
   }
 
   const refuse = (ch: MigrationChannel, sid: string, code: string, reason: string) => {
@@ -210,7 +240,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       }
       case 'locate': {
         if (!member) return
-        const here = host.get(m.vm) !== undefined
+        const here = host.get(m.vm) !== undefined && !settling.has(m.vm)
         const conv = new Conversation(ch, m.sid)
         conv.trySend({ type: 'locate-reply', sid: m.sid, vm: m.vm, here, token: host.token(m.vm) })
         conv.close()
@@ -273,6 +303,12 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   ): Promise<MigrationReport> => {
     const vm = host.get(params.vm)
     if (vm === undefined) throw new MigrationTargetError(`VM '${params.vm}' does not run here`)
+    const doubt = settling.get(params.vm)
+    if (doubt !== undefined)
+      throw new MigrationRefusedError(
+        `VM '${params.vm}' is paused here until ${doubt.to} says whether it resumed the last move (token ${doubt.token})`,
+        { code: 'E_MIGRATION_IN_DOUBT' },
+      )
     const to = resolvePeer(params.to)
     if (to === network.self) throw new UsageError(`VM '${params.vm}' already runs on ${to}`)
     if (!init.isMember(to)) throw new MigrationRefusedError(`${to} is not a member`)
@@ -305,6 +341,11 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       return report
     } catch (err) {
       counters.failed++
+      if (err instanceof MigrationInDoubtError) {
+        // The VM stays paused here; keep asking the destination for as long as it takes.
+        const record = host.switches?.().find((r) => r.vm === params.vm)
+        if (record !== undefined) settle(record)
+      }
       throw err
     } finally {
       busy.delete(params.vm)
@@ -402,6 +443,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       counters = { in: 0, out: 0, refused: 0, failed: 0 }
       for (const ch of network.channels()) attach(ch)
       unsubs.push(network.onChannel(attach))
+      // Switches a killed agent left behind (its paused QEMU outlived it): settle them now.
+      for (const record of host.switches?.() ?? []) settle(record)
     },
     async stop() {
       running = false
@@ -418,7 +461,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       }
     },
     status() {
-      return { ...counters, active: [...busy] }
+      return { ...counters, active: [...busy], inDoubt: [...settling.keys()] }
     },
     migrate,
     async settled() {

@@ -1,13 +1,11 @@
 import { open } from 'node:fs/promises'
-import { setTimeout as sleep } from 'node:timers/promises'
-import { AbortError, describeError, throwIfAborted } from '../../src/errors.ts'
+import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/errors.ts'
 import type { Logger } from '../../src/log.ts'
 import type { DirtyRound, Vm } from '../driver/interfaces.ts'
 import { parseImageRef } from '../spec.ts'
 import { Conversation } from './conversation.ts'
-import { MigrationInDoubtError, MigrationLinkError, MigrationTimeoutError } from './errors.ts'
+import { MigrationInDoubtError, MigrationLinkError } from './errors.ts'
 import type {
-  MigrationChannel,
   MigrationNetwork,
   MigrationPhase,
   MigrationProgress,
@@ -16,6 +14,7 @@ import type {
   VmHost,
 } from './interfaces.ts'
 import { PAGE_SIZE, RamEncoder } from './ram.ts'
+import { resolveInDoubt } from './settle.ts'
 import {
   type EncodedChunk,
   encodeDataMessage,
@@ -138,6 +137,7 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
   let encoder: RamEncoder | undefined
   let tracker: ReturnType<Vm['dirtyTracker']> | undefined
   let paused = false
+  let switching = false
   let committed = false
   let destRunning = false
   let destDeclined = false
@@ -352,6 +352,10 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     // Switch: pause, collect the last dirty chunks while QEMU writes out the device state.
     lap('rounds')
     setPhase('switch', switchReason)
+    // Recorded (persisted) before the pause: an agent killed from here on leaves a paused QEMU that
+    // the next agent must settle with the destination instead of resuming it blindly.
+    switching = true
+    await host.beginSwitch?.({ vm: name, token, to: init.to, at: Date.now() })
     const pausedAt = Date.now()
     const pausedPerf = performance.now()
     paused = true
@@ -393,7 +397,7 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     } catch (err) {
       if (err instanceof AbortError) throw err
       log.warn('commit sent but no answer: asking the destination', { vm: name, error: describeError(err) })
-      const outcome = await resolveInDoubt(init, name, token, t.inDoubtMs)
+      const outcome = await resolveInDoubt(init, init.to, name, token, t.inDoubtMs)
       if (outcome !== 'running') {
         destDeclined = true
         throw new MigrationLinkError(`destination did not resume (${outcome})`, { cause: err })
@@ -417,6 +421,7 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     const kept = init.cache === undefined ? undefined : await open(vm.memory.path, 'r').catch(() => undefined)
     await vm.stop()
     await host.release(name)
+    await host.endSwitch?.(name)
     const report: MigrationReport = {
       vm: name,
       from: init.network.self,
@@ -456,17 +461,20 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
       log.error('cleanup after a successful move failed', { vm: name, error: describeError(err) })
       await vm.stop().catch(() => {})
       await host.release(name).catch(() => {})
+      await host.endSwitch?.(name).catch(() => {})
       throw err
     }
     // After the commit, only an answer from the destination ('discarded', 'absent') lets us resume;
-    // without one the VM stays paused (in doubt).
+    // without one the VM stays paused (in doubt) and the switch record stays: the service settles it
+    // (settle.ts) once the destination answers.
     if (committed && !destDeclined) {
       log.error('migration in doubt: the VM stays paused here', { vm: name, error: describeError(err) })
       throw err instanceof MigrationInDoubtError
         ? err
-        : new MigrationInDoubtError(`VM '${name}': ${describeError(err)}; it stays paused here`, {
-            cause: err,
-          })
+        : new MigrationInDoubtError(
+            `VM '${name}': ${describeError(err)}; it stays paused here until ${init.to} says whether it resumed (this host keeps asking)`,
+            { cause: err },
+          )
     }
     phase = 'rollback'
     emit(true, describeError(err))
@@ -483,6 +491,10 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
         log.error('rollback: resuming the VM failed', { vm: name, error: describeError(resumeErr) })
       }
     }
+    if (switching) await host.endSwitch?.(name).catch(() => {})
+    // Say where the VM is now: the operator's question after a failed move.
+    if (err instanceof MeshError && !(err instanceof AbortError))
+      err.message = `${err.message}; rolled back: VM '${name}' is ${vm.status()} on ${init.network.self}`
     throw err
   } finally {
     unregister()
@@ -490,45 +502,4 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     encoder?.close()
     await tracker?.close().catch(() => {})
   }
-}
-
-/**
- * The commit went out but 'resumed' never came back. Ask the destination (on the current link, or the
- * next one that opens) whether it runs the VM under this token. It resumes only after a commit, and a
- * session whose link died before the commit arrived is discarded, so its answer is final.
- */
-async function resolveInDoubt(
-  init: SourceInit,
-  name: string,
-  token: number,
-  budgetMs: number,
-): Promise<'running' | 'discarded' | 'absent'> {
-  const until = performance.now() + budgetMs
-  while (performance.now() < until) {
-    throwIfAborted(init.signal)
-    const ch: MigrationChannel | undefined = init.network.channel(init.to)
-    if (ch?.open === true) {
-      const sid = newSessionId()
-      const conv = new Conversation(ch, sid)
-      const unregister = init.register(sid, conv)
-      try {
-        await conv.send({ type: 'query', sid, vm: name, token }, init.signal)
-        const left = Math.max(1000, Math.min(5000, until - performance.now()))
-        const r = await conv.next(['query-reply'], 'query-reply', left, init.signal)
-        if (r.state === 'running' && r.token >= token) return 'running'
-        if (r.state === 'discarded' || r.state === 'absent') return r.state
-        // 'pending': the destination is still finishing that session; ask again shortly.
-      } catch (err) {
-        if (err instanceof AbortError) throw err
-        if (!(err instanceof MigrationTimeoutError) && !(err instanceof MigrationLinkError)) throw err
-      } finally {
-        unregister()
-        conv.close()
-      }
-    }
-    await sleep(200, undefined, init.signal ? { signal: init.signal } : {}).catch(() => {})
-  }
-  throw new MigrationInDoubtError(
-    `VM '${name}': the destination ${init.to} got the commit for token ${token} but cannot be reached to say whether it resumed; the VM stays paused here so that two copies never run`,
-  )
 }

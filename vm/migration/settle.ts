@@ -1,0 +1,154 @@
+/**
+ * Settling a switch whose outcome the source does not know. Past the commit the source may neither
+ * resume its paused copy nor throw it away until the destination says whether it resumed; and a source
+ * agent killed anywhere after the pause leaves a paused QEMU behind (it outlives the agent) that the
+ * next agent must not simply resume. Both cases end here: ask the destination (on the current link or
+ * the next one that opens) until it answers, then stop our copy (it runs there) or resume it (it never
+ * will). The destination resumes only after a commit, and a session whose link died before the commit
+ * arrived is discarded, so its answer is final.
+ */
+import { setTimeout as sleep } from 'node:timers/promises'
+import { AbortError, describeError, throwIfAborted } from '../../src/errors.ts'
+import type { Logger } from '../../src/log.ts'
+import { Conversation } from './conversation.ts'
+import { MigrationInDoubtError, MigrationLinkError, MigrationTimeoutError } from './errors.ts'
+import type { MigrationChannel, MigrationNetwork, SwitchRecord, VmHost } from './interfaces.ts'
+import { newSessionId } from './v1/messages.ts'
+
+/** What the destination said about a VM under a token; undefined = no answer yet. */
+export type DestinationState = 'running' | 'discarded' | 'absent'
+
+export interface AskInit {
+  network: MigrationNetwork
+  /** The service routes the reply to the conversation registered under its session id. */
+  register(sid: string, conv: Conversation): () => void
+  signal?: AbortSignal
+}
+
+/**
+ * Asks `to` once whether it runs `vm` under `token`. Resolves undefined when there is no open link,
+ * no reply within `timeoutMs`, or the destination is still finishing that session ('pending').
+ */
+export async function askDestination(
+  init: AskInit,
+  to: string,
+  vm: string,
+  token: number,
+  timeoutMs: number,
+): Promise<DestinationState | undefined> {
+  throwIfAborted(init.signal)
+  const ch: MigrationChannel | undefined = init.network.channel(to)
+  if (ch?.open !== true) return undefined
+  const sid = newSessionId()
+  const conv = new Conversation(ch, sid)
+  const unregister = init.register(sid, conv)
+  try {
+    await conv.send({ type: 'query', sid, vm, token }, init.signal)
+    const r = await conv.next(['query-reply'], 'query-reply', timeoutMs, init.signal)
+    if (r.state === 'running' && r.token >= token) return 'running'
+    if (r.state === 'discarded' || r.state === 'absent') return r.state
+    return undefined
+  } catch (err) {
+    if (err instanceof AbortError) throw err
+    if (err instanceof MigrationTimeoutError || err instanceof MigrationLinkError) return undefined
+    throw err
+  } finally {
+    unregister()
+    conv.close()
+  }
+}
+
+const pause = (ms: number, signal?: AbortSignal) =>
+  sleep(ms, undefined, signal ? { signal } : {}).catch(() => {})
+
+/**
+ * Asks until the destination answers or `budgetMs` runs out (then MigrationInDoubtError: the caller
+ * keeps the VM paused and hands the switch to settleSwitch()).
+ */
+export async function resolveInDoubt(
+  init: AskInit,
+  to: string,
+  vm: string,
+  token: number,
+  budgetMs: number,
+): Promise<DestinationState> {
+  const until = performance.now() + budgetMs
+  while (performance.now() < until) {
+    const left = Math.max(1000, Math.min(5000, until - performance.now()))
+    const answer = await askDestination(init, to, vm, token, left)
+    if (answer !== undefined) return answer
+    await pause(200, init.signal)
+  }
+  throwIfAborted(init.signal)
+  throw new MigrationInDoubtError(
+    `VM '${vm}': the destination ${to} got the commit for token ${token} but cannot be reached to say whether it resumed; the VM stays paused here so that two copies never run, until ${to} answers (this host keeps asking)`,
+  )
+}
+
+export interface SettleInit extends AskInit {
+  host: VmHost
+  log: Logger
+  record: SwitchRecord
+  /** Longest wait between two questions (default 5 s; starts at 250 ms). */
+  maxIntervalMs?: number
+}
+
+/**
+ * Settles one switch for good: asks the destination (backing off up to maxIntervalMs, for as long as
+ * it takes: until then our copy stays paused, which is the safe side) and then
+ * - 'running': the destination owns the VM under the token: record the token, stop our copy (if it is
+ *   still here) and forget it;
+ * - 'discarded' / 'absent': the destination never resumed and never will: resume our copy.
+ * Ends the switch record either way. Rejects only when the signal fires (the service stops; the record
+ * stays for the next start).
+ */
+export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed' | 'lost'> {
+  const { host, log, record } = init
+  const name = record.vm
+  const maxInterval = init.maxIntervalMs ?? 5000
+  let interval = 250
+  let answer: DestinationState | undefined
+  for (;;) {
+    answer = await askDestination(init, record.to, name, record.token, 5000)
+    if (answer !== undefined) break
+    await pause(interval, init.signal)
+    throwIfAborted(init.signal)
+    interval = Math.min(maxInterval, interval * 2)
+  }
+  const vm = host.get(name)
+  if (answer === 'running') {
+    await host.setToken(name, record.token)
+    if (vm !== undefined) {
+      log.warn('the VM runs on the destination: stopping the copy left here', {
+        vm: name,
+        to: record.to,
+        token: record.token,
+        status: vm.status(),
+      })
+      await vm.stop()
+    }
+    await host.release(name)
+    await host.endSwitch?.(name)
+    return 'moved'
+  }
+  if (vm === undefined) {
+    log.error('the destination never resumed the VM and no copy is left here', {
+      vm: name,
+      to: record.to,
+      answer,
+    })
+    await host.endSwitch?.(name)
+    return 'lost'
+  }
+  if (vm.status() === 'paused') {
+    log.warn('the destination never resumed the VM: resuming it here', { vm: name, to: record.to, answer })
+    try {
+      await vm.resume(init.signal)
+    } catch (err) {
+      if (err instanceof AbortError) throw err
+      log.error('resuming the VM failed', { vm: name, error: describeError(err) })
+    }
+  }
+  await host.endSwitch?.(name)
+  return 'resumed'
+}
