@@ -49,6 +49,10 @@ export interface SwitchStatus {
   macs: number
   /** MACs that moved away from this switch and are still being forwarded (grace period). */
   movedAway: number
+  /** Frames held right now: for paused guests here (holdVm) and for moved MACs whose new host is not known yet. */
+  held: number
+  /** Frames held for paused guests since start (delivered later, or counted as a drop). */
+  heldTotal: number
   /** Switch-wide drops by reason. */
   drops: Record<string, number>
   mtu: number
@@ -71,6 +75,11 @@ export type PortFactory = (receive: (frame: Uint8Array) => void) => PortDriver
 export interface AttachOptions {
   /** Where the MAC came from (peer id), to forward frames still arriving for it before its announcement. */
   from?: string
+  /**
+   * The guest does not run yet (a migration's incoming VM): hold the frames that reach this NIC until
+   * resumeVm(), instead of writing them into a QEMU that is not reading.
+   */
+  hold?: boolean
 }
 
 export interface DetachOptions {
@@ -100,6 +109,18 @@ export interface TunnelSwitch {
    * Returns the epoch used.
    */
   announce(mac: string, epoch?: number): number
+  /**
+   * The guest behind `mac` stopped running here (paused, e.g. for a migration's switch-over). Frames
+   * for it are held by the switch in a bounded queue (see SwitchOptions.holdFrames / holdBytes; when
+   * full, newer frames are dropped) instead of being written into QEMU: a paused QEMU does not read its
+   * socket, and if the guest moves, whatever sits in that socket dies with the old QEMU, leaving the
+   * client's TCP to wait for a retransmission timeout. What is held goes, in order, to the MAC's new
+   * host the moment that host announces it, or to the NIC here on resumeVm() (the move rolled back).
+   * Idempotent; a no-op for a MAC that is not attached.
+   */
+  holdVm(mac: string): void
+  /** The guest runs here (again): deliver what was held to its NIC, in order, and stop holding. */
+  resumeVm(mac: string): void
   /** Adds any local port (the host TAP, tests). Returns a function that removes it. */
   addPort(id: string, kind: PortKind, factory: PortFactory): () => Promise<void>
   /** Where the switch currently sends frames for `mac`: a port id, or undefined when unknown. */

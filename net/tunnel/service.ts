@@ -203,6 +203,8 @@ export function createTunnelService(init: TunnelServiceInit): TunnelService {
         mtu: st.mtu,
         macs: st.macs,
         movedAway: st.movedAway,
+        held: st.held,
+        heldTotal: st.heldTotal,
         ports: st.ports,
         drops: st.drops,
         exposed: [...exposures.values()].map((e) => ({ ...e.info })),

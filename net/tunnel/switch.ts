@@ -17,8 +17,19 @@
  * its old host (the channel is unordered) cannot move it back. QEMU's RARPs and the guest's gratuitous
  * ARPs after resume are ordinary broadcasts from the new host and teach the same thing to everyone.
  *
- * Memory is bounded everywhere: the MAC table (LRU eviction plus ageing), the per-MAC hold queues of
- * moved MACs, and every port's send queue (the driver or channel drops when full; never grows).
+ * Pauses: while a guest is paused here (holdVm, e.g. a migration's switch-over), frames for it are
+ * held by the switch instead of written into its QEMU, which does not read while paused and whose
+ * socket buffer dies with it when the guest moves. Losing those frames is what made a client's TCP
+ * stall for a retransmission timeout (≥ 200 ms) on top of the migration's downtime; held, they reach the
+ * guest at its new host as soon as that host announces the MAC (or here, if the move rolls back), and
+ * the client's TCP just carries on. The destination holds frames for its incoming guest the same way
+ * until it runs.
+ *
+ * Memory is bounded everywhere: the MAC table (LRU eviction plus ageing), the hold queues (paused
+ * guests and moved MACs: at most holdFrames frames and holdBytes bytes each; when full the NEWEST frame
+ * is dropped, counted as `hold-full`: tail drop keeps what is held in order, and TCP recovers a lost
+ * tail by fast retransmit once the held head arrives), and every port's send queue (the driver or
+ * channel drops when full; never grows).
  */
 
 import type { Logger } from '../../src/log.ts'
@@ -60,8 +71,14 @@ export interface SwitchOptions {
   ageMs?: number
   /** How long a moved-away MAC's frames are still forwarded to its new host (default 10 s). */
   graceMs?: number
-  /** Frames held per moved MAC while its new location is not yet known (default 64). */
+  /**
+   * Frames held per paused guest (holdVm) and per moved MAC while its new location is not yet known
+   * (default 256: a 300 ms pause of a ~10 MB/s stream is ~2500 frames, but TCP needs only the first
+   * ones to recover quickly, and the client's window is what limits the burst anyway).
+   */
   holdFrames?: number
+  /** Bytes held per queue, frames included (default 256 KiB). */
+  holdBytes?: number
   /** After an announcement, frames from other ports cannot re-learn the MAC for this long (default 2 s). */
   pinMs?: number
   /** Delays of the announcement repeats after the first one (default 50, 150, 350, 750 ms). */
@@ -78,7 +95,11 @@ interface Port {
   kind: PortKind
   local: boolean
   counters: Counters
-  /** Sends one raw Ethernet frame; false when dropped. For remote ports, `forwarded` marks a relay. */
+  /**
+   * Sends one raw Ethernet frame; false when dropped. Remote ports: `forwarded` sends it as a relay
+   * (FORWARDED). Local ports: `forwarded` says it came from a remote port (a held frame that later
+   * moves on to the guest's new host must then travel as FORWARDED, never be relayed again).
+   */
   send(frame: Uint8Array, forwarded?: boolean): boolean
   close(): Promise<void> | void
   connected?: () => boolean
@@ -94,12 +115,19 @@ interface Entry {
   pinnedUntil: number
 }
 
+/** A bounded queue of held frames; `fwd` marks frames that came from a remote port (relay as FORWARDED). */
+interface Held {
+  frames: Array<{ frame: Uint8Array; fwd: boolean }>
+  bytes: number
+}
+const emptyHeld = (): Held => ({ frames: [], bytes: 0 })
+
 interface Moved {
   until: number
   /** Peer the MAC moved to, once known. */
   to?: string
-  /** Frames waiting for `to`; `fwd` marks frames that came from a remote port (relay as FORWARDED). */
-  hold: Array<{ frame: Uint8Array; fwd: boolean }>
+  /** Frames waiting for `to`. */
+  hold: Held
 }
 
 /** 6 MAC bytes at `off` as a number (48 bits fit exactly in a double): cheap Map key per frame. */
@@ -123,7 +151,8 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   const maxMacs = o.maxMacs ?? 4096
   const ageMs = o.ageMs ?? 300_000
   const graceMs = o.graceMs ?? 10_000
-  const holdFrames = o.holdFrames ?? 64
+  const holdFrames = o.holdFrames ?? 256
+  const holdBytes = o.holdBytes ?? 256 * 1024
   const pinMs = o.pinMs ?? 2000
   const repeats = o.announceRepeatsMs ?? [50, 150, 350, 750]
   const now = o.now ?? Date.now
@@ -135,6 +164,9 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   const epochs = new Map<number, number>()
   const moved = new Map<number, Moved>()
   const vmPorts = new Map<number, string>()
+  /** Paused guests attached here (holdVm): frames for them wait here, not in QEMU. */
+  const paused = new Map<number, Held>()
+  let heldTotal = 0
   const drops: Record<string, number> = {}
   const timers = new Set<NodeJS.Timeout>()
   const unsubs: Array<() => void> = []
@@ -150,6 +182,33 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
     for (const p of ports.values()) (p.local ? localPorts : remotePorts).push(p)
   }
   const remotePortId = (peer: string) => `peer:${peer}`
+
+  /** Appends a copy (the frame is a view into a socket/channel buffer that will be reused); tail drop. */
+  function hold(h: Held, frame: Uint8Array, fwd: boolean): boolean {
+    if (h.frames.length >= holdFrames || h.bytes + frame.byteLength > holdBytes) {
+      drop('hold-full')
+      return false
+    }
+    h.frames.push({ frame: frame.slice(), fwd })
+    h.bytes += frame.byteLength
+    return true
+  }
+
+  /**
+   * A paused guest's held frames move to its moved-away entry, ahead of anything held there (they
+   * arrived first). Group frames stay behind: they were flooded to every member, the new host included.
+   */
+  function takePaused(key: number, m: Moved): void {
+    const h = paused.get(key)
+    if (h === undefined) return
+    paused.delete(key)
+    const uni = h.frames.filter((f) => (f.frame[0]! & 1) === 0)
+    if (uni.length === 0) return
+    m.hold = {
+      frames: [...uni, ...m.hold.frames],
+      bytes: uni.reduce((n, f) => n + f.frame.byteLength, m.hold.bytes),
+    }
+  }
 
   function deliver(port: Port, frame: Uint8Array, forwarded = false): void {
     if (port.send(frame, forwarded)) {
@@ -197,7 +256,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   }
 
   function flood(frame: Uint8Array, from: Port, toRemote: boolean): void {
-    for (const p of localPorts) if (p !== from) deliver(p, frame)
+    for (const p of localPorts) if (p !== from) deliver(p, frame, !from.local)
     if (toRemote) for (const p of remotePorts) deliver(p, frame)
   }
 
@@ -213,12 +272,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       deliver(p, frame, fwd || p === from)
       return
     }
-    if (m.hold.length >= holdFrames) {
-      drop('hold-full')
-      return
-    }
-    // Copy: the frame is a view into a socket/channel buffer that will be reused.
-    m.hold.push({ frame: frame.slice(), fwd })
+    hold(m.hold, frame, fwd)
   }
 
   function fromLocal(port: Port, frame: Uint8Array): void {
@@ -284,7 +338,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       const e = table.get(dst)
       const p = vmPort !== undefined ? ports.get(vmPort) : e === undefined ? undefined : ports.get(e.port)
       if (p?.local === true) {
-        deliver(p, frame)
+        deliver(p, frame, true)
         return
       }
       drop('forwarded-not-here')
@@ -304,7 +358,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
     if (e !== undefined) {
       const p = ports.get(e.port)
       if (p?.local === true) {
-        deliver(p, frame)
+        deliver(p, frame, true)
         return
       }
       if (p !== undefined) {
@@ -333,10 +387,12 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
     const local = vmPorts.get(key)
     if (local !== undefined || moved.has(key)) {
       // The VM was here: it now runs at the announcer. Forward stragglers there for the grace period.
-      const m = moved.get(key) ?? { until: t + graceMs, hold: [] }
+      const m = moved.get(key) ?? { until: t + graceMs, hold: emptyHeld() }
       m.until = Math.max(m.until, t + graceMs)
       m.to = peer
       moved.set(key, m)
+      // What the paused guest was not given here goes to where it runs now, first.
+      takePaused(key, m)
       flushHold(m)
     }
     setEntry(key, port.id, false, t + pinMs)
@@ -344,10 +400,10 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   }
 
   function flushHold(m: Moved): void {
-    if (m.to === undefined || m.hold.length === 0) return
+    if (m.to === undefined || m.hold.frames.length === 0) return
     const p = ports.get(remotePortId(m.to))
-    const held = m.hold
-    m.hold = []
+    const held = m.hold.frames
+    m.hold = emptyHeld()
     if (p === undefined) {
       drops['moved-unreachable'] = (drops['moved-unreachable'] ?? 0) + held.length
       return
@@ -369,7 +425,8 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
     for (const [k, e] of table) if (!e.fixed && t - e.seen > ageMs) table.delete(k)
     for (const [k, m] of moved) {
       if (m.until <= t) {
-        if (m.hold.length > 0) drops['hold-expired'] = (drops['hold-expired'] ?? 0) + m.hold.length
+        if (m.hold.frames.length > 0)
+          drops['hold-expired'] = (drops['hold-expired'] ?? 0) + m.hold.frames.length
         moved.delete(k)
       }
     }
@@ -457,6 +514,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       table.clear()
       moved.clear()
       vmPorts.clear()
+      paused.clear()
     },
     addPort(id, kind, factory: PortFactory) {
       if (ports.has(id)) throw new TunnelError(`port '${id}' already exists`)
@@ -493,8 +551,19 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       sw.addPort(id, 'vm', (receive) =>
         createStreamPort({ path: socketPath, receive, log: log.child(`vm ${norm}`) }),
       )
-      ports.get(id)!.detail = norm
+      const port = ports.get(id)!
+      port.detail = norm
+      const direct = port.send
+      port.send = (frame, fromRemote) => {
+        const h = paused.get(key)
+        if (h === undefined) return direct(frame)
+        if (!hold(h, frame, fromRemote === true)) return false
+        heldTotal++
+        return true
+      }
       vmPorts.set(key, id)
+      paused.delete(key)
+      if (options.hold === true) paused.set(key, emptyHeld())
       // Not the MAC's location yet: a migration destination attaches long before the guest resumes
       // here, and until then frames for it must keep going to the source. announce() makes it so.
       if (options.from !== undefined)
@@ -510,14 +579,28 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       ports.delete(id)
       rebuildLists()
       const e = table.get(key)
-      const m = moved.get(key) ?? { until: 0, hold: [] }
+      const m = moved.get(key) ?? { until: 0, hold: emptyHeld() }
       m.until = now() + graceMs
       if (options.to !== undefined) m.to = options.to
       else if (e !== undefined && e.port !== id) m.to = ports.get(e.port)?.detail
       moved.set(key, m)
       if (e?.port === id) table.delete(key)
+      takePaused(key, m)
       flushHold(m)
       await p?.close()
+    },
+    holdVm(mac: string) {
+      const key = macKeyOf(mac)
+      if (vmPorts.has(key) && !paused.has(key)) paused.set(key, emptyHeld())
+    },
+    resumeVm(mac: string) {
+      const key = macKeyOf(mac)
+      const h = paused.get(key)
+      if (h === undefined) return
+      paused.delete(key)
+      const p = ports.get(vmPorts.get(key) ?? '')
+      if (p === undefined) return
+      for (const f of h.frames) deliver(p, f.frame)
     },
     announce(mac: string, epoch?: number) {
       const norm = normalizeMac(mac)
@@ -552,7 +635,18 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
         ...(p.connected !== undefined ? { connected: p.connected() } : {}),
         ...(p.detail !== undefined ? { detail: p.detail } : {}),
       }))
-      return { ports: list, macs: table.size, movedAway: moved.size, drops: { ...drops }, mtu: maxFrame - 14 }
+      let held = 0
+      for (const h of paused.values()) held += h.frames.length
+      for (const m of moved.values()) held += m.hold.frames.length
+      return {
+        ports: list,
+        macs: table.size,
+        movedAway: moved.size,
+        held,
+        heldTotal,
+        drops: { ...drops },
+        mtu: maxFrame - 14,
+      }
     },
   }
   return sw

@@ -57,10 +57,22 @@ export interface MigRig {
 /** The tunnel hooks on a VmHost (see the file comment). */
 function withTunnel(inner: DriverHost, driver: VmDriver, tunnel: TunnelService): DriverHost {
   const attached = new Map<string, Vm>()
+  const announced = new WeakSet<Vm>()
   const plug = (vm: Vm) => {
     const mac = vm.spec.mac
     attached.set(mac, vm)
-    tunnel.switch.attachVm(mac, driver.handle(vm).paths.net!)
+    // As src/agent/vm-tunnel.ts: frames wait in the switch while the guest does not run, and the MAC
+    // is announced the moment it resumes.
+    tunnel.switch.attachVm(mac, driver.handle(vm).paths.net!, { hold: vm.status() !== 'running' })
+    vm.on('paused', () => {
+      if (attached.get(mac) === vm) tunnel.switch.holdVm(mac)
+    })
+    vm.on('resumed', () => {
+      if (attached.get(mac) !== vm) return
+      tunnel.switch.resumeVm(mac)
+      announced.add(vm)
+      tunnel.switch.announce(mac)
+    })
     const unplug = () => {
       if (attached.get(mac) === vm) {
         attached.delete(mac)
@@ -83,7 +95,7 @@ function withTunnel(inner: DriverHost, driver: VmDriver, tunnel: TunnelService):
     },
     async adopt(vm) {
       await inner.adopt(vm)
-      tunnel.switch.announce(vm.spec.mac)
+      if (!announced.has(vm)) tunnel.switch.announce(vm.spec.mac)
     },
     async release(name) {
       const mac = inner.get(name)?.spec.mac

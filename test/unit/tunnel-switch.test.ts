@@ -369,6 +369,122 @@ describe('tunnel switch (memory network)', function () {
       await until(() => m.sw('a').lookup(V) === 'peer:b', 5000, 'a learned the move')
     })
 
+    it('holds frames for a paused guest and hands them, in order, to its new host on its announcement', async () => {
+      const m = mesh(['a', 'b', 'c'])
+      cleanup.push(m.stop)
+      const qa = await fakeQemu(dir, 'a')
+      const qb = await fakeQemu(dir, 'b')
+      cleanup.push(
+        () => qa.close(),
+        () => qb.close(),
+      )
+      m.sw('a').attachVm(V, qa.path)
+      m.sw('a').announce(V)
+      await qa.connected()
+      await sleep(50)
+      const x = nic(m.sw('c'), 'x') // a client in a third member
+      const w = nic(m.sw('a'), 'w') // a host TAP next to the source
+      x.inject(frame(BCAST, X, 0))
+      w.inject(frame(BCAST, Z, 0))
+      await until(() => m.sw('c').lookup(V) === 'peer:a' && m.sw('b').lookup(X) === 'peer:c')
+      await until(() => qa.got.length === 2, 5000, 'both broadcasts at the guest')
+      // The destination plugs the incoming NIC in, holding: the guest does not run there yet.
+      m.sw('b').attachVm(V, qb.path, { hold: true })
+      await qb.connected()
+      // Switch-over: the guest pauses on a. What reaches a for it now waits in a, not in QEMU.
+      m.sw('a').holdVm(V)
+      for (let i = 1; i <= 10; i++) x.inject(frame(V, X, i))
+      w.inject(frame(V, Z, 11))
+      await until(() => m.sw('a').status().held === 11, 5000, 'held at a')
+      await sleep(50)
+      assert.equal(qa.got.length, 2, 'nothing written into the paused QEMU')
+      // The guest resumes on b and b announces: a sends what it held there at once.
+      m.sw('b').resumeVm(V)
+      m.sw('b').announce(V)
+      await until(() => qb.got.length === 11, 5000, 'held frames at b')
+      // The same order from each source (a sends them in order; the channel itself is unordered).
+      assert.deepEqual(
+        qb.got.map(seqOf).filter((n) => n <= 10),
+        Array.from({ length: 10 }, (_, i) => i + 1),
+      )
+      assert.deepEqual(
+        qb.got.map(seqOf).sort((p, q) => p - q),
+        Array.from({ length: 11 }, (_, i) => i + 1),
+      )
+      assert.equal(m.sw('a').status().held, 0)
+      // Relayed frames from c came as FORWARDED: b did not learn that X sits behind a.
+      assert.equal(m.sw('b').lookup(X), 'peer:c')
+      // The TAP frame came from a local port of a: b learns Z there, correctly.
+      assert.equal(m.sw('b').lookup(Z), 'peer:a')
+      x.inject(frame(V, X, 12))
+      await until(() => qb.got.length === 12, 5000, 'new frames straight to b')
+      assert.equal(qa.got.length, 2)
+    })
+
+    it('a move that rolls back: held frames reach the guest here when it resumes; the queue is bounded', async () => {
+      const m = mesh(['a', 'c'], {}, { holdFrames: 8 })
+      cleanup.push(m.stop)
+      const qa = await fakeQemu(dir, 'a')
+      cleanup.push(() => qa.close())
+      m.sw('a').attachVm(V, qa.path)
+      m.sw('a').announce(V)
+      await qa.connected()
+      const x = nic(m.sw('c'), 'x')
+      await until(() => m.sw('c').lookup(V) === 'peer:a')
+      m.sw('a').holdVm(V)
+      m.sw('a').holdVm(V) // idempotent: does not drop what is held
+      for (let i = 1; i <= 20; i++) x.inject(frame(V, X, i))
+      await until(() => (m.sw('a').status().drops['hold-full'] ?? 0) === 12, 5000, 'tail drop')
+      assert.equal(m.sw('a').status().held, 8)
+      assert.equal(qa.got.length, 0)
+      m.sw('a').resumeVm(V)
+      await until(() => qa.got.length === 8, 5000, 'held frames delivered here')
+      assert.deepEqual(qa.got.map(seqOf), [1, 2, 3, 4, 5, 6, 7, 8])
+      x.inject(frame(V, X, 21))
+      await until(() => qa.got.length === 9, 5000, 'running again: straight through')
+      assert.equal(m.sw('a').status().held, 0)
+      // A byte budget bounds it too (frames of 1000 bytes, 2500 bytes allowed: 2 held).
+      const m2 = mesh(['a', 'c'], {}, { holdBytes: 2500 })
+      cleanup.push(m2.stop)
+      const q2 = await fakeQemu(dir, 'a2')
+      cleanup.push(() => q2.close())
+      m2.sw('a').attachVm(V, q2.path, { hold: true })
+      await q2.connected()
+      await sleep(50)
+      const x2 = nic(m2.sw('a'), 'x2')
+      for (let i = 1; i <= 5; i++) x2.inject(frame(V, X, i, 1000))
+      assert.equal(m2.sw('a').status().held, 2)
+      m2.sw('a').resumeVm(V)
+      await until(() => q2.got.length === 2, 5000, 'byte-bounded hold delivered')
+    })
+
+    it('a paused guest that is detached before its new host is known keeps its frames for that host', async () => {
+      const m = mesh(['a', 'b', 'c'])
+      cleanup.push(m.stop)
+      const qa = await fakeQemu(dir, 'a')
+      const qb = await fakeQemu(dir, 'b')
+      cleanup.push(
+        () => qa.close(),
+        () => qb.close(),
+      )
+      m.sw('a').attachVm(V, qa.path)
+      m.sw('a').announce(V)
+      await qa.connected()
+      const x = nic(m.sw('c'), 'x')
+      await until(() => m.sw('c').lookup(V) === 'peer:a')
+      m.sw('a').holdVm(V)
+      for (let i = 1; i <= 3; i++) x.inject(frame(V, X, i))
+      await until(() => m.sw('a').status().held === 3)
+      await m.sw('a').detachVm(V)
+      x.inject(frame(V, X, 4))
+      await until(() => m.sw('a').status().held === 4, 5000, 'still held after detach')
+      m.sw('b').attachVm(V, qb.path)
+      await qb.connected()
+      m.sw('b').announce(V)
+      await until(() => qb.got.length === 4, 5000, 'all held frames at b')
+      assert.deepEqual(qb.got.map(seqOf), [1, 2, 3, 4])
+    })
+
     it('announcements get through a lossy channel (repeats) and the move still completes', async () => {
       let s = 1
       const random = () => {
