@@ -124,7 +124,9 @@ export async function chunksAcrossClouds(opts: CloudChunksOptions): Promise<Clou
 
     // Three holders, and a fresh puller (p1 holds v1 now and is stopped, so it is not a fourth).
     await p1.kill()
-    for (const h of [h2, h3]) await ok(h, ['image', 'push', v1, '--name', 'bench:v1', '--json'])
+    // h2 and h3 pull it (a separate push would make a different image record: its own creation time).
+    await net.waitForFullMesh(['h1', 'h2', 'h3'], 120_000)
+    for (const h of [h2, h3]) await ok(h, ['image', 'pull', 'bench:v1', '--json'])
     const p2 = await net.join('p2')
     await net.waitForFullMesh(['h1', 'h2', 'h3', 'p2'], 120_000)
     const settle = Date.now() + 15_000
