@@ -19,6 +19,16 @@ export interface StreamEchoOptions {
   chunkBytes?: number
   intervalMs?: number
   signal?: AbortSignal
+  /** Called once the connection is up. */
+  onConnect?: () => void
+  /** After the writing time, how long to wait for the echo to catch up (default 10 s). */
+  catchUpMs?: number
+}
+
+export interface StreamGap {
+  /** When the gap ended (Date.now()), to match a stall with the move that caused it. */
+  endAt: number
+  ms: number
 }
 
 export interface StreamEchoResult {
@@ -35,6 +45,8 @@ export interface StreamEchoResult {
   /** When the longest gap ended, ms since the start. */
   maxGapAtMs: number
   durationMs: number
+  /** Gaps > 100 ms while data was outstanding, in order (at most 5000). */
+  gaps: StreamGap[]
 }
 
 /** Byte i of the stream: a pattern whose period (251, prime) does not line up with chunk sizes. */
@@ -55,6 +67,7 @@ export function streamEcho(o: StreamEchoOptions): Promise<StreamEchoResult> {
       maxGapMs: 0,
       maxGapAtMs: 0,
       durationMs: 0,
+      gaps: [],
     }
     let lastRx = t0
     let writer: NodeJS.Timeout | undefined
@@ -75,7 +88,7 @@ export function streamEcho(o: StreamEchoOptions): Promise<StreamEchoResult> {
     const stop = () => {
       if (writer !== undefined) clearInterval(writer)
       writer = undefined
-      const deadline = performance.now() + 10_000
+      const deadline = performance.now() + (o.catchUpMs ?? 10_000)
       const check = setInterval(() => {
         if (r.bytesEchoed >= r.bytesSent || performance.now() > deadline || finished) {
           clearInterval(check)
@@ -88,6 +101,7 @@ export function streamEcho(o: StreamEchoOptions): Promise<StreamEchoResult> {
     o.signal?.addEventListener('abort', stop, { once: true })
     sock.on('connect', () => {
       r.connected = true
+      o.onConnect?.()
       lastRx = performance.now()
       writer = setInterval(() => {
         const buf = Buffer.allocUnsafe(chunk)
@@ -103,6 +117,7 @@ export function streamEcho(o: StreamEchoOptions): Promise<StreamEchoResult> {
         r.maxGapMs = Math.round(gap)
         r.maxGapAtMs = Math.round(now - t0)
       }
+      if (gap > 100 && r.gaps.length < 5000) r.gaps.push({ endAt: Date.now(), ms: Math.round(gap) })
       lastRx = now
       for (let i = 0; i < data.length; i++) if (data[i] !== patternByte(r.bytesEchoed + i)) r.mismatches++
       r.bytesEchoed += data.length

@@ -10,8 +10,8 @@ import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit, waitForLine } from './clouds.ts'
+import type { StreamEchoResult } from './stream-client.ts'
 import { type AgentProc, createTestnet, lastJson, REPO_ROOT, runGuestVm, type Testnet } from './testnet.ts'
-import type { TunnelStreamResult } from './tunnel-stream.ts'
 
 const STREAM_CLIENT = join(REPO_ROOT, 'test/helpers/tunnel-stream.ts')
 
@@ -51,7 +51,7 @@ export interface SurvivalMove {
 
 export interface SurvivalResult {
   moves: SurvivalMove[]
-  stream: TunnelStreamResult
+  stream: StreamEchoResult
   /**
    * Each member's switch drop counters by reason after the moves (`mesh status`), plus `heldTotal`
    * (frames it held for a paused guest), for diagnosis.
@@ -159,7 +159,7 @@ export async function surviveMoves(
       .at(-1)
     if (line === undefined)
       throw new Error(`stream client printed no result:\n${outputLines(stream).join('\n')}`)
-    const result = JSON.parse(line) as TunnelStreamResult
+    const result = JSON.parse(line) as StreamEchoResult
     for (const g of result.gaps) {
       const i = starts.findIndex((t, k) => k < moves.length && g.endAt >= t && g.endAt < starts[k + 1]!)
       if (i >= 0) moves[i]!.gapMs = Math.max(moves[i]!.gapMs, g.ms)
