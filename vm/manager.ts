@@ -52,6 +52,7 @@ interface Entry {
 export interface VmManagerEvents {
   /** A VM's process ended on its own (crash, guest poweroff, kill): the exit status and last lines. */
   exited: [{ name: string; exit: VmExitInfo }]
+  /** A VM is in this manager's charge: run here, arrived by migration, or re-adopted by init(). */
   started: [{ name: string }]
   stopped: [{ name: string }]
 }
@@ -108,6 +109,9 @@ export class VmManager extends EventEmitter<VmManagerEvents> implements VmContro
       try {
         const vm = await this.driver.adopt(record.handle, signal)
         this.attach(entry, vm)
+        // Listeners (the tunnel, which plugs the guest's NIC back into the switch) must hear of VMs
+        // that outlived the previous agent too, or a restart would leave them without a network.
+        this.emit('started', { name: record.name })
       } catch {
         if (processAlive(record.handle.pid)) {
           // Alive but its QMP socket does not answer (another process holds it): leave it alone.

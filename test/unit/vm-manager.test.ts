@@ -52,7 +52,11 @@ describe('VmManager (fake driver)', () => {
     await m1.run(spec('b'))
     await m1.close()
     const m2 = manager()
+    const started: string[] = []
+    m2.on('started', ({ name }) => started.push(name))
     await m2.init()
+    // The tunnel plugs re-adopted guests back in on this event.
+    assert.deepEqual(started, ['b'])
     const [b] = await m2.list()
     assert.equal(b?.name, 'b')
     assert.equal(b?.status, 'running')
