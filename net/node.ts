@@ -899,33 +899,14 @@ class MeshNodeImpl implements MeshNode {
     parent.signal.addEventListener('abort', onParent, { once: true })
     st.connecting = ctl
     const run = async () => {
-      let signaling: StreamSignaling | undefined
-      let inbox: DirectInbox | undefined
       try {
         const stream = await this.dialMember(
           peer,
           SIGNAL_PROTOCOL,
           AbortSignal.any([ctl.signal, AbortSignal.timeout(15_000)]),
         )
-        signaling = createStreamSignaling(stream, { log: this.log })
-        inbox = this.direct.inbox(signaling)
-        const settle = this.boundAttempt(ctl, signaling)
-        let link: Awaited<ReturnType<LinkFactory>>
-        try {
-          link = await this.linkFactory({
-            peer,
-            initiator: true,
-            signaling,
-            iceServers: this.init.iceServers ?? [],
-            signal: ctl.signal,
-          })
-        } finally {
-          settle()
-        }
-        this.attachLink(peer, link, signaling, inbox, true)
+        await this.buildLink(peer, stream, true, ctl)
       } catch (err) {
-        inbox?.close()
-        signaling?.close()
         // Stopped, revoked, or superseded by the peer's own attempt: no retry from here.
         if (parent.signal.aborted || st.connecting !== ctl || this.peers.get(peer) !== st) return
         this.scheduleRetry(st, `link attempt to ${peer} failed: ${describeError(err)}`)
@@ -935,6 +916,41 @@ class MeshNodeImpl implements MeshNode {
       }
     }
     void run()
+  }
+
+  /**
+   * One link attempt over an open signaling stream, from either end: the link factory, bounded by
+   * boundAttempt, then attachLink. On failure the signaling stream is closed and the error rethrown.
+   */
+  private async buildLink(
+    peer: string,
+    stream: Stream,
+    initiator: boolean,
+    ctl: AbortController,
+  ): Promise<void> {
+    const signaling = createStreamSignaling(stream, { log: this.log })
+    // Subscribed now: the peer's direct-path offer may come as soon as its end of the link is up.
+    const inbox = this.direct.inbox(signaling)
+    const settle = this.boundAttempt(ctl, signaling)
+    try {
+      let link: Awaited<ReturnType<LinkFactory>>
+      try {
+        link = await this.linkFactory({
+          peer,
+          initiator,
+          signaling,
+          iceServers: this.init.iceServers ?? [],
+          signal: ctl.signal,
+        })
+      } finally {
+        settle()
+      }
+      this.attachLink(peer, link, signaling, inbox, initiator)
+    } catch (err) {
+      inbox.close()
+      signaling.close()
+      throw err
+    }
   }
 
   /**
@@ -980,26 +996,9 @@ class MeshNodeImpl implements MeshNode {
     const onParent = () => ctl.abort(parent.signal.reason)
     parent.signal.addEventListener('abort', onParent, { once: true })
     st.connecting = ctl
-    const signaling = createStreamSignaling(stream, { log: this.log })
-    const inbox = this.direct.inbox(signaling)
-    const settle = this.boundAttempt(ctl, signaling)
     try {
-      let link: Awaited<ReturnType<LinkFactory>>
-      try {
-        link = await this.linkFactory({
-          peer,
-          initiator: false,
-          signaling,
-          iceServers: this.init.iceServers ?? [],
-          signal: ctl.signal,
-        })
-      } finally {
-        settle()
-      }
-      this.attachLink(peer, link, signaling, inbox, false)
+      await this.buildLink(peer, stream, false, ctl)
     } catch (err) {
-      inbox.close()
-      signaling.close()
       if (!parent.signal.aborted) this.log(`link from ${peer} failed: ${describeError(err)}`)
     } finally {
       parent.signal.removeEventListener('abort', onParent)
