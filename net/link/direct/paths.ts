@@ -294,8 +294,10 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
         // The link's initiator (lower PeerId) moves first, so the two ends never both dial.
         if (initiator) {
           const conn = await directConnection(link.peer, signal)
-          if (conn !== undefined && (await offer(link, conn, signaling, inbox, signal))) return
-          if (conn !== undefined) return // offered and refused: the peer said no, keep WebRTC
+          if (conn !== undefined) {
+            await offer(link, conn, signaling, inbox, signal) // refused or failed: keep WebRTC
+            return
+          }
           signaling.send({ v: 1, session: SESSION, type: 'direct' }) // "I cannot reach you; try me"
           const reply = await inbox.next(signal, replyMs + dialMs)
           if (reply.type === 'direct' && reply.token !== undefined)
@@ -309,8 +311,8 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
           return
         }
         const conn = await directConnection(link.peer, signal)
-        if (conn === undefined || !(await offer(link, conn, signaling, inbox, signal)))
-          if (conn === undefined) signaling.send({ v: 1, session: SESSION, type: 'direct-ack', ok: false })
+        if (conn === undefined) signaling.send({ v: 1, session: SESSION, type: 'direct-ack', ok: false })
+        else await offer(link, conn, signaling, inbox, signal)
       } catch (err) {
         if (!signal.aborted) log(`direct path to ${link.peer}: ${describeError(err)}; staying on WebRTC`)
       } finally {
