@@ -40,7 +40,22 @@ describe('tunnel survival across live migrations (three hosts + a client member,
       ['B', 'C'],
       ['C', 'A'],
     ] as const) {
-      const rep = await r.hosts.get(from)!.migration.migrate({ vm: spec.name, to })
+      const rep = await r.hosts
+        .get(from)!
+        .migration.migrate({ vm: spec.name, to })
+        .catch(async (err: Error) => {
+          // Say where the guest is (and what its console said last) when a move cannot start: this
+          // suite has failed once with no host holding the VM.
+          const where = await Promise.all(
+            [...r.hosts.values()].map(async (h) => {
+              const vm = h.host.get(spec.name)
+              const tail = vm === undefined ? [] : await vm.consoleTail(5).catch(() => [])
+              return `${h.id}: ${vm?.status() ?? 'none'} ${tail.join(' | ')}`
+            }),
+          )
+          err.message += ` [move ${from}→${to}; ${where.join('; ')}]`
+          throw err
+        })
       const rec = rep as unknown as Record<string, unknown>
       moves.push({ from, to, totalMs: Number(rec.totalMs), downtimeMs: rec.downtimeMs })
       assert.equal(r.hosts.get(to)!.host.get(spec.name)?.status(), 'running')
