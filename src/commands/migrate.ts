@@ -22,7 +22,7 @@ function formatReport(r: MigrationReport): string {
     `  downtime    ${ms(r.downtimeMs)} (source view ${ms(r.downtimeSourceMs)}, rtt ${r.rttMs.toFixed(1)} ms)`,
     `  on the wire ${formatBytes(r.wireBytes)} for ${formatBytes(r.ramBytes)} of non-zero RAM`,
     `  skipped     ${formatBytes(r.dedupBytes)} already at the destination, ${formatBytes(r.dupPageBytes)} duplicate pages`,
-    `  rounds      ${r.rounds} pre-copy, final delta ${formatBytes(r.finalDeltaBytes)}, device state ${formatBytes(r.deviceStateBytes)} (switch: ${r.switchReason})`,
+    `  rounds      ${r.rounds} pre-copy, final delta ${formatBytes(r.finalDeltaBytes)}, device state ${formatBytes(r.deviceStateBytes)}${r.deviceStateWireBytes === undefined ? '' : ` (${formatBytes(r.deviceStateWireBytes)} on the wire)`} (switch: ${r.switchReason})`,
   ].join('\n')
 }
 

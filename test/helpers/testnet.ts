@@ -116,6 +116,8 @@ export interface Testnet {
     timeoutMs?: number,
     opts?: { commandTimeoutMs?: number },
   ): Promise<Map<string, PeerRow[]>>
+  /** What each agent says of its VMs, tunnel and recent log, for a failed test to print (never throws). */
+  diagnose(): Promise<string>
   destroy(): Promise<void>
 }
 
@@ -262,6 +264,43 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
           }
           await new Promise((r) => setTimeout(r, 1000))
         }
+      },
+      async diagnose() {
+        const out: string[] = []
+        for (const a of agents.values()) {
+          out.push(
+            `--- ${a.name} (${a.peerId.slice(-8)}), agent ${a.child.exitCode === null && a.child.signalCode === null ? 'running' : 'exited'}`,
+          )
+          for (const args of [['vm', 'ls'], ['status']]) {
+            const r = await a.mesh([...args, '--json'], { timeoutMs: 20_000 }).catch((e: unknown) => ({
+              code: -1,
+              stdout: '',
+              stderr: String(e),
+            }))
+            let text = r.stdout.trim()
+            if (args[0] === 'status') {
+              // The tunnel part is what a lost guest needs: its ports, held frames and drops.
+              try {
+                text = JSON.stringify((JSON.parse(text) as { tunnel?: unknown }).tunnel ?? null)
+              } catch {}
+            }
+            out.push(`mesh ${args.join(' ')}: ${r.code === 0 ? text : `exit ${r.code}: ${r.stderr.trim()}`}`)
+            if (args[0] === 'vm' && r.code === 0) {
+              try {
+                for (const vm of (JSON.parse(text) as { vms: { name: string }[] }).vms) {
+                  const c = await a.mesh(['vm', 'console', vm.name, '--lines', '15'], { timeoutMs: 20_000 })
+                  out.push(`console of ${vm.name}:`, c.stdout.trim())
+                }
+              } catch (err) {
+                out.push(`(console: ${String(err)})`)
+              }
+            }
+          }
+          const lines = a.log().split('\n')
+          const notable = lines.filter((l) => /warn|error|exited|VM /i.test(l)).slice(-30)
+          out.push('notable log lines:', ...notable, 'last log lines:', ...lines.slice(-25))
+        }
+        return out.join('\n')
       },
       async destroy() {
         await topo.destroy()

@@ -187,6 +187,41 @@ export function runDriverCompliance(
       assert.equal(await exists(copy), false, 'the destination owns and removes its RAM file')
     })
 
+    it('snapshotState: the guest keeps running without pause events, and a later saveState differs little', async () => {
+      const vm = await start()
+      if (vm.snapshotState === undefined) {
+        process.stdout.write('      (this driver has no snapshotState: nothing to check)\n')
+        return
+      }
+      const events: string[] = []
+      const onPaused = () => events.push('paused')
+      const onResumed = () => events.push('resumed')
+      vm.on('paused', onPaused)
+      vm.on('resumed', onResumed)
+      try {
+        const snap = await vm.snapshotState()
+        assert.ok(snap.length > 0, 'empty snapshot')
+        assert.equal(vm.status(), 'running')
+        assert.deepEqual(events, [], 'a snapshot is not a pause to the VM users')
+        // Twice in a row works (a migration may take it again after a rolled-back attempt).
+        await vm.snapshotState()
+        assert.equal(vm.status(), 'running')
+        const state = await vm.saveState()
+        assert.deepEqual(events, ['paused'])
+        assert.ok(
+          Math.abs(state.length - snap.length) <= snap.length / 10,
+          `${state.length} vs ${snap.length} bytes`,
+        )
+      } finally {
+        vm.off('paused', onPaused)
+        vm.off('resumed', onResumed)
+      }
+      await vm.pause()
+      await assert.rejects(vm.snapshotState(), { name: 'VmStateError' })
+      await vm.resume()
+      assert.equal(vm.status(), 'running')
+    })
+
     it('rolls back: after saveState the source can resume', async () => {
       const vm = await start()
       await vm.saveState()

@@ -156,12 +156,7 @@ describe("live migration under faults across NAT'd clouds (e2e, CLI, QEMU guest)
   afterEach(async function () {
     if (this.currentTest?.state === 'failed' && net !== undefined) {
       // What the guest and the agents said: the first thing one needs to see after a failure here.
-      for (const n of ['a1', 'b1', 'c1']) {
-        const a = agent(n)
-        const c = await a.mesh(['vm', 'console', VM, '--lines', '15']).catch(() => undefined)
-        process.stdout.write(`--- ${n} console: ${c?.stdout.trim() ?? ''}\n--- ${n} agent log (tail):\n`)
-        process.stdout.write(`${a.log().split('\n').slice(-25).join('\n')}\n`)
-      }
+      process.stdout.write(`${await net.diagnose()}\n`)
     }
     for (const c of spawned.splice(0)) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL')
     if (net !== undefined) for (const cloud of net.topo.clouds) if (cloud.isCut) await cloud.restore()

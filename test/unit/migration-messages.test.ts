@@ -3,9 +3,11 @@ import fc from 'fast-check'
 import { MigrationDecodeError } from '../../vm/migration/errors.ts'
 import { RamEncoder, RamWriter } from '../../vm/migration/ram.ts'
 import {
+  applyStateDelta,
   decodeMessage,
   encodeDataMessage,
   encodeMessage,
+  encodeStateDelta,
   HEADER_SIZE,
   type Message,
   MIGRATION_VERSION,
@@ -49,6 +51,7 @@ const samples: Message[] = [
   },
   { type: 'round', sid, round: 1, chunks: 3, bytes: 196608 },
   { type: 'state', sid, offset: 0, total: 10, bytes: new Uint8Array(10).fill(9) },
+  { type: 'stateref', sid, offset: 4, total: 10, bytes: new Uint8Array(6).fill(8) },
   { type: 'final', sid, token: 3, round: 2, pausedAt: 1700000000000 },
   { type: 'ready', sid, loadedAt: 1700000000001 },
   { type: 'commit', sid, token: 3 },
@@ -75,6 +78,15 @@ function norm(v: unknown): unknown {
 }
 
 let zdata: Buffer<ArrayBufferLike> | undefined
+let zstate: Buffer<ArrayBufferLike> | undefined
+
+/** A device-state-like blob: a large fixed part (ROMs) and a small part that changes (registers). */
+function deviceState(seed: number, len = 300_000): Buffer {
+  const b = Buffer.alloc(len)
+  for (let i = 0; i < len; i++) b[i] = (i * 31 + (i >> 9)) & 0xff
+  for (let i = len - 2000; i < len; i += 7) b[i] = (seed * 131 + i) & 0xff
+  return b
+}
 
 describe('migration protocol v1', () => {
   it('round-trips every message type', () => {
@@ -110,9 +122,44 @@ describe('migration protocol v1', () => {
     zdata = Buffer.from(bytes)
   })
 
+  it('device state as zstate: against the reference only the difference travels, and it must match', async () => {
+    const ref = deviceState(1)
+    const state = deviceState(2)
+    const plain = await encodeStateDelta(sid, state)
+    const delta = await encodeStateDelta(sid, state, ref)
+    assert.ok(plain !== undefined && delta !== undefined)
+    assert.ok(
+      delta.byteLength < plain.byteLength / 4,
+      `delta ${delta.byteLength} B vs plain ${plain.byteLength} B`,
+    )
+    zstate = Buffer.from(delta)
+    const m = decodeMessage(delta)
+    assert.equal(m.type, 'zstate')
+    if (m.type !== 'zstate') return
+    assert.ok(applyStateDelta(m, ref).equals(state))
+    // Without the reference, or with another one, the state is refused (never loaded wrong).
+    assert.throws(() => applyStateDelta(m), { name: 'MigrationDecodeError', message: /reference/ })
+    assert.throws(() => applyStateDelta(m, deviceState(3)), { name: 'MigrationDecodeError', message: /hash/ })
+    // A reference shorter or longer than the state still reproduces it exactly.
+    for (const other of [ref.subarray(0, 1000), Buffer.concat([ref, Buffer.alloc(5000, 1)])]) {
+      const d = decodeMessage((await encodeStateDelta(sid, state, other))!)
+      assert.ok(d.type === 'zstate' && applyStateDelta(d, other).equals(state))
+    }
+    const p = decodeMessage(plain)
+    assert.ok(p.type === 'zstate' && !p.xor && applyStateDelta(p).equals(state))
+    // The inflated size is bounded by the announced total: a body that inflates further is refused.
+    const lie = Buffer.from(plain)
+    lie.writeUInt32BE(state.byteLength - 1, HEADER_SIZE)
+    assert.throws(() => decodeMessage(lie), { name: 'MigrationDecodeError', message: /inflate/ })
+    // Incompressible and large: does not fit one message, the caller sends plain 'state' pieces.
+    const noise = Buffer.from(crypto.getRandomValues(new Uint8Array(60_000)))
+    assert.equal(await encodeStateDelta(sid, Buffer.concat([noise, noise, noise, noise, noise])), undefined)
+  })
+
   it('fuzz: random bytes and mutated messages decode or fail with MigrationDecodeError only', () => {
     const encoded: Buffer<ArrayBufferLike>[] = samples.map((m) => Buffer.from(encodeMessage(m)))
     if (zdata !== undefined) encoded.push(zdata)
+    if (zstate !== undefined) encoded.push(zstate)
     fc.assert(
       fc.property(
         fc.oneof(

@@ -138,6 +138,12 @@ export interface Vm {
    * stays paused: resume() to roll back, stop() once the destination runs.
    */
   saveState(signal?: AbortSignal): Promise<Uint8Array>
+  /**
+   * A copy of the device state taken while the guest runs: it is stopped for the few milliseconds the
+   * save takes and continues, without 'paused'/'resumed' events (to its users it never paused). A
+   * migration sends it ahead as the reference the final saveState() is sent against. Optional.
+   */
+  snapshotState?(signal?: AbortSignal): Promise<Uint8Array>
   /** Loads device state saved by saveState() into a VM started with `incoming: true`; stays paused. */
   loadState(state: Uint8Array, signal?: AbortSignal): Promise<void>
   /** A tracker over this VM's RAM. Several may exist; each keeps its own baseline. */

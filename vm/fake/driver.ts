@@ -218,6 +218,20 @@ export class FakeVm extends VmEmitter implements Vm {
     this.requireLive('saveState')
     if (this._status === 'incoming') throw new VmStateError(`VM '${this.spec.name}' has no state to save yet`)
     await this.pause(signal)
+    return this.encodeState()
+  }
+
+  async snapshotState(signal?: AbortSignal): Promise<Uint8Array> {
+    throwIfAborted(signal)
+    this.requireLive('snapshotState')
+    if (this._status !== 'running')
+      throw new VmStateError(
+        `VM '${this.spec.name}' is ${this._status}: a snapshot is taken from a running guest`,
+      )
+    return this.encodeState()
+  }
+
+  private encodeState(): Uint8Array {
     const state: FakeState = {
       fake: 1,
       name: this.spec.name,

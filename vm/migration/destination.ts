@@ -5,7 +5,7 @@ import type { Conversation } from './conversation.ts'
 import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'
 import type { MigrationProgress, RamCache, VmHost } from './interfaces.ts'
 import { RamWriter } from './ram.ts'
-import { HASH_SIZE, type Message } from './v1/messages.ts'
+import { applyStateDelta, HASH_SIZE, type Message } from './v1/messages.ts'
 
 type Prepare = Extract<Message, { type: 'prepare' }>
 
@@ -78,6 +78,11 @@ export async function migrateIn(init: DestinationInit): Promise<DestinationOutco
     const state: Buffer[] = []
     let stateTotal = -1
     let stateGot = 0
+    /** The source's reference copy of the device state (stateref), which a zstate may be sent against. */
+    const ref: Buffer[] = []
+    let refTotal = -1
+    let refGot = 0
+    let zstate: Buffer | undefined
     let round = 0
     let lastEmit = 0
     const emit = (phase: MigrationProgress['phase'], force = false) => {
@@ -99,7 +104,7 @@ export async function migrateIn(init: DestinationInit): Promise<DestinationOutco
     }
     for (;;) {
       const m = await conv.next(
-        ['offer', 'data', 'round', 'state', 'final', 'ping'],
+        ['offer', 'data', 'round', 'state', 'stateref', 'zstate', 'final', 'ping'],
         'the source',
         timeoutMs,
         signal,
@@ -132,7 +137,20 @@ export async function migrateIn(init: DestinationInit): Promise<DestinationOutco
       } else if (m.type === 'round') {
         round = m.round + 1
         emit('precopy', true)
+      } else if (m.type === 'stateref') {
+        if (refTotal === -1) refTotal = m.total
+        if (m.total !== refTotal || m.offset !== refGot)
+          throw new MigrationDecodeError('reference device state pieces out of order')
+        ref.push(Buffer.from(m.bytes))
+        refGot += m.bytes.byteLength
+      } else if (m.type === 'zstate') {
+        if (stateTotal !== -1 || zstate !== undefined)
+          throw new MigrationDecodeError('device state sent twice')
+        const whole = m.xor && refGot === refTotal ? Buffer.concat(ref) : undefined
+        zstate = applyStateDelta(m, whole)
+        ref.length = 0
       } else if (m.type === 'state') {
+        if (zstate !== undefined) throw new MigrationDecodeError('device state sent twice')
         if (stateTotal === -1) stateTotal = m.total
         if (m.total !== stateTotal || m.offset !== stateGot)
           throw new MigrationDecodeError('device state pieces out of order')
@@ -140,11 +158,11 @@ export async function migrateIn(init: DestinationInit): Promise<DestinationOutco
         stateGot += m.bytes.byteLength
       } else {
         if (m.token !== prepare.token) throw new StaleTokenError(name, m.token, prepare.token)
-        if (stateGot !== stateTotal || stateTotal <= 0)
+        if (zstate === undefined && (stateGot !== stateTotal || stateTotal <= 0))
           throw new MigrationDecodeError('final before the whole device state')
         emit('switch', true)
         vm = await vmStart
-        await vm.loadState(Buffer.concat(state), signal)
+        await vm.loadState(zstate ?? Buffer.concat(state), signal)
         await conv.send({ type: 'ready', sid, loadedAt: Date.now() }, signal)
         break
       }

@@ -156,6 +156,11 @@ export interface MigrationReport {
   /** Bytes in the final delta (sent while the guest was paused). */
   finalDeltaBytes: number
   deviceStateBytes: number
+  /** What the device state put on the wire during the pause (deflated, and sent as its difference from
+   *  the reference copy sent during pre-copy when there was one). */
+  deviceStateWireBytes?: number
+  /** The reference copy of the device state sent during pre-copy (0: none, e.g. the driver has none). */
+  stateRefBytes?: number
   /** Why pre-copy ended: 'small', 'not-shrinking', 'max-rounds', 'deadline'. */
   switchReason: string
   deadlineMs?: number

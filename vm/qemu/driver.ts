@@ -485,6 +485,35 @@ class QemuVm extends VmEmitter implements Vm {
     this.requireLive('saveState')
     if (this._status === 'incoming') throw new VmStateError(`VM '${this.spec.name}' has no state to save yet`)
     await this.pause(signal)
+    const state = await this.migrateOut(signal)
+    // QEMU is now in `postmigrate`: paused; `cont` resumes it (rollback).
+    this._status = 'paused'
+    return state
+  }
+
+  async snapshotState(signal?: AbortSignal): Promise<Uint8Array> {
+    this.requireLive('snapshotState')
+    if (this._status !== 'running')
+      throw new VmStateError(
+        `VM '${this.spec.name}' is ${this._status}: a snapshot is taken from a running guest`,
+      )
+    // Frozen: the stop/cont around the save is not a pause to the VM's users (no events, no hold).
+    this.frozen = true
+    try {
+      await this.qmpExecute('stop', undefined, signal)
+      try {
+        return await this.migrateOut(signal)
+      } finally {
+        // From `postmigrate`, `cont` resumes the guest, as after a rolled-back move.
+        if (this._status === 'running' && this.exitInfo === undefined) await this.qmpExecute('cont')
+      }
+    } finally {
+      this.frozen = false
+    }
+  }
+
+  /** Runs a QEMU migration of the device state (RAM is shared, not sent) into a socket; returns it. */
+  private async migrateOut(signal?: AbortSignal): Promise<Uint8Array> {
     const sock = join(this.paths.dir, `save-${Date.now()}.sock`)
     const parts: Buffer[] = []
     const server = createServer()
@@ -524,8 +553,6 @@ class QemuVm extends VmEmitter implements Vm {
       server.close()
       await rm(sock, { force: true })
     }
-    // QEMU is now in `postmigrate`: paused; `cont` resumes it (rollback).
-    this._status = 'paused'
     return Buffer.concat(parts)
   }
 
