@@ -47,6 +47,9 @@ export interface SurvivalMove {
   wireBytes: number
   /** The longest stream gap that ended between this move's start and the next one's (the stall it caused). */
   gapMs: number
+  /** The migration report's phase timings (ms), e.g. saveState, finalSend, ready, resumed. */
+  timings?: Record<string, number>
+  deviceStateWireBytes?: number
 }
 
 export interface SurvivalResult {
@@ -136,9 +139,14 @@ export async function surviveMoves(
         .get(from)!
         .mesh(['migrate', s.vm, '--to', to, '--json'], { timeoutMs: 300_000 })
       if (r.code !== 0) throw new Error(`mesh migrate ${from} → ${to} failed: ${r.stderr.slice(-2000)}`)
-      const rep = lastJson<{ event: string; totalMs: number; downtimeMs: number; wireBytes: number }>(
-        r.stdout,
-      )
+      const rep = lastJson<{
+        event: string
+        totalMs: number
+        downtimeMs: number
+        wireBytes: number
+        timings?: Record<string, number>
+        deviceStateWireBytes?: number
+      }>(r.stdout)
       if (rep.event !== 'done') throw new Error(`mesh migrate ${from} → ${to}: ${JSON.stringify(rep)}`)
       moves.push({
         from,
@@ -147,6 +155,8 @@ export async function surviveMoves(
         downtimeMs: Math.round(rep.downtimeMs),
         wireBytes: rep.wireBytes,
         gapMs: 0,
+        ...(rep.timings === undefined ? {} : { timings: rep.timings }),
+        ...(rep.deviceStateWireBytes === undefined ? {} : { deviceStateWireBytes: rep.deviceStateWireBytes }),
       })
       log(`  ${Math.round(rep.totalMs)} ms, downtime ${Math.round(rep.downtimeMs)} ms`)
       await new Promise((r) => setTimeout(r, settle))

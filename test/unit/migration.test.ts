@@ -152,7 +152,7 @@ describe('migration (fake driver, memory links)', function () {
       cache: createMemoryRamCache(),
       log,
       isMember: (p) => members.has(p),
-      tuning: { timeoutMs: 3000, inDoubtMs: 5000, switchBytes: 256 * 1024, ...tuning },
+      tuning: { timeoutMs: 3000, inDoubtMs: 5000, switchBytes: 256 * 1024, rememberDelayMs: 0, ...tuning },
     })
     await service.start(new AbortController().signal)
     return service

@@ -1,4 +1,5 @@
 import { open } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/errors.ts'
 import type { Logger } from '../../src/log.ts'
 import type { DirtyRound, Vm } from '../driver/interfaces.ts'
@@ -43,6 +44,8 @@ export interface MigrationTuning {
   timeoutMs?: number
   /** After commit, how long the source tries to learn whether the destination resumed (default 60 s). */
   inDoubtMs?: number
+  /** How long after the move the source starts keeping the old RAM as chunks (default 2 s). */
+  rememberDelayMs?: number
 }
 
 export interface SourceInit {
@@ -69,6 +72,7 @@ const DEFAULTS: Required<MigrationTuning> = {
   switchBytes: 1024 * 1024,
   timeoutMs: 30_000,
   inDoubtMs: 60_000,
+  rememberDelayMs: 2000,
 }
 
 /** Moves a running VM of this host to `to`. Resolves with the report once the destination runs it. */
@@ -492,9 +496,12 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     if (init.deadlineMs !== undefined) report.deadlineMs = init.deadlineMs
     setPhase('done')
     if (kept !== undefined && init.cache !== undefined) {
-      // Keep the last RAM as chunks so a later move back here sends only what changed.
-      const p = init.cache
-        .remember(name, `/proc/self/fd/${kept.fd}`, t.chunkSize)
+      // Keep the last RAM as chunks so a later move back here sends only what changed. Not at once:
+      // hashing the RAM costs ~0.5 s of CPU, and the guest's first moments on its new host need this
+      // host's switch (held frames, stragglers) and the CPU more (measured: stalls seen by a client).
+      const cache = init.cache
+      const p = sleep(t.rememberDelayMs)
+        .then(() => cache.remember(name, `/proc/self/fd/${kept.fd}`, t.chunkSize))
         .catch((err: unknown) =>
           log.warn('keeping RAM chunks failed', { vm: name, error: describeError(err) }),
         )
