@@ -1,5 +1,7 @@
 import { createHash } from 'node:crypto'
 import { closeSync, openSync, readSync } from 'node:fs'
+import { ChunkVerifyError } from '../../net/chunks/errors.ts'
+import { hashEquals, sha256 } from '../../net/chunks/hash.ts'
 import type { ChunkStore } from '../../net/chunks/interfaces.ts'
 import { buildManifest } from '../../net/chunks/manifest.ts'
 import type { RamCache } from './interfaces.ts'
@@ -14,7 +16,15 @@ const PIN = (vm: string) => `migration/ram/${vm}`
 export function createStoreRamCache(store: ChunkStore): RamCache {
   return {
     has: (hash) => store.has(hash),
-    get: (hash) => store.get(hash),
+    async get(hash) {
+      // Checked here too, whatever the store's own policy: these bytes go straight into a guest's RAM.
+      const data = await store.get(hash)
+      if (!hashEquals(sha256(data), hash))
+        throw new ChunkVerifyError(
+          `cached RAM chunk ${Buffer.from(hash).toString('hex')} does not match its hash`,
+        )
+      return data
+    },
     async remember(vm, ramPath, chunkSize, signal) {
       await buildManifest(ramPath, { store, chunkSize, pin: PIN(vm), ...(signal ? { signal } : {}) })
     },
