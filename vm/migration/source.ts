@@ -430,20 +430,17 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     }
     const deviceStateWireBytes = conv.sentBytes - s0
     await conv.send({ type: 'final', sid, token, round: finalRound, pausedAt }, signal)
+    lap('finalSend')
+    await conv.next(['ready'], 'ready (destination loaded the state)', t.timeoutMs, signal)
+    lap('ready')
+
     // Point of no return for the source: from here it never resumes unless it learns that the
-    // destination did not (and never will) resume. The commit goes right behind 'final' instead of
-    // after the destination's 'ready': the destination resumes the moment it loaded the state, a round
-    // trip sooner (the guest is paused meanwhile). Safety is unchanged: the destination still resumes
-    // only on the commit, and a destination that fails to load says 'abort' and, asked, 'discarded',
-    // which is what lets the source resume.
+    // destination did not (and never will) resume.
     committed = true
     await conv.send({ type: 'commit', sid, token }, signal)
-    lap('finalSend')
     let resumedAt: number
     let resumedSeenPerf: number
     try {
-      await conv.next(['ready'], 'ready (destination loaded the state)', t.timeoutMs, signal)
-      lap('ready')
       const r = await conv.next(['resumed'], 'resumed', t.timeoutMs, signal)
       resumedAt = r.resumedAt
       resumedSeenPerf = performance.now()

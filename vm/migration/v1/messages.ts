@@ -16,11 +16,8 @@
  *                                                         for a few ms), so that at the switch…
  *   S pauses; S→D data… state{…}…|zstate final{T}        final delta + device state (zstate: deflated,
  *                                                         XORed with the reference when one was sent)
- *   S→D commit{T}                                        S will not resume on its own from here (sent
- *                                                         right behind final, not after ready: one round
- *                                                         trip less of downtime)
- *   D→S ready                                            D wrote everything and loaded the state; it
- *                                                         resumes only once it also has the commit
+ *   D→S ready                                            D wrote everything and loaded the state (paused)
+ *   S→D commit{T}                                        S will not resume on its own from here
  *   D→S resumed{T}                                       D runs the VM and owns token T; S stops its copy
  * Any failure before S sends commit: S resumes, D discards. After commit, if the link dies, S keeps the
  * VM paused and asks D (query, on any later link) whether it resumed: D never resumes without commit,
