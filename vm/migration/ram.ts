@@ -201,9 +201,12 @@ export class RamEncoder {
       const buf = Buffer.allocUnsafe((last - first + 1) * this.chunkSize)
       readFully(this.fd, buf, buf.byteLength, first * this.chunkSize)
       for (let i = first; i <= last; i++) {
-        out.push(
-          this.encodeOne(i, buf.subarray((i - first) * this.chunkSize, (i - first + 1) * this.chunkSize)),
-        )
+        const chunk = buf.subarray((i - first) * this.chunkSize, (i - first + 1) * this.chunkSize)
+        // What the destination holds once it applied this chunk (buf is never reused). Without this the
+        // final scan compared against the bytes of the first scan and re-encoded, while the guest was
+        // paused, every chunk a pre-copy round had already sent.
+        this.held.set(i, chunk)
+        out.push(this.encodeOne(i, chunk))
       }
     }
     return out
