@@ -231,44 +231,45 @@ describe('migration protocol v1', () => {
     }
   })
 
-  it('RAM codec: the final delta is what changed since each chunk was last sent, nothing more', async () => {
-    const { mkdtemp, writeFile, readFile, rm, open } = await import('node:fs/promises')
-    const { tmpdir } = await import('node:os')
-    const { join } = await import('node:path')
-    const dir = await mkdtemp(join(tmpdir(), 'mig-final-'))
-    const poke = async (chunk: number, byte: number) => {
-      const fh = await open(join(dir, 'src'), 'r+')
-      await fh.write(Buffer.from([byte]), 0, 1, chunk * 65536 + 123)
-      await fh.close()
-    }
-    try {
-      const size = 1024 * 1024
-      await writeFile(join(dir, 'src'), Buffer.alloc(size, 1))
-      await writeFile(join(dir, 'dst'), Buffer.alloc(size))
-      const enc = new RamEncoder(join(dir, 'src'), size, 65536, true)
-      const w = new RamWriter(join(dir, 'dst'), size, 65536)
-      const apply = async (indices: number[]) => {
-        for (const c of await Promise.all(enc.encode(indices))) w.apply(c)
+  for (const parallel of [false, true])
+    it(`RAM codec: the final delta is what changed since each chunk was last sent, nothing more${parallel ? ' (scan worker)' : ''}`, async () => {
+      const { mkdtemp, writeFile, readFile, rm, open } = await import('node:fs/promises')
+      const { tmpdir } = await import('node:os')
+      const { join } = await import('node:path')
+      const dir = await mkdtemp(join(tmpdir(), 'mig-final-'))
+      const poke = async (chunk: number, byte: number) => {
+        const fh = await open(join(dir, 'src'), 'r+')
+        await fh.write(Buffer.from([byte]), 0, 1, chunk * 65536 + 123)
+        await fh.close()
       }
-      await apply((await enc.scan()).indices)
-      enc.releaseScan()
-      // A pre-copy round sends chunks 3 and 5 with new bytes; unchanged since, they are not in the delta.
-      await poke(3, 7)
-      await poke(5, 7)
-      await apply([3, 5])
-      assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [])
-      // Written after its round: in the delta. Restored to the first scan's bytes after its round: in
-      // the delta too (the destination holds the round's bytes).
-      await poke(3, 9)
-      await poke(5, 1)
-      const delta = await enc.finalDelta(join(dir, 'src'))
-      assert.deepEqual(delta, [3, 5])
-      await apply(delta)
-      assert.ok((await readFile(join(dir, 'dst'))).equals(await readFile(join(dir, 'src'))))
-      enc.close()
-      w.close()
-    } finally {
-      await rm(dir, { recursive: true, force: true })
-    }
-  })
+      try {
+        const size = 1024 * 1024
+        await writeFile(join(dir, 'src'), Buffer.alloc(size, 1))
+        await writeFile(join(dir, 'dst'), Buffer.alloc(size))
+        const enc = new RamEncoder(join(dir, 'src'), size, 65536, true, parallel)
+        const w = new RamWriter(join(dir, 'dst'), size, 65536)
+        const apply = async (indices: number[]) => {
+          for (const c of await Promise.all(enc.encode(indices))) w.apply(c)
+        }
+        await apply((await enc.scan()).indices)
+        enc.releaseScan()
+        // A pre-copy round sends chunks 3 and 5 with new bytes; unchanged since, they are not in the delta.
+        await poke(3, 7)
+        await poke(12, 7)
+        await apply([3, 12])
+        assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [])
+        // Written after its round: in the delta. Restored to the first scan's bytes after its round: in
+        // the delta too (the destination holds the round's bytes).
+        await poke(3, 9)
+        await poke(12, 1)
+        const delta = await enc.finalDelta(join(dir, 'src'))
+        assert.deepEqual(delta, [3, 12])
+        await apply(delta)
+        assert.ok((await readFile(join(dir, 'dst'))).equals(await readFile(join(dir, 'src'))))
+        enc.close()
+        w.close()
+      } finally {
+        await rm(dir, { recursive: true, force: true })
+      }
+    })
 })

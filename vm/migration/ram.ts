@@ -11,10 +11,10 @@
  */
 import { createHash } from 'node:crypto'
 import { closeSync, openSync, readSync, writeSync } from 'node:fs'
-import { open } from 'node:fs/promises'
 import { promisify } from 'node:util'
 import { deflateRaw, inflateRawSync } from 'node:zlib'
 import { MigrationDecodeError } from './errors.ts'
+import { HeldChunks, ScanWorker, scanRange } from './final-scan.ts'
 import { type EncodedChunk, PAGE_KEEP, PAGE_LITERAL, PAGE_REF, PAGE_ZERO } from './v1/messages.ts'
 
 const deflateRawAsync = promisify(deflateRaw)
@@ -91,7 +91,9 @@ export class RamEncoder {
    * between would look clean while the destination holds the intermediate bytes (a lock word taken
    * at read time would hang the guest after the move).
    */
-  private readonly held = new Map<number, Buffer>()
+  private readonly held: HeldChunks
+  /** Scans half of the RAM at the final delta (large guests only; see final-scan.ts). */
+  private readonly worker: ScanWorker | undefined
   /** Adaptive compression: after a run of chunks that did not compress, skip a stretch. */
   private compressFails = 0
   private compressSkip = 0
@@ -102,6 +104,8 @@ export class RamEncoder {
     readonly size: number,
     readonly chunkSize: number,
     private readonly compress: boolean,
+    /** A second thread for the final scan: default from 32 MiB of RAM up. */
+    parallelScan = size >= 32 * 1024 * 1024,
   ) {
     if (chunkSize % PAGE_SIZE !== 0 || size % chunkSize !== 0)
       throw new RangeError(
@@ -110,6 +114,8 @@ export class RamEncoder {
     this.pagesPerChunk = chunkSize / PAGE_SIZE
     this.fd = openSync(path, 'r')
     this.destKey = new Array<string>(size / PAGE_SIZE).fill(ZERO_KEY)
+    this.held = new HeldChunks(size, chunkSize)
+    this.worker = parallelScan ? new ScanWorker(this.held) : undefined
   }
 
   get chunkCount(): number {
@@ -118,6 +124,7 @@ export class RamEncoder {
 
   close(): void {
     closeSync(this.fd)
+    void this.worker?.close()
   }
 
   /**
@@ -188,7 +195,7 @@ export class RamEncoder {
       if (fromScan !== undefined) {
         const index = indices[k]!
         this.scanned.delete(index)
-        this.held.set(index, fromScan)
+        // held has these bytes since scan()
         out.push(this.encodeOne(index, fromScan, this.offered.get(index)))
         k++
         continue
@@ -219,49 +226,16 @@ export class RamEncoder {
 
   /**
    * With the guest paused: every chunk whose bytes differ from what the destination holds (zeros for
-   * chunks never sent). Exact, whatever the dirty tracker saw. Reads the whole file once.
+   * chunks never sent), ascending. Exact, whatever the dirty tracker saw. Reads the whole file once,
+   * the upper half on the scan worker when there is one (this thread scans it if the worker fails).
    */
   async finalDelta(path: string): Promise<number[]> {
-    const block = Math.max(this.chunkSize, Math.floor((4 * 1024 * 1024) / this.chunkSize) * this.chunkSize)
-    const bufs = [Buffer.allocUnsafe(block), Buffer.allocUnsafe(block)]
-    const out: number[] = []
-    // Asynchronous reads (thread pool), one ahead: the event loop stays free for the QMP exchange that
-    // saves the device state meanwhile, and comparing overlaps reading.
-    const fh = await open(path, 'r')
-    try {
-      const readAt = async (pos: number, buf: Buffer): Promise<number> => {
-        const len = Math.min(block, this.size - pos)
-        let done = 0
-        while (done < len) {
-          const { bytesRead } = await fh.read(buf, done, len - done, pos + done)
-          if (bytesRead === 0) {
-            buf.fill(0, done, len)
-            break
-          }
-          done += bytesRead
-        }
-        return len
-      }
-      let next: Promise<number> | undefined = readAt(0, bufs[0]!)
-      for (let pos = 0, turn = 0; pos < this.size; pos += block, turn ^= 1) {
-        const len = await next!
-        const buf = bufs[turn]!
-        next = pos + block < this.size ? readAt(pos + block, bufs[turn ^ 1]!) : undefined
-        this.compareBlock(buf, pos, len, out)
-      }
-    } finally {
-      await fh.close()
-    }
-    return out
-  }
-
-  private compareBlock(buf: Buffer, pos: number, len: number, out: number[]): void {
-    for (let off = 0; off < len; off += this.chunkSize) {
-      const index = (pos + off) / this.chunkSize
-      const chunk = buf.subarray(off, off + this.chunkSize)
-      const there = this.held.get(index)
-      if (there === undefined ? !isZero(chunk) : !chunk.equals(there)) out.push(index)
-    }
+    const count = this.chunkCount
+    if (this.worker === undefined) return scanRange(path, this.held, 0, count)
+    const split = Math.floor(count / 2)
+    const upper = this.worker.scan(path, split, count).catch(() => scanRange(path, this.held, split, count))
+    const [lower, higher] = await Promise.all([scanRange(path, this.held, 0, split), upper])
+    return lower.concat(higher)
   }
 
   private encodeOne(index: number, chunk: Buffer, keys?: string[]): Promise<EncodedChunk> {
