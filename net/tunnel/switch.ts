@@ -25,6 +25,11 @@
  * the client's TCP just carries on. The destination holds frames for its incoming guest the same way
  * until it runs.
  *
+ * Small frames (at most BATCH_FRAME_BYTES: TCP ACKs, ARP) for one peer are packed into one BATCH message
+ * per event-loop turn rather than sent one message each: every message costs an SCTP packet, a DTLS
+ * record and a datagram at both ends, and a bulk TCP transfer through the tunnel sends one ACK for
+ * every other segment. Bigger frames go at once (after whatever small ones came before them).
+ *
  * Memory is bounded everywhere: the MAC table (LRU eviction plus ageing), the hold queues (paused
  * guests and moved MACs: at most holdFrames frames and holdBytes bytes each; when full the NEWEST frame
  * is dropped, counted as `hold-full`: tail drop keeps what is held in order, and TCP recovers a lost
@@ -47,11 +52,15 @@ import {
   type PortKind,
   type PortStatus,
   type SwitchStatus,
+  TUNNEL_HEADER_BYTES,
+  TUNNEL_MESSAGE_BUDGET,
   TUNNEL_MTU,
   type TunnelSwitch,
 } from './interfaces.ts'
 import { createStreamPort } from './stream-port.ts'
 import {
+  BATCH_ENTRY_HEADER_BYTES,
+  BatchBuilder,
   decodeMessage,
   encodeAnnounce,
   encodeForwarded,
@@ -140,6 +149,15 @@ function macKey(b: Uint8Array, off: number): number {
   )
 }
 
+/**
+ * Frames up to this size (two always fit one message) are batched per remote port: what a switch
+ * sends a peer in one event-loop turn (a burst of TCP ACKs for a bulk transfer, ARP) travels as one
+ * BATCH message instead of one SCTP packet, DTLS record and UDP datagram each. Bigger frames go at once.
+ */
+export const BATCH_FRAME_BYTES = Math.floor(
+  (TUNNEL_MESSAGE_BUDGET - TUNNEL_HEADER_BYTES - 2 * BATCH_ENTRY_HEADER_BYTES) / 2,
+)
+
 export function macKeyOf(mac: string): number {
   return macKey(parseMac(mac), 0)
 }
@@ -172,6 +190,18 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   const unsubs: Array<() => void> = []
   let sweeper: NodeJS.Timeout | undefined
   let started = false
+
+  /** Remote ports with small frames waiting; flushed once per event-loop turn (setImmediate). */
+  const pendingFlushes: Array<() => void> = []
+  let flushTimer: NodeJS.Immediate | undefined
+  const flushAll = () => {
+    flushTimer = undefined
+    for (const f of pendingFlushes.splice(0)) f()
+  }
+  const scheduleFlush = (f: () => void) => {
+    pendingFlushes.push(f)
+    flushTimer ??= setImmediate(flushAll)
+  }
 
   const drop = (reason: string) => {
     drops[reason] = (drops[reason] ?? 0) + 1
@@ -314,24 +344,35 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   }
 
   function fromRemote(port: Port, msg: Uint8Array): void {
-    port.counters.rxFrames++
-    port.counters.rxBytes += msg.byteLength
     const d = decodeMessage(msg)
     if (!d.ok) {
+      port.counters.rxFrames++
+      port.counters.rxBytes += msg.byteLength
       drop(`decode-${d.reason}`)
       return
     }
     if (d.type === 'announce') {
+      port.counters.rxFrames++
+      port.counters.rxBytes += msg.byteLength
       onAnnounce(port, d.mac, d.epoch)
       return
     }
-    const frame = d.frame
+    if (d.type === 'batch') {
+      for (const f of d.frames) fromRemoteFrame(port, f, false)
+      return
+    }
+    fromRemoteFrame(port, d.frame, d.type === 'forwarded')
+  }
+
+  function fromRemoteFrame(port: Port, frame: Uint8Array, forwarded: boolean): void {
+    port.counters.rxFrames++
+    port.counters.rxBytes += frame.byteLength
     if (frame.byteLength > maxFrame) {
       drop('oversize')
       return
     }
     const dst = macKey(frame, 0)
-    if (d.type === 'forwarded') {
+    if (forwarded) {
       // Relayed once already: local delivery only, and no learning (the source is not at the relay).
       // A NIC attached here takes it even before its announcement: the old host says it moved here.
       const vmPort = vmPorts.get(dst)
@@ -455,17 +496,44 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       detail: link.peer,
       send(frame, forwarded) {
         if (ch.state !== 'open') return false
-        try {
-          return ch.send(forwarded === true ? encodeForwarded(frame) : encodeFrame(frame))
-        } catch (err) {
-          if (err instanceof ChannelClosedError) return false
-          throw err
+        if (forwarded !== true && frame.byteLength <= BATCH_FRAME_BYTES) {
+          // Small frames wait for the end of this event-loop turn and leave together (flushAll).
+          if (!batch.add(frame)) {
+            flushBatch()
+            batch.add(frame)
+          }
+          if (batch.count === 1) scheduleFlush(flushBatch)
+          return true
         }
+        // Keep this port's frames in the order they came (the channel itself is unordered anyway).
+        flushBatch()
+        return sendRaw(forwarded === true ? encodeForwarded(frame) : encodeFrame(frame))
       },
       close() {
+        batch.take()
         offMsg()
         offClose()
       },
+    }
+    const batch = new BatchBuilder(TUNNEL_MESSAGE_BUDGET)
+    const sendRaw = (msg: Uint8Array): boolean => {
+      if (ch.state !== 'open') return false
+      try {
+        return ch.send(msg)
+      } catch (err) {
+        if (err instanceof ChannelClosedError) return false
+        throw err
+      }
+    }
+    /** Sends what the batch holds. Its frames were counted as sent; a refused message undoes that. */
+    const flushBatch = () => {
+      const n = batch.count
+      const bytes = batch.frameBytes
+      const msg = batch.take()
+      if (msg === undefined || sendRaw(msg)) return
+      counters.txFrames -= n
+      counters.txBytes -= bytes
+      counters.drops += n
     }
     const offMsg = ch.onMessage((msg) => fromRemote(port, msg))
     const offClose = link.onClose(() => {
@@ -505,6 +573,9 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       started = false
       for (const u of unsubs.splice(0)) u()
       if (sweeper !== undefined) clearInterval(sweeper)
+      if (flushTimer !== undefined) clearImmediate(flushTimer)
+      flushTimer = undefined
+      pendingFlushes.length = 0
       for (const t of timers) clearTimeout(t)
       timers.clear()
       const all = [...ports.values()]

@@ -36,8 +36,11 @@ export interface TapPort {
   close(): Promise<void>
 }
 
+/** Socket buffers on both ends of the relay (the kernel caps them at net.core.rmem_max/wmem_max). */
+const UDP_BUFFER_BYTES = 4 << 20
+
 async function bindUdp(port = 0): Promise<Socket> {
-  const s = createSocket({ type: 'udp4', recvBufferSize: 4 << 20, sendBufferSize: 4 << 20 })
+  const s = createSocket({ type: 'udp4', recvBufferSize: UDP_BUFFER_BYTES, sendBufferSize: UDP_BUFFER_BYTES })
   await new Promise<void>((resolve, reject) => {
     s.once('error', reject)
     s.bind(port, '127.0.0.1', () => {
@@ -59,7 +62,6 @@ export async function createTapPort(o: TapOptions): Promise<TapPort> {
   const socatPort = probe.address().port
   await new Promise<void>((r) => probe.close(() => r()))
   const swPort = sock.address().port
-  let inFlight = 0
   let closed = false
   let stderr = ''
   const proc: ChildProcess = spawn(
@@ -68,7 +70,10 @@ export async function createTapPort(o: TapOptions): Promise<TapPort> {
       '-b',
       '65536',
       `TUN,tun-type=tap,tun-name=${o.name},iff-no-pi`,
-      `UDP-DATAGRAM:127.0.0.1:${swPort},bind=127.0.0.1:${socatPort}`,
+      // socat reads one datagram per turn of its loop while the switch writes a whole burst of frames
+      // (everything one SCTP read delivered): at the 208 KiB default its receive buffer overflowed and
+      // TCP through the tunnel saw losses (the agent's own socket has 4 MiB; rmem_max caps both).
+      `UDP-DATAGRAM:127.0.0.1:${swPort},bind=127.0.0.1:${socatPort},rcvbuf=${UDP_BUFFER_BYTES},sndbuf=${UDP_BUFFER_BYTES}`,
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   )
@@ -116,6 +121,19 @@ export async function createTapPort(o: TapOptions): Promise<TapPort> {
   } catch (err) {
     return fail('configuring the interface failed', err)
   }
+  // Connected to socat's port: the kernel then delivers only socat's datagrams, and send() needs no
+  // address (no per-frame lookup) and no completion callback (a bounded libuv queue instead).
+  try {
+    await new Promise<void>((resolve, reject) => {
+      sock.once('error', reject)
+      sock.connect(socatPort, '127.0.0.1', () => {
+        sock.off('error', reject)
+        resolve()
+      })
+    })
+  } catch (err) {
+    return fail('connecting the relay socket failed', err)
+  }
   sock.on('message', (msg, rinfo) => {
     if (rinfo.port === socatPort && rinfo.address === '127.0.0.1') o.receive(msg)
   })
@@ -126,11 +144,9 @@ export async function createTapPort(o: TapOptions): Promise<TapPort> {
   o.log.info('TAP port up', { name: o.name, address: o.address ?? 'none', netns: o.netns ?? 'host' })
   return {
     send(frame) {
-      if (closed || exited || inFlight >= maxInFlight) return false
-      inFlight++
-      sock.send(frame, socatPort, '127.0.0.1', () => {
-        inFlight--
-      })
+      // Datagrams the kernel did not take at once wait in libuv's queue: bound it.
+      if (closed || exited || sock.getSendQueueCount() >= maxInFlight) return false
+      sock.send(frame)
       return true
     },
     connected: () => !closed && !exited,

@@ -1,5 +1,6 @@
 /**
- * `npm run bench -- tunnel [--seconds N] [--no-link] [--no-hold] [--memory MiB]`: the L2 tunnel between
+ * `npm run bench -- tunnel [--seconds N] [--no-link] [--no-hold] [--memory MiB] [--iperf-only] [--diag]
+ * [--cpu-prof DIR]`: the L2 tunnel between
  * real agents across NAT'd clouds, in one run:
  *
  * - linkMBps: the raw link benchmark between two NAT'd clouds (test/bench/link.ts `--clouds`: werift,
@@ -14,7 +15,16 @@
  *   live-migrates a1→b1→c1→a1 with `mesh migrate`: moves, resets, the longest gap (maxGapMs; target
  *   ≤ 300) and each move's downtime. `--no-hold` runs the agents with MESH_TUNNEL_HOLD=0 (frames written
  *   into the paused QEMU, announce after adopt: the behaviour before holding) for comparison.
+ *
+ * Iterating on throughput: `--iperf-only` skips chargen and the survival run; `--diag` adds, for the
+ * iperf3 run, the CPU share of d1's and b1's agents and of their TAP relays (socat), both switches'
+ * counters and drops, and the load average; `--cpu-prof DIR` runs the agents with `--cpu-prof` and stops
+ * d1's and b1's gracefully at the end so their profiles land in DIR. iperfRetransmits (TCP segments the
+ * sender retransmitted) is always reported.
  */
+import { readFileSync } from 'node:fs'
+import { loadavg } from 'node:os'
+import { fileURLToPath } from 'node:url'
 
 import { CHARGEN_PORT } from '../../fixtures/guest/ports.ts'
 import {
@@ -24,6 +34,8 @@ import {
   type SurvivalNet,
   surviveMoves,
 } from '../helpers/tunnel-survival.ts'
+
+const CPU_PROF_PRELOAD = fileURLToPath(new URL('./_cpu-prof.cjs', import.meta.url))
 
 const log = (s: string) => process.stderr.write(`[bench tunnel] ${s}\n`)
 
@@ -46,7 +58,82 @@ async function rtt(s: SurvivalNet): Promise<number | null> {
   return m === null ? null : Number(m[1])
 }
 
-async function iperf(s: SurvivalNet, seconds: number): Promise<number | null> {
+/** utime + stime of a process, in clock ticks (1/100 s), or 0 if it is gone. */
+function cpuTicks(pid: number): number {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const rest = f.slice(f.lastIndexOf(')') + 2).split(' ')
+    return Number(rest[11]) + Number(rest[12])
+  } catch {
+    return 0
+  }
+}
+
+function childrenOf(pid: number): number[] {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8')
+      .trim()
+      .split(/\s+/)
+      .filter((x) => x !== '')
+      .map(Number)
+  } catch {
+    return []
+  }
+}
+
+/** CPU share (1 = one core) of d1's and b1's agents and their child processes while `run` runs. */
+async function measureCpu<T>(s: SurvivalNet, run: () => Promise<T>): Promise<[T, Record<string, number>]> {
+  const procs: Array<[string, number]> = []
+  for (const n of ['d1', 'b1']) {
+    const pid = s.net.agents.get(n)!.child.pid!
+    procs.push([`${n}-agent`, pid])
+    for (const c of childrenOf(pid)) procs.push([`${n}-child${c}`, c])
+  }
+  const before = procs.map(([, pid]) => cpuTicks(pid))
+  const t0 = performance.now()
+  const r = await run()
+  const secs = (performance.now() - t0) / 1000
+  const cpu: Record<string, number> = {}
+  procs.forEach(([name, pid], i) => {
+    cpu[name] = round2((cpuTicks(pid) - before[i]!) / 100 / secs)
+  })
+  return [r, cpu]
+}
+
+async function tunnelStatus(s: SurvivalNet, n: string): Promise<unknown> {
+  try {
+    const st = await s.net.agents.get(n)!.json<{ tunnel?: unknown }>(['status'], { timeoutMs: 30_000 })
+    return st.tunnel
+  } catch (err) {
+    return String(err)
+  }
+}
+
+/** Kernel counters in a member's namespace: UDP receive-buffer drops (the TAP relay's loopback
+ *  datagrams, werift's socket) and the TAP's queue drops. */
+async function kernelDrops(s: SurvivalNet, n: string): Promise<Record<string, number | string>> {
+  const host = s.net.agents.get(n)!.host
+  const out: Record<string, number | string> = {}
+  const snmp = await host.exec('cat', ['/proc/net/snmp'], { timeoutMs: 10_000 })
+  const udp = snmp.stdout.split('\n').filter((l) => l.startsWith('Udp:'))
+  if (udp.length === 2) {
+    const keys = udp[0]!.split(/\s+/)
+    const vals = udp[1]!.split(/\s+/)
+    for (const k of ['InErrors', 'RcvbufErrors', 'SndbufErrors'])
+      out[`udp${k}`] = Number(vals[keys.indexOf(k)])
+  }
+  const tc = await host.exec('tc', ['-s', 'qdisc', 'show', 'dev', 'mesh0'], { timeoutMs: 10_000 })
+  const m = /dropped (\d+)/.exec(tc.stdout)
+  out.tapQdiscDropped = m === null ? tc.stdout.trim().slice(0, 200) : Number(m[1])
+  return out
+}
+
+interface IperfResult {
+  mbps: number | null
+  retransmits: number | null
+}
+
+async function iperf(s: SurvivalNet, seconds: number): Promise<IperfResult> {
   const b1 = s.net.agents.get('b1')!.host
   const server = b1.exec('iperf3', ['-s', '-1', '-B', SURVIVAL_B_IP], { timeoutMs: (seconds + 60) * 1000 })
   await new Promise((r) => setTimeout(r, 1000))
@@ -55,12 +142,17 @@ async function iperf(s: SurvivalNet, seconds: number): Promise<number | null> {
   })
   await server
   try {
-    const j = JSON.parse(c.stdout) as { end?: { sum_received?: { bits_per_second?: number } } }
+    const j = JSON.parse(c.stdout) as {
+      end?: { sum_received?: { bits_per_second?: number }; sum_sent?: { retransmits?: number } }
+    }
     const bps = j.end?.sum_received?.bits_per_second
-    return bps === undefined ? null : round2(bps / 8 / 1e6)
+    return {
+      mbps: bps === undefined ? null : round2(bps / 8 / 1e6),
+      retransmits: j.end?.sum_sent?.retransmits ?? null,
+    }
   } catch {
     log(`iperf3 failed: ${c.stderr.slice(-500)} ${c.stdout.slice(-500)}`)
-    return null
+    return { mbps: null, retransmits: null }
   }
 }
 
@@ -80,6 +172,9 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
   const seconds = Number(arg(args, '--seconds') ?? 5)
   const hold = !args.includes('--no-hold')
   const memoryMiB = Number(arg(args, '--memory') ?? 256)
+  const iperfOnly = args.includes('--iperf-only')
+  const diag = args.includes('--diag')
+  const cpuProfDir = arg(args, '--cpu-prof')
   const notes: string[] = []
   let linkMBps: number | null = null
   if (!args.includes('--no-link')) {
@@ -95,18 +190,68 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
   log(
     `survival network: agents in clouds a, b, c (VM hosts) and d (client)${hold ? '' : ', MESH_TUNNEL_HOLD=0'}`,
   )
+  const env: NodeJS.ProcessEnv = {
+    ...(hold ? {} : { MESH_TUNNEL_HOLD: '0' }),
+    ...(cpuProfDir === undefined
+      ? {}
+      : {
+          NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --require ${CPU_PROF_PRELOAD}`.trim(),
+          MESH_CPU_PROF_DIR: cpuProfDir,
+        }),
+  }
   const s = await createSurvivalNet({
     tapOnB: true,
     memoryMiB,
     log,
-    ...(hold ? {} : { env: { MESH_TUNNEL_HOLD: '0' } }),
+    ...(Object.keys(env).length === 0 ? {} : { env }),
   })
   try {
     const rttMs = await rtt(s)
     log(`rtt ${rttMs} ms`)
     log(`iperf3 TAP(d1) → TAP(b1), ${seconds} s`)
-    const iperfMBps = await iperf(s, seconds)
-    log(`iperf ${iperfMBps} MB/s`)
+    const statusBefore = diag
+      ? {
+          d1: await tunnelStatus(s, 'd1'),
+          b1: await tunnelStatus(s, 'b1'),
+          kernel: { d1: await kernelDrops(s, 'd1'), b1: await kernelDrops(s, 'b1') },
+        }
+      : undefined
+    const [ip, cpu] = await measureCpu(s, () => iperf(s, seconds))
+    const load = loadavg().map(round2)
+    const iperfMBps = ip.mbps
+    log(`iperf ${iperfMBps} MB/s, ${ip.retransmits} retransmits, cpu ${JSON.stringify(cpu)}, load ${load}`)
+    const diagOut = diag
+      ? {
+          cpu,
+          load,
+          statusBefore,
+          statusAfter: {
+            d1: await tunnelStatus(s, 'd1'),
+            b1: await tunnelStatus(s, 'b1'),
+            kernel: { d1: await kernelDrops(s, 'd1'), b1: await kernelDrops(s, 'b1') },
+          },
+        }
+      : undefined
+    if (cpuProfDir !== undefined) {
+      for (const n of ['d1', 'b1']) {
+        const c = s.net.agents.get(n)!.child
+        const exited = new Promise((r) => c.once('exit', r))
+        c.kill('SIGTERM')
+        await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))])
+      }
+    }
+    if (iperfOnly || cpuProfDir !== undefined)
+      return {
+        iperfMBps,
+        linkMBps,
+        rttMs,
+        iperfRetransmits: ip.retransmits,
+        ratio: linkMBps === null || iperfMBps === null ? null : round2(iperfMBps / linkMBps),
+        cpu,
+        load,
+        ...(diagOut === undefined ? {} : { diag: diagOut }),
+        ...(notes.length > 0 ? { notes } : {}),
+      }
     const guestMBps = await chargen(s, seconds)
     log(`guest chargen ${guestMBps} MB/s`)
     log('survival: stream to the guest while it live-migrates a1→b1→c1→a1')
@@ -135,6 +280,11 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
       survival,
       guestMBps,
       memoryMiB,
+      ratio: linkMBps === null || iperfMBps === null ? null : round2(iperfMBps / linkMBps),
+      iperfRetransmits: ip.retransmits,
+      cpu,
+      load,
+      ...(diagOut === undefined ? {} : { diag: diagOut }),
       ...(notes.length > 0 ? { notes } : {}),
     }
   } finally {

@@ -84,6 +84,29 @@ describe('webrtc tunnel channel never retransmits (werift PR-SCTP)', function ()
     await Promise.all([a?.destroy(), b?.destroy()])
   })
 
+  it('acknowledges an in-sequence burst with one SACK per event-loop turn, not one per packet (patch)', async () => {
+    const countA = injectLoss(a!, 0, () => 1)
+    const countB = injectLoss(b!, 0, () => 1)
+    const N = 600
+    let got = 0
+    b!.channel('tunnel').onMessage(() => {
+      got++
+    })
+    const frame = new Uint8Array(1100)
+    for (let i = 0; i < N; i++) {
+      if (a!.channel('tunnel').bufferedAmount > 256 * 1024)
+        await until(() => a!.channel('tunnel').bufferedAmount < 64 * 1024, 30_000)
+      a!.channel('tunnel').send(frame)
+    }
+    assert.ok(await until(() => got === N, 30_000), `delivered ${got}/${N}`)
+    await sleep(300) // a delayed SACK would go out by now (200 ms)
+    // b sends nothing but SACKs (and a heartbeat pong or two). Stock werift acknowledges every DATA
+    // packet at once (N SACKs); even SCTP's usual one per second packet would be about N/2.
+    process.stdout.write(`      ${countA.passed} DATA packets acknowledged by ${countB.passed} packets\n`)
+    assert.ok(countA.passed >= N)
+    assert.ok(countB.passed < N / 2.5, `${countB.passed} SACK packets for ${N} DATA packets`)
+  })
+
   for (const seed of [1, 2, 3]) {
     it(`drops tunnel messages under ${LOSS * 100}% loss and keeps every reliable message (seed ${seed})`, async () => {
       const rnd = prng(seed)

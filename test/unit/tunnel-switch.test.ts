@@ -4,7 +4,7 @@ import { createServer, type Server, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createMemoryNetwork, type MemoryLinkOptions, type MemoryNetwork } from '../../net/link/memory.ts'
-import type { PortKind, TunnelSwitch } from '../../net/tunnel/interfaces.ts'
+import { type PortKind, TUNNEL_MESSAGE_BUDGET, type TunnelSwitch } from '../../net/tunnel/interfaces.ts'
 import { encodeLengthPrefixed, LengthPrefixedReader } from '../../net/tunnel/stream-port.ts'
 import { createSwitch, type SwitchOptions } from '../../net/tunnel/switch.ts'
 import { encodeAnnounce, parseMac } from '../../net/tunnel/v1/frames.ts'
@@ -143,6 +143,67 @@ describe('tunnel switch (memory network)', function () {
     assert.equal(pb.txFrames, 2)
     assert.equal(pb.rxFrames, 1)
     assert.equal(st.mtu, 1184)
+  })
+
+  it('sends the small frames of one event-loop turn as one BATCH message, big frames alone, all delivered in order', async () => {
+    const m = mesh(['a', 'b'])
+    cleanup.push(m.stop)
+    const x = nic(m.sw('a'), 'x')
+    const y = nic(m.sw('b'), 'y')
+    x.inject(frame(Y, X, 0))
+    await until(() => y.got.length === 1)
+    y.inject(frame(X, Y, 0)) // both MACs learned: unicast from here on
+    await until(() => x.got.length === 1)
+    const wire: Array<{ type: number; bytes: number }> = []
+    m.net
+      .node('b')
+      .link('a')!
+      .channel('tunnel')
+      .onMessage((msg) => wire.push({ type: msg[1]!, bytes: msg.byteLength }))
+    // 30 ACK-sized frames, one full-size frame in the middle, then 5 more small ones, in one turn.
+    for (let i = 1; i <= 30; i++) x.inject(frame(Y, X, i, 66))
+    x.inject(frame(Y, X, 31, 1198))
+    for (let i = 32; i <= 36; i++) x.inject(frame(Y, X, i, 66))
+    await until(() => y.got.length === 37)
+    assert.deepEqual(
+      y.got.slice(1).map(seqOf),
+      Array.from({ length: 36 }, (_, i) => i + 1),
+      'in order',
+    )
+    assert.deepEqual(
+      wire.map((w) => w.type),
+      [4, 4, 1, 4],
+      '30 small frames need two batches (16 fit one message), then the big frame, then the rest',
+    )
+    for (const w of wire) assert.ok(w.bytes <= TUNNEL_MESSAGE_BUDGET)
+    const pa = m
+      .sw('a')
+      .status()
+      .ports.find((p) => p.id === 'peer:b')!
+    assert.equal(pa.txFrames, 37)
+    const pb = m
+      .sw('b')
+      .status()
+      .ports.find((p) => p.id === 'peer:a')!
+    assert.equal(pb.rxFrames, 37)
+    // A lone small frame still travels as a plain FRAME (any v1 member reads it).
+    x.inject(frame(Y, X, 37, 66))
+    await until(() => y.got.length === 38)
+    assert.equal(wire.at(-1)!.type, 1)
+  })
+
+  it('counts a batch the channel refuses as dropped frames', async () => {
+    const m = mesh(['a', 'b'], { highWaterMark: 4096 })
+    cleanup.push(m.stop)
+    const x = nic(m.sw('a'), 'x')
+    for (let i = 0; i < 200; i++) x.inject(frame(BCAST, X, i, 100))
+    await sleep(50)
+    const pa = m
+      .sw('a')
+      .status()
+      .ports.find((p) => p.id === 'peer:b')!
+    assert.ok(pa.drops > 0, 'some batches did not fit the channel')
+    assert.equal(pa.txFrames + pa.drops, 200)
   })
 
   it('floods broadcast exactly once to every port, never relays between remote ports (4 nodes, split horizon)', async () => {
