@@ -80,9 +80,13 @@ async function qemuMigrate(
     await qmp(dst).qmpExecute('cont')
     const ramInfo = (info.ram ?? {}) as Record<string, number>
     log(`qemu: ${JSON.stringify({ ...info, ram: ramInfo })}`)
+    // QEMU 7.2 now and then reports 0 for both times of a completed migration (seen once here): then
+    // the wall time we measured, and no downtime figure rather than a false 0.
+    const total = info['total-time']
+    const reported = typeof total === 'number' && total > 0
     return {
-      totalMs: typeof info['total-time'] === 'number' ? (info['total-time'] as number) : wall,
-      downtimeMs: (info.downtime as number) ?? Number.NaN,
+      totalMs: reported ? total : wall,
+      downtimeMs: reported ? ((info.downtime as number) ?? Number.NaN) : Number.NaN,
       wireBytes: ramInfo.transferred ?? Number.NaN,
       dst,
     }
