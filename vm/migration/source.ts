@@ -305,6 +305,14 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     )
 
     lap('bulk')
+    /** Device state in message-sized pieces (at least one, even when empty). */
+    const sendPieces = async (type: 'state' | 'stateref', bytes: Uint8Array) => {
+      for (let o = 0; o < bytes.byteLength || o === 0; o += TARGET_MESSAGE_BYTES) {
+        const piece = bytes.subarray(o, o + TARGET_MESSAGE_BYTES)
+        await conv.send({ type, sid, offset: o, total: bytes.byteLength, bytes: piece }, signal)
+        if (bytes.byteLength === 0) break
+      }
+    }
     // A reference copy of the device state, sent while the guest runs (stopped only for the save's few
     // ms): at the switch only its difference travels. QEMU's device state is mostly ROM blocks that never
     // change (~360 KB → a few KB; across NATs the migrate channel may move only ~5 MB/s, so this is tens
@@ -322,18 +330,7 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
         })
       }
       if (stateRef !== undefined && stateRef.byteLength > MAX_STATE_BYTES) stateRef = undefined
-      for (let o = 0; stateRef !== undefined && o < stateRef.byteLength; o += TARGET_MESSAGE_BYTES) {
-        await conv.send(
-          {
-            type: 'stateref',
-            sid,
-            offset: o,
-            total: stateRef.byteLength,
-            bytes: stateRef.subarray(o, o + TARGET_MESSAGE_BYTES),
-          },
-          signal,
-        )
-      }
+      if (stateRef !== undefined) await sendPieces('stateref', stateRef)
       lap('stateRef')
     }
     // Pre-copy rounds until the dirty set is small, stops shrinking, rounds run out, or the deadline nears.
@@ -411,23 +408,8 @@ export async function migrateOut(init: SourceInit): Promise<MigrationReport> {
     const s0 = conv.sentBytes
     const zstate = await encodeStateDelta(sid, state, stateRef)
     if (zstate !== undefined) await conv.sendRaw(zstate, signal)
-    else {
-      // Too big for one message even deflated (or empty): the plain pieces.
-      const STATE_PIECE = TARGET_MESSAGE_BYTES
-      for (let o = 0; o < state.byteLength || o === 0; o += STATE_PIECE) {
-        await conv.send(
-          {
-            type: 'state',
-            sid,
-            offset: o,
-            total: state.byteLength,
-            bytes: state.subarray(o, o + STATE_PIECE),
-          },
-          signal,
-        )
-        if (state.byteLength === 0) break
-      }
-    }
+    // Too big for one message even deflated (or empty): the plain pieces.
+    else await sendPieces('state', state)
     const deviceStateWireBytes = conv.sentBytes - s0
     await conv.send({ type: 'final', sid, token, round: finalRound, pausedAt }, signal)
     lap('finalSend')
