@@ -146,6 +146,8 @@ interface ServeBatch {
 /** Chunk bytes read per serving batch: 9 chunks of 64 KiB, i.e. three full BLOCKS messages, read with
  *  one readv when adjacent on disk (they are when the holder imported the file in order). */
 const SERVE_BATCH_BYTES = 512 * 1024
+/** Batches read ahead of the one being sent (at most ~2.3 MiB per peer being served). */
+const SERVE_READ_AHEAD = 4
 
 type Pending = { peer: string; onMessage(msg: ChunkMessage): boolean; onClose(): void }
 
@@ -374,20 +376,29 @@ class Service implements ChunkService {
 
   /**
    * Sends wanted chunks as BLOCKS messages. Chunks are read in batches of about SERVE_BATCH_BYTES straight
-   * into the messages (one readv per run of chunks adjacent on disk), and the next batch is read while
-   * this one goes out. After a send() returns false it waits for onDrain() before the next message, so
-   * a slow link never makes this side hold more than the channel's high-water mark, one message and two
-   * batches.
+   * into the messages (one readv per run of chunks adjacent on disk), and up to SERVE_READ_AHEAD more
+   * batches are read while one goes out. After a send() returns false it waits for onDrain() before the
+   * next message, so a slow link never makes this side hold more than the channel's high-water mark, one
+   * message and SERVE_READ_AHEAD + 1 batches (about 3 MiB).
    */
   private async serveLoop(conn: PeerConn): Promise<void> {
     conn.serving = true
     try {
-      let next: Promise<ServeBatch> | undefined = this.readBatch(conn)
-      while (next !== undefined) {
-        const batch: ServeBatch = await next
-        next = undefined
+      // Several batches read ahead: each read is a round trip through libuv's thread pool, and on a
+      // busy machine that thread waits for a core; one batch ahead left the holder idle half the time.
+      const ahead: Promise<ServeBatch>[] = []
+      const fill = () => {
+        while (ahead.length < SERVE_READ_AHEAD && conn.serveQueue.length > 0) {
+          const p = this.readBatch(conn)
+          p.catch(() => {}) // awaited in order below; one failing while we wait on another is not unhandled
+          ahead.push(p)
+        }
+      }
+      fill()
+      while (ahead.length > 0) {
+        const batch: ServeBatch = await ahead.shift()!
         if (conn.closed) return
-        if (conn.serveQueue.length > 0) next = this.readBatch(conn)
+        fill()
         for (let k = 0; k < batch.missing.length; k += MAX_HASHES)
           this.send(conn, { type: 'dont-have', hashes: batch.missing.slice(k, k + MAX_HASHES) })
         for (const m of batch.messages) {
@@ -398,7 +409,7 @@ class Service implements ChunkService {
           if (!ok) await conn.ch.onDrain()
           if (conn.closed) return
         }
-        if (next === undefined && conn.serveQueue.length > 0) next = this.readBatch(conn)
+        fill()
       }
     } catch (err) {
       if (!(err instanceof ChannelClosedError))
@@ -695,6 +706,8 @@ class Service implements ChunkService {
   }
 }
 
+/** A busy peer is sent a WANT once this much of its window is free (a quarter of smaller windows). */
+const WANT_MIN_BYTES = 1024 * 1024
 /** Present chunks copied into the target file per batch (one readInto each). */
 const PRESENT_BATCH = 64
 const EMIT_BYTES = 1024 * 1024
@@ -1110,6 +1123,10 @@ class FetchJob {
       if (p.gone || p.bad) continue
       const conn = this.svc.conn(p.peer)
       if (conn === undefined) continue
+      // Refill in steps of at least WANT_MIN_BYTES while the window is busy: each WANT costs a frame,
+      // an encryption and a system call or two at both ends, and one per stored batch was many.
+      const free = this.svc.windowBytes - p.inflightBytes
+      if (p.inflight.size > 0 && free < Math.min(WANT_MIN_BYTES, this.svc.windowBytes / 4)) continue
       const want: Uint8Array[] = []
       while (p.inflightBytes < this.svc.windowBytes && p.cursor < p.list.length) {
         const i = p.list[p.cursor++]!
@@ -1246,13 +1263,17 @@ class FetchJob {
     p.rateBps = secs > 0 ? p.bytesFetched / secs : 0
   }
 
-  /** Progress at most every EMIT_BYTES or EMIT_MS (a CLI turns each into a JSON event), and at the end. */
+  /** Progress every EMIT_BYTES (or 1/64 of the size) or EMIT_MS (a CLI turns each into a JSON event),
+   *  and at the end. */
   private emit(force = false): void {
     if (this.opts.onProgress === undefined) return
     this.updateDone()
     const now = performance.now()
     const done = this.progress.bytesDone
-    if (!force && done - this.lastEmitBytes < EMIT_BYTES && now - this.lastEmit < EMIT_MS) return
+    // Big resources report every 1/64 of their size: at 1 MiB steps a 256 MiB pull made 256 events,
+    // each a JSON line through the control socket (a few % of a puller's CPU).
+    const step = Math.max(EMIT_BYTES, this.m.size / 64)
+    if (!force && done - this.lastEmitBytes < step && now - this.lastEmit < EMIT_MS) return
     this.lastEmit = now
     this.lastEmitBytes = done
     this.opts.onProgress({ ...this.progress })

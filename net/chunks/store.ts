@@ -28,8 +28,8 @@ import { checkChunkSize, DEFAULT_CHUNK_SIZE, decodeManifest, encodeManifest, has
  *
  * fsync policy: packs are NOT fsynced by default. A process crash cannot tear an indexed record (the
  * bytes reached the page cache before indexing); only a power loss can leave a complete-looking record
- * with wrong bytes, and every read verifies the hash, so such a chunk reads as ChunkVerifyError, is
- * dropped and fetched again. `durable: true` fsyncs after each batch. Manifests and pins are small and
+ * with wrong bytes, and reads verify the hash (the first read of each record after open; see
+ * Loc.verified), so such a chunk reads as ChunkVerifyError, is dropped and fetched again. `durable: true` fsyncs after each batch. Manifests and pins are small and
  * rare: always written to a temp file, fsynced, renamed.
  *
  * Deleting a chunk (gc, or a failed verification) drops it from the index; gc() then rewrites packs
@@ -126,6 +126,16 @@ interface Loc {
   pack: Pack
   offset: number
   length: number
+  /**
+   * The record's bytes are known to match its name in this process: we wrote them (put() hashed them;
+   * putVerified()'s callers did) or a read here already checked them. Such a record is served without
+   * hashing it again. Safe because what read verification guards against, a record torn or garbled by
+   * a crash or power loss of a store without fsync, cannot happen to a record this process wrote or
+   * read intact without killing this process first: every Loc is rebuilt unverified at open. What is
+   * left (media corruption after the write, someone editing a pack) the fetching side still catches:
+   * it verifies every chunk it receives.
+   */
+  verified: boolean
 }
 
 interface Append {
@@ -182,7 +192,7 @@ class PackChunkStore implements ChunkStore {
       this.packs.set(id, pack)
       for (const r of scan.records) {
         if (this.index.has(r.hex)) continue // a copy left by an interrupted compaction
-        this.index.set(r.hex, { pack, offset: r.offset, length: r.length })
+        this.index.set(r.hex, { pack, offset: r.offset, length: r.length, verified: false })
         pack.live += r.length
         this.bytes += r.length
       }
@@ -246,7 +256,11 @@ class PackChunkStore implements ChunkStore {
   }
 
   private verify(hex: string, hash: ChunkHash, loc: Loc, data: Uint8Array): void {
-    if (hashEquals(sha256(data), hash)) return
+    if (loc.verified) return
+    if (hashEquals(sha256(data), hash)) {
+      loc.verified = true
+      return
+    }
     // The bad copy must not be served again nor make fetches skip this chunk: drop it.
     if (this.index.get(hex) === loc) this.forget(hex)
     throw new ChunkVerifyError(`chunk ${hex} on disk does not match its name (dropped)`)
@@ -402,7 +416,12 @@ class PackChunkStore implements ChunkStore {
           if (this.durable) await active.fh.sync()
           let pos = start
           for (const a of batch) {
-            this.index.set(a.hex, { pack: active.pack, offset: pos + REC_HDR, length: a.data.byteLength })
+            this.index.set(a.hex, {
+              pack: active.pack,
+              offset: pos + REC_HDR,
+              length: a.data.byteLength,
+              verified: true,
+            })
             active.pack.live += a.data.byteLength
             pos += REC_HDR + a.data.byteLength
           }

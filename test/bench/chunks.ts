@@ -1,5 +1,9 @@
 /**
- * `npm run bench -- chunks [--mib N] [--engine E] [--no-direct] [--memory-only]`: the chunk layer's throughput.
+ * `npm run bench -- chunks [--mib N] [--engine E] [--no-direct] [--memory-only] [--clouds-only] [--one-holder]
+ * [--cpu-prof DIR]`: the chunk layer's throughput. `--clouds-only` skips part 1; `--one-holder` stops part 2
+ * after the one-holder pull and its baselines; `--cpu-prof DIR` makes the agents write V8 CPU profiles
+ * there (h1 and p1 during the one-holder pull, then during the plain stream); `--perf DIR` records them
+ * with Linux perf the same way.
  *
  * 1. In one process over the in-memory overlay (the protocol + store ceiling, no network cost, under
  *    `memory`): manifest build, fetch from one holder and from three with CPU ms per MB, the memory
@@ -15,7 +19,7 @@
  */
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { join, resolve } from 'node:path'
 import { type ChunkService, createChunkService } from '../../net/chunks/exchange.ts'
 import type { ChunkStore, Manifest } from '../../net/chunks/interfaces.ts'
 import { buildManifest } from '../../net/chunks/manifest.ts'
@@ -31,6 +35,14 @@ export interface ChunksBenchOptions {
   engine?: 'werift' | 'libdatachannel'
   /** Direct paths for bulk channels (default true, as agents run by default). */
   direct?: boolean
+  /** Skip the in-process part (1). */
+  cloudsOnly?: boolean
+  /** Part 2: stop after the one-holder pull and its baselines. */
+  oneHolder?: boolean
+  /** Part 2: agents write V8 CPU profiles into this directory (see _chunks-clouds.ts). */
+  cpuProfDir?: string
+  /** Part 2: `perf record` h1 and p1 into this directory (see _chunks-clouds.ts). */
+  perfDir?: string
   /** Keep the temp dir (for inspection). */
   keep?: boolean
   log?: (line: string) => void
@@ -162,26 +174,30 @@ async function memoryBench(opts: ChunksBenchOptions = {}): Promise<ChunksBenchRe
 
 export async function runChunksBench(opts: ChunksBenchOptions = {}): Promise<Record<string, unknown>> {
   const log = opts.log ?? ((s: string) => process.stderr.write(`[bench chunks] ${s}\n`))
-  const memory = await memoryBench(opts)
+  const memory = opts.cloudsOnly === true ? undefined : await memoryBench(opts)
   if (opts.clouds === false) return { ...memory, engine: 'memory', path: 'memory' }
   const clouds = await chunksAcrossClouds({
     mib: opts.mib ?? 256,
     engine: opts.engine ?? 'werift',
     direct: opts.direct ?? true,
     log,
+    ...(opts.oneHolder === true ? { oneHolder: true } : {}),
+    ...(opts.cpuProfDir === undefined ? {} : { cpuProfDir: opts.cpuProfDir }),
+    ...(opts.perfDir === undefined ? {} : { perfDir: opts.perfDir }),
   })
   return {
     ...clouds,
     transport: 'clouds',
-    manifestMBps: memory.manifestMBps,
-    importMBps: memory.importMBps,
-    memory,
+    ...(memory === undefined
+      ? {}
+      : { manifestMBps: memory.manifestMBps, importMBps: memory.importMBps, memory }),
   }
 }
 
 /**
  * Entry for test/bench/main.ts:
- * `npm run bench -- chunks [--mib N] [--engine werift|libdatachannel] [--no-direct] [--memory-only] [--keep]`.
+ * `npm run bench -- chunks [--mib N] [--engine werift|libdatachannel] [--no-direct] [--memory-only]
+ * [--clouds-only] [--one-holder] [--cpu-prof DIR] [--perf DIR] [--keep]`.
  */
 export async function main(args: string[]): Promise<Record<string, unknown>> {
   const value = (flag: string) => {
@@ -195,7 +211,19 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
     throw new Error('--engine is werift or libdatachannel')
   if (!args.includes('--memory-only') && process.getuid?.() !== 0)
     throw new Error('the cross-cloud part needs root (network namespaces); use --memory-only without it')
+  if (args.includes('--memory-only') && args.includes('--clouds-only'))
+    throw new Error('--memory-only and --clouds-only exclude each other')
+  const cpuProf = value('--cpu-prof')
+  if (args.includes('--cpu-prof') && (cpuProf === undefined || cpuProf.startsWith('--')))
+    throw new Error('--cpu-prof needs a directory')
+  const perfDir = value('--perf')
+  if (args.includes('--perf') && (perfDir === undefined || perfDir.startsWith('--')))
+    throw new Error('--perf needs a directory')
   const r = await runChunksBench({
+    cloudsOnly: args.includes('--clouds-only'),
+    oneHolder: args.includes('--one-holder'),
+    ...(cpuProf === undefined ? {} : { cpuProfDir: resolve(cpuProf) }),
+    ...(perfDir === undefined ? {} : { perfDir: resolve(perfDir) }),
     mib,
     keep: args.includes('--keep'),
     clouds: !args.includes('--memory-only'),

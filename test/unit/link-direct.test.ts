@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict'
+import { streamPair } from '@libp2p/utils'
 import fc from 'fast-check'
-import { SwitchableChannel } from '../../net/link/direct/channels.ts'
+import { FramedStream } from '../../net/control/stream.ts'
+import { StreamChannel, SwitchableChannel } from '../../net/link/direct/channels.ts'
 import { createPathLink, type PathLink } from '../../net/link/direct/link.ts'
 import {
   DIRECT_CHANNELS,
@@ -10,7 +12,12 @@ import {
   encodeSwitch,
   HELLO_BYTES,
 } from '../../net/link/direct/v1/messages.ts'
-import type { ChannelName, Link, MessageChannel } from '../../net/link/interfaces.ts'
+import {
+  type ChannelName,
+  type Link,
+  MAX_MESSAGE_SIZE,
+  type MessageChannel,
+} from '../../net/link/interfaces.ts'
 import { createMemoryLinkPair } from '../../net/link/memory.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
 
@@ -174,4 +181,130 @@ runLinkCompliance('path link (upgraded, memory)', async () => {
       for (const l of all) l.close()
     },
   }
+})
+
+/** Direct channels as the node builds them: StreamChannels over libp2p stream pairs (yamux-like mocks). */
+async function streamChannels(): Promise<{
+  a: Map<ChannelName, StreamChannel>
+  b: Map<ChannelName, StreamChannel>
+}> {
+  const a = new Map<ChannelName, StreamChannel>()
+  const b = new Map<ChannelName, StreamChannel>()
+  for (const n of DIRECT_CHANNELS) {
+    // A small capacity so that send() meets backpressure within the compliance tests.
+    const [x, y] = await streamPair({ capacity: 16 })
+    a.set(n, new StreamChannel(n, new FramedStream(x, MAX_MESSAGE_SIZE)))
+    b.set(n, new StreamChannel(n, new FramedStream(y, MAX_MESSAGE_SIZE)))
+  }
+  return { a, b }
+}
+
+describe('StreamChannel (coalesced frames over a libp2p stream)', () => {
+  let chans: { a: Map<ChannelName, StreamChannel>; b: Map<ChannelName, StreamChannel> } | undefined
+  afterEach(() => {
+    for (const m of [chans?.a, chans?.b]) for (const c of m?.values() ?? []) c.close()
+    chans = undefined
+  })
+
+  it('delivers messages sent in one turn, in many turns and over the coalescing limit, in order', async () => {
+    chans = await streamChannels()
+    const tx = chans.a.get('chunks')!
+    const rx = chans.b.get('chunks')!
+    const got: number[] = []
+    let bytes = 0
+    rx.onMessage((m) => {
+      got.push(num(m))
+      bytes += m.byteLength
+    })
+    // Sizes straddle the coalescing limit: several sends flush synchronously, the rest in microtasks.
+    const sizes = [8, 1, MAX_MESSAGE_SIZE, 200_000, 70_000, 8, 5]
+    let sent = 0
+    let i = 0
+    for (let round = 0; round < 12; round++) {
+      for (const size of sizes) {
+        const m = new Uint8Array(Math.max(4, size)).fill(round)
+        new DataView(m.buffer).setUint32(0, i++)
+        sent += m.byteLength
+        if (!tx.send(m)) await tx.onDrain()
+      }
+      if (round % 3 === 0) await tick()
+    }
+    await until(() => got.length === i, `${i} messages (got ${got.length})`)
+    assert.deepEqual(got, [...Array(i).keys()], 'in order, none lost or repeated')
+    assert.equal(bytes, sent)
+  })
+
+  it('fuzz: any split of sends across turns arrives intact and in order', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.tuple(fc.integer({ min: 4, max: 200_000 }), fc.boolean()), {
+          minLength: 1,
+          maxLength: 40,
+        }),
+        async (plan) => {
+          const c = await streamChannels()
+          try {
+            const tx = c.a.get('migrate')!
+            const rx = c.b.get('migrate')!
+            const got: Uint8Array[] = []
+            rx.onMessage((m) => got.push(Uint8Array.prototype.slice.call(m)))
+            const sent: Uint8Array[] = []
+            for (const [k, [size, yieldAfter]] of plan.entries()) {
+              const m = new Uint8Array(size)
+              for (let j = 0; j < size; j += 997) m[j] = (k * 31 + j) & 0xff
+              new DataView(m.buffer).setUint32(0, k)
+              sent.push(m.slice())
+              if (!tx.send(m)) await tx.onDrain()
+              m.fill(0xee) // the channel copied it: reusing the buffer must not change what arrives
+              if (yieldAfter) await Promise.resolve()
+            }
+            await until(() => got.length === sent.length, 'all messages')
+            for (const [k, m] of got.entries()) assert.ok(Buffer.from(m).equals(sent[k]!), `message ${k}`)
+          } finally {
+            for (const m of [c.a, c.b]) for (const ch of m.values()) ch.close()
+          }
+        },
+      ),
+      { numRuns: 25 },
+    )
+  })
+
+  it('a clean close delivers what was sent in the same turn; send after close throws', async () => {
+    chans = await streamChannels()
+    const tx = chans.a.get('chunks')!
+    const rx = chans.b.get('chunks')!
+    const got: number[] = []
+    rx.onMessage((m) => got.push(num(m)))
+    let ended = false
+    rx.onClose(() => {
+      ended = true
+    })
+    for (let k = 0; k < 5; k++) tx.send(msg(k))
+    tx.close()
+    await until(() => got.length === 5, 'the five messages')
+    assert.deepEqual(got, [0, 1, 2, 3, 4])
+    assert.throws(() => tx.send(msg(9)), { name: 'ChannelClosedError' })
+    await until(() => ended, 'the far end to see the close')
+  })
+
+  it('onDrain() with an aborted signal rejects with AbortError', async () => {
+    chans = await streamChannels()
+    const tx = chans.a.get('migrate')!
+    chans.b.get('migrate')!.onMessage(() => {})
+    while (tx.send(new Uint8Array(64 * 1024))) {}
+    const ac = new AbortController()
+    ac.abort()
+    await assert.rejects(tx.onDrain({ signal: ac.signal }), { name: 'AbortError' })
+    await tx.onDrain()
+  })
+
+  it('bufferedAmount counts frames not yet handed to the stream', async () => {
+    chans = await streamChannels()
+    const tx = chans.a.get('chunks')!
+    chans.b.get('chunks')!.onMessage(() => {})
+    assert.equal(tx.bufferedAmount, 0)
+    tx.send(new Uint8Array(1000))
+    assert.ok(tx.bufferedAmount >= 1004, `${tx.bufferedAmount}`)
+    await until(() => tx.bufferedAmount === 0, 'the queue to empty')
+  })
 })

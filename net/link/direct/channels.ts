@@ -1,4 +1,6 @@
-import { describeError } from '../../../src/errors.ts'
+import { Uint8ArrayList } from 'uint8arraylist'
+import { AbortError, describeError } from '../../../src/errors.ts'
+import { encodeFrame } from '../../control/framing.ts'
 import type { FramedStream } from '../../control/stream.ts'
 import { ChannelBase } from '../channel-base.ts'
 import { ChannelClosedError, LinkError, MessageTooLargeError } from '../errors.ts'
@@ -12,13 +14,24 @@ export class DirectPathError extends LinkError {
   }
 }
 
+/** Frames queued in one turn are handed to the stream together once they reach this many bytes. */
+export const COALESCE_BYTES = 1024 * 1024
+
 /**
  * A reliable channel over one libp2p stream (tcp + noise + yamux): length-prefixed messages, the
  * stream's own backpressure (send() is false while yamux or the socket wants a drain).
+ *
+ * Frames sent in one synchronous run (e.g. a holder's batch of BLOCKS) are handed to the stream
+ * together in a microtask: yamux then sends them as one data frame, which costs the receiver one
+ * window update (a noise message and two socket writes there, measured ~0.5 ms on a busy host)
+ * instead of one per message. Order is kept: everything goes through the one queue.
  */
 export class StreamChannel extends ChannelBase {
   readonly reliable = true
   protected readonly lowWaterMark = 0
+  private pending: Uint8Array[] = []
+  private pendingBytes = 0
+  private flushQueued = false
 
   constructor(
     readonly name: ChannelName,
@@ -42,23 +55,51 @@ export class StreamChannel extends ChannelBase {
   }
 
   get bufferedAmount(): number {
-    return this.framed.stream.writeBufferLength
+    return this.framed.stream.writeBufferLength + this.pendingBytes
   }
 
   send(message: Uint8Array): boolean {
-    if (this.state === 'closed') throw new ChannelClosedError(`channel '${this.name}' is closed`)
+    if (this.state === 'closed' || this.framed.isEnded)
+      throw new ChannelClosedError(`channel '${this.name}' is closed`)
     if (message.byteLength > MAX_MESSAGE_SIZE)
       throw new MessageTooLargeError(message.byteLength, MAX_MESSAGE_SIZE)
+    // A copy (with its length prefix): the caller may reuse its buffer once send() returns.
+    const frame = encodeFrame(message, this.framed.maxFrame)
+    this.pending.push(frame)
+    this.pendingBytes += frame.byteLength
+    if (this.pendingBytes >= COALESCE_BYTES) return this.flush()
+    if (!this.flushQueued) {
+      this.flushQueued = true
+      queueMicrotask(() => {
+        this.flushQueued = false
+        this.flush()
+      })
+    }
+    return !this.framed.stream.writableNeedsDrain
+  }
+
+  /** Hands the queued frames to the stream; false when it wants a drain. */
+  private flush(): boolean {
+    if (this.pending.length === 0) return !this.framed.stream.writableNeedsDrain
+    const frames = this.pending
+    this.pending = []
+    this.pendingBytes = 0
+    if (this.framed.isEnded || this.state === 'closed') return false
     try {
-      return this.framed.write(message)
+      return this.framed.stream.send(frames.length === 1 ? frames[0]! : new Uint8ArrayList(...frames))
     } catch (err) {
-      throw new ChannelClosedError(`channel '${this.name}' is closed`, { cause: err })
+      // The stream failed under us (reset, closed for writing): the channel is done.
+      this.close(err instanceof Error ? err : new Error(String(err)))
+      return false
     }
   }
 
   override onDrain(options: { signal?: AbortSignal } = {}): Promise<void> {
     if (this.state === 'closed')
       return Promise.reject(new ChannelClosedError(`channel '${this.name}' is closed`))
+    if (options.signal?.aborted === true)
+      return Promise.reject(new AbortError(undefined, { cause: options.signal.reason }))
+    this.flush()
     // The stream, not a byte count, knows when it wants a drain (yamux window or socket full).
     return this.framed.drained(options.signal).catch((err: unknown) => {
       if (this.state === 'closed' || this.framed.isEnded)
@@ -68,7 +109,10 @@ export class StreamChannel extends ChannelBase {
   }
 
   close(reason?: Error): void {
+    if (reason === undefined) this.flush() // a clean close delivers what was sent
     if (!this.markClosed(reason)) return
+    this.pending = []
+    this.pendingBytes = 0
     if (reason === undefined) void this.framed.close()
     else this.framed.abort(reason)
   }
