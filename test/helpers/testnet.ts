@@ -6,9 +6,9 @@
  * state directory, even when the test failed.
  */
 import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, rmdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ramDirFor } from '../../src/agent/run.ts'
 import { type CloudSpec, createClouds, type Host, outputLines, type Topology, waitForLine } from './clouds.ts'
@@ -306,6 +306,14 @@ export async function createTestnet(opts: TestnetOptions): Promise<Testnet> {
         await topo.destroy()
         // Guest RAM files of VMs still running at the end (their QEMUs died with the namespaces).
         for (const a of agents.values()) rmSync(ramDirFor(a.state), { recursive: true, force: true })
+        // Their parent, the agents' default /dev/shm/mesh, too, unless something else keeps files there.
+        if ([...agents.values()].some((a) => dirname(ramDirFor(a.state)) === '/dev/shm/mesh')) {
+          try {
+            rmdirSync('/dev/shm/mesh')
+          } catch {
+            // Not empty (in use outside this testnet) or already gone: leave it.
+          }
+        }
         for (const c of cleanups) c()
         rmSync(dir, { recursive: true, force: true })
       },
