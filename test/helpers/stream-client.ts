@@ -5,7 +5,7 @@
  * counted, never hidden.
  *
  * In-process: `await streamEcho({ host, port, durationMs })`. As a program (e.g. inside a test's
- * network namespace): `ip netns exec NS npx tsx test/helpers/stream-client.ts HOST PORT DURATION_MS`
+ * network namespace): `ip netns exec NS npx tsx test/helpers/stream-client.ts HOST PORT DURATION_MS [CATCH_UP_MS]`
  * prints the result as one JSON line; SIGTERM ends the run early and still prints it.
  */
 import { connect } from 'node:net'
@@ -132,7 +132,9 @@ export function streamEcho(o: StreamEchoOptions): Promise<StreamEchoResult> {
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  const [host, port, duration] = process.argv.slice(2)
+  // HOST PORT DURATION_MS [CATCH_UP_MS]: prints `connected` once the connection is up, then the result
+  // as one JSON line (SIGTERM ends the run early).
+  const [host, port, duration, catchUp] = process.argv.slice(2)
   const ac = new AbortController()
   process.once('SIGTERM', () => ac.abort())
   const res = await streamEcho({
@@ -140,6 +142,8 @@ if (process.argv[1] === fileURLToPath(import.meta.url)) {
     port: Number(port ?? 7),
     durationMs: Number(duration ?? 10_000),
     signal: ac.signal,
+    ...(catchUp === undefined ? {} : { catchUpMs: Number(catchUp) }),
+    onConnect: () => process.stdout.write('connected\n'),
   })
   process.stdout.write(`${JSON.stringify(res)}\n`)
 }

@@ -13,7 +13,7 @@ import { outputLines, waitForExit, waitForLine } from './clouds.ts'
 import type { StreamEchoResult } from './stream-client.ts'
 import { type AgentProc, createTestnet, lastJson, REPO_ROOT, runGuestVm, type Testnet } from './testnet.ts'
 
-const STREAM_CLIENT = join(REPO_ROOT, 'test/helpers/tunnel-stream.ts')
+const STREAM_CLIENT = join(REPO_ROOT, 'test/helpers/stream-client.ts')
 
 export const SURVIVAL_SUBNET = '10.98.0'
 export const SURVIVAL_GUEST_IP = `${SURVIVAL_SUBNET}.10`
@@ -124,6 +124,8 @@ export async function surviveMoves(
     SURVIVAL_GUEST_IP,
     String(ECHO_PORT),
     '900000',
+    // The echo may lag by seconds after a move on a loaded box: it gets 30 s to catch up.
+    '30000',
   ])
   try {
     await waitForLine(stream, /^connected/, 60_000)

@@ -306,6 +306,20 @@ describe('tunnel switch (memory network)', function () {
     })
     afterEach(() => rmSync(dir, { recursive: true, force: true }))
 
+    /** Guest V running on member a (attached, announced, connected), and a QEMU on b to move it to. */
+    async function guestOnA(m: ReturnType<typeof mesh>): Promise<{ qa: FakeQemu; qb: FakeQemu }> {
+      const qa = await fakeQemu(dir, 'a')
+      const qb = await fakeQemu(dir, 'b')
+      cleanup.push(
+        () => qa.close(),
+        () => qb.close(),
+      )
+      m.sw('a').attachVm(V, qa.path)
+      m.sw('a').announce(V)
+      await qa.connected()
+      return { qa, qb }
+    }
+
     it('talks to QEMU over its stream socket and reconnects when the socket comes back', async () => {
       const m = mesh(['a', 'b'])
       cleanup.push(m.stop)
@@ -337,15 +351,7 @@ describe('tunnel switch (memory network)', function () {
     it('moves a MAC at once, forwards stragglers during the grace period, and ignores stale announcements', async () => {
       const m = mesh(['a', 'b', 'c'], {}, { graceMs: 2000 })
       cleanup.push(m.stop)
-      const qa = await fakeQemu(dir, 'a')
-      const qb = await fakeQemu(dir, 'b')
-      cleanup.push(
-        () => qa.close(),
-        () => qb.close(),
-      )
-      m.sw('a').attachVm(V, qa.path)
-      m.sw('a').announce(V)
-      await qa.connected()
+      const { qa, qb } = await guestOnA(m)
       const x = nic(m.sw('c'), 'x')
       qa.send(frame(BCAST, V, 0))
       await until(() => x.got.length === 1 && m.sw('c').lookup(V) === 'peer:a')
@@ -408,15 +414,7 @@ describe('tunnel switch (memory network)', function () {
     it('a migration destination that attached the NIC does not take the MAC before it announces', async () => {
       const m = mesh(['a', 'b'])
       cleanup.push(m.stop)
-      const qa = await fakeQemu(dir, 'a')
-      const qb = await fakeQemu(dir, 'b')
-      cleanup.push(
-        () => qa.close(),
-        () => qb.close(),
-      )
-      m.sw('a').attachVm(V, qa.path)
-      m.sw('a').announce(V)
-      await qa.connected()
+      const { qa, qb } = await guestOnA(m)
       await until(() => m.sw('b').lookup(V) === 'peer:a')
       const y = nic(m.sw('b'), 'y')
       m.sw('b').attachVm(V, qb.path) // incoming VM, paused, during pre-copy
@@ -433,15 +431,7 @@ describe('tunnel switch (memory network)', function () {
     it('holds frames for a paused guest and hands them, in order, to its new host on its announcement', async () => {
       const m = mesh(['a', 'b', 'c'])
       cleanup.push(m.stop)
-      const qa = await fakeQemu(dir, 'a')
-      const qb = await fakeQemu(dir, 'b')
-      cleanup.push(
-        () => qa.close(),
-        () => qb.close(),
-      )
-      m.sw('a').attachVm(V, qa.path)
-      m.sw('a').announce(V)
-      await qa.connected()
+      const { qa, qb } = await guestOnA(m)
       await sleep(50)
       const x = nic(m.sw('c'), 'x') // a client in a third member
       const w = nic(m.sw('a'), 'w') // a host TAP next to the source
@@ -522,15 +512,7 @@ describe('tunnel switch (memory network)', function () {
     it('a paused guest that is detached before its new host is known keeps its frames for that host', async () => {
       const m = mesh(['a', 'b', 'c'])
       cleanup.push(m.stop)
-      const qa = await fakeQemu(dir, 'a')
-      const qb = await fakeQemu(dir, 'b')
-      cleanup.push(
-        () => qa.close(),
-        () => qb.close(),
-      )
-      m.sw('a').attachVm(V, qa.path)
-      m.sw('a').announce(V)
-      await qa.connected()
+      const { qb } = await guestOnA(m)
       const x = nic(m.sw('c'), 'x')
       await until(() => m.sw('c').lookup(V) === 'peer:a')
       m.sw('a').holdVm(V)
