@@ -69,7 +69,8 @@ export function compareChunks(
 }
 
 let zeroChunk: Buffer | undefined
-function zeroOf(n: number): Buffer {
+/** A zero buffer of n bytes (one memcmp per chunk against it; kept for the last size asked). */
+export function zeroOf(n: number): Buffer {
   if (zeroChunk?.byteLength !== n) zeroChunk = Buffer.alloc(n)
   return zeroChunk
 }
@@ -169,6 +170,8 @@ export class ScanWorker {
   constructor(held: HeldChunks) {
     this.worker = new Worker(WORKER_SOURCE, {
       eval: true,
+      // Plain JS: no need for the agent's TypeScript loader (which workers inherit by default).
+      execArgv: [],
       workerData: {
         chunkSize: held.chunkSize,
         perSegment: Math.max(1, Math.floor(SEGMENT_BYTES / held.chunkSize)),

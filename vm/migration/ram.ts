@@ -14,7 +14,7 @@ import { closeSync, openSync, readSync, writeSync } from 'node:fs'
 import { promisify } from 'node:util'
 import { deflateRaw, inflateRawSync } from 'node:zlib'
 import { MigrationDecodeError } from './errors.ts'
-import { HeldChunks, ScanWorker, scanRange } from './final-scan.ts'
+import { HeldChunks, ScanWorker, scanRange, zeroOf } from './final-scan.ts'
 import { type EncodedChunk, PAGE_KEEP, PAGE_LITERAL, PAGE_REF, PAGE_ZERO } from './v1/messages.ts'
 
 const deflateRawAsync = promisify(deflateRaw)
@@ -23,18 +23,9 @@ export const PAGE_SIZE = 4096
 const ZERO_KEY = ''
 const zeroPage = Buffer.alloc(PAGE_SIZE)
 
-/** Zero buffers by length: one memcmp per chunk (per-page subarrays cost ~40% more in the final scan,
- *  which runs while the guest is paused). */
-const zeroBuffers = new Map<number, Buffer>([[PAGE_SIZE, zeroPage]])
-
+/** A chunk of zeros: one memcmp against a zero chunk (per-page subarrays cost ~40% more). */
 function isZero(b: Buffer): boolean {
-  let z = zeroBuffers.get(b.byteLength)
-  if (z === undefined) {
-    if (zeroBuffers.size >= 8) zeroBuffers.clear()
-    z = Buffer.alloc(b.byteLength)
-    zeroBuffers.set(b.byteLength, z)
-  }
-  return b.equals(z)
+  return b.equals(zeroOf(b.byteLength))
 }
 
 function pageKey(page: Buffer): string {
