@@ -12,7 +12,7 @@ import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p, type Libp2p } from 'libp2p'
-import { describeError, MeshError, throwIfAborted } from '../src/errors.ts'
+import { describeError, MeshError, throwIfAborted } from '../src/base/errors.ts'
 import { ControlError, ControlTimeoutError } from './control/errors.ts'
 import { encodeJson } from './control/framing.ts'
 import {

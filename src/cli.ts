@@ -1,6 +1,6 @@
 import { Command, CommanderError } from 'commander'
+import { MeshError, UsageError } from './base/errors.ts'
 import { commands } from './commands/index.ts'
-import { MeshError, UsageError } from './errors.ts'
 import { VERSION } from './version.ts'
 
 /** Builds the root program with every registered command. Exported for tests of the CLI surface. */

@@ -1,4 +1,4 @@
-import { MeshError } from '../src/errors.ts'
+import { MeshError } from '../src/base/errors.ts'
 
 /** A VM spec failed validation. The message starts with the offending field, e.g. `spec.memoryMiB: ...`. */
 export class VmSpecError extends MeshError {

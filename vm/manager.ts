@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events'
 import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { processAlive } from '../src/base/process.ts'
 import { tailLines } from './driver/base.ts'
 import type { StartOptions, Vm, VmDriver, VmHandle, VmStatus } from './driver/interfaces.ts'
 import { type VmExitInfo, VmNotFoundError, VmStateError } from './errors.ts'
@@ -63,15 +64,6 @@ export interface VmManagerOptions {
   dir: string
   /** Start options applied to every run() (tests: testNet). */
   startOptions?: Omit<StartOptions, 'signal' | 'incoming' | 'memoryPath'>
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
 }
 
 /**

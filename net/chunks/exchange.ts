@@ -1,5 +1,5 @@
 import { type FileHandle, open, rename, rm } from 'node:fs/promises'
-import { AbortError, describeError, throwIfAborted } from '../../src/errors.ts'
+import { AbortError, describeError, throwIfAborted } from '../../src/base/errors.ts'
 import { ChannelClosedError } from '../link/errors.ts'
 import type { Link, MessageChannel, Overlay } from '../link/interfaces.ts'
 import { MAX_MESSAGE_SIZE } from '../link/interfaces.ts'
@@ -20,7 +20,7 @@ import {
 } from './v1/messages.ts'
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error'
-/** The agent's Logger (src/log.ts) fits this shape. */
+/** The agent's Logger (src/base/log.ts) fits this shape. */
 export type ChunkLog = Record<LogLevel, (message: string, fields?: Record<string, unknown>) => void>
 
 export interface ChunkServiceOptions {

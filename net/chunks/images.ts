@@ -1,6 +1,6 @@
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises'
 import { basename, join, resolve } from 'node:path'
-import { throwIfAborted } from '../../src/errors.ts'
+import { throwIfAborted } from '../../src/base/errors.ts'
 import { ChunkError, ImageNotFoundError } from './errors.ts'
 import type { ChunkService, FetchProgress } from './exchange.ts'
 import type { ChunkStore } from './interfaces.ts'

@@ -1,5 +1,5 @@
 import { open } from 'node:fs/promises'
-import { throwIfAborted } from '../../src/errors.ts'
+import { throwIfAborted } from '../../src/base/errors.ts'
 import { ManifestDecodeError } from './errors.ts'
 import { HASH_SIZE, isAllZero, isZeroHash, sha256, toHex, ZERO_HASH } from './hash.ts'
 import type { ChunkStore, Manifest } from './interfaces.ts'

@@ -1,6 +1,6 @@
 import type { Stream } from '@libp2p/interface'
 import type { Uint8ArrayList } from 'uint8arraylist'
-import { AbortError } from '../../src/errors.ts'
+import { AbortError } from '../../src/base/errors.ts'
 import { ControlTimeoutError, StreamEndedError } from './errors.ts'
 import { encodeFrame, FrameDecoder } from './framing.ts'
 

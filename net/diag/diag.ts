@@ -1,4 +1,4 @@
-import { AbortError, MeshError, throwIfAborted } from '../../src/errors.ts'
+import { AbortError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
 import {
   DiagType,

@@ -7,7 +7,7 @@
  * wait on a stream forever for more than it announced.
  */
 import type { Stream } from '@libp2p/interface'
-import { AbortError, throwIfAborted } from '../../src/errors.ts'
+import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { DiagError } from './diag.ts'
 
 export const STREAM_BENCH_PROTOCOL = '/mesh/bench/1'

@@ -3,7 +3,7 @@ import { join } from 'node:path'
 import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
-import { MeshError } from '../../src/errors.ts'
+import { MeshError } from '../../src/base/errors.ts'
 
 /** The identity file exists but cannot be used (corrupt, wrong key type, unreadable). */
 export class IdentityError extends MeshError {

@@ -1,4 +1,4 @@
-import { AbortError } from '../../src/errors.ts'
+import { AbortError } from '../../src/base/errors.ts'
 import { ChannelClosedError } from './errors.ts'
 import type { ChannelName, ChannelState, MessageChannel } from './interfaces.ts'
 

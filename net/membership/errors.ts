@@ -1,4 +1,4 @@
-import { MeshError } from '../../src/errors.ts'
+import { MeshError } from '../../src/base/errors.ts'
 
 export class MembershipError extends MeshError {}
 

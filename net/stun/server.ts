@@ -12,7 +12,7 @@
  */
 import { createSocket, type RemoteInfo, type Socket } from 'node:dgram'
 import { isIPv4 } from 'node:net'
-import { MeshError } from '../../src/errors.ts'
+import { MeshError } from '../../src/base/errors.ts'
 
 export const STUN_MAGIC_COOKIE = 0x2112a442
 export const STUN_DEFAULT_PORT = 3478

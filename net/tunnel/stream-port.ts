@@ -4,7 +4,7 @@
  * leaves). Framing both ways: 4-byte big-endian length, then the Ethernet frame.
  */
 import { connect, type Socket } from 'node:net'
-import type { Logger } from '../../src/log.ts'
+import type { Logger } from '../../src/base/log.ts'
 import { MAX_DECODE_FRAME } from './v1/frames.ts'
 
 /**

@@ -37,8 +37,8 @@
  * channel drops when full; never grows).
  */
 
-import type { Logger } from '../../src/log.ts'
-import { silentLogger } from '../../src/log.ts'
+import type { Logger } from '../../src/base/log.ts'
+import { silentLogger } from '../../src/base/log.ts'
 import { ChannelClosedError } from '../link/errors.ts'
 import type { Link, MessageChannel, Overlay } from '../link/interfaces.ts'
 import { TunnelError } from './errors.ts'

@@ -10,7 +10,7 @@
 import { type ChildProcess, execFile, spawn } from 'node:child_process'
 import { createSocket, type Socket } from 'node:dgram'
 import { promisify } from 'node:util'
-import type { Logger } from '../../src/log.ts'
+import type { Logger } from '../../src/base/log.ts'
 import { TunnelPortError } from './errors.ts'
 import { TUNNEL_MTU } from './interfaces.ts'
 

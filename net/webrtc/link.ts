@@ -16,7 +16,7 @@
 import { randomBytes } from 'node:crypto'
 import type { Socket } from 'node:dgram'
 import { type RTCDataChannel, RTCPeerConnection } from 'werift'
-import { AbortError, throwIfAborted } from '../../src/errors.ts'
+import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { ChannelBase, Listeners } from '../link/channel-base.ts'
 import { ChannelClosedError, MessageTooLargeError } from '../link/errors.ts'
 import {

@@ -1,9 +1,9 @@
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { describeError, MeshError } from '../base/errors.ts'
+import type { Logger } from '../base/log.ts'
 import { statePaths } from '../config.ts'
 import { type ControlServer, createControlServer, type Handler } from '../control/server.ts'
-import { describeError, MeshError } from '../errors.ts'
-import type { Logger } from '../log.ts'
 import type { AgentService } from './interfaces.ts'
 
 export class AgentError extends MeshError {}

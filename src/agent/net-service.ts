@@ -2,8 +2,8 @@ import { createDiag, type Diag } from '../../net/diag/diag.ts'
 import type { IceServer, MemberStatus, MeshNode, MeshNodeInit } from '../../net/interfaces.ts'
 import { createMeshNode } from '../../net/node.ts'
 import { type StunServer, startStunServer } from '../../net/stun/server.ts'
-import { MeshError, UsageError } from '../errors.ts'
-import type { Logger } from '../log.ts'
+import { MeshError, UsageError } from '../base/errors.ts'
+import type { Logger } from '../base/log.ts'
 import type { AgentService } from './interfaces.ts'
 
 export class PeerNotFoundError extends MeshError {

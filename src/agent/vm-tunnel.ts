@@ -1,7 +1,7 @@
-import type { TunnelService } from '../../net/tunnel/service.ts'
 import type { Vm, VmDriver } from '../../vm/driver/interfaces.ts'
 import type { VmManager } from '../../vm/manager.ts'
 import type { VmHost } from '../../vm/migration/interfaces.ts'
+import type { TunnelService } from './services/tunnel.ts'
 
 export interface PlugOptions {
   /**

@@ -1,7 +1,7 @@
 import { type Command, Option } from 'commander'
 import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/ndc/index.ts'
 import type { AgentOptions } from '../agent/run.ts'
-import { UsageError } from '../errors.ts'
+import { UsageError } from '../base/errors.ts'
 import { resolveState, stateOption } from './common.ts'
 
 const collect = (v: string, prev: string[] | undefined) => [...(prev ?? []), v]

@@ -1,6 +1,6 @@
 import { Command } from 'commander'
+import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
-import { UsageError } from '../errors.ts'
 import { jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
 
 /** `VM:PORT` → { vm, port }; VM is a name or the guest's IPv4 address. */

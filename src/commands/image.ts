@@ -1,7 +1,7 @@
 import { resolve } from 'node:path'
 import { Command } from 'commander'
+import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
-import { UsageError } from '../errors.ts'
 import { createProgressRenderer, formatBytes, type ProgressEvent } from '../progress.ts'
 import {
   formatTable,

@@ -1,8 +1,8 @@
 import { readFileSync } from 'node:fs'
 import { Command } from 'commander'
 import { runAgent } from '../agent/run.ts'
+import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
-import { UsageError } from '../errors.ts'
 import { type AgentCliOptions, addAgentOptions, toAgentOptions } from './agent-options.ts'
 
 /** The invite is a credential: accept it from a file or stdin so it need not sit in argv/history. */

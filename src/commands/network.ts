@@ -3,8 +3,8 @@ import { join } from 'node:path'
 import { Command } from 'commander'
 import { createNetwork, isValidName, saveNetworkKey } from '../../net/membership/network.ts'
 import { NETWORK_KEY_FILE } from '../agent/run.ts'
+import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
-import { UsageError } from '../errors.ts'
 import { jsonOption, printJson, resolveState, type StateOpts, stateOption } from './common.ts'
 
 export const network: CommandModule = {

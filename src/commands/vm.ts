@@ -1,11 +1,11 @@
 import { Command, Option } from 'commander'
 import type { VmControl, VmInfo } from '../../vm/manager.ts'
-import { createLocalVmManager } from '../../vm/service.ts'
 import { loadVmSpecFile } from '../../vm/spec.ts'
+import { createLocalVmManager } from '../agent/services/vm.ts'
+import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import { statePaths } from '../config.ts'
 import { AgentUnavailableError, type ControlClient, connectControl, RemoteError } from '../control/client.ts'
-import { UsageError } from '../errors.ts'
 import { formatTable, jsonOption, printJson, resolveState, type StateOpts, stateOption } from './common.ts'
 
 /** VmControl through the agent's control API. */

@@ -1,5 +1,5 @@
 import { connect, type Socket } from 'node:net'
-import { AbortError, MeshError } from '../errors.ts'
+import { AbortError, MeshError } from '../base/errors.ts'
 import { decodeServerMessage, encode, LineSplitter, type ResponseMessage } from './v1/messages.ts'
 
 /** The agent is not running (no socket) or refused us (permissions). */

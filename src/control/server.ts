@@ -1,7 +1,7 @@
 import { chmodSync, mkdirSync, rmSync } from 'node:fs'
 import { createServer, type Server, type Socket } from 'node:net'
 import { dirname } from 'node:path'
-import { describeError, MeshError } from '../errors.ts'
+import { describeError, MeshError } from '../base/errors.ts'
 import {
   type CancelMessage,
   ControlProtocolError,

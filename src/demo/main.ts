@@ -10,13 +10,13 @@
 
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
-import { outputLines, waitForExit } from '../../test/helpers/clouds.ts'
-import { missing } from '../../test/helpers/prereq.ts'
-import { createTestnet, type PeerRow, runGuestVm, type Testnet } from '../../test/helpers/testnet.ts'
+import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
+import { missing } from '../../fixtures/testnet/prereq.ts'
+import { createTestnet, type PeerRow, runGuestVm, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import { formatTable } from '../commands/common.ts'
 
 const GUEST_IP = '10.99.0.10'
-const STREAM_CLIENT = new URL('../../test/helpers/stream-client.ts', import.meta.url).pathname
+const STREAM_CLIENT = new URL('../../fixtures/testnet/stream-client.ts', import.meta.url).pathname
 const step = (msg: string) => process.stdout.write(`\n==> ${msg}\n`)
 
 async function main(): Promise<number> {

@@ -15,8 +15,8 @@ import { mkdtemp, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { type AgentProc, createTestnet, lastJson, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import { writeTestFile, writeVariant } from '../../net/chunks/testing.ts'
-import { type AgentProc, createTestnet, lastJson, type Testnet } from '../helpers/testnet.ts'
 
 export interface CloudChunksOptions {
   mib: number

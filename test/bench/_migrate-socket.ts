@@ -4,7 +4,7 @@
  * core, as two hosts would. Backpressure is the socket's: write() returning false, then 'drain'.
  */
 import type { Socket } from 'node:net'
-import { AbortError } from '../../src/errors.ts'
+import { AbortError } from '../../src/base/errors.ts'
 import type { MigrationChannel, MigrationNetwork } from '../../vm/migration/interfaces.ts'
 
 const MAX = 1024 * 1024

@@ -13,7 +13,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
-import type { Host, Topology } from '../helpers/clouds.ts'
+import type { Host, Topology } from '../../fixtures/testnet/clouds.ts'
 import { PEER_SCRIPT, PeerProcess, peerConfigDir, RELAY_SCRIPT } from '../helpers/webrtc-peer-process.ts'
 import { startSignalRelay } from '../helpers/webrtc-signal-relay.ts'
 
@@ -216,7 +216,7 @@ async function loopback(mib: number, engine: Engine): Promise<LinkBenchResult> {
 
 /** Starts the STUN responder and the signaling relay on an internet host of a clouds topology. */
 export async function startRendezvous(boot: Host): Promise<{ relayPort: number; stunPort: number }> {
-  const { waitForLine } = await import('../helpers/clouds.ts')
+  const { waitForLine } = await import('../../fixtures/testnet/clouds.ts')
   const relay = boot.spawn(NODE, ['--import', 'tsx', RELAY_SCRIPT, boot.ip, '7000'])
   const stun = boot.spawn(NODE, ['--import', 'tsx', STUN_SCRIPT, boot.ip, '3478'])
   await waitForLine(relay, /"listening"/, 30_000)
@@ -225,7 +225,7 @@ export async function startRendezvous(boot: Host): Promise<{ relayPort: number; 
 }
 
 async function clouds(mib: number, engine: Engine): Promise<LinkBenchResult> {
-  const { createClouds } = await import('../helpers/clouds.ts')
+  const { createClouds } = await import('../../fixtures/testnet/clouds.ts')
   const topo: Topology = await createClouds({
     clouds: [
       { name: 'a', nat: 'cone' },

@@ -11,13 +11,13 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { createChunkAgentService } from '../../net/chunks/agent-service.ts'
 import type { ChunkHash, ChunkStore } from '../../net/chunks/interfaces.ts'
 import { openChunkStore } from '../../net/chunks/store.ts'
 import { createAgent } from '../../src/agent/agent.ts'
 import { createNetService, stunFromBootstrap } from '../../src/agent/net-service.ts'
+import { createChunkAgentService } from '../../src/agent/services/chunks.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { statePaths } from '../../src/config.ts'
-import { createLogger } from '../../src/log.ts'
 
 function flipped<T extends Uint8Array>(data: T): T {
   if (data.byteLength > 0) data[data.byteLength >> 1]! ^= 0xff

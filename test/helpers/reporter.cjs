@@ -1,5 +1,5 @@
 // Spec output, plus one closing line "tests: N passed, N failed, N skipped" that any CI can read.
-// Skipped tests are listed with the reason their suite printed (see test/helpers/prereq.ts).
+// Skipped tests are listed with the reason their suite printed (see fixtures/testnet/prereq.ts).
 'use strict'
 const Mocha = require('mocha')
 

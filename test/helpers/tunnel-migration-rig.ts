@@ -16,21 +16,21 @@ import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { READY_RE } from '../../fixtures/guest/ports.ts'
+import { deleteNetns, killNetnsProcesses, runChecked } from '../../fixtures/testnet/netns.ts'
+import type { StreamEchoResult } from '../../fixtures/testnet/stream-client.ts'
 import { openChunkStore } from '../../net/chunks/store.ts'
 import { createMemoryNetwork } from '../../net/link/memory.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
-import { createTunnelService, type TunnelService } from '../../net/tunnel/service.ts'
-import { createLogger, type Logger } from '../../src/log.ts'
+import { createMigrationService, type MigrationService } from '../../src/agent/services/migration.ts'
+import { createTunnelService, type TunnelService } from '../../src/agent/services/tunnel.ts'
+import { createLogger, type Logger } from '../../src/base/log.ts'
 import type { Vm, VmDriver } from '../../vm/driver/interfaces.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
 import type { VmHost } from '../../vm/migration/interfaces.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
-import { createMigrationService, type MigrationService } from '../../vm/migration/service.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import { type VmSpec, validateVmSpec } from '../../vm/spec.ts'
-import { deleteNetns, killNetnsProcesses, runChecked } from './netns.ts'
-import type { StreamEchoResult } from './stream-client.ts'
 import { waitConsole } from './vm.ts'
 
 const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)))
@@ -214,7 +214,7 @@ export async function createMigRig(ids: string[], opts: { log?: Logger; subnet: 
           process.execPath,
           '--import',
           'tsx',
-          join(ROOT, 'test/helpers/stream-client.ts'),
+          join(ROOT, 'fixtures/testnet/stream-client.ts'),
           ip,
           String(port),
           '3600000',

@@ -17,10 +17,10 @@ import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { type BootedGuest, bootGuest } from '../../fixtures/guest/qemu.ts'
 import { createLinkSetOverlay } from '../../net/chunks/testing.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
-import { createTunnelService } from '../../net/tunnel/service.ts'
 import type { IceServer } from '../../net/webrtc/interfaces.ts'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
-import { createLogger } from '../../src/log.ts'
+import { createTunnelService } from '../../src/agent/services/tunnel.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { connectTcpSignaling, type TcpSignaling } from './webrtc-signal-relay.ts'
 
 export interface TunnelNodeConfig {

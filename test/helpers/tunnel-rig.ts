@@ -11,15 +11,21 @@ import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { type BootedGuest, bootGuest } from '../../fixtures/guest/qemu.ts'
+import {
+  deleteNetns,
+  type ExecResult,
+  execCommand,
+  killNetnsProcesses,
+  runChecked,
+} from '../../fixtures/testnet/netns.ts'
+import type { StreamEchoResult } from '../../fixtures/testnet/stream-client.ts'
 import type { Link, Overlay } from '../../net/link/interfaces.ts'
 import { createMemoryLinkPair, type MemoryLinkOptions } from '../../net/link/memory.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
-import { createTunnelService, type TunnelService } from '../../net/tunnel/service.ts'
 import { createWebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
-import { createLogger, silentLogger } from '../../src/log.ts'
-import { deleteNetns, type ExecResult, execCommand, killNetnsProcesses, runChecked } from './netns.ts'
-import type { StreamEchoResult } from './stream-client.ts'
+import { createTunnelService, type TunnelService } from '../../src/agent/services/tunnel.ts'
+import { createLogger, silentLogger } from '../../src/base/log.ts'
 
 const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)))
 
@@ -197,7 +203,14 @@ export async function createRig(o: RigOptions): Promise<Rig> {
   const startStreamEcho = async (ip: string, port: number, durationMs: number) => {
     const r = await exec(
       process.execPath,
-      ['--import', 'tsx', join(ROOT, 'test/helpers/stream-client.ts'), ip, String(port), String(durationMs)],
+      [
+        '--import',
+        'tsx',
+        join(ROOT, 'fixtures/testnet/stream-client.ts'),
+        ip,
+        String(port),
+        String(durationMs),
+      ],
       durationMs + 60_000,
     )
     const line = r.stdout.trim().split('\n').at(-1) ?? ''

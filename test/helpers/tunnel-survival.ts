@@ -9,11 +9,18 @@
 import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
-import { outputLines, waitForExit, waitForLine } from './clouds.ts'
-import type { StreamEchoResult } from './stream-client.ts'
-import { type AgentProc, createTestnet, lastJson, REPO_ROOT, runGuestVm, type Testnet } from './testnet.ts'
+import { outputLines, waitForExit, waitForLine } from '../../fixtures/testnet/clouds.ts'
+import type { StreamEchoResult } from '../../fixtures/testnet/stream-client.ts'
+import {
+  type AgentProc,
+  createTestnet,
+  lastJson,
+  REPO_ROOT,
+  runGuestVm,
+  type Testnet,
+} from '../../fixtures/testnet/testnet.ts'
 
-const STREAM_CLIENT = join(REPO_ROOT, 'test/helpers/stream-client.ts')
+const STREAM_CLIENT = join(REPO_ROOT, 'fixtures/testnet/stream-client.ts')
 
 export const SURVIVAL_SUBNET = '10.98.0'
 export const SURVIVAL_GUEST_IP = `${SURVIVAL_SUBNET}.10`

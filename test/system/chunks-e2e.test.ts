@@ -14,8 +14,8 @@ import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { waitForLine } from '../helpers/clouds.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { waitForLine } from '../../fixtures/testnet/clouds.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import {
   type AgentProc,
   createTestnet,
@@ -23,7 +23,7 @@ import {
   MESH_BIN,
   REPO_ROOT,
   type Testnet,
-} from '../helpers/testnet.ts'
+} from '../../fixtures/testnet/testnet.ts'
 
 const MiB = 1024 * 1024
 const FORGER = fileURLToPath(new URL('../helpers/forger-agent.ts', import.meta.url))

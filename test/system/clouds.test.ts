@@ -15,9 +15,9 @@ import {
   type Topology,
   waitForExit,
   waitForLine,
-} from '../helpers/clouds.ts'
-import { listNetns, netnsPidsSync } from '../helpers/netns.ts'
-import { hasCommand, requireOrSkip } from '../helpers/prereq.ts'
+} from '../../fixtures/testnet/clouds.ts'
+import { listNetns, netnsPidsSync } from '../../fixtures/testnet/netns.ts'
+import { hasCommand, requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 
 const NODE = process.execPath
 
@@ -304,7 +304,7 @@ describe('clouds fixture', function () {
     it('SIGTERM to the test process removes its topology', async () => {
       // A separate process holds a topology with a child, then is killed the way CI or a person would.
       const root = fileURLToPath(new URL('../..', import.meta.url))
-      const helper = fileURLToPath(new URL('../helpers/clouds.ts', import.meta.url))
+      const helper = fileURLToPath(new URL('../../fixtures/testnet/clouds.ts', import.meta.url))
       const script = `
         import { createClouds } from ${JSON.stringify(helper)}
         const t = await createClouds({ clouds: [{ name: 'q' }] })

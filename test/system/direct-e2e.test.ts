@@ -8,8 +8,8 @@ import assert from 'node:assert/strict'
 import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { requireOrSkip } from '../helpers/prereq.ts'
-import { type AgentProc, createTestnet, lastJson, type Testnet } from '../helpers/testnet.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { type AgentProc, createTestnet, lastJson, type Testnet } from '../../fixtures/testnet/testnet.ts'
 
 interface Row {
   name: string

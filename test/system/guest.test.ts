@@ -22,10 +22,10 @@ import {
   MEMCHECK_PORT,
 } from '../../fixtures/guest/ports.ts'
 import { type BootedGuest, bootGuest } from '../../fixtures/guest/qemu.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 
 const run = promisify(execFile)
-const FIXTURE = new URL('../../fixtures/guest/', import.meta.url).pathname
+const FIXTURE = new URL('../../fixtures/guest', import.meta.url).pathname
 
 // ---------------------------------------------------------------------------------------------------
 // Small TCP clients shared by the host and guest suites.

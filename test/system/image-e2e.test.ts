@@ -6,8 +6,8 @@ import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { requireOrSkip } from '../helpers/prereq.ts'
-import { createTestnet, lastJson, type Testnet } from '../helpers/testnet.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { createTestnet, lastJson, type Testnet } from '../../fixtures/testnet/testnet.ts'
 
 const CHUNK = 64 * 1024
 const SIZE = 160 * CHUNK // 10 MiB

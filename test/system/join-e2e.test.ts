@@ -3,9 +3,9 @@
  * a bootstrap on the internet, three clouds behind cone NATs and one behind a symmetric NAT, coturn.
  */
 import assert from 'node:assert/strict'
-import { waitForExit } from '../helpers/clouds.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
-import { createTestnet, type PeerRow, type Testnet } from '../helpers/testnet.ts'
+import { waitForExit } from '../../fixtures/testnet/clouds.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { createTestnet, type PeerRow, type Testnet } from '../../fixtures/testnet/testnet.ts'
 
 const DIRECT = new Set(['host', 'srflx', 'prflx'])
 

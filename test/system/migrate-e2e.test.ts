@@ -8,8 +8,8 @@ import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT, MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
-import { outputLines, waitForExit, waitForLine } from '../helpers/clouds.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { outputLines, waitForExit, waitForLine } from '../../fixtures/testnet/clouds.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import {
   type AgentProc,
   createTestnet,
@@ -17,11 +17,11 @@ import {
   REPO_ROOT,
   runGuestVm,
   type Testnet,
-} from '../helpers/testnet.ts'
+} from '../../fixtures/testnet/testnet.ts'
 
 const GUEST_IP = '10.99.0.10'
 const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
-const STREAM_CLIENT = join(REPO_ROOT, 'test/helpers/stream-client.ts')
+const STREAM_CLIENT = join(REPO_ROOT, 'fixtures/testnet/stream-client.ts')
 
 interface MigrateReport {
   event: string

@@ -17,9 +17,8 @@ import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { COUNTER_INTERVAL_MS, COUNTER_PORT, MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
-import { ramDirFor } from '../../src/agent/run.ts'
-import { outputLines, waitForExit, waitForLine } from '../helpers/clouds.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { outputLines, waitForExit, waitForLine } from '../../fixtures/testnet/clouds.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import {
   type AgentProc,
   createTestnet,
@@ -28,7 +27,8 @@ import {
   REPO_ROOT,
   runGuestVm,
   type Testnet,
-} from '../helpers/testnet.ts'
+} from '../../fixtures/testnet/testnet.ts'
+import { ramDirFor } from '../../src/agent/run.ts'
 
 const GUEST_IP = '10.99.0.10'
 const VM = 'g1'

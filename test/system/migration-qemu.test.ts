@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
-import { createLogger } from '../../src/log.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { createTwoHosts, type TestHost, type TwoHosts } from '../bench/_migrate-hosts.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
 import { LineClient } from '../helpers/vm.ts'
 
 const MiB = 1024 * 1024

@@ -1,5 +1,5 @@
 /**
- * Mesh nodes as separate processes, each in its own network namespace (test/helpers/clouds.ts): a
+ * Mesh nodes as separate processes, each in its own network namespace (fixtures/testnet/clouds.ts): a
  * bootstrap on the "internet" (relay + STUN), one member in each of two clouds behind cone NATs.
  *
  * This file is also the child process: run with MESH_NODE_CHILD=<json config>, it starts one node and
@@ -83,8 +83,8 @@ async function child(cfg: ChildConfig): Promise<void> {
 if (process.env.MESH_NODE_CHILD !== undefined) {
   await child(JSON.parse(process.env.MESH_NODE_CHILD) as ChildConfig)
 } else {
-  const { createClouds, outputLines, waitForLine } = await import('../helpers/clouds.ts')
-  const { requireOrSkip } = await import('../helpers/prereq.ts')
+  const { createClouds, outputLines, waitForLine } = await import('../../fixtures/testnet/clouds.ts')
+  const { requireOrSkip } = await import('../../fixtures/testnet/prereq.ts')
   type Topology = Awaited<ReturnType<typeof createClouds>>
 
   describe('mesh node: one process per namespace across two cone NATs', function () {

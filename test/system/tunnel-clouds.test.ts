@@ -6,15 +6,15 @@ import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
+import { createClouds, type Topology, waitForLine } from '../../fixtures/testnet/clouds.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import type { StreamEchoResult } from '../../fixtures/testnet/stream-client.ts'
 import { startRendezvous } from '../bench/link.ts'
-import { createClouds, type Topology, waitForLine } from '../helpers/clouds.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
-import type { StreamEchoResult } from '../helpers/stream-client.ts'
 import type { TunnelNodeConfig } from '../helpers/tunnel-node.ts'
 
 const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)))
 const NODE_SCRIPT = join(ROOT, 'test/helpers/tunnel-node.ts')
-const CLIENT = join(ROOT, 'test/helpers/stream-client.ts')
+const CLIENT = join(ROOT, 'fixtures/testnet/stream-client.ts')
 
 /**
  * Two members in two different cone-NAT'd clouds, each running a switch in its own process with a

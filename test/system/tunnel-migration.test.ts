@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
-import { createLogger } from '../../src/log.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { createMigRig, type MigRig } from '../helpers/tunnel-migration-rig.ts'
 
 /**

@@ -10,7 +10,7 @@
  * the client's TCP backs off through several retransmission timeouts (200, 400, 800, 1600 ms...).
  */
 import assert from 'node:assert/strict'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { createSurvivalNet, type SurvivalNet, surviveMoves } from '../helpers/tunnel-survival.ts'
 
 const MAX_GAP_MS = Number(process.env.MESH_SURVIVAL_MAX_GAP_MS ?? 2500)

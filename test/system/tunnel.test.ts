@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { createRig, type Rig } from '../helpers/tunnel-rig.ts'
 
 /**

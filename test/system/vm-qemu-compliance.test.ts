@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import type { Vm } from '../../vm/driver/interfaces.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
 import { cleanupVmDirs, vmTestDirs } from '../helpers/vm.ts'
 import { runDriverCompliance } from '../helpers/vm-compliance.ts'
 

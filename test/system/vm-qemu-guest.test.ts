@@ -6,10 +6,10 @@ import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { ensureGuest, type GuestImage } from '../../fixtures/guest/build.ts'
 import { COUNTER_PORT, MEMCHECK_PORT, READY_RE } from '../../fixtures/guest/ports.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import type { Vm, VmDriver } from '../../vm/driver/interfaces.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import { type VmSpec, validateVmSpec } from '../../vm/spec.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
 import { cleanupVmDirs, freePort, LineClient, vmTestDirs, waitConsole } from '../helpers/vm.ts'
 
 const MiB = 1024 * 1024

@@ -6,9 +6,9 @@
 import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { createClouds, type Host, type Topology, waitForLine } from '../helpers/clouds.ts'
-import { type Coturn, startCoturn } from '../helpers/coturn.ts'
-import { requireOrSkip } from '../helpers/prereq.ts'
+import { createClouds, type Host, type Topology, waitForLine } from '../../fixtures/testnet/clouds.ts'
+import { type Coturn, startCoturn } from '../../fixtures/testnet/coturn.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { PEER_SCRIPT, PeerProcess, peerConfigDir, RELAY_SCRIPT } from '../helpers/webrtc-peer-process.ts'
 
 const NODE = process.execPath

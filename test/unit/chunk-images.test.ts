@@ -136,7 +136,7 @@ describe('chunk images', function () {
   it('as an agent service: lazy handlers, push on one agent, pull on another', async () => {
     const f = join(dir, 'initrd')
     await writeTestFile(f, 2 * MiB)
-    const { createChunkAgentService } = await import('../../net/chunks/agent-service.ts')
+    const { createChunkAgentService } = await import('../../src/agent/services/chunks.ts')
     const a = createChunkAgentService({ stateDir: join(dir, 'sa'), overlay: () => net.node('a') })
     const b = createChunkAgentService({ stateDir: join(dir, 'sb'), overlay: () => net.node('b') })
     const ha = a.handlers()

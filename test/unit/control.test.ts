@@ -4,6 +4,7 @@ import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import fc from 'fast-check'
+import { MeshError } from '../../src/base/errors.ts'
 import { AgentUnavailableError, connectControl } from '../../src/control/client.ts'
 import { type ControlServer, createControlServer } from '../../src/control/server.ts'
 import {
@@ -11,7 +12,6 @@ import {
   decodeClientMessage,
   decodeServerMessage,
 } from '../../src/control/v1/messages.ts'
-import { MeshError } from '../../src/errors.ts'
 
 class NopeError extends MeshError {}
 

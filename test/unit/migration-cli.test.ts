@@ -4,10 +4,10 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { parseMigrateParams } from '../../src/agent/services/migration.ts'
 import { parseDuration } from '../../src/commands/migrate.ts'
 import { statePaths } from '../../src/config.ts'
 import { type ControlServer, createControlServer } from '../../src/control/server.ts'
-import { parseMigrateParams } from '../../vm/migration/service.ts'
 
 const bin = fileURLToPath(new URL('../../bin/mesh.js', import.meta.url))
 

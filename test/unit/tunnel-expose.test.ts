@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict'
 import { connect, createServer, type Server } from 'node:net'
 import { createMemoryNetwork } from '../../net/link/memory.ts'
-import { createTunnelService, type TunnelService } from '../../net/tunnel/service.ts'
+import { createTunnelService, type TunnelService } from '../../src/agent/services/tunnel.ts'
+import { silentLogger } from '../../src/base/log.ts'
 import { parseTarget } from '../../src/commands/expose.ts'
-import { silentLogger } from '../../src/log.ts'
 
 function echoServer(): Promise<Server> {
   const srv = createServer({ allowHalfOpen: true }, (s) => {

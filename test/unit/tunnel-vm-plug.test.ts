@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict'
 import { EventEmitter } from 'node:events'
 import type { TunnelSwitch } from '../../net/tunnel/interfaces.ts'
-import type { TunnelService } from '../../net/tunnel/service.ts'
+import type { TunnelService } from '../../src/agent/services/tunnel.ts'
 import { plugVmsIntoTunnel } from '../../src/agent/vm-tunnel.ts'
 import type { Vm, VmDriver, VmStatus } from '../../vm/driver/interfaces.ts'
 import type { VmManager } from '../../vm/manager.ts'

@@ -2,9 +2,9 @@ import assert from 'node:assert/strict'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { createLocalVmManager, createVmService, runDirFor } from '../../src/agent/services/vm.ts'
 import { createFakeDriver } from '../../vm/fake/driver.ts'
 import type { VmInfo } from '../../vm/manager.ts'
-import { createLocalVmManager, createVmService, runDirFor } from '../../vm/service.ts'
 
 describe('VM agent service (fake driver)', () => {
   let dir: string

@@ -1,5 +1,5 @@
 import { type FileHandle, open } from 'node:fs/promises'
-import { throwIfAborted } from '../../src/errors.ts'
+import { throwIfAborted } from '../../src/base/errors.ts'
 import type { DirtyRound, DirtyTracker } from '../driver/interfaces.ts'
 
 /** Read granularity: big enough to amortise syscalls, small enough not to double the memory cost. */

@@ -1,6 +1,6 @@
 import { closeSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs'
 import { open, readFile, writeFile } from 'node:fs/promises'
-import { throwIfAborted } from '../../src/errors.ts'
+import { throwIfAborted } from '../../src/base/errors.ts'
 import type { DirtyRound, DirtyTracker } from '../driver/interfaces.ts'
 
 const PAGE = 4096

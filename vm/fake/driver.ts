@@ -1,7 +1,7 @@
 import { mkdtemp, open, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { throwIfAborted } from '../../src/errors.ts'
+import { throwIfAborted } from '../../src/base/errors.ts'
 import { CompareDirtyTracker } from '../dirty/compare.ts'
 import { VmEmitter } from '../driver/base.ts'
 import type {

@@ -1,4 +1,4 @@
-import { AbortError } from '../../src/errors.ts'
+import { AbortError } from '../../src/base/errors.ts'
 import {
   MigrationAbortedError,
   MigrationLinkError,

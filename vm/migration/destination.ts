@@ -1,5 +1,5 @@
-import { AbortError, describeError } from '../../src/errors.ts'
-import type { Logger } from '../../src/log.ts'
+import { AbortError, describeError } from '../../src/base/errors.ts'
+import type { Logger } from '../../src/base/log.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import type { Conversation } from './conversation.ts'
 import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'

@@ -8,8 +8,8 @@
  * arrived is discarded, so its answer is final.
  */
 import { setTimeout as sleep } from 'node:timers/promises'
-import { AbortError, describeError, throwIfAborted } from '../../src/errors.ts'
-import type { Logger } from '../../src/log.ts'
+import { AbortError, describeError, throwIfAborted } from '../../src/base/errors.ts'
+import type { Logger } from '../../src/base/log.ts'
 import { Conversation } from './conversation.ts'
 import { MigrationInDoubtError, MigrationLinkError, MigrationTimeoutError } from './errors.ts'
 import type { MigrationChannel, MigrationNetwork, SwitchRecord, VmHost } from './interfaces.ts'

@@ -5,7 +5,8 @@ import { createConnection, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { basename, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { AbortError, throwIfAborted } from '../../src/errors.ts'
+import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
+import { processAlive } from '../../src/base/process.ts'
 import { createDirtyTracker } from '../dirty/index.ts'
 import { tailLines, VmEmitter } from '../driver/base.ts'
 import type {
@@ -52,15 +53,6 @@ interface Paths {
   console: string
   stderr: string
   net: string
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
 }
 
 async function checkReadable(field: string, path: string | undefined): Promise<void> {

@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events'
 import { createConnection, type Socket } from 'node:net'
-import { AbortError } from '../../src/errors.ts'
+import { AbortError } from '../../src/base/errors.ts'
 import { QmpError, QmpProtocolError } from '../errors.ts'
 
 /** An asynchronous QMP event (`STOP`, `RESUME`, `SHUTDOWN`, `MIGRATION`...). */

@@ -1,4 +1,4 @@
-import { MeshError } from '../../../src/errors.ts'
+import { MeshError } from '../../../src/base/errors.ts'
 
 /**
  * Link diagnostics, version 1, on each link's 'control' channel: ping/pong for RTT and a bulk

@@ -1,5 +1,5 @@
 import { Uint8ArrayList } from 'uint8arraylist'
-import { AbortError, describeError } from '../../../src/errors.ts'
+import { AbortError, describeError } from '../../../src/base/errors.ts'
 import { encodeFrame } from '../../control/framing.ts'
 import type { FramedStream } from '../../control/stream.ts'
 import { ChannelBase } from '../channel-base.ts'

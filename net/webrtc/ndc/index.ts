@@ -12,7 +12,7 @@
  *   createMeshNode({ ..., linkFactory: linkFactoryFor(engine, init.webrtc) })
  * The native module is loaded only when 'libdatachannel' is chosen (when the factory is made).
  */
-import { UsageError } from '../../../src/errors.ts'
+import { UsageError } from '../../../src/base/errors.ts'
 import type { LinkFactory } from '../../interfaces.ts'
 import type { Signaling, SignalMessage } from '../interfaces.ts'
 import { createWebRtcLink, type WebRtcLinkOptions } from '../link.ts'

@@ -21,7 +21,7 @@
 
 import { randomBytes } from 'node:crypto'
 import nodeDataChannel from 'node-datachannel'
-import { AbortError, throwIfAborted } from '../../../src/errors.ts'
+import { AbortError, throwIfAborted } from '../../../src/base/errors.ts'
 import { ChannelBase, Listeners } from '../../link/channel-base.ts'
 import { ChannelClosedError, MessageTooLargeError } from '../../link/errors.ts'
 import {

@@ -1,4 +1,4 @@
-import { MeshError } from '../../errors.ts'
+import { MeshError } from '../../base/errors.ts'
 
 /**
  * Local control API, version 1: newline-delimited JSON over a unix socket that only the agent's owner

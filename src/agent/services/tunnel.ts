@@ -4,14 +4,14 @@
  * `tunnel.status`. The migration service uses `service.switch` in-process (detachVm/attachVm/announce).
  */
 import { connect, createServer, isIPv4, type Server, type Socket } from 'node:net'
-import type { AgentService } from '../../src/agent/interfaces.ts'
-import type { Handler } from '../../src/control/server.ts'
-import type { Logger } from '../../src/log.ts'
-import type { Overlay } from '../link/interfaces.ts'
-import { ExposeError } from './errors.ts'
-import type { TunnelSwitch } from './interfaces.ts'
-import { createSwitch, type SwitchOptions } from './switch.ts'
-import { createTapPort, type TapPort } from './tap-port.ts'
+import type { Overlay } from '../../../net/link/interfaces.ts'
+import { ExposeError } from '../../../net/tunnel/errors.ts'
+import type { TunnelSwitch } from '../../../net/tunnel/interfaces.ts'
+import { createSwitch, type SwitchOptions } from '../../../net/tunnel/switch.ts'
+import { createTapPort, type TapPort } from '../../../net/tunnel/tap-port.ts'
+import type { Logger } from '../../base/log.ts'
+import type { Handler } from '../../control/server.ts'
+import type { AgentService } from '../interfaces.ts'
 
 export interface TunnelServiceInit {
   overlay: Overlay

@@ -1,15 +1,12 @@
-import type { HandlerContext } from '../../src/control/server.ts'
-import { AbortError, describeError, MeshError, UsageError } from '../../src/errors.ts'
-import type { Logger } from '../../src/log.ts'
-import { Conversation } from './conversation.ts'
-import { type DestinationOutcome, migrateIn } from './destination.ts'
+import { Conversation } from '../../../vm/migration/conversation.ts'
+import { type DestinationOutcome, migrateIn } from '../../../vm/migration/destination.ts'
 import {
   MigrationError,
   MigrationInDoubtError,
   MigrationRefusedError,
   MigrationTargetError,
   MigrationTimeoutError,
-} from './errors.ts'
+} from '../../../vm/migration/errors.ts'
 import type {
   MigrationChannel,
   MigrationNetwork,
@@ -18,10 +15,13 @@ import type {
   RamCache,
   SwitchRecord,
   VmHost,
-} from './interfaces.ts'
-import { settleSwitch } from './settle.ts'
-import { type MigrationTuning, migrateOut } from './source.ts'
-import { decodeMessage, type Message, newSessionId } from './v1/messages.ts'
+} from '../../../vm/migration/interfaces.ts'
+import { settleSwitch } from '../../../vm/migration/settle.ts'
+import { type MigrationTuning, migrateOut } from '../../../vm/migration/source.ts'
+import { decodeMessage, type Message, newSessionId } from '../../../vm/migration/v1/messages.ts'
+import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
+import type { Logger } from '../../base/log.ts'
+import type { HandlerContext } from '../../control/server.ts'
 
 export interface MigrationServiceInit {
   network: MigrationNetwork

@@ -1,15 +1,15 @@
 import { join } from 'node:path'
-import type { Overlay } from '../link/interfaces.ts'
-import { ChunkError } from './errors.ts'
-import { type ChunkLog, type ChunkService, createChunkService } from './exchange.ts'
+import { ChunkError } from '../../../net/chunks/errors.ts'
+import { type ChunkLog, type ChunkService, createChunkService } from '../../../net/chunks/exchange.ts'
 import {
   type ImageHandlerContext,
   type ImageRegistry,
   imageControlHandlers,
   openImageRegistry,
-} from './images.ts'
-import type { ChunkStore } from './interfaces.ts'
-import { type ChunkStoreOptions, openChunkStore } from './store.ts'
+} from '../../../net/chunks/images.ts'
+import type { ChunkStore } from '../../../net/chunks/interfaces.ts'
+import { type ChunkStoreOptions, openChunkStore } from '../../../net/chunks/store.ts'
+import type { Overlay } from '../../../net/link/interfaces.ts'
 
 /**
  * The chunk layer as one agent service (same shape as src/agent's AgentService, without importing it):

@@ -1,12 +1,12 @@
 import { createHash } from 'node:crypto'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
-import type { AgentService } from '../src/agent/interfaces.ts'
-import { UsageError } from '../src/errors.ts'
-import type { VmDriver } from './driver/interfaces.ts'
-import { VmManager } from './manager.ts'
-import { createQemuDriver } from './qemu/driver.ts'
-import { validateVmSpec } from './spec.ts'
+import type { VmDriver } from '../../../vm/driver/interfaces.ts'
+import { VmManager } from '../../../vm/manager.ts'
+import { createQemuDriver } from '../../../vm/qemu/driver.ts'
+import { validateVmSpec } from '../../../vm/spec.ts'
+import { UsageError } from '../../base/errors.ts'
+import type { AgentService } from '../interfaces.ts'
 
 /** Unix socket paths are limited to 107 bytes: keep the per-VM run dir short. */
 export function runDirFor(stateDir: string): string {
