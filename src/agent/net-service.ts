@@ -1,7 +1,6 @@
 import { createDiag, type Diag } from '../../net/diag/diag.ts'
 import type { IceServer, MemberStatus, MeshNode, MeshNodeInit } from '../../net/interfaces.ts'
 import { createMeshNode } from '../../net/node.ts'
-import { type StunServer, startStunServer } from '../../net/stun/server.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import type { Logger } from '../base/log.ts'
 import type { AgentService } from './interfaces.ts'
@@ -13,8 +12,6 @@ export class PeerNotFoundError extends MeshError {
 }
 
 export interface NetServiceInit extends Omit<MeshNodeInit, 'log' | 'signal'> {
-  /** Run a STUN responder on this UDP port (bootstrap members). */
-  stunPort?: number
   log: Logger
 }
 
@@ -43,7 +40,6 @@ export function createNetService(init: NetServiceInit): NetService {
   const log = init.log
   const node = createMeshNode({ ...init, log: (line) => log.info(line) })
   let diag: Diag | undefined
-  let stun: StunServer | undefined
 
   const resolvePeer = (ref: string): MemberStatus => {
     const members = node.members({ includeDropped: true }).filter((m) => !m.self)
@@ -72,10 +68,6 @@ export function createNetService(init: NetServiceInit): NetService {
     node,
     resolvePeer,
     async start() {
-      if (init.stunPort !== undefined) {
-        stun = await startStunServer({ port: init.stunPort })
-        log.info('STUN responder up', { port: init.stunPort })
-      }
       await node.start()
       diag = createDiag(node.overlay, (l) => log.warn(l))
       node.on('link-up', (e) => log.info('link up', { peer: e.peer, path: e.path }))
@@ -87,7 +79,6 @@ export function createNetService(init: NetServiceInit): NetService {
     async stop() {
       diag?.stop()
       await node.stop()
-      await stun?.close()
     },
     status() {
       const members = node.members()

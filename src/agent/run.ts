@@ -4,6 +4,8 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
+import { knownBootstrap, NETWORK_STATE_FILE } from '../../net/node.ts'
+import { STUN_DEFAULT_PORT } from '../../net/stun/server.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
 import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/ndc/index.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
@@ -110,37 +112,17 @@ function iceServers(opts: AgentOptions, bootstrapAddrs: string[]): IceServer[] {
   return servers
 }
 
-/** Bootstrap addresses this node knows: from the invite, or saved in its network state. */
-function knownBootstrap(state: string, invite: string | undefined): string[] {
-  const out: string[] = []
-  if (invite !== undefined) {
-    try {
-      const b64 = invite.trim().slice('mesh1:'.length).split('.')[0] ?? ''
-      const body = JSON.parse(Buffer.from(b64, 'base64url').toString('utf8')) as { bootstrap?: unknown }
-      if (Array.isArray(body.bootstrap)) out.push(...body.bootstrap.map(String))
-    } catch {
-      // A malformed invite is reported by admission itself with a precise error.
-    }
-  }
-  const netFile = join(state, 'network.json')
-  if (existsSync(netFile)) {
-    try {
-      const o = JSON.parse(readFileSync(netFile, 'utf8')) as { bootstrap?: unknown }
-      if (Array.isArray(o.bootstrap)) out.push(...o.bootstrap.map(String))
-    } catch {
-      // Corrupt state is reported by the node when it loads it.
-    }
-  }
-  return out
-}
-
 /** Builds the agent for a state dir: the overlay node plus every service hosted next to it. */
 export async function buildAgent(opts: AgentOptions, log: Logger = createLogger()): Promise<Agent> {
   const paths = statePaths(opts.state)
   const keyFile = join(paths.dir, NETWORK_KEY_FILE)
   let networkKey: NetworkKey | undefined
   if (existsSync(keyFile)) networkKey = await loadNetworkKey(keyFile)
-  if (networkKey === undefined && opts.invite === undefined && !existsSync(join(paths.dir, 'network.json'))) {
+  if (
+    networkKey === undefined &&
+    opts.invite === undefined &&
+    !existsSync(join(paths.dir, NETWORK_STATE_FILE))
+  ) {
     throw new AgentConfigError(
       `${paths.dir} has no network: run 'mesh join INVITE' on a new node, or 'mesh network create NAME' on the first one`,
     )
@@ -155,11 +137,12 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
         .slice(0, 63),
     listen: opts.listen ?? [bootstrapRole ? '/ip4/0.0.0.0/tcp/4001' : '/ip4/0.0.0.0/tcp/0'],
     ...(opts.announce === undefined ? {} : { announce: opts.announce }),
-    ...(bootstrapRole ? { bootstrapRole: { relay: true } } : {}),
-    ...(bootstrapRole ? { stunPort: opts.stunPort ?? 3478 } : {}),
+    ...(bootstrapRole
+      ? { bootstrapRole: { relay: true, stunPort: opts.stunPort ?? STUN_DEFAULT_PORT } }
+      : {}),
     ...(networkKey === undefined ? {} : { networkKey }),
     ...(opts.invite === undefined ? {} : { invite: opts.invite }),
-    iceServers: iceServers(opts, knownBootstrap(paths.dir, opts.invite)),
+    iceServers: iceServers(opts, await knownBootstrap(paths.dir, opts.invite)),
     pnet: opts.pnet ?? false,
     direct: opts.direct ?? true,
     ...(opts.engine === undefined ? {} : { linkFactory: linkFactoryFor(opts.engine) }),

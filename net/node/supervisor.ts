@@ -1,0 +1,465 @@
+/**
+ * The link supervisor: one data-plane link per member pair, built over a noise-authenticated signaling
+ * stream (the lower PeerId initiates, so the two ends never both offer), wrapped so its bulk channels
+ * can move to a direct path, rebuilt with capped backoff when it dies. Its tick also moves members
+ * between up / down / dropped, measures RTT where the link does not, keeps relay reservations on every
+ * bootstrap, and now and then runs a full member-set exchange with one member (anti-entropy).
+ */
+import type { Connection, Stream } from '@libp2p/interface'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { multiaddr } from '@multiformats/multiaddr'
+import { describeError } from '../../src/base/errors.ts'
+import { ControlError, ControlTimeoutError } from '../control/errors.ts'
+import type { IceServer, LinkFactory, MemberState } from '../interfaces.ts'
+import { createPathLink } from '../link/direct/link.ts'
+import type { DirectInbox, DirectPaths } from '../link/direct/paths.ts'
+import type { Link, Overlay } from '../link/interfaces.ts'
+import { NotMemberError } from '../membership/errors.ts'
+import {
+  createStreamSignaling,
+  SIGNAL_PROTOCOL,
+  type StreamSignaling,
+} from '../signaling/stream-signaling.ts'
+import { NodeStateError } from './errors.ts'
+import type { LinkSupervisor, NodeContext, PeerStatus } from './interfaces.ts'
+import { listenAfterStart } from './libp2p.ts'
+
+/** Opening the signaling stream of one link attempt (dial, relay included). */
+const SIGNAL_DIAL_MS = 15_000
+/** A link that lived this long is rebuilt at once when it dies; one that keeps dying backs off. */
+const STABLE_LINK_MS = 10_000
+/** A failed relay reservation is retried after this long. */
+const RESERVATION_RETRY_MS = 10_000
+/** Ticks between libp2p pings of a member whose link does not measure RTT itself. */
+const PING_EVERY_TICKS = 5
+/** Ticks between anti-entropy exchanges. */
+const ANTI_ENTROPY_EVERY_TICKS = 30
+
+type RttLink = Link & { readonly rttMs?: number }
+
+interface PeerState {
+  state: MemberState
+  lastSeen: number
+  link?: RttLink
+  signaling?: StreamSignaling
+  connecting?: AbortController
+  backoffMs: number
+  nextAttemptAt: number
+  linkOpenedAt?: number
+  rttMs?: number
+}
+
+class NodeOverlay implements Overlay {
+  private readonly linksByPeer = new Map<string, Link>()
+  private readonly listeners = new Set<(link: Link) => void>()
+  constructor(private readonly selfId: () => string) {}
+  get self(): string {
+    return this.selfId()
+  }
+  link(peer: string): Link | undefined {
+    return this.linksByPeer.get(peer)
+  }
+  links(): Link[] {
+    return [...this.linksByPeer.values()]
+  }
+  onLink(handler: (link: Link) => void): () => void {
+    this.listeners.add(handler)
+    return () => this.listeners.delete(handler)
+  }
+  attach(link: Link): void {
+    this.linksByPeer.set(link.peer, link)
+    for (const h of [...this.listeners]) {
+      try {
+        h(link)
+      } catch {
+        // A subscriber's bug must not break link supervision.
+      }
+    }
+  }
+  detach(link: Link): void {
+    if (this.linksByPeer.get(link.peer) === link) this.linksByPeer.delete(link.peer)
+  }
+}
+
+export interface LinkSupervisorInit {
+  ctx: NodeContext
+  linkFactory: LinkFactory
+  iceServers: readonly IceServer[]
+  direct: DirectPaths
+  /** Addresses a member advertised (gossip). */
+  hints(peer: string): readonly string[]
+  /** True once this node was revoked: supervision stops. */
+  selfRevoked(): boolean
+  /** This node is a relay (it keeps no reservations of its own). */
+  relay: boolean
+  /** libp2p ping of a member (records the RTT). */
+  ping(peer: string): Promise<number>
+  /** One full member-set exchange with `peer` (anti-entropy). */
+  antiEntropy(peer: string): Promise<void>
+}
+
+export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
+  const { ctx } = init
+  const state = ctx.state
+  const overlay = new NodeOverlay(() => ctx.self)
+  const peers = new Map<string, PeerState>()
+  const reservationAt = new Map<string, number>()
+  let tickTimer: NodeJS.Timeout | undefined
+  let ticks = 0
+
+  const peerState = (peer: string): PeerState => {
+    let st = peers.get(peer)
+    if (st === undefined) {
+      st = { state: 'down', lastSeen: Date.now(), backoffMs: 0, nextAttemptAt: 0 }
+      peers.set(peer, st)
+    }
+    return st
+  }
+
+  /** The lower PeerId initiates each pair's link, so two ends never both offer (glare). */
+  const isInitiator = (peer: string): boolean => ctx.self < peer
+
+  /** Moves a member between up / down / dropped (and emits the change). Called on every tick and at
+   *  once when a link or connection to it opens or closes. */
+  const observe = (peer: string, st: PeerState, now = Date.now()): void => {
+    const node = ctx.libp2p
+    if (node === undefined || !state.isMember(peer)) return
+    const up = st.link?.state === 'open' || node.getConnections(peerIdFromString(peer)).length > 0
+    if (up) {
+      st.lastSeen = now
+      if (st.state !== 'up') {
+        st.state = 'up'
+        ctx.emit('member-up', { peer })
+      }
+    } else if (st.state === 'up') {
+      st.state = 'down'
+      ctx.emit('member-down', { peer })
+    } else if (st.state === 'down' && now - st.lastSeen > ctx.timing.memberGraceMs) {
+      st.state = 'dropped'
+      ctx.log(`member ${peer} gone for ${Math.round((now - st.lastSeen) / 1000)} s: dropped`)
+      ctx.emit('member-dropped', { peer })
+    }
+  }
+
+  const circuitAddrs = (peer: string): string[] =>
+    state.bootstrap
+      .filter((b) => !b.endsWith(`/p2p/${peer}`) && !b.endsWith(`/p2p/${ctx.self}`))
+      .map((b) => `${b}/p2p-circuit/p2p/${peer}`)
+
+  /** Teaches the peer store how to reach a member: its own address hints, then every bootstrap's relay. */
+  const addDialAddrs = async (peer: string): Promise<void> => {
+    const node = ctx.libp2p
+    if (node === undefined) return
+    const id = peerIdFromString(peer)
+    if (node.getConnections(id).length === 0) {
+      const hinted = init.hints(peer).filter((a) => !a.includes('/p2p-circuit'))
+      const addrs = [...hinted, ...circuitAddrs(peer)]
+      const parsed = []
+      for (const a of addrs) {
+        try {
+          parsed.push(multiaddr(a))
+        } catch {
+          // a bad hint is just skipped
+        }
+      }
+      if (parsed.length > 0) await node.peerStore.merge(id, { multiaddrs: parsed })
+    }
+  }
+
+  const dialMember = async (peer: string, protocol: string, signal: AbortSignal): Promise<Stream> => {
+    const node = ctx.libp2p
+    if (node === undefined) throw new NodeStateError('not started')
+    await addDialAddrs(peer)
+    return node.dialProtocol(peerIdFromString(peer), protocol, { signal, runOnLimitedConnection: true })
+  }
+
+  const scheduleRetry = (st: PeerState, why: string): void => {
+    st.backoffMs = Math.min(Math.max(250, st.backoffMs * 2), ctx.timing.reconnectMaxMs)
+    st.nextAttemptAt = Date.now() + st.backoffMs
+    ctx.log(`${why}; retry in ${st.backoffMs} ms`)
+  }
+
+  /** A child of the node's lifetime for one link attempt; `release` unhooks it from the parent. */
+  const attemptController = ():
+    | { ctl: AbortController; parent: AbortSignal; release(): void }
+    | undefined => {
+    const parent = ctx.lifetime
+    if (parent === undefined) return undefined
+    const ctl = new AbortController()
+    const onParent = () => ctl.abort(parent.reason)
+    parent.addEventListener('abort', onParent, { once: true })
+    return { ctl, parent, release: () => parent.removeEventListener('abort', onParent) }
+  }
+
+  /**
+   * Bounds a pending link attempt: aborts `ctl` after linkAttemptTimeoutMs, or as soon as the signaling
+   * stream dies before the link is up (its libp2p connection closed): waiting for an answer that can no
+   * longer arrive would stall the pair for the whole timeout. Call the returned function when the
+   * attempt settles. The link factory's signal bounds the link's whole life, which is why these limits
+   * are not simply AbortSignal.timeout() in that signal: they must stop applying once the link is up.
+   */
+  const boundAttempt = (ctl: AbortController, signaling: StreamSignaling): (() => void) => {
+    const timer = setTimeout(
+      () => ctl.abort(new ControlTimeoutError(`link attempt (${ctx.timing.linkAttemptTimeoutMs} ms)`)),
+      ctx.timing.linkAttemptTimeoutMs,
+    )
+    const offEnd = signaling.onEnd((err) => ctl.abort(err))
+    return () => {
+      clearTimeout(timer)
+      offEnd()
+    }
+  }
+
+  const attachLink = (
+    peer: string,
+    rawLink: RttLink,
+    signaling: StreamSignaling,
+    inbox: DirectInbox,
+    initiator: boolean,
+  ): void => {
+    // Every link is a PathLink: its bulk channels may move to a direct connection once it is up.
+    const link = createPathLink(rawLink)
+    const st = peers.get(peer)
+    if (ctx.libp2p === undefined || st === undefined || !state.isMember(peer) || link.state === 'closed') {
+      link.close(new NotMemberError(peer))
+      inbox.close()
+      signaling.close()
+      return
+    }
+    if (st.link !== undefined && st.link !== link) st.link.close(new ControlError('replaced by a new link'))
+    st.link = link
+    st.signaling = signaling
+    st.linkOpenedAt = Date.now()
+    overlay.attach(link)
+    ctx.log(`link to ${peer} up (${link.path.type})`)
+    ctx.emit('link-up', { peer, path: link.path.type })
+    observe(peer, st)
+    link.onClose((reason) => {
+      overlay.detach(link)
+      signaling.close()
+      if (st.link !== link) return
+      st.link = undefined
+      st.signaling = undefined
+      const lived = Date.now() - (st.linkOpenedAt ?? 0)
+      ctx.emit('link-down', { peer, ...(reason === undefined ? {} : { reason: describeError(reason) }) })
+      observe(peer, st)
+      if (lived > STABLE_LINK_MS) st.backoffMs = 0
+      st.nextAttemptAt = st.backoffMs === 0 ? 0 : Date.now() + st.backoffMs
+      ctx.log(`link to ${peer} down: ${reason === undefined ? 'closed' : describeError(reason)}`)
+    })
+    // In the background: the link is already usable; its bulk channels move if a direct path exists.
+    const upgrade = new AbortController()
+    link.onClose(() => upgrade.abort(new ControlError('link closed')))
+    void init.direct.negotiate(link, { signaling, inbox, initiator, signal: upgrade.signal }).then(() => {
+      if (link.path.direct !== undefined && link.state === 'open')
+        ctx.emit('link-direct', { peer, remote: link.path.direct })
+    })
+  }
+
+  /**
+   * One link attempt over an open signaling stream, from either end: the link factory, bounded by
+   * boundAttempt, then attachLink. On failure the signaling stream is closed and the error rethrown.
+   */
+  const buildLink = async (
+    peer: string,
+    stream: Stream,
+    initiator: boolean,
+    ctl: AbortController,
+  ): Promise<void> => {
+    const signaling = createStreamSignaling(stream, { log: ctx.log })
+    // Subscribed now: the peer's direct-path offer may come as soon as its end of the link is up.
+    const inbox = init.direct.inbox(signaling)
+    const settle = boundAttempt(ctl, signaling)
+    try {
+      let link: RttLink
+      try {
+        link = await init.linkFactory({
+          peer,
+          initiator,
+          signaling,
+          iceServers: [...init.iceServers],
+          signal: ctl.signal,
+        })
+      } finally {
+        settle()
+      }
+      attachLink(peer, link, signaling, inbox, initiator)
+    } catch (err) {
+      inbox.close()
+      signaling.close()
+      throw err
+    }
+  }
+
+  const startLinkAttempt = (peer: string, st: PeerState): void => {
+    const a = attemptController()
+    if (a === undefined) return
+    const { ctl, parent } = a
+    st.connecting = ctl
+    const run = async () => {
+      try {
+        const stream = await dialMember(
+          peer,
+          SIGNAL_PROTOCOL,
+          AbortSignal.any([ctl.signal, AbortSignal.timeout(SIGNAL_DIAL_MS)]),
+        )
+        await buildLink(peer, stream, true, ctl)
+      } catch (err) {
+        // Stopped, revoked, or superseded by the peer's own attempt: no retry from here.
+        if (parent.aborted || st.connecting !== ctl || peers.get(peer) !== st) return
+        scheduleRetry(st, `link attempt to ${peer} failed: ${describeError(err)}`)
+      } finally {
+        a.release()
+        if (st.connecting === ctl) st.connecting = undefined
+      }
+    }
+    void run()
+  }
+
+  /** Keeps a circuit-relay reservation on every bootstrap, so members behind NAT can be dialled. */
+  const keepReservations = (now: number): void => {
+    const node = ctx.libp2p
+    if (node === undefined) return
+    const mine = ctx.addresses()
+    for (const b of state.bootstrap) {
+      const relayId = b.split('/p2p/').pop()
+      if (relayId === undefined || relayId === ctx.self || !state.isMember(relayId)) continue
+      if (mine.some((a) => a.includes(`/p2p/${relayId}/p2p-circuit`))) continue
+      if (now < (reservationAt.get(b) ?? 0)) continue
+      reservationAt.set(b, now + RESERVATION_RETRY_MS)
+      const listening = listenAfterStart(node, [`${b}/p2p-circuit`])
+      if (listening === false) return
+      void listening.catch((err) => {
+        ctx.log(`relay reservation on ${b} failed: ${describeError(err)}`)
+      })
+    }
+  }
+
+  const tick = (): void => {
+    const node = ctx.libp2p
+    const set = state.set
+    if (node === undefined || set === undefined || init.selfRevoked()) return
+    ticks++
+    const now = Date.now()
+    for (const [peer, st] of peers) {
+      if (!set.isMember(peer)) continue
+      const conns = node.getConnections(peerIdFromString(peer))
+      observe(peer, st, now)
+      if (
+        st.state !== 'dropped' &&
+        isInitiator(peer) &&
+        st.link === undefined &&
+        st.connecting === undefined &&
+        now >= st.nextAttemptAt
+      ) {
+        st.nextAttemptAt = now + ctx.timing.reconnectMaxMs
+        startLinkAttempt(peer, st)
+      }
+      if (st.link?.rttMs !== undefined) st.rttMs = st.link.rttMs
+      else if (conns.length > 0 && ticks % PING_EVERY_TICKS === 0) void init.ping(peer).catch(() => {})
+    }
+    if (!init.relay) keepReservations(now)
+    // Anti-entropy: now and then a full exchange with one connected member heals any missed gossip.
+    if (ticks % ANTI_ENTROPY_EVERY_TICKS === 0) {
+      const conns = node.getConnections().filter((c) => set.isMember(c.remotePeer.toString()))
+      const c = conns[Math.floor(Math.random() * conns.length)]
+      if (c !== undefined) void init.antiEntropy(c.remotePeer.toString()).catch(() => {})
+    }
+  }
+
+  return {
+    overlay,
+    dialMember,
+    addDialAddrs,
+
+    start() {
+      tickTimer = setInterval(tick, ctx.timing.tickMs)
+      tickTimer.unref?.()
+    },
+
+    stop() {
+      if (tickTimer !== undefined) clearInterval(tickTimer)
+      tickTimer = undefined
+      for (const st of peers.values()) {
+        st.connecting?.abort()
+        st.link?.close()
+        st.signaling?.close()
+      }
+      peers.clear()
+    },
+
+    trackMembers() {
+      for (const m of state.set?.members() ?? []) if (m.peerId !== ctx.self) peerState(m.peerId)
+    },
+
+    dropPeers(drop, reason) {
+      const out: string[] = []
+      for (const [peer, st] of peers) {
+        if (!drop(peer)) continue
+        st.connecting?.abort()
+        st.link?.close(reason(peer))
+        st.signaling?.close()
+        peers.delete(peer)
+        out.push(peer)
+      }
+      return out
+    },
+
+    observe(peer) {
+      const st = peers.get(peer)
+      if (st !== undefined) observe(peer, st)
+    },
+
+    status(peer): PeerStatus | undefined {
+      const st = peers.get(peer)
+      if (st === undefined) return undefined
+      return {
+        state: st.state,
+        lastSeen: st.lastSeen,
+        link: st.link,
+        connecting: st.connecting !== undefined,
+        rttMs: st.rttMs,
+      }
+    },
+
+    setRtt(peer, rttMs) {
+      const st = peers.get(peer)
+      if (st !== undefined) st.rttMs = rttMs
+    },
+
+    async dialBootstrap(addr) {
+      const node = ctx.libp2p
+      if (node === undefined || addr.endsWith(`/p2p/${ctx.self}`)) return
+      try {
+        await node.dial(multiaddr(addr), { signal: AbortSignal.timeout(ctx.timing.requestTimeoutMs) })
+      } catch (err) {
+        ctx.log(`bootstrap ${addr} unreachable: ${describeError(err)}`)
+      }
+    },
+
+    async handleSignal(stream: Stream, conn: Connection) {
+      const peer = conn.remotePeer.toString()
+      if (isInitiator(peer)) {
+        // The pair's initiator is us; an offer from the other end is a protocol violation (or an old
+        // version): refuse rather than build two links.
+        stream.abort(new ControlError(`${peer} must not initiate the link (lower PeerId initiates)`))
+        return
+      }
+      const st = peerState(peer)
+      // The initiator only opens a new attempt when its old link is gone: drop ours too.
+      st.connecting?.abort()
+      st.link?.close(new ControlError('peer started a new link'))
+      const a = attemptController()
+      if (a === undefined) return
+      st.connecting = a.ctl
+      try {
+        await buildLink(peer, stream, false, a.ctl)
+      } catch (err) {
+        if (!a.parent.aborted) ctx.log(`link from ${peer} failed: ${describeError(err)}`)
+      } finally {
+        a.release()
+        if (st.connecting === a.ctl) st.connecting = undefined
+      }
+    },
+  }
+}
