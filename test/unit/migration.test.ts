@@ -128,6 +128,8 @@ describe('migration (fake driver, memory links)', function () {
   let members: Set<string>
   let root: string
   let guests: Guest[]
+  /** Every session state change, per node ('A out:bulk', 'B in:receiving'...). */
+  let stateLog: string[]
   const log = createLogger({ sink: () => {} })
 
   async function node(id: string, tuning = {}): Promise<Node> {
@@ -152,6 +154,7 @@ describe('migration (fake driver, memory links)', function () {
       cache: createMemoryRamCache(),
       log,
       isMember: (p) => members.has(p),
+      onState: (e) => stateLog.push(`${network.self} ${e.direction}:${e.to}`),
       tuning: { timeoutMs: 3000, inDoubtMs: 5000, switchBytes: 256 * 1024, rememberDelayMs: 0, ...tuning },
     })
     await service.start(new AbortController().signal)
@@ -190,6 +193,7 @@ describe('migration (fake driver, memory links)', function () {
     nodes = new Map()
     members = new Set(['A', 'B'])
     guests = []
+    stateLog = []
     root = await mkdtemp(join(tmpdir(), 'mig-unit-'))
     await node('A')
     await node('B')
@@ -253,6 +257,40 @@ describe('migration (fake driver, memory links)', function () {
     assert.ok(r3.wireBytes < 0.05 * RAM_MIB * MiB, `return move wire ${r3.wireBytes} ≤ 5% of RAM`)
     const left = await readdir(B.ramDir).catch(() => [])
     assert.deepEqual(left, [], 'B holds no RAM file after the VM left')
+  })
+
+  it('state machines: a clean move walks both tables in order', async () => {
+    const A = nodes.get('A')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    await A.service.migrate({ vm: 'g1', to: 'B' })
+    await nodes.get('B')!.service.settled()
+    const side = (p: string) => stateLog.filter((l) => l.startsWith(p)).map((l) => l.split(' ')[1])
+    assert.deepEqual(side('A out'), [
+      'out:bulk',
+      'out:precopy',
+      'out:switching',
+      'out:paused',
+      'out:committed',
+      'out:handover',
+      'out:completed',
+    ])
+    assert.deepEqual(side('B in'), ['in:receiving', 'in:loaded', 'in:committed', 'in:resumed', 'in:running'])
+    assert.deepEqual(A.service.status().states, {}, 'no session left')
+  })
+
+  it("state machines: the link dies as B sends 'ready' → the source rolls back from paused, B discards", async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    B.tap.cutOn = 'ready'
+    await assert.rejects(A.service.migrate({ vm: 'g1', to: 'B' }))
+    await B.service.settled()
+    const side = (p: string) => stateLog.filter((l) => l.startsWith(p)).map((l) => l.split(' ')[1])
+    assert.deepEqual(side('A out').slice(-3), ['out:paused', 'out:rolling-back', 'out:rolled-back'])
+    assert.deepEqual(side('B in').slice(-2), ['in:discarding', 'in:discarded'])
+    assert.equal(A.host.get('g1')?.status(), 'running')
   })
 
   it('any member can trigger: a request from B for a VM on A is forwarded to A', async () => {

@@ -1,11 +1,19 @@
+/**
+ * The destination of a live migration: one session per incoming move, its progress in one state field
+ * (state.ts: DESTINATION_TRANSITIONS). Each stream's messages go to its DestinationStream (RAM:
+ * ram-receiver.ts); the device state (reference copy and final delta) is handled here because the VM
+ * loads it once, at 'final'. The guest resumes only on the source's commit.
+ */
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import type { Conversation } from './conversation.ts'
 import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'
 import type { MigrationProgress, RamCache, VmHost } from './interfaces.ts'
-import { RamWriter } from './ram.ts'
-import { applyStateDelta, HASH_SIZE, type Message } from './v1/messages.ts'
+import { RamReceiver } from './ram-receiver.ts'
+import { DESTINATION_TRANSITIONS, type DestinationState, StateMachine, type Transition } from './state.ts'
+import type { DestinationContext, DestinationStream } from './stream.ts'
+import { applyStateDelta, type Message, type MessageType } from './v1/messages.ts'
 
 type Prepare = Extract<Message, { type: 'prepare' }>
 
@@ -18,6 +26,8 @@ export interface DestinationInit {
   /** Longest silence from the source before the destination gives up (default 30 s). */
   timeoutMs?: number
   onProgress?: (p: MigrationProgress) => void
+  /** Every state change of the session (service status, tests). */
+  onState?: (t: Transition<DestinationState>) => void
   signal?: AbortSignal
 }
 
@@ -29,183 +39,261 @@ export type DestinationOutcome = 'running' | 'discarded'
  * next to it; loads the device state; resumes only on the source's commit. On any failure before that
  * the incoming VM is stopped and its RAM file removed, so nothing of the attempt remains.
  */
-export async function migrateIn(init: DestinationInit): Promise<DestinationOutcome> {
-  const { conv, prepare, host, log, signal } = init
-  const spec = prepare.spec
-  const name = spec.name
-  const timeoutMs = init.timeoutMs ?? 30_000
-  const sid = conv.sid
-  const started = performance.now()
+export function migrateIn(init: DestinationInit): Promise<DestinationOutcome> {
+  return new DestinationSession(init).run()
+}
 
-  const have = host.token(name)
-  if (prepare.token <= have) {
-    const err = new StaleTokenError(name, prepare.token, have)
-    conv.trySend({ type: 'refuse', sid, code: err.code, reason: err.message })
-    throw err
+/** Device state arriving in pieces (state, stateref): checks order and size. */
+class Pieces {
+  private readonly parts: Buffer[] = []
+  total = -1
+  got = 0
+  constructor(private readonly what: string) {}
+  add(m: { offset: number; total: number; bytes: Uint8Array }): void {
+    if (this.total === -1) this.total = m.total
+    if (m.total !== this.total || m.offset !== this.got)
+      throw new MigrationDecodeError(`${this.what} pieces out of order`)
+    this.parts.push(Buffer.from(m.bytes))
+    this.got += m.bytes.byteLength
   }
-  if (host.get(name) !== undefined) {
-    const reason = `VM '${name}' already runs on ${conv.channel.peer === '' ? 'this host' : 'the destination'}`
-    conv.trySend({ type: 'refuse', sid, code: 'E_VM_EXISTS', reason })
-    throw new MigrationRefusedError(reason)
+  get complete(): boolean {
+    return this.total !== -1 && this.got === this.total
   }
-  if (prepare.ramSize % prepare.chunkSize !== 0) {
-    conv.trySend({
-      type: 'refuse',
-      sid,
-      code: 'E_BAD_GEOMETRY',
-      reason: 'RAM size is not a multiple of the chunk size',
-    })
-    throw new MigrationDecodeError('RAM size is not a multiple of the chunk size')
+  concat(): Buffer {
+    return Buffer.concat(this.parts)
+  }
+  clear(): void {
+    this.parts.length = 0
+  }
+}
+
+export class DestinationSession {
+  readonly machine: StateMachine<DestinationState>
+  private readonly name: string
+  private readonly sid: string
+  private readonly timeoutMs: number
+  private readonly started = performance.now()
+  private readonly startAbort = new AbortController()
+  private ramPath: string | undefined
+  private vm: Vm | undefined
+  private vmStart: Promise<Vm> | undefined
+  private streams: DestinationStream[] = []
+  private round = 0
+  private lastEmit = 0
+
+  constructor(private readonly init: DestinationInit) {
+    this.name = init.prepare.spec.name
+    this.sid = init.conv.sid
+    this.timeoutMs = init.timeoutMs ?? 30_000
+    this.machine = new StateMachine<DestinationState>(
+      `migration of '${this.name}' (in)`,
+      'preparing',
+      DESTINATION_TRANSITIONS,
+      (tr) => {
+        init.log.debug('migration state', {
+          vm: this.name,
+          from: init.conv.channel.peer,
+          was: tr.from,
+          state: tr.to,
+          atMs: tr.atMs,
+        })
+        init.onState?.(tr)
+      },
+    )
   }
 
-  let ramPath: string | undefined
-  let writer: RamWriter | undefined
-  let vm: Vm | undefined
-  let vmStart: Promise<Vm> | undefined
-  let resumed = false
-  const startAbort = new AbortController()
-  const onAbort = () => startAbort.abort(signal?.reason)
-  signal?.addEventListener('abort', onAbort, { once: true })
-  try {
-    ramPath = await host.allocateRam(spec, signal)
-    writer = new RamWriter(ramPath, prepare.ramSize, prepare.chunkSize)
-    // Start the incoming VM now: it boots (and waits) while the RAM arrives, off the downtime.
-    vmStart = host.startIncoming(spec, ramPath, startAbort.signal)
-    vmStart.catch(() => {}) // observed at 'final'
-    await conv.send({ type: 'accept', sid, cachedChunks: 0 }, signal)
-    log.info('receiving VM', { vm: name, from: conv.channel.peer, token: prepare.token })
-
-    const state: Buffer[] = []
-    let stateTotal = -1
-    let stateGot = 0
-    /** The source's reference copy of the device state (stateref), which a zstate may be sent against. */
-    const ref: Buffer[] = []
-    let refTotal = -1
-    let refGot = 0
-    let zstate: Buffer | undefined
-    let round = 0
-    let lastEmit = 0
-    const emit = (phase: MigrationProgress['phase'], force = false) => {
-      const now = performance.now()
-      if (!force && now - lastEmit < 250) return
-      lastEmit = now
-      init.onProgress?.({
-        vm: name,
-        phase,
-        round,
-        wireBytes: conv.wireBytes,
-        ramBytes: writer?.ramBytes ?? 0,
-        dedupBytes: writer?.cachedBytes ?? 0,
-        rateBytesPerSec: 0,
-        dirtyRateBytesPerSec: 0,
-        dirtyBytes: 0,
-        elapsedMs: now - started,
-      })
+  private emit(phase: MigrationProgress['phase'], force = false): void {
+    const now = performance.now()
+    if (!force && now - this.lastEmit < 250) return
+    this.lastEmit = now
+    let written = 0
+    let cached = 0
+    for (const s of this.streams) {
+      written += s.writtenBytes
+      cached += s.cachedBytes
     }
+    this.init.onProgress?.({
+      vm: this.name,
+      phase,
+      round: this.round,
+      wireBytes: this.init.conv.wireBytes,
+      ramBytes: written,
+      dedupBytes: cached,
+      rateBytesPerSec: 0,
+      dirtyRateBytesPerSec: 0,
+      dirtyBytes: 0,
+      elapsedMs: now - this.started,
+    })
+  }
+
+  async run(): Promise<DestinationOutcome> {
+    const { signal } = this.init
+    const onAbort = () => this.startAbort.abort(signal?.reason)
+    signal?.addEventListener('abort', onAbort, { once: true })
+    try {
+      this.check()
+      await this.prepare()
+      await this.receive()
+      await this.awaitCommit()
+      return await this.resume()
+    } catch (err) {
+      return await this.fail(err)
+    } finally {
+      signal?.removeEventListener('abort', onAbort)
+      for (const s of this.streams) s.close()
+    }
+  }
+
+  /** preparing → refused: a stale token, a VM of that name here already, a bad geometry. */
+  private check(): void {
+    const { conv, prepare, host } = this.init
+    const refuse = (code: string, reason: string, err: Error): never => {
+      conv.trySend({ type: 'refuse', sid: this.sid, code, reason })
+      this.machine.set('preparing', 'refused')
+      throw err
+    }
+    const have = host.token(this.name)
+    if (prepare.token <= have) {
+      const err = new StaleTokenError(this.name, prepare.token, have)
+      refuse(err.code, err.message, err)
+    }
+    if (host.get(this.name) !== undefined) {
+      const reason = `VM '${this.name}' already runs on ${conv.channel.peer === '' ? 'this host' : 'the destination'}`
+      refuse('E_VM_EXISTS', reason, new MigrationRefusedError(reason))
+    }
+    if (prepare.ramSize % prepare.chunkSize !== 0) {
+      const reason = 'RAM size is not a multiple of the chunk size'
+      refuse('E_BAD_GEOMETRY', reason, new MigrationDecodeError(reason))
+    }
+  }
+
+  /** preparing → receiving: RAM file, the incoming VM starting alongside, 'accept'. */
+  private async prepare(): Promise<void> {
+    const { conv, prepare, host, log, signal } = this.init
+    const spec = prepare.spec
+    this.ramPath = await host.allocateRam(spec, signal)
+    this.streams = [new RamReceiver(this.ramPath, prepare.ramSize, prepare.chunkSize, this.init.cache, log)]
+    // Start the incoming VM now: it boots (and waits) while the RAM arrives, off the downtime.
+    this.vmStart = host.startIncoming(spec, this.ramPath, this.startAbort.signal)
+    this.vmStart.catch(() => {}) // observed at 'final'
+    await conv.send({ type: 'accept', sid: this.sid, cachedChunks: 0 }, signal)
+    this.machine.set('preparing', 'receiving')
+    log.info('receiving VM', { vm: this.name, from: conv.channel.peer, token: prepare.token })
+  }
+
+  /** receiving → loaded: every stream's messages and the device state until 'final'; load; 'ready'. */
+  private async receive(): Promise<void> {
+    const { conv, prepare, signal } = this.init
+    const ctx: DestinationContext = { conv, sid: this.sid, signal }
+    const byType = new Map<MessageType, DestinationStream>()
+    for (const s of this.streams) for (const t of s.types) byType.set(t, s)
+    const state = new Pieces('device state')
+    /** The source's reference copy of the device state (stateref), which a zstate may be sent against. */
+    const ref = new Pieces('reference device state')
+    let zstate: Buffer | undefined
+    const types: MessageType[] = [...byType.keys(), 'round', 'state', 'stateref', 'zstate', 'final', 'ping']
     for (;;) {
-      const m = await conv.next(
-        ['offer', 'data', 'round', 'state', 'stateref', 'zstate', 'final', 'ping'],
-        'the source',
-        timeoutMs,
-        signal,
-      )
-      if (m.type === 'ping') {
-        await conv.send({ type: 'pong', sid, t0: m.t0, t1: Date.now() }, signal)
-      } else if (m.type === 'offer') {
-        const want: number[] = []
-        for (let i = 0; i < m.indices.length; i++) {
-          const idx = m.indices[i]!
-          const hash = m.hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
-          let filled = false
-          if (init.cache?.has(hash) === true) {
-            try {
-              writer.fill(idx, await init.cache.get(hash))
-              filled = true
-            } catch (err) {
-              if (err instanceof MigrationDecodeError) throw err
-              // Gone or corrupt in the cache: ask the source instead.
-              log.debug('cached chunk unusable', { error: describeError(err) })
-            }
-          }
-          if (!filled) want.push(idx)
+      const m = await conv.next(types, 'the source', this.timeoutMs, signal)
+      const stream = byType.get(m.type)
+      if (stream !== undefined) {
+        await stream.handle(m, ctx)
+        this.emit(m.type === 'offer' ? 'bulk' : this.round === 0 ? 'bulk' : 'precopy')
+        continue
+      }
+      switch (m.type) {
+        case 'ping':
+          await conv.send({ type: 'pong', sid: this.sid, t0: m.t0, t1: Date.now() }, signal)
+          break
+        case 'round':
+          this.round = m.round + 1
+          this.emit('precopy', true)
+          break
+        case 'stateref':
+          ref.add(m)
+          break
+        case 'zstate': {
+          if (state.total !== -1 || zstate !== undefined)
+            throw new MigrationDecodeError('device state sent twice')
+          const whole = m.xor && ref.complete ? ref.concat() : undefined
+          zstate = applyStateDelta(m, whole)
+          ref.clear()
+          break
         }
-        await conv.send({ type: 'want', sid, batch: m.batch, indices: want }, signal)
-        emit('bulk')
-      } else if (m.type === 'data') {
-        for (const c of m.chunks) writer.apply(c)
-        emit(round === 0 ? 'bulk' : 'precopy')
-      } else if (m.type === 'round') {
-        round = m.round + 1
-        emit('precopy', true)
-      } else if (m.type === 'stateref') {
-        if (refTotal === -1) refTotal = m.total
-        if (m.total !== refTotal || m.offset !== refGot)
-          throw new MigrationDecodeError('reference device state pieces out of order')
-        ref.push(Buffer.from(m.bytes))
-        refGot += m.bytes.byteLength
-      } else if (m.type === 'zstate') {
-        if (stateTotal !== -1 || zstate !== undefined)
-          throw new MigrationDecodeError('device state sent twice')
-        const whole = m.xor && refGot === refTotal ? Buffer.concat(ref) : undefined
-        zstate = applyStateDelta(m, whole)
-        ref.length = 0
-      } else if (m.type === 'state') {
-        if (zstate !== undefined) throw new MigrationDecodeError('device state sent twice')
-        if (stateTotal === -1) stateTotal = m.total
-        if (m.total !== stateTotal || m.offset !== stateGot)
-          throw new MigrationDecodeError('device state pieces out of order')
-        state.push(Buffer.from(m.bytes))
-        stateGot += m.bytes.byteLength
-      } else {
-        if (m.token !== prepare.token) throw new StaleTokenError(name, m.token, prepare.token)
-        if (zstate === undefined && (stateGot !== stateTotal || stateTotal <= 0))
-          throw new MigrationDecodeError('final before the whole device state')
-        emit('switch', true)
-        vm = await vmStart
-        await vm.loadState(zstate ?? Buffer.concat(state), signal)
-        await conv.send({ type: 'ready', sid, loadedAt: Date.now() }, signal)
-        break
+        case 'state':
+          if (zstate !== undefined) throw new MigrationDecodeError('device state sent twice')
+          state.add(m)
+          break
+        case 'final': {
+          if (m.token !== prepare.token) throw new StaleTokenError(this.name, m.token, prepare.token)
+          if (zstate === undefined && (!state.complete || state.total <= 0))
+            throw new MigrationDecodeError('final before the whole device state')
+          this.emit('switch', true)
+          this.vm = await this.vmStart!
+          await this.vm.loadState(zstate ?? state.concat(), signal)
+          await conv.send({ type: 'ready', sid: this.sid, loadedAt: Date.now() }, signal)
+          this.machine.set('receiving', 'loaded')
+          return
+        }
+        default:
+          throw new MigrationDecodeError(`unexpected '${m.type}' from the source`)
       }
     }
-    const commit = await conv.next(['commit'], 'commit', timeoutMs, signal)
-    if (commit.token !== prepare.token) throw new StaleTokenError(name, commit.token, prepare.token)
+  }
+
+  /** loaded → committed: the source's commit for our token, recorded before the guest may run. */
+  private async awaitCommit(): Promise<void> {
+    const { conv, prepare, host, signal } = this.init
+    const commit = await conv.next(['commit'], 'commit', this.timeoutMs, signal)
+    if (commit.token !== prepare.token) throw new StaleTokenError(this.name, commit.token, prepare.token)
+    this.machine.set('loaded', 'committed')
     // The token is recorded before the guest runs: after a crash here the host still knows it owns
     // the VM under this token and refuses the older one.
-    await host.setToken(name, prepare.token)
+    await host.setToken(this.name, prepare.token)
+  }
+
+  /** committed → resumed → running: the guest runs here; the host adopts it. */
+  private async resume(): Promise<DestinationOutcome> {
+    const { conv, prepare, host, log } = this.init
+    const vm = this.vm!
     await vm.resume()
-    resumed = true
+    this.machine.set('committed', 'resumed')
     const resumedAt = Date.now()
     await host.adopt(vm)
-    await init.cache?.forget(name).catch(() => {})
-    conv.trySend({ type: 'resumed', sid, token: prepare.token, resumedAt })
-    writer.close()
-    writer = undefined
-    emit('resumed', true)
-    log.info('VM resumed here', { vm: name, token: prepare.token, from: conv.channel.peer })
+    await this.init.cache?.forget(this.name).catch(() => {})
+    conv.trySend({ type: 'resumed', sid: this.sid, token: prepare.token, resumedAt })
+    for (const s of this.streams) s.close()
+    this.emit('resumed', true)
+    this.machine.set('resumed', 'running')
+    log.info('VM resumed here', { vm: this.name, token: prepare.token, from: conv.channel.peer })
     return 'running'
-  } catch (err) {
-    if (resumed) {
+  }
+
+  /** What a failure means here: before the resume, discard everything; after it, the guest runs. */
+  private async fail(err: unknown): Promise<DestinationOutcome> {
+    const { conv, host, log } = this.init
+    if (this.machine.is('refused')) throw err
+    if (this.machine.is('resumed', 'running')) {
       // Already running here under the new token: never discard a running guest.
-      log.error('after resume', { vm: name, error: describeError(err) })
+      log.error('after resume', { vm: this.name, error: describeError(err) })
+      if (this.machine.is('resumed')) this.machine.set('resumed', 'running')
       return 'running'
     }
+    this.machine.to('discarding')
     if (!(err instanceof AbortError) && !(err instanceof MigrationError && conv.failed === err))
       conv.trySend({
         type: 'abort',
-        sid,
+        sid: this.sid,
         code: (err as { code?: string }).code ?? 'E_MIGRATION',
         reason: describeError(err),
       })
-    log.warn('incoming migration failed; discarding', { vm: name, error: describeError(err) })
-    startAbort.abort(err)
-    writer?.close()
-    writer = undefined
-    if (vm === undefined && vmStart !== undefined) vm = await vmStart.catch(() => undefined)
-    if (vm !== undefined) await vm.stop().catch(() => {})
-    if (ramPath !== undefined) await host.discardRam(ramPath).catch(() => {})
+    log.warn('incoming migration failed; discarding', { vm: this.name, error: describeError(err) })
+    this.startAbort.abort(err)
+    for (const s of this.streams) s.close()
+    if (this.vm === undefined && this.vmStart !== undefined)
+      this.vm = await this.vmStart.catch(() => undefined)
+    if (this.vm !== undefined) await this.vm.stop().catch(() => {})
+    if (this.ramPath !== undefined) await host.discardRam(this.ramPath).catch(() => {})
+    this.machine.set('discarding', 'discarded')
     throw err
-  } finally {
-    signal?.removeEventListener('abort', onAbort)
-    writer?.close()
   }
 }

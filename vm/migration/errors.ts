@@ -67,3 +67,10 @@ export class MigrationTargetError extends MigrationError {
     super(message, { ...options, code: 'E_MIGRATION_TARGET' })
   }
 }
+
+/** A migration state machine was asked for a transition its table does not have (a bug, not a fault). */
+export class MigrationStateError extends MigrationError {
+  constructor(message: string) {
+    super(message, { code: 'E_MIGRATION_STATE' })
+  }
+}

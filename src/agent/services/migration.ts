@@ -18,6 +18,7 @@ import type {
 } from '../../../vm/migration/interfaces.ts'
 import { settleSwitch } from '../../../vm/migration/settle.ts'
 import { type MigrationTuning, migrateOut } from '../../../vm/migration/source.ts'
+import type { DestinationState, SourceState } from '../../../vm/migration/state.ts'
 import { decodeMessage, type Message, newSessionId } from '../../../vm/migration/v1/messages.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
@@ -36,6 +37,19 @@ export interface MigrationServiceInit {
   resolvePeer?: (ref: string) => string
   /** How long to wait for members to say where a VM runs (default 3 s). */
   locateTimeoutMs?: number
+  /** Every state change of every session (see vm/migration/state.ts): metrics, logs, tests. */
+  onState?: (e: MigrationStateEvent) => void
+}
+
+/** A session's state change, as the service reports it. */
+export interface MigrationStateEvent {
+  vm: string
+  direction: 'out' | 'in'
+  /** The other end's PeerId. */
+  peer: string
+  from: SourceState | DestinationState
+  to: SourceState | DestinationState
+  atMs: number
 }
 
 export interface MigrateParams {
@@ -89,6 +103,14 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   /** Outcome of recent incoming sessions by VM and token, for the source's 'query'. */
   const outcomes = new Map<string, DestinationOutcome | 'pending'>()
   const busy = new Set<string>()
+  /** The state of each session running now, by VM name ('out:precopy', 'in:receiving'...). */
+  const states = new Map<string, string>()
+  const stateOf =
+    (vm: string, direction: 'out' | 'in', peer: string) =>
+    (t: { from: SourceState | DestinationState; to: SourceState | DestinationState; atMs: number }) => {
+      states.set(vm, `${direction}:${t.to}`)
+      init.onState?.({ vm, direction, peer, from: t.from, to: t.to, atMs: t.atMs })
+    }
   /** VMs whose last move out is in doubt (paused here until the destination answers), by name. */
   const settling = new Map<string, SwitchRecord>()
   const background = new Set<Promise<unknown>>()
@@ -201,6 +223,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
             host,
             log,
             signal: ac.signal,
+            onState: stateOf(name, 'in', ch.peer),
             ...(init.cache ? { cache: init.cache } : {}),
           })
             .then(
@@ -214,6 +237,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
             )
             .finally(() => {
               busy.delete(name)
+              states.delete(name)
               unregister()
               conv.close()
               // Bounded memory: forget the oldest outcomes.
@@ -325,6 +349,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         vm,
         to,
         signal,
+        onState: stateOf(params.vm, 'out', to),
         ...(params.deadlineMs === undefined ? {} : { deadlineMs: params.deadlineMs }),
         ...(init.cache === undefined ? {} : { cache: init.cache }),
         ...(init.tuning === undefined ? {} : { tuning: init.tuning }),
@@ -349,6 +374,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       throw err
     } finally {
       busy.delete(params.vm)
+      states.delete(params.vm)
     }
   }
 
@@ -461,7 +487,12 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       }
     },
     status() {
-      return { ...counters, active: [...busy], inDoubt: [...settling.keys()] }
+      return {
+        ...counters,
+        active: [...busy],
+        states: Object.fromEntries(states),
+        inDoubt: [...settling.keys()],
+      }
     },
     migrate,
     async settled() {
