@@ -53,6 +53,8 @@ export interface SwitchStatus {
   held: number
   /** Frames held for paused guests since start (delivered later, or counted as a drop). */
   heldTotal: number
+  /** Repeats of MAC announcements still scheduled (each announce() repeats itself a few times). */
+  announcesPending: number
   /** Switch-wide drops by reason. */
   drops: Record<string, number>
   mtu: number

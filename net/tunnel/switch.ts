@@ -715,6 +715,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
         movedAway: moved.size,
         held,
         heldTotal,
+        announcesPending: timers.size,
         drops: { ...drops },
         mtu: maxFrame - 14,
       }

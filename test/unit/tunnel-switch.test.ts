@@ -349,13 +349,16 @@ describe('tunnel switch (memory network)', function () {
     })
 
     it('moves a MAC at once, forwards stragglers during the grace period, and ignores stale announcements', async () => {
-      const m = mesh(['a', 'b', 'c'], {}, { graceMs: 2000 })
+      // The switches' clock is the test's: the grace period ends when the test says so, not after 2 s.
+      let skewMs = 0
+      const m = mesh(['a', 'b', 'c'], {}, { graceMs: 2000, now: () => Date.now() + skewMs })
       cleanup.push(m.stop)
       const { qa, qb } = await guestOnA(m)
       const x = nic(m.sw('c'), 'x')
       qa.send(frame(BCAST, V, 0))
       await until(() => x.got.length === 1 && m.sw('c').lookup(V) === 'peer:a')
-      await sleep(800) // let a's announcement repeats finish, so the stale count below is exact
+      // a's announcement repeats must be over, so the stale count below is exact.
+      await until(() => m.sw('a').status().announcesPending === 0, 5000, "a's announcement repeats")
       let seq = 1
       const sendBurst = (n: number) => {
         for (let i = 0; i < n; i++) x.inject(frame(V, X, seq++))
@@ -407,8 +410,10 @@ describe('tunnel switch (memory network)', function () {
         .status()
         .ports.find((p) => p.id === 'peer:c')!
       assert.equal(fa.txFrames, 1, 'a sent c only the initial broadcast')
-      // After the grace period a forgets the move.
-      await until(() => m.sw('a').status().movedAway === 0, 5000, 'grace period to end')
+      // After the grace period a forgets the move (and not before).
+      assert.equal(m.sw('a').status().movedAway, 1)
+      skewMs = 2001
+      await until(() => m.sw('a').status().movedAway === 0, 5000, 'the sweeper to forget the move')
     })
 
     it('a migration destination that attached the NIC does not take the MAC before it announces', async () => {
