@@ -2,8 +2,9 @@
  * The mesh node as the agent sees it: one object that owns this host's identity, its membership in one
  * network, the libp2p control plane and one data-plane Link per member (the Overlay).
  */
-import type { Link, LinkState, Overlay, PathType } from './link/interfaces.ts'
+import type { BulkPath, Link, LinkState, Overlay, PathType } from './link/interfaces.ts'
 import type { NetworkKey } from './membership/network.ts'
+import type { CongestionStatus } from './node/congestion.ts'
 import type { IceServer, Signaling } from './webrtc/interfaces.ts'
 import type { WebRtcLinkOptions } from './webrtc/link.ts'
 
@@ -29,8 +30,10 @@ export interface MemberStatus {
   readonly state: MemberState
   readonly link: LinkState | 'none'
   readonly path?: PathType
-  /** The bulk channels ride a direct libp2p connection to this address (not the WebRTC link). */
+  /** The bulk channels ride a libp2p connection to this address (not the WebRTC link). */
   readonly direct?: string
+  /** How that connection reaches the member: dialled, hole-punched, or relayed through a bootstrap. */
+  readonly bulk?: BulkPath
   /** Last round-trip time measured (link heartbeat if the link reports it, else libp2p ping), in ms. */
   readonly rttMs?: number
   /** Unix ms of the last time the member was seen up. */
@@ -97,9 +100,17 @@ export interface MeshNodeInit {
   webrtc?: Omit<WebRtcLinkOptions, 'peer' | 'initiator' | 'signaling' | 'iceServers' | 'signal'>
   /** Data-plane link factory (default: werift WebRTC with `webrtc` options). */
   linkFactory?: LinkFactory
-  /** Move links' bulk channels (chunks, migrate) onto a direct libp2p connection when either end can
-   *  dial the other (default true); the WebRTC link always carries control and tunnel. */
+  /** Move links' bulk channels (chunks, migrate) onto a TCP libp2p connection (default true): a direct
+   *  dial when either end can dial the other, else a TCP hole punch through two port-keeping NATs,
+   *  else the relayed connection through a bootstrap; the WebRTC link always carries control and
+   *  tunnel. */
   direct?: boolean
+  /** STUN-over-TCP servers for the hole punch (default: every bootstrap's address, port 3478). */
+  stunServers?: { address: string; port: number }[]
+  /** Carry bulk channels over the bootstrap's relay when nothing direct works (default true). */
+  relayBulk?: boolean
+  /** TCP congestion control for the control plane's sockets (default 'bbr'; false: kernel default). */
+  tcpCongestion?: string | false
   /** Add a libp2p pnet pre-shared key derived from the network's public key (default false). */
   pnet?: boolean
   timing?: MeshNodeTiming
@@ -135,5 +146,7 @@ export interface MeshNode {
   ping(peer: string, options?: { signal?: AbortSignal }): Promise<number>
   /** The multiaddrs this node can be reached on (including relay circuits). */
   addresses(): string[]
+  /** TCP congestion control on the control plane's sockets: wanted, kernel default, applied/failed. */
+  congestion(): CongestionStatus
   on<E extends keyof MeshNodeEvents>(event: E, handler: (detail: MeshNodeEvents[E]) => void): () => void
 }

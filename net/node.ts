@@ -29,6 +29,7 @@ import { createDirectPaths, DIRECT_PROTOCOL, type DirectPaths } from './link/dir
 import { MembershipError, NotMemberError, PeerRevokedError } from './membership/errors.ts'
 import { isValidName } from './membership/network.ts'
 import { createAdmission } from './node/admission.ts'
+import { type CongestionControl, type CongestionStatus, createCongestionControl } from './node/congestion.ts'
 import { NodeStateError, NotJoinedError } from './node/errors.ts'
 import { createMemberGate } from './node/gate.ts'
 import { createGossip } from './node/gossip.ts'
@@ -56,6 +57,19 @@ const DEFAULT_TIMING: Required<MeshNodeTiming> = {
   linkAttemptTimeoutMs: 45_000,
 }
 
+/** Bootstraps answer STUN (UDP and TCP) on this port. */
+const BOOTSTRAP_STUN_PORT = 3478
+
+/** STUN servers for the TCP punch: the bootstraps' public IPv4 addresses. */
+function stunServersOf(bootstrap: readonly string[]): { address: string; port: number }[] {
+  const hosts = new Set<string>()
+  for (const b of bootstrap) {
+    const m = /^\/ip4\/([\d.]+)\/tcp\//.exec(b)
+    if (m?.[1] !== undefined && !m[1].startsWith('127.')) hosts.add(m[1])
+  }
+  return [...hosts].map((address) => ({ address, port: BOOTSTRAP_STUN_PORT }))
+}
+
 /** A stream bench runs this long at most unless the caller's signal says otherwise. */
 const BENCH_TIMEOUT_MS = 600_000
 
@@ -78,6 +92,7 @@ class MeshNodeImpl implements MeshNode {
   private readonly admission: Admission
   private readonly links: LinkSupervisor
   private readonly direct: DirectPaths
+  private readonly tcpCc: CongestionControl
 
   constructor(private readonly init: MeshNodeInit) {
     if (!isValidName(init.name)) throw new MembershipError(`invalid member name '${init.name}'`)
@@ -115,6 +130,12 @@ class MeshNodeImpl implements MeshNode {
       libp2p: () => this.libp2p,
       hints: (peer) => this.gossip.hints(peer),
       enabled: init.direct !== false,
+      stunServers: () => init.stunServers ?? stunServersOf(ctx.state.bootstrap),
+      relay: init.relayBulk !== false,
+      log: this.log,
+    })
+    this.tcpCc = createCongestionControl({
+      ...(init.tcpCongestion === undefined ? {} : { algorithm: init.tcpCongestion }),
       log: this.log,
     })
     this.links = createLinkSupervisor({
@@ -264,7 +285,10 @@ class MeshNodeImpl implements MeshNode {
       gate.guard(STREAM_BENCH_PROTOCOL, async (s) => receiveStreamBench(s)),
       { runOnLimitedConnection: true, maxInboundStreams: 2 },
     )
-    node.addEventListener('connection:open', (evt) => this.onConnectionOpen(evt.detail))
+    node.addEventListener('connection:open', (evt) => {
+      this.tcpCc.apply(evt.detail)
+      this.onConnectionOpen(evt.detail)
+    })
     node.addEventListener('connection:close', (evt) => this.links.observe(evt.detail.remotePeer.toString()))
   }
 
@@ -297,6 +321,10 @@ class MeshNodeImpl implements MeshNode {
 
   addresses(): string[] {
     return this.libp2p?.getMultiaddrs().map((a) => a.toString()) ?? []
+  }
+
+  congestion(): CongestionStatus {
+    return this.tcpCc.status()
   }
 
   // ---------------------------------------------------------------- membership
@@ -335,6 +363,7 @@ class MeshNodeImpl implements MeshNode {
         link: self ? 'none' : (link?.state ?? (st?.connecting === true ? 'connecting' : 'none')),
         ...(link === undefined ? {} : { path: link.path.type }),
         ...(link?.path.direct === undefined ? {} : { direct: link.path.direct }),
+        ...(link?.path.bulk === undefined ? {} : { bulk: link.path.bulk }),
         ...(st?.rttMs === undefined ? {} : { rttMs: st.rttMs }),
         ...(st === undefined ? {} : { lastSeen: st.lastSeen }),
         addedBy: m.addedBy,

@@ -57,13 +57,20 @@ export interface MessageChannel {
 /** How a link reaches the peer: ICE candidate types, or 'memory' for the in-process implementation. */
 export type PathType = 'host' | 'srflx' | 'prflx' | 'relay' | 'memory'
 
+/** Which TCP path the bulk channels ride once moved off the WebRTC link (net/link/direct): a dialled
+ *  connection, a hole-punched one (TCP simultaneous open through two NATs), or the relayed connection
+ *  through a bootstrap. */
+export type BulkPath = 'tcp' | 'tcp-punch' | 'tcp-relay'
+
 export interface PathInfo {
   readonly type: PathType
   readonly local?: string
   readonly remote?: string
-  /** The bulk channels (chunks, migrate) ride a direct libp2p connection to this address instead of
-   *  the WebRTC link (net/link/direct); absent while they ride the link. */
+  /** The bulk channels (chunks, migrate) ride a libp2p connection to this address instead of the
+   *  WebRTC link (net/link/direct); absent while they ride the link. */
   readonly direct?: string
+  /** How that connection reaches the peer (set with `direct`). */
+  readonly bulk?: BulkPath
 }
 
 export type LinkState = 'connecting' | 'open' | 'closed'

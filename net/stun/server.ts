@@ -8,10 +8,15 @@
  * attributes, methods other than Binding, and indications/responses. A responder that answered
  * garbage could be used to reflect traffic at someone else.
  *
+ * Over TCP too (RFC 5389 §7.2.2, same port): one request per connection, answered with the mapping
+ * of that TCP connection, then the server closes (so the TIME_WAIT is the server's, and the client can
+ * reuse its local port at once). A host learns that way which public address and port its NAT gives a
+ * TCP socket, which is what TCP hole punching needs (net/link/direct/punch.ts).
+ *
  * Standalone: `node --import tsx net/stun/server.ts [HOST] [PORT]` prints {"listening":PORT}.
  */
 import { createSocket, type RemoteInfo, type Socket } from 'node:dgram'
-import { isIPv4 } from 'node:net'
+import { createServer, isIPv4, type Server, type Socket as TcpSocket } from 'node:net'
 import { MeshError } from '../../src/base/errors.ts'
 
 export const STUN_MAGIC_COOKIE = 0x2112a442
@@ -131,6 +136,7 @@ export function respond(msg: Buffer, from: { address: string; port: number }): B
 export interface StunServer {
   readonly address: string
   readonly port: number
+  /** Requests answered / datagrams or connections ignored, UDP and TCP together. */
   readonly stats: { requests: number; ignored: number }
   close(): Promise<void>
 }
@@ -138,7 +144,49 @@ export interface StunServer {
 export interface StunServerOptions {
   host?: string
   port?: number
+  /** Also answer STUN over TCP on the same port (default true). */
+  tcp?: boolean
   signal?: AbortSignal
+}
+
+/** A TCP client gets this long to send its one request. */
+export const TCP_REQUEST_TIMEOUT_MS = 5000
+/** TCP connections served at once; more are closed at once (a STUN request is one small message). */
+export const MAX_TCP_CLIENTS = 256
+
+/** Length of the STUN message at the start of `buf` (header + body), or undefined if not known yet. */
+function stunLength(buf: Buffer): number | undefined {
+  if (buf.byteLength < 4) return undefined
+  return HEADER + buf.readUInt16BE(2)
+}
+
+function serveTcp(sock: TcpSocket, stats: { requests: number; ignored: number }): void {
+  let buf = Buffer.alloc(0)
+  sock.setTimeout(TCP_REQUEST_TIMEOUT_MS, () => sock.destroy())
+  sock.on('error', () => {}) // a reset by the client is its business
+  sock.on('data', (chunk: Buffer) => {
+    buf = Buffer.concat([buf, chunk])
+    const want = stunLength(buf)
+    if (want === undefined) return
+    if (want > MAX_STUN_BYTES) {
+      stats.ignored++
+      sock.destroy()
+      return
+    }
+    if (buf.byteLength < want) return
+    const reply =
+      sock.remoteAddress === undefined || sock.remotePort === undefined
+        ? undefined
+        : respond(buf.subarray(0, want), { address: sock.remoteAddress, port: sock.remotePort })
+    if (reply === undefined) {
+      stats.ignored++
+      sock.destroy()
+      return
+    }
+    stats.requests++
+    sock.removeAllListeners('data')
+    sock.end(reply)
+  })
 }
 
 export async function startStunServer(options: StunServerOptions = {}): Promise<StunServer> {
@@ -165,12 +213,37 @@ export async function startStunServer(options: StunServerOptions = {}): Promise<
       resolve()
     })
   })
+  let tcp: Server | undefined
+  const clients = new Set<TcpSocket>()
+  if (options.tcp !== false) {
+    const server = createServer((c) => {
+      clients.add(c)
+      c.once('close', () => clients.delete(c))
+      serveTcp(c, stats)
+    })
+    server.maxConnections = MAX_TCP_CLIENTS
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject)
+        server.listen(sock.address().port, host, () => {
+          server.off('error', reject)
+          resolve()
+        })
+      })
+    } catch (err) {
+      sock.close()
+      throw new StunError(`cannot listen for STUN over TCP on ${host}:${sock.address().port}`, { cause: err })
+    }
+    tcp = server
+  }
   let closed = false
   const close = () =>
     new Promise<void>((resolve) => {
       if (closed) return resolve()
       closed = true
       options.signal?.removeEventListener('abort', onAbort)
+      tcp?.close()
+      for (const c of clients) c.destroy()
       sock.close(() => resolve())
     })
   const onAbort = () => {

@@ -59,6 +59,7 @@ export function createNetService(init: NetServiceInit): NetService {
     link: m.link,
     ...(m.path === undefined ? {} : { path: m.path }),
     ...(m.direct === undefined ? {} : { direct: m.direct }),
+    ...(m.bulk === undefined ? {} : { bulk: m.bulk }),
     ...(m.rttMs === undefined ? {} : { rttMs: m.rttMs }),
     ...(m.relayed === undefined ? {} : { relayed: m.relayed }),
   })
@@ -89,6 +90,7 @@ export function createNetService(init: NetServiceInit): NetService {
         members: members.length,
         linksOpen: node.overlay.links().filter((l) => l.state === 'open').length,
         listen: node.addresses(),
+        tcpCongestion: node.congestion(),
       }
     },
     handlers() {
@@ -135,6 +137,7 @@ export function createNetService(init: NetServiceInit): NetService {
             ...r,
             path: link?.path.type,
             ...(link?.path.direct === undefined ? {} : { direct: link.path.direct }),
+            ...(link?.path.bulk === undefined ? {} : { bulk: link.path.bulk }),
           }
         },
         invite: async (params) => {

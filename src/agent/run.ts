@@ -7,7 +7,7 @@ import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts
 import { knownBootstrap, NETWORK_STATE_FILE } from '../../net/node.ts'
 import { STUN_DEFAULT_PORT } from '../../net/stun/server.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
-import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/link.ts'
+import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/ndc/index.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import type { RamCache } from '../../vm/migration/interfaces.ts'
 import { createManagerHost } from '../../vm/migration/manager-host.ts'
@@ -47,6 +47,10 @@ export interface AgentOptions {
   engine?: LinkEngine
   /** Move bulk channels onto a direct libp2p connection when one is possible (default true). */
   direct?: boolean
+  /** ... or onto the bootstrap's relayed TCP connection when nothing direct works (default true). */
+  relayBulk?: boolean
+  /** TCP congestion control of the agent's sockets (default 'bbr'; false: the kernel's default). */
+  tcpCongestion?: string | false
   /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
   tap?: { name: string; address: string }
 }
@@ -145,6 +149,8 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     iceServers: iceServers(opts, await knownBootstrap(paths.dir, opts.invite)),
     pnet: opts.pnet ?? false,
     direct: opts.direct ?? true,
+    relayBulk: opts.relayBulk ?? true,
+    ...(opts.tcpCongestion === undefined ? {} : { tcpCongestion: opts.tcpCongestion }),
     ...(opts.engine === undefined ? {} : { linkFactory: linkFactoryFor(opts.engine) }),
     log: log.child('net'),
   })

@@ -1,5 +1,5 @@
 import { type Command, Option } from 'commander'
-import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/engines.ts'
+import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/ndc/index.ts'
 import type { AgentOptions } from '../agent/run.ts'
 import { UsageError } from '../base/errors.ts'
 import { resolveState, stateOption } from './common.ts'
@@ -19,7 +19,9 @@ export function addAgentOptions(cmd: Command): Command {
     )
     .option('--bootstrap', 'also serve circuit relay and STUN for other members', false)
     .addOption(
-      new Option('--stun-port <port>', 'UDP port of the STUN responder (with --bootstrap)').argParser(Number),
+      new Option('--stun-port <port>', 'UDP and TCP port of the STUN responder (with --bootstrap)').argParser(
+        Number,
+      ),
     )
     .option('--ice <url>', 'extra ICE server, stun:HOST:PORT or turn:HOST:PORT (repeatable)', collect)
     .option('--turn-credentials <file>', "file (mode 0600) holding 'user:password' for the TURN servers")
@@ -33,7 +35,16 @@ export function addAgentOptions(cmd: Command): Command {
     .option('--pnet', 'add a libp2p pre-shared key derived from the network (all members must agree)', false)
     .option(
       '--no-direct',
-      'keep bulk traffic (chunks, migration) on the WebRTC link even when a direct TCP path to a member exists',
+      'keep bulk traffic (chunks, migration) on the WebRTC link even when a TCP path to a member exists',
+    )
+    .option(
+      '--no-relay-bulk',
+      "keep bulk traffic on the WebRTC link when only the bootstrap's TCP relay would carry it",
+    )
+    .option(
+      '--tcp-congestion <algorithm>',
+      "TCP congestion control of the agent's sockets ('default': the kernel's)",
+      'bbr',
     )
 }
 
@@ -52,11 +63,17 @@ export interface AgentCliOptions {
   engine: LinkEngine
   /** commander's negation of --no-direct: true unless it was given. */
   direct: boolean
+  relayBulk: boolean
+  tcpCongestion: string
 }
 
 export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
   if ((o.tap === undefined) !== (o.address === undefined))
     throw new UsageError('--tap and --address go together')
+  if (!/^[a-z0-9_]{1,15}$/.test(o.tcpCongestion))
+    throw new UsageError(
+      `--tcp-congestion '${o.tcpCongestion}' is not an algorithm name (bbr, cubic, default)`,
+    )
   if (o.address !== undefined && !/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/.test(o.address)) {
     throw new UsageError(`--address '${o.address}' must be an IPv4 CIDR like 10.99.0.1/24`)
   }
@@ -73,6 +90,8 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     pnet: o.pnet,
     engine: o.engine,
     direct: o.direct,
+    relayBulk: o.relayBulk,
+    tcpCongestion: o.tcpCongestion === 'default' ? false : o.tcpCongestion,
     ...(invite === undefined ? {} : { invite }),
   }
 }

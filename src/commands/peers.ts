@@ -8,8 +8,10 @@ export interface PeerRow {
   state: string
   link: string
   path?: string
-  /** Bulk channels ride a direct TCP connection to this address. */
+  /** Bulk channels ride a TCP connection to this address. */
   direct?: string
+  /** How: 'tcp' (dialled), 'tcp-punch' (hole-punched through both NATs), 'tcp-relay' (via a bootstrap). */
+  bulk?: string
   rttMs?: number
 }
 
@@ -27,7 +29,7 @@ export const peers: CommandModule = {
           p.id,
           p.state,
           p.link,
-          p.direct === undefined ? (p.path ?? '-') : `${p.path ?? '-'}+tcp`,
+          p.direct === undefined ? (p.path ?? '-') : `${p.path ?? '-'}+${p.bulk ?? 'tcp'}`,
           p.rttMs === undefined ? '-' : `${p.rttMs.toFixed(1)} ms`,
         ])
         process.stdout.write(`${formatTable(['NAME', 'PEER', 'STATE', 'LINK', 'PATH', 'RTT'], rows)}\n`)

@@ -1,12 +1,12 @@
 import { Listeners } from '../channel-base.ts'
-import type { ChannelName, Link, LinkState, MessageChannel, PathInfo } from '../interfaces.ts'
+import type { BulkPath, ChannelName, Link, LinkState, MessageChannel, PathInfo } from '../interfaces.ts'
 import { DirectPathError, SwitchableChannel } from './channels.ts'
 import { DIRECT_CHANNELS } from './v1/messages.ts'
 
 /** A link whose bulk channels can move from the WebRTC link to a direct libp2p stream. */
 export interface PathLink extends Link {
   /** Moves the bulk channels to these direct channels (one per DIRECT_CHANNELS entry). Once. */
-  upgrade(direct: ReadonlyMap<ChannelName, MessageChannel>, info: { remote: string }): void
+  upgrade(direct: ReadonlyMap<ChannelName, MessageChannel>, info: { remote: string; via?: BulkPath }): void
   readonly base: Link
 }
 
@@ -73,7 +73,7 @@ export function createPathLink(
         directs.push(d)
         switchable.get(name)?.upgrade(d)
       }
-      path = { ...base.path, direct: info.remote }
+      path = { ...base.path, direct: info.remote, bulk: info.via ?? 'tcp' }
     },
   }
 }

@@ -16,6 +16,7 @@ export const MAX_MID_LENGTH = 64
 export const MAX_REASON_LENGTH = 256
 const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/
 const TOKEN_RE = /^[A-Za-z0-9_-]{22}$/
+const PUNCH_ADDR_RE = /^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$/
 
 interface Base {
   readonly v: 1
@@ -58,6 +59,16 @@ export interface DirectAckMessage extends Base {
   readonly type: 'direct-ack'
   readonly ok: boolean
 }
+/**
+ * TCP hole punching for the bulk channels (net/link/direct/punch.ts), when neither end can dial the
+ * other: each end's public TCP address as its NAT maps the port it will punch from; absent when it
+ * cannot punch (symmetric NAT, no STUN answer, punching off).
+ */
+export interface DirectPunchMessage extends Base {
+  readonly type: 'punch'
+  /** "a.b.c.d:port" (IPv4). */
+  readonly addr?: string
+}
 export type SignalMessage =
   | OfferMessage
   | AnswerMessage
@@ -66,6 +77,7 @@ export type SignalMessage =
   | ByeMessage
   | DirectOfferMessage
   | DirectAckMessage
+  | DirectPunchMessage
 export type SignalType = SignalMessage['type']
 
 function str(obj: Record<string, unknown>, key: string, max: number, optional: true): string | undefined
@@ -121,6 +133,11 @@ export function validateSignal(value: unknown): SignalMessage {
     case 'direct-ack': {
       if (typeof obj.ok !== 'boolean') throw new SignalDecodeError("field 'ok' must be a boolean")
       return { v: 1, session, type, ok: obj.ok }
+    }
+    case 'punch': {
+      const addr = str(obj, 'addr', 21, true)
+      if (addr !== undefined && !PUNCH_ADDR_RE.test(addr)) throw new SignalDecodeError('bad punch address')
+      return addr === undefined ? { v: 1, session, type } : { v: 1, session, type, addr }
     }
     default:
       throw new SignalDecodeError(`unknown type ${JSON.stringify(type)?.slice(0, 40)}`)
