@@ -1,44 +1,47 @@
 /**
- * A `Link` over one werift RTCPeerConnection.
+ * The WebRTC `Link`: one implementation over any engine (./engine.ts; werift by default, libdatachannel
+ * on request). Both ends may run different engines: they speak the same protocol.
  *
+ * - Signaling: offer/answer through `Signaling` (v1/messages.ts), every gathered candidate inside the
+ *   SDP (candidates trickled separately are applied too); `session` names one attempt, `bye` refuses.
  * - Channels are pre-negotiated (`negotiated: true, id`): both ends create the same fixed set, so no
- *   DCEP round trip and no ordering race between "channel opened" and the first message.
- * - Backpressure: werift's `bufferedAmount` and `bufferedamountlow` event become send(): boolean and
- *   onDrain(), with a high/low water mark per channel.
- * - Liveness: a private heartbeat channel (not in CHANNELS) carries ping/pong every second; any
- *   message received on any channel counts as a sign of life. Nothing heard for `deadAfterMs`
- *   (default 4.5 s, checked every 250 ms, so a dead link is closed within 5 s) closes the link with
- *   LinkDeadError. werift's own ICE consent check would take 30 s (and is switched off: see
- *   relaxConsent).
- * - UDP socket buffers are raised (DESIGN.md: the 208 KiB default drops thousands of packets per run).
+ *   DCEP round trip and no ordering race between "channel opened" and the first message. The tunnel
+ *   channel is unordered with maxRetransmits 0.
+ * - Backpressure: the engine's bufferedAmount becomes send(): boolean above a high-water mark and
+ *   onDrain() at a low-water mark, per channel.
+ * - An empty message travels as the one-character string "\0": werift turns an empty binary message
+ *   into zero SCTP chunks while still consuming a stream sequence number, which stalls an ordered
+ *   stream for good. Any string received stands for "empty".
+ * - Liveness: a private heartbeat channel (v1/heartbeat.ts, not in CHANNELS) carries ping/pong every
+ *   second; any message received on any channel counts as a sign of life. Nothing heard for
+ *   `deadAfterMs` (default 4.5 s, checked every 250 ms, so a dead link is closed within 5 s) closes the
+ *   link with LinkDeadError. A close on purpose sends bye, so the peer need not wait for that.
  */
 
 import { randomBytes } from 'node:crypto'
-import type { Socket } from 'node:dgram'
-import { type RTCDataChannel, RTCPeerConnection } from 'werift'
 import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
+import type { LinkFactory } from '../interfaces.ts'
 import { ChannelBase, Listeners } from '../link/channel-base.ts'
 import { ChannelClosedError, MessageTooLargeError } from '../link/errors.ts'
 import {
   CHANNEL_NAMES,
   CHANNELS,
   type ChannelName,
+  type ChannelState,
   type Link,
   type LinkState,
   MAX_MESSAGE_SIZE,
   type MessageChannel,
   type PathInfo,
-  type PathType,
 } from '../link/interfaces.ts'
+import type { EngineChannel, EngineChannelSpec, EngineConnection, LinkEngine } from './engine.ts'
+import { loadEngine } from './engines.ts'
 import { LinkClosedByPeerError, LinkConnectError, LinkDeadError } from './errors.ts'
 import type { IceServer, Signaling } from './interfaces.ts'
+import { decodeHeartbeat, encodeHeartbeat, HEARTBEAT_CHANNEL_ID, type HeartbeatKind } from './v1/heartbeat.ts'
 import type { SignalMessage } from './v1/messages.ts'
 
-/** SCTP stream id of the private heartbeat channel (well above the CHANNELS ids). */
-const HEARTBEAT_ID = 100
-const HB_PING = 1
-const HB_PONG = 2
-const HB_BYE = 3
+export type { LinkEngine } from './engine.ts'
 
 export interface WebRtcLinkOptions {
   /** The remote member's id (string PeerId). */
@@ -46,10 +49,13 @@ export interface WebRtcLinkOptions {
   /** The initiator creates the offer; exactly one end of a pair must be the initiator. */
   initiator: boolean
   signaling: Signaling
+  /** Which WebRTC implementation carries this end (default werift). */
+  engine?: LinkEngine
   /** STUN/TURN servers. Default: none (host candidates only). werift's own default (a public Google
    *  STUN server) is never used. */
   iceServers?: IceServer[]
-  /** Extra local addresses to offer as host candidates (e.g. 127.0.0.1, which werift skips). */
+  /** Extra local addresses to offer as host candidates (e.g. 127.0.0.1, which werift skips;
+   *  libdatachannel gathers every interface address itself). */
   iceAdditionalHostAddresses?: string[]
   /** Bind ICE sockets to this IPv4 address only. */
   iceInterfaceAddress?: string
@@ -66,111 +72,81 @@ export interface WebRtcLinkOptions {
   highWaterMark?: number
   /** onDrain() resolves at or below this (default 256 KiB). */
   lowWaterMark?: number
-  /** UDP socket send/receive buffer size (default 4 MiB; the kernel caps it at net.core.[rw]mem_max). */
+  /** UDP socket send/receive buffer size (werift; default 4 MiB; the kernel caps it at
+   *  net.core.[rw]mem_max). libdatachannel sizes its own sockets. */
   udpBufferBytes?: number
   signal?: AbortSignal
 }
 
-/**
- * werift keeps every message handed to dc.send() as one pending promise that waits on a shared
- * "flush" event, and each of those waiters re-subscribes with an O(n) filter: n queued messages cost
- * O(n²) per flush (measured: 600 messages of 1.5 KB took 4-10 s on loopback). So each channel keeps
- * its own queue and hands werift only a small window; the window refills when werift's
- * bufferedAmount for the channel falls back to zero (it drops in bursts, when SCTP's outbound queue
- * empties).
- */
-const WERIFT_WINDOW_BYTES = 1024 * 1024
-const WERIFT_WINDOW_MESSAGES = 64
+const EMPTY_MARKER = '\0'
+
+/** The fixed channel set plus the heartbeat channel, in this order. */
+export const LINK_CHANNEL_SPECS: readonly EngineChannelSpec[] = [
+  ...CHANNEL_NAMES.map((name) => ({
+    label: name,
+    id: CHANNELS[name].id,
+    ordered: CHANNELS[name].ordered,
+    ...(CHANNELS[name].reliable ? {} : { maxRetransmits: 0 }),
+  })),
+  { label: 'heartbeat', id: HEARTBEAT_CHANNEL_ID, ordered: true },
+]
 
 class WebRtcChannel extends ChannelBase {
   readonly reliable: boolean
-  private readonly queue: (Buffer | string)[] = []
-  private queuedBytes = 0
-  /** Sizes of the messages handed to werift and not yet sent, oldest first. */
-  private readonly handed: number[] = []
-  private handedBytes = 0
 
   constructor(
     readonly name: ChannelName,
-    private readonly dc: RTCDataChannel,
+    private readonly dc: EngineChannel,
     private readonly highWaterMark: number,
     protected readonly lowWaterMark: number,
     onActivity: () => void,
   ) {
     super()
     this.reliable = CHANNELS[name].reliable
-    dc.bufferedAmountLowThreshold = 0
-    dc.bufferedAmountLow.subscribe(() => this.pump())
-    dc.onMessage.subscribe((data) => {
+    // The engine's callback may come late (libdatachannel's crosses threads): drained() re-checks.
+    dc.onLow(lowWaterMark, () => this.drained())
+    dc.onMessage((data) => {
       onActivity()
       if (this.state !== 'open') return
-      // Strings are never sent except as the marker of an empty message (see send()).
-      if (typeof data === 'string') this.messageListeners.emit(new Uint8Array(0))
-      else this.messageListeners.emit(new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
+      this.messageListeners.emit(typeof data === 'string' ? new Uint8Array(0) : data)
+    })
+    dc.onClose((sendFailure) => {
+      if (sendFailure !== undefined)
+        this.close(new ChannelClosedError(`channel '${this.name}' send failed`, { cause: sendFailure }))
     })
   }
 
   get bufferedAmount(): number {
-    return this.state === 'open' ? this.queuedBytes + this.dc.bufferedAmount : 0
+    return this.state === 'open' ? this.dc.bufferedAmount : 0
   }
 
   send(message: Uint8Array): boolean {
     if (this.state === 'closed') throw new ChannelClosedError(`channel '${this.name}' is closed`)
     if (message.byteLength > MAX_MESSAGE_SIZE)
       throw new MessageTooLargeError(message.byteLength, MAX_MESSAGE_SIZE)
-    if (!this.reliable && this.bufferedAmount + message.byteLength > this.highWaterMark) return false
-    // Copy: the caller may reuse its buffer once send() returns. werift turns an empty binary message
-    // into zero SCTP chunks while still consuming a stream sequence number, which stalls an ordered
-    // stream for good; a one-character string (its own PPID) stands for "empty" instead.
-    this.queue.push(message.byteLength === 0 ? '\0' : Buffer.from(message))
-    this.queuedBytes += message.byteLength
-    this.pump()
-    return this.bufferedAmount < this.highWaterMark
-  }
-
-  /** Moves queued messages into werift while its window has room; signals drain. */
-  private pump(): void {
-    if (this.state !== 'open') return
-    // Forget what werift has sent: its bufferedAmount shrinks by whole messages, oldest first.
-    const pending = this.dc.bufferedAmount
-    while (this.handedBytes > pending && this.handed.length > 0) this.handedBytes -= this.handed.shift()!
-    while (
-      this.queue.length > 0 &&
-      this.handedBytes < WERIFT_WINDOW_BYTES &&
-      this.handed.length < WERIFT_WINDOW_MESSAGES
-    ) {
-      const m = this.queue.shift()!
-      const size = typeof m === 'string' ? 0 : m.byteLength
-      this.queuedBytes -= size
-      try {
-        this.dc.send(m)
-      } catch (err) {
-        this.close(new ChannelClosedError(`channel '${this.name}' send failed`, { cause: err }))
-        return
-      }
-      const accounted = typeof m === 'string' ? 1 : size
-      this.handed.push(accounted)
-      this.handedBytes += accounted
+    const before = this.bufferedAmount
+    if (!this.reliable && before + message.byteLength > this.highWaterMark) return false
+    try {
+      this.dc.send(message.byteLength === 0 ? EMPTY_MARKER : message)
+    } catch (err) {
+      const e = new ChannelClosedError(`channel '${this.name}' send failed`, { cause: err })
+      this.close(e)
+      throw e
     }
-    if (this.bufferedAmount <= this.lowWaterMark) this.drainListeners.emit()
+    // The engine may have failed to hand it over synchronously and closed the channel (see dc.onClose).
+    if ((this.state as ChannelState) === 'closed')
+      throw new ChannelClosedError(`channel '${this.name}' send failed`)
+    return before + message.byteLength < this.highWaterMark
   }
 
   close(reason?: Error): void {
-    if (this.state === 'closed') return
-    this.state = 'closed'
-    this.queue.length = 0
-    this.queuedBytes = 0
-    this.closeListeners.emit(reason)
-    this.closeListeners.clear()
-    this.messageListeners.clear()
-    this.drainListeners.clear()
-    this.dc.bufferedAmountLow.allUnsubscribe()
-    this.dc.onMessage.allUnsubscribe()
+    if (this.markClosed(reason)) this.dc.release()
   }
 }
 
 /** The concrete link; `closed` resolves once the peer connection and its sockets are released. */
 export class WebRtcLink implements Link {
+  readonly engine: LinkEngine
   state: LinkState = 'open'
   path: PathInfo = { type: 'host' }
   /** Round-trip time of the last heartbeat, in ms (undefined until the first pong). */
@@ -180,7 +156,9 @@ export class WebRtcLink implements Link {
   readonly closed: Promise<void>
   private resolveClosed!: () => void
   private readonly channels = new Map<ChannelName, WebRtcChannel>()
+  private readonly heartbeat: EngineChannel
   private readonly closeListeners = new Listeners<[Error | undefined]>()
+  private readonly offConnection: () => void
   private lastHeard = Date.now()
   private heartbeatTimer: NodeJS.Timeout | undefined
   private pingSeq = 0
@@ -190,38 +168,37 @@ export class WebRtcLink implements Link {
   constructor(
     readonly peer: string,
     readonly session: string,
-    private readonly pc: RTCPeerConnection,
-    dcs: Map<ChannelName, RTCDataChannel>,
-    private readonly heartbeat: RTCDataChannel,
-    private readonly opts: Required<Pick<WebRtcLinkOptions, 'heartbeatMs' | 'deadAfterMs'>> & {
+    /** The engine's peer connection (tests reach its internals). */
+    readonly connection: EngineConnection,
+    private readonly opts: {
+      heartbeatMs: number
+      deadAfterMs: number
       highWaterMark: number
       lowWaterMark: number
     },
   ) {
+    this.engine = connection.engine
     this.closed = new Promise((r) => {
       this.resolveClosed = r
     })
     const alive = () => {
       this.lastHeard = Date.now()
     }
-    for (const name of CHANNEL_NAMES) {
-      this.channels.set(
-        name,
-        new WebRtcChannel(name, dcs.get(name)!, opts.highWaterMark, opts.lowWaterMark, alive),
-      )
-    }
-    heartbeat.onMessage.subscribe((data) => {
+    const dcs = connection.channels
+    CHANNEL_NAMES.forEach((name, i) => {
+      this.channels.set(name, new WebRtcChannel(name, dcs[i]!, opts.highWaterMark, opts.lowWaterMark, alive))
+    })
+    this.heartbeat = dcs[CHANNEL_NAMES.length]!
+    this.heartbeat.onMessage((data) => {
       alive()
-      if (typeof data === 'string' || data.byteLength < 1) return
-      this.onHeartbeat(data)
+      if (typeof data !== 'string') this.onHeartbeat(data)
     })
-    pc.connectionStateChange.subscribe((s) => {
-      if (s === 'failed') this.close(new LinkDeadError(`link to ${peer}: connection failed`))
-      else if (s === 'closed') this.close(new LinkDeadError(`link to ${peer}: connection closed`))
-    })
-    for (const dc of [...dcs.values(), heartbeat]) {
-      dc.stateChanged.subscribe((s) => {
-        if (s === 'closed') this.close(new LinkDeadError(`link to ${peer}: data channel closed`))
+    this.offConnection = connection.onStateChange((s) =>
+      this.close(new LinkDeadError(`link to ${peer}: connection ${s}`)),
+    )
+    for (const dc of dcs) {
+      dc.onClose((sendFailure) => {
+        if (sendFailure === undefined) this.close(new LinkDeadError(`link to ${peer}: data channel closed`))
       })
     }
     this.heartbeatTimer = setInterval(() => this.tick(), Math.min(250, opts.heartbeatMs))
@@ -251,22 +228,22 @@ export class WebRtcLink implements Link {
     this.state = 'closed'
     clearInterval(this.heartbeatTimer)
     this.heartbeatTimer = undefined
+    this.offConnection()
     // Tell the peer at once (best effort) so it need not wait for its dead timer.
     const sayBye =
       reason === undefined || !(reason instanceof LinkDeadError || reason instanceof LinkClosedByPeerError)
-    if (sayBye) this.sendHeartbeat(HB_BYE, 0)
+    if (sayBye) this.sendHeartbeat('bye', 0)
     for (const ch of this.channels.values()) ch.close(reason)
+    this.heartbeat.release()
     this.closeListeners.emit(reason)
     this.closeListeners.clear()
-    this.heartbeat.onMessage.allUnsubscribe()
     // Let the bye leave before tearing down DTLS/SCTP (a few ms on any path).
-    const delay = sayBye ? 50 : 0
-    setTimeout(() => {
-      this.pc
-        .close()
-        .catch(() => {})
-        .finally(() => this.resolveClosed())
-    }, delay)
+    setTimeout(
+      () => {
+        this.connection.close().finally(() => this.resolveClosed())
+      },
+      sayBye ? 50 : 0,
+    )
   }
 
   private tick(): void {
@@ -283,29 +260,31 @@ export class WebRtcLink implements Link {
     const seq = this.pingSeq
     this.pingsSent.set(seq, performance.now())
     if (this.pingsSent.size > 16) this.pingsSent.delete(this.pingsSent.keys().next().value!)
-    this.sendHeartbeat(HB_PING, seq)
+    this.sendHeartbeat('ping', seq)
   }
 
-  private onHeartbeat(data: Buffer): void {
-    const kind = data[0]
-    const seq = data.byteLength >= 5 ? data.readUInt32BE(1) : 0
-    if (kind === HB_PING) this.sendHeartbeat(HB_PONG, seq)
-    else if (kind === HB_PONG) {
-      const t = this.pingsSent.get(seq)
+  private onHeartbeat(data: Uint8Array): void {
+    if (this.state !== 'open') return
+    let hb: ReturnType<typeof decodeHeartbeat>
+    try {
+      hb = decodeHeartbeat(data)
+    } catch {
+      return // A later version's message, or garbage: it counted as a sign of life, nothing more.
+    }
+    if (hb.kind === 'ping') this.sendHeartbeat('pong', hb.seq)
+    else if (hb.kind === 'pong') {
+      const t = this.pingsSent.get(hb.seq)
       if (t !== undefined) {
         this.rttMs = performance.now() - t
-        this.pingsSent.delete(seq)
+        this.pingsSent.delete(hb.seq)
       }
-    } else if (kind === HB_BYE) this.close(new LinkClosedByPeerError(`link to ${this.peer}: peer closed it`))
+    } else this.close(new LinkClosedByPeerError(`link to ${this.peer}: peer closed it`))
   }
 
-  private sendHeartbeat(kind: number, seq: number): void {
-    if (this.heartbeat.readyState !== 'open') return
-    const b = Buffer.allocUnsafe(5)
-    b[0] = kind
-    b.writeUInt32BE(seq, 1)
+  private sendHeartbeat(kind: HeartbeatKind, seq: number): void {
+    if (!this.heartbeat.isOpen) return
     try {
-      this.heartbeat.send(b)
+      this.heartbeat.send(encodeHeartbeat({ kind, seq }))
     } catch {
       // The transport is going away; the dead timer or the state change will close the link.
     }
@@ -318,175 +297,45 @@ export class WebRtcLink implements Link {
   }
 }
 
-interface CandidateLike {
-  candidate?: string
-}
-
-/** Parses `candidate:<f> <c> <proto> <prio> <ip> <port> typ <type> ...` (RFC 8839). */
-function parseCandidate(c: CandidateLike | undefined): { type: string; addr: string } {
-  const f = (c?.candidate ?? '').replace(/^candidate:/, '').split(' ')
-  return { type: f[7] ?? 'host', addr: `${f[4] ?? '?'}:${f[5] ?? '?'}` }
-}
-
-const PATH_RANK: Record<PathType, number> = { memory: -1, host: 0, prflx: 1, srflx: 2, relay: 3 }
-
-function candidateType(c: CandidateLike | undefined): PathType {
-  const t = parseCandidate(c).type
-  return t === 'srflx' || t === 'prflx' || t === 'relay' ? t : 'host'
-}
-
-/** The selected pair's most indirect candidate type: relay if either end relays, and so on. */
-export function selectedPath(pc: RTCPeerConnection): PathInfo {
-  const pair = pc.iceTransports[0]?.getSelectedCandidatePair() as
-    | { local: CandidateLike; remote: CandidateLike }
-    | null
-    | undefined
-  if (pair == null) return { type: 'host' }
-  const lt = candidateType(pair.local)
-  const rt = candidateType(pair.remote)
-  const addr = (c: CandidateLike) => parseCandidate(c).addr
-  return {
-    type: PATH_RANK[lt] >= PATH_RANK[rt] ? lt : rt,
-    local: `${lt} ${addr(pair.local)}`,
-    remote: `${rt} ${addr(pair.remote)}`,
-  }
-}
-
-interface SocketOwner {
-  transport?: { socket?: Socket }
-  turn?: { transport?: { socket?: Socket } }
-}
-
-/** Raises the buffers of every UDP socket the peer connection's ICE agent opened. werift has no
- *  option for it; its ICE connection keeps the sockets in `protocols` (one per host address, plus the
- *  TURN client's). Setting buffers is an optimisation: any failure here is ignored. */
-export function enlargeUdpBuffers(pc: RTCPeerConnection, bytes: number): number {
-  let n = 0
-  for (const t of pc.iceTransports) {
-    const protocols = (t.connection as unknown as { protocols?: SocketOwner[] }).protocols ?? []
-    for (const p of protocols) {
-      for (const s of [p.transport?.socket, p.turn?.transport?.socket]) {
-        if (s === undefined || typeof s.setRecvBufferSize !== 'function') continue
-        try {
-          s.setRecvBufferSize(bytes)
-          s.setSendBufferSize(bytes)
-          n++
-        } catch {
-          // Not bound yet, or closed: keep the default.
-        }
-      }
-    }
-  }
-  return n
-}
-
-/**
- * Turns off werift's RFC 7675 consent expiry on an established connection. Measured: while a busy
- * process moves bulk data, consent responses wait behind megabytes of queued datagrams and miss
- * werift's 0.5-1 s response timeout; after 30 s of that ICE goes 'failed' and werift stops sending,
- * killing a healthy link mid-transfer. The link's own heartbeat (ping/pong, dead after 5 s, any
- * received message counts) replaces it: it notices a dead path faster, keeps NAT bindings warm, and a
- * peer that stops answering is dropped within deadAfterMs as consent would. Touches werift internals,
- * so it checks their shape and does nothing if they changed.
- */
-export function relaxConsent(pc: RTCPeerConnection): boolean {
-  let done = false
-  for (const t of pc.iceTransports) {
-    const c = t.connection as unknown as {
-      stopConsentLifecycle?: () => void
-      queryConsent?: () => void
-      consentFresh?: boolean
-    }
-    if (typeof c.stopConsentLifecycle !== 'function' || typeof c.queryConsent !== 'function') continue
-    c.stopConsentLifecycle()
-    c.queryConsent = () => {}
-    c.consentFresh = true
-    done = true
-  }
-  return done
-}
-
-function waitGatheringComplete(pc: RTCPeerConnection, signal: AbortSignal): Promise<void> {
-  if (pc.iceGatheringState === 'complete') return Promise.resolve()
+function waitOpen(dc: EngineChannel, signal: AbortSignal): Promise<void> {
+  if (dc.isOpen) return Promise.resolve()
   return new Promise((resolve, reject) => {
-    const sub = pc.iceGatheringStateChange.subscribe((s) => {
-      if (s === 'complete') {
-        done()
-        resolve()
-      }
+    const done = () => {
+      offOpen()
+      offClose()
+      signal.removeEventListener('abort', onAbort)
+    }
+    const offOpen = dc.onOpen(() => {
+      done()
+      resolve()
+    })
+    const offClose = dc.onClose(() => {
+      done()
+      reject(new LinkConnectError(`data channel ${dc.label} closed while connecting`))
     })
     const onAbort = () => {
       done()
       reject(signal.reason)
     }
-    const done = () => {
-      sub.unSubscribe()
-      signal.removeEventListener('abort', onAbort)
-    }
     signal.addEventListener('abort', onAbort, { once: true })
-  })
-}
-
-function waitOpen(dc: RTCDataChannel, signal: AbortSignal): Promise<void> {
-  if (dc.readyState === 'open') return Promise.resolve()
-  return new Promise((resolve, reject) => {
-    const sub = dc.stateChanged.subscribe((s) => {
-      if (s === 'open') {
-        done()
-        resolve()
-      } else if (s === 'closed') {
-        done()
-        reject(new LinkConnectError(`data channel ${dc.label} closed while connecting`))
-      }
-    })
-    const onAbort = () => {
+    // It may have opened between the check above and the subscription.
+    if (dc.isOpen) {
       done()
-      reject(signal.reason)
+      resolve()
     }
-    const done = () => {
-      sub.unSubscribe()
-      signal.removeEventListener('abort', onAbort)
-    }
-    signal.addEventListener('abort', onAbort, { once: true })
   })
-}
-
-/** Creates the fixed channel set, pre-negotiated. The tunnel channel asks for no retransmissions
- *  (maxRetransmits: 0); stock werift 0.24.4 ignores that and can hang when abandoning, which
- *  patches/werift+0.24.4.patch (applied by patch-package at npm install) fixes; proven by
- *  test/system/webrtc-unreliable.test.ts. */
-function createChannels(pc: RTCPeerConnection): {
-  dcs: Map<ChannelName, RTCDataChannel>
-  heartbeat: RTCDataChannel
-} {
-  const dcs = new Map<ChannelName, RTCDataChannel>()
-  for (const name of CHANNEL_NAMES) {
-    const spec = CHANNELS[name]
-    dcs.set(
-      name,
-      pc.createDataChannel(name, {
-        negotiated: true,
-        id: spec.id,
-        ordered: spec.ordered,
-        ...(spec.reliable ? {} : { maxRetransmits: 0 }),
-      }),
-    )
-  }
-  const heartbeat = pc.createDataChannel('heartbeat', { negotiated: true, id: HEARTBEAT_ID, ordered: true })
-  return { dcs, heartbeat }
 }
 
 /**
- * Builds a link to `peer`: exchanges offer/answer through `signaling` (candidates are gathered first
- * and travel inside the SDP), waits for ICE, DTLS and SCTP, and resolves once every channel is open.
- * Rejects with LinkConnectError (timeout, failure, peer bye) or AbortError; nothing is left open then.
+ * Builds a link to `peer`: exchanges offer/answer through `signaling`, waits for ICE, DTLS and SCTP,
+ * and resolves once every channel is open. Rejects with LinkConnectError (timeout, failure, peer bye)
+ * or AbortError; nothing is left open then.
  */
 export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebRtcLink> {
   throwIfAborted(options.signal)
   const started = performance.now()
+  const engineName = options.engine ?? 'werift'
   const connectTimeoutMs = options.connectTimeoutMs ?? 30_000
-  const highWaterMark = options.highWaterMark ?? 1024 * 1024
-  const lowWaterMark = options.lowWaterMark ?? 256 * 1024
   const ctl = new AbortController()
   const timeout = setTimeout(
     () =>
@@ -496,20 +345,7 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
   const onOuterAbort = () => ctl.abort(new AbortError(undefined, { cause: options.signal?.reason }))
   options.signal?.addEventListener('abort', onOuterAbort, { once: true })
 
-  const pc = new RTCPeerConnection({
-    iceServers: (options.iceServers ?? []).map((s) => ({ ...s })),
-    iceTransportPolicy: options.iceTransportPolicy ?? 'all',
-    iceUseIpv6: false,
-    ...(options.iceAdditionalHostAddresses
-      ? { iceAdditionalHostAddresses: options.iceAdditionalHostAddresses }
-      : {}),
-    ...(options.iceInterfaceAddress ? { iceInterfaceAddresses: { udp4: options.iceInterfaceAddress } } : {}),
-    ...(options.portRange ? { icePortRange: options.portRange } : {}),
-    // Advertise what the link layer promises; SCTP fragments into 1200-byte chunks underneath.
-    maxMessageSize: MAX_MESSAGE_SIZE + 1024,
-  })
-  const { dcs, heartbeat } = createChannels(pc)
-
+  // Subscribe before anything is awaited (the engine may still be loading): nothing the peer sends is lost.
   let session = options.initiator ? randomBytes(12).toString('base64url') : ''
   const queued: SignalMessage[] = []
   let wake: (() => void) | undefined
@@ -539,57 +375,63 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
       })
     }
   }
-  const applyCandidates = async () => {
-    // Trickled candidates (from a peer that sends them separately) are applied after the remote SDP.
-    for (const m of queued.splice(0)) {
-      if (m.type === 'candidate')
-        await pc
-          .addIceCandidate({ candidate: m.candidate, sdpMid: m.sdpMid, sdpMLineIndex: m.sdpMLineIndex })
-          .catch(() => {})
-    }
-  }
 
+  let connection: EngineConnection | undefined
   try {
+    const factory = await loadEngine(engineName)
+    if (ctl.signal.aborted) throw ctl.signal.reason
+    const conn = factory(
+      {
+        iceServers: options.iceServers ?? [],
+        iceTransportPolicy: options.iceTransportPolicy ?? 'all',
+        ...(options.iceAdditionalHostAddresses
+          ? { iceAdditionalHostAddresses: options.iceAdditionalHostAddresses }
+          : {}),
+        ...(options.iceInterfaceAddress ? { iceInterfaceAddress: options.iceInterfaceAddress } : {}),
+        ...(options.portRange ? { portRange: options.portRange } : {}),
+        udpBufferBytes: options.udpBufferBytes ?? 4 * 1024 * 1024,
+        // Advertise what the link layer promises; SCTP fragments into 1200-byte chunks underneath.
+        maxMessageSize: MAX_MESSAGE_SIZE + 1024,
+      },
+      LINK_CHANNEL_SPECS,
+    )
+    connection = conn
     if (options.initiator) {
-      await pc.setLocalDescription(await pc.createOffer())
-      await waitGatheringComplete(pc, ctl.signal)
-      enlargeUdpBuffers(pc, options.udpBufferBytes ?? 4 * 1024 * 1024)
-      options.signaling.send({ v: 1, session, type: 'offer', sdp: pc.localDescription!.sdp })
+      const sdp = await conn.createOffer(ctl.signal)
+      options.signaling.send({ v: 1, session, type: 'offer', sdp })
       const answer = await next('answer')
-      await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp })
+      await conn.acceptAnswer(answer.sdp)
     } else {
       const offer = await next('offer')
       session = offer.session
       for (let i = queued.length - 1; i >= 0; i--) if (queued[i]!.session !== session) queued.splice(i, 1)
-      await pc.setRemoteDescription({ type: 'offer', sdp: offer.sdp })
-      await pc.setLocalDescription(await pc.createAnswer())
-      await waitGatheringComplete(pc, ctl.signal)
-      enlargeUdpBuffers(pc, options.udpBufferBytes ?? 4 * 1024 * 1024)
-      options.signaling.send({ v: 1, session, type: 'answer', sdp: pc.localDescription!.sdp })
+      const sdp = await conn.createAnswer(offer.sdp, ctl.signal)
+      options.signaling.send({ v: 1, session, type: 'answer', sdp })
     }
-    await applyCandidates()
+    // Trickled candidates (from a peer that sends them separately) are applied after the remote SDP.
+    for (const m of queued.splice(0)) {
+      if (m.type === 'candidate') await conn.addRemoteCandidate(m).catch(() => {}) // unusable: not fatal
+    }
+    let offFailed = () => {}
     const failed = new Promise<never>((_, reject) => {
-      const sub = pc.connectionStateChange.subscribe((s) => {
-        if (s === 'failed' || s === 'closed') {
-          sub.unSubscribe()
-          reject(new LinkConnectError(`link to ${options.peer}: connection ${s}`))
-        }
-      })
-      ctl.signal.addEventListener('abort', () => sub.unSubscribe(), { once: true })
+      offFailed = conn.onStateChange((s) =>
+        reject(new LinkConnectError(`link to ${options.peer}: connection ${s}`)),
+      )
     })
     failed.catch(() => {})
-    await Promise.race([
-      Promise.all([...dcs.values(), heartbeat].map((dc) => waitOpen(dc, ctl.signal))),
-      failed,
-    ])
-    const link = new WebRtcLink(options.peer, session, pc, dcs, heartbeat, {
+    try {
+      await Promise.race([Promise.all(conn.channels.map((dc) => waitOpen(dc, ctl.signal))), failed])
+    } finally {
+      offFailed()
+    }
+    const link = new WebRtcLink(options.peer, session, conn, {
       heartbeatMs: options.heartbeatMs ?? 1000,
       deadAfterMs: options.deadAfterMs ?? 4500,
-      highWaterMark,
-      lowWaterMark,
+      highWaterMark: options.highWaterMark ?? 1024 * 1024,
+      lowWaterMark: options.lowWaterMark ?? 256 * 1024,
     })
-    relaxConsent(pc)
-    link.path = selectedPath(pc)
+    conn.established()
+    link.path = conn.path()
     link.setupMs = performance.now() - started
     const outer = options.signal
     if (outer !== undefined) {
@@ -601,13 +443,11 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
     return link
   } catch (err) {
     if (session !== '') options.signaling.send({ v: 1, session, type: 'bye', reason: 'connect failed' })
-    await pc.close().catch(() => {})
+    await connection?.close()
     if (err instanceof AbortError || err instanceof LinkConnectError) throw err
     throw new LinkConnectError(
       `link to ${options.peer}: ${err instanceof Error ? err.message : String(err)}`,
-      {
-        cause: err,
-      },
+      { cause: err },
     )
   } finally {
     ctl.abort() // releases the helper listeners above
@@ -615,4 +455,15 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
     options.signal?.removeEventListener('abort', onOuterAbort)
     offSignal()
   }
+}
+
+/** Options shared by every link a node builds (the MeshNodeInit.webrtc shape). */
+export type LinkEngineOptions = Omit<
+  WebRtcLinkOptions,
+  'peer' | 'initiator' | 'signaling' | 'iceServers' | 'signal'
+>
+
+/** A LinkFactory for net/node.ts using `engine`, with `opts` applied to every link. */
+export function linkFactoryFor(engine: LinkEngine, opts: LinkEngineOptions = {}): LinkFactory {
+  return (init) => createWebRtcLink({ ...opts, ...init, engine })
 }

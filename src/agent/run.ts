@@ -7,7 +7,7 @@ import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts
 import { knownBootstrap, NETWORK_STATE_FILE } from '../../net/node.ts'
 import { STUN_DEFAULT_PORT } from '../../net/stun/server.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
-import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/ndc/index.ts'
+import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/link.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import type { RamCache } from '../../vm/migration/interfaces.ts'
 import { createManagerHost } from '../../vm/migration/manager-host.ts'

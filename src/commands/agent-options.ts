@@ -1,5 +1,5 @@
 import { type Command, Option } from 'commander'
-import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/ndc/index.ts'
+import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/engines.ts'
 import type { AgentOptions } from '../agent/run.ts'
 import { UsageError } from '../base/errors.ts'
 import { resolveState, stateOption } from './common.ts'

@@ -21,7 +21,6 @@ import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import type { IceServer } from '../../net/webrtc/interfaces.ts'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
-import type { NdcLink } from '../../net/webrtc/ndc/link.ts'
 import { connectTcpSignaling, type TcpSignaling } from './webrtc-signal-relay.ts'
 
 export interface PeerConfig {
@@ -41,12 +40,12 @@ export interface PeerConfig {
 const cfg = JSON.parse(readFileSync(process.argv[2] ?? '', 'utf8')) as PeerConfig
 const out = (o: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(o)}\n`)
 
-let link: WebRtcLink | NdcLink | undefined
+let link: WebRtcLink | undefined
 let sig: TcpSignaling | undefined
 let rx = { expect: -1, hash: '', got: 0, h: createHash('sha256'), t0: 0 }
 const pongs = new Map<number, () => void>()
 
-function attach(l: WebRtcLink | NdcLink): void {
+function attach(l: WebRtcLink): void {
   const chunks = l.channel('chunks')
   const control = l.channel('control')
   chunks.onMessage((m) => {
@@ -84,11 +83,6 @@ function checkDone(): void {
 }
 
 async function connectLink(room: string): Promise<void> {
-  // Load the engine first: a message that arrives before the link subscribes to `sig` is lost.
-  const create =
-    cfg.engine === 'libdatachannel'
-      ? (await import('../../net/webrtc/ndc/link.ts')).createNdcLink
-      : createWebRtcLink
   sig = await connectTcpSignaling(cfg.relay.host, cfg.relay.port, room)
   if (process.env.WEBRTC_PEER_DEBUG === '1') {
     const s = sig
@@ -99,7 +93,8 @@ async function connectLink(room: string): Promise<void> {
     }
     s.onMessage((m) => process.stderr.write(`signal in: ${JSON.stringify(m)}\n`))
   }
-  link = await create({
+  link = await createWebRtcLink({
+    engine: cfg.engine ?? 'werift',
     peer: cfg.peer,
     initiator: cfg.initiator,
     signaling: sig,

@@ -5,22 +5,21 @@
  * pair; the no-retransmit tunnel channel under loss.
  */
 import assert from 'node:assert/strict'
-import type { Socket } from 'node:dgram'
 import { CHANNEL_NAMES, type Link, MAX_MESSAGE_SIZE } from '../../net/link/interfaces.ts'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
-import { createNdcLink, type NdcLink } from '../../net/webrtc/ndc/link.ts'
+import type { WeriftConnection } from '../../net/webrtc/werift/engine.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
 
 type Engine = 'werift' | 'libdatachannel'
-type AnyLink = WebRtcLink | NdcLink
+type AnyLink = WebRtcLink
 
 async function mixedPair(initiator: Engine): Promise<{ a: AnyLink; b: AnyLink }> {
   const sig = createMemorySignalingPair()
   const make = (engine: Engine, init: boolean, s: typeof sig.a, peer: string) =>
     engine === 'werift'
       ? createWebRtcLink({ peer, initiator: init, signaling: s, iceAdditionalHostAddresses: ['127.0.0.1'] })
-      : createNdcLink({ peer, initiator: init, signaling: s })
+      : createWebRtcLink({ peer, initiator: init, signaling: s, engine: 'libdatachannel' })
   const other: Engine = initiator === 'werift' ? 'libdatachannel' : 'werift'
   const [a, b] = await Promise.all([
     make(initiator, true, sig.a, 'peer-b'),
@@ -163,12 +162,8 @@ function dropOutgoing(link: WebRtcLink, rate: number): { dropped: number } {
     seed = (Math.imul(seed, 1103515245) + 12345) >>> 0
     return seed / 4294967296
   }
-  const pc = (link as unknown as { pc: { iceTransports: { connection: unknown }[] } }).pc
-  for (const t of pc.iceTransports) {
-    const protocols = (t.connection as { protocols?: { transport?: { socket?: Socket } }[] }).protocols ?? []
-    for (const p of protocols) {
-      const s = p.transport?.socket
-      if (s === undefined) continue
+  for (const s of (link.connection as WeriftConnection).udpSockets()) {
+    {
       const orig = s.send.bind(s) as (...args: unknown[]) => void
       ;(s as unknown as { send: (...args: unknown[]) => void }).send = (...args: unknown[]) => {
         const data = args[0]

@@ -74,7 +74,7 @@ describe('webrtc link (werift) specifics', function () {
         reason = r
       })
       // Simulate a dead path: b stops answering without saying bye (its pc vanishes abruptly).
-      ;(b as unknown as { pc: { close(): Promise<void> } }).pc.close()
+      void b.connection.close()
       const t0 = Date.now()
       while (a.state !== 'closed' && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 50))
       assert.equal(a.state, 'closed')

@@ -4,9 +4,19 @@
  * host's interfaces, signaling in memory.
  */
 import assert from 'node:assert/strict'
+import { parseLinkEngine } from '../../net/webrtc/engines.ts'
+import {
+  createWebRtcLink,
+  linkFactoryFor,
+  type WebRtcLink,
+  type WebRtcLinkOptions,
+} from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
-import { linkFactoryFor, parseLinkEngine } from '../../net/webrtc/ndc/index.ts'
-import { createNdcLink, type NdcLink, toNdcIceServers } from '../../net/webrtc/ndc/link.ts'
+import { toNdcIceServers } from '../../net/webrtc/ndc/engine.ts'
+
+type NdcLink = WebRtcLink
+const createNdcLink = (o: WebRtcLinkOptions) => createWebRtcLink({ ...o, engine: 'libdatachannel' })
+
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
 
 async function ndcPair(extra: { deadAfterMs?: number } = {}): Promise<{ a: NdcLink; b: NdcLink }> {

@@ -6,9 +6,9 @@
  * connection is up: only DTLS application-data records (SCTP packets) are dropped.
  */
 import assert from 'node:assert/strict'
-import type { Socket } from 'node:dgram'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
+import type { WeriftConnection } from '../../net/webrtc/werift/engine.ts'
 
 interface LossInjector {
   rate: number
@@ -19,12 +19,8 @@ interface LossInjector {
 /** Wraps every ICE UDP socket of a link end so that a fraction of outgoing SCTP packets vanish. */
 function injectLoss(link: WebRtcLink, rate: number, random: () => number): LossInjector {
   const inj: LossInjector = { rate, dropped: 0, passed: 0 }
-  const pc = (link as unknown as { pc: { iceTransports: { connection: unknown }[] } }).pc
-  for (const t of pc.iceTransports) {
-    const protocols = (t.connection as { protocols?: { transport?: { socket?: Socket } }[] }).protocols ?? []
-    for (const p of protocols) {
-      const s = p.transport?.socket
-      if (s === undefined) continue
+  for (const s of (link.connection as WeriftConnection).udpSockets()) {
+    {
       const orig = s.send.bind(s) as (...args: unknown[]) => void
       ;(s as unknown as { send: (...args: unknown[]) => void }).send = (...args: unknown[]) => {
         const data = args[0]
