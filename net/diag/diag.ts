@@ -1,6 +1,7 @@
 import { AbortError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
 import {
+  DIAG_VERSION,
   DiagType,
   decodeCount,
   decodeDiag,
@@ -38,6 +39,8 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
   const attach = (link: Link) => {
     const ch = link.channel('control')
     const off = ch.onMessage((bytes) => {
+      // The control channel is shared: other protocols start with their own first byte (net/directory 0x44).
+      if (bytes[0] !== DIAG_VERSION) return
       let msg: ReturnType<typeof decodeDiag>
       try {
         msg = decodeDiag(bytes)

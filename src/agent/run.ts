@@ -17,17 +17,21 @@ import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import type { VmSpec } from '../../vm/spec.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import { createLogger, type Logger } from '../base/log.ts'
-import { statePaths } from '../config.ts'
+import { NETWORK_KEY_FILE, statePaths } from '../config.ts'
 import { type Agent, createAgent } from './agent.ts'
 import type { AgentService } from './interfaces.ts'
+import type { AgentMetrics } from './metrics.ts'
 import { createNetService, stunFromBootstrap } from './net-service.ts'
+import { pathLabel } from './path-label.ts'
 import { createChunkAgentService } from './services/chunks.ts'
+import { createDirectoryService } from './services/directory.ts'
 import { createMigrationService } from './services/migration.ts'
 import { createTunnelService } from './services/tunnel.ts'
 import { createLocalVmManager, createVmService, runDirFor } from './services/vm.ts'
 import { plugVmsIntoTunnel } from './vm-tunnel.ts'
+import type { WebView } from './web.ts'
 
-export const NETWORK_KEY_FILE = 'network.key'
+export { NETWORK_KEY_FILE }
 
 export interface AgentOptions {
   state: string
@@ -53,6 +57,10 @@ export interface AgentOptions {
   tcpCongestion?: string | false
   /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
   tap?: { name: string; address: string }
+  /** Serve Prometheus metrics on this ADDR:PORT (src/agent/metrics.ts). */
+  metrics?: string
+  /** Serve the live web view on this ADDR:PORT (src/agent/web.ts). */
+  web?: string
 }
 
 /** Where an agent's guest RAM files live: tmpfs, one directory per agent (state dir). */
@@ -132,13 +140,14 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     )
   }
   const bootstrapRole = opts.bootstrap === true
+  const nodeName =
+    opts.name ??
+    hostname()
+      .replace(/[^A-Za-z0-9._-]/g, '-')
+      .slice(0, 63)
   const net = createNetService({
     stateDir: paths.dir,
-    name:
-      opts.name ??
-      hostname()
-        .replace(/[^A-Za-z0-9._-]/g, '-')
-        .slice(0, 63),
+    name: nodeName,
     listen: opts.listen ?? [bootstrapRole ? '/ip4/0.0.0.0/tcp/4001' : '/ip4/0.0.0.0/tcp/0'],
     ...(opts.announce === undefined ? {} : { announce: opts.announce }),
     ...(bootstrapRole
@@ -154,6 +163,11 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     ...(opts.engine === undefined ? {} : { linkFactory: linkFactoryFor(opts.engine) }),
     log: log.child('net'),
   })
+  const directory = createDirectoryService({
+    node: net.node,
+    local: () => manager.list(),
+    log: log.child('directory'),
+  })
   const chunks = createChunkAgentService({
     stateDir: paths.dir,
     overlay: () => net.node.overlay,
@@ -163,7 +177,8 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     overlay: net.node.overlay,
     log: log.child('tunnel'),
     ...(opts.tap === undefined ? {} : { tap: opts.tap }),
-    resolveVm: async (vm) => (await manager.list()).find((v) => v.name === vm)?.ip?.split('/')[0],
+    // Any VM of the mesh, by name: this host's first, else whoever runs it (net/directory).
+    resolveVm: async (vm) => (await directory.where(vm))?.entry.ip?.split('/')[0],
   })
 
   // One driver per agent; its RAM files live in a directory of their own so that several agents on
@@ -177,6 +192,43 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
   const vms = createVmService({ manager, log: (m, f) => vmLog.warn(m, f) })
   const managerHost = await createManagerHost({ manager, driver, ramDir, stateDir: paths.dir })
   const host = plugVmsIntoTunnel(manager, driver, managerHost, () => tunnel)
+  // Metrics read the other services at scrape time; migrations reach them as events.
+  let metrics: AgentMetrics | undefined
+  if (opts.metrics !== undefined) {
+    const { createAgentMetrics } = await import('./metrics.ts')
+    metrics = createAgentMetrics({
+      listen: opts.metrics,
+      log: log.child('metrics'),
+      sources: {
+        members: () => net.node.members(),
+        tunnel: () => tunnel.switch.status(),
+        chunks: () => {
+          try {
+            return chunks.service.stats()
+          } catch {
+            return undefined // not started (yet)
+          }
+        },
+        vms: () => manager.list(),
+      },
+    })
+  }
+  let web: WebView | undefined
+  if (opts.web !== undefined) {
+    const { createWebView } = await import('./web.ts')
+    web = createWebView({
+      listen: opts.web,
+      stateDir: paths.dir,
+      log: log.child('web'),
+      sources: {
+        self: () => ({ peerId: net.node.peerId, name: nodeName }),
+        members: () => net.node.members(),
+        tunnel: () => tunnel.switch.status(),
+        vms: () => directory.all(),
+      },
+    })
+  }
+  const linkPath = (peer: string) => pathLabel(net.node.members().find((m) => m.peerId === peer))
   const migration = createMigrationService({
     network: overlayMigrationNetwork(() => net.node.overlay),
     host,
@@ -184,6 +236,15 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     log: log.child('migrate'),
     isMember: (peer) => net.node.members().some((m) => m.peerId === peer),
     resolvePeer: (ref) => net.resolvePeer(ref).peerId,
+    onState: (e) => {
+      metrics?.observeState(e)
+      web?.observeState(e)
+    },
+    onProgress: web === undefined ? undefined : (p) => web?.observeProgress(p),
+    onReport: (r) => {
+      metrics?.observeReport(r, linkPath(r.to))
+      web?.observeReport(r)
+    },
   })
   // After the VM manager re-adopted its VMs: kill incoming QEMUs a killed agent left behind.
   const sweep: AgentService = {
@@ -197,7 +258,9 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     async stop() {},
     handlers: () => ({}),
   }
-  const services: AgentService[] = [net, chunks, tunnel, vms, sweep, migration]
+  const services: AgentService[] = [net, directory, chunks, tunnel, vms, sweep, migration]
+  if (metrics !== undefined) services.push(metrics)
+  if (web !== undefined) services.push(web)
   const agent = createAgent({ stateDir: paths.dir, services, log })
   // A revoked node can do nothing useful: say so once, clearly, and stop with a failure status.
   net.node.on('self-revoked', (e) => {

@@ -2,6 +2,8 @@ import { type Command, Option } from 'commander'
 import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/engines.ts'
 import type { AgentOptions } from '../agent/run.ts'
 import { UsageError } from '../base/errors.ts'
+import { DEFAULT_METRICS_ADDR, DEFAULT_WEB_ADDR } from '../config.ts'
+import { applyAgentConfig } from '../config-file.ts'
 import { resolveState, stateOption } from './common.ts'
 
 const collect = (v: string, prev: string[] | undefined) => [...(prev ?? []), v]
@@ -9,6 +11,12 @@ const collect = (v: string, prev: string[] | undefined) => [...(prev ?? []), v]
 /** Options shared by `mesh join` and `mesh agent`: both run the agent in the foreground. */
 export function addAgentOptions(cmd: Command): Command {
   return cmd
+    .option(
+      '--config <file>',
+      'JSON config file with any of these options (env MESH_CONFIG; default /etc/mesh/agent.json as root); ' +
+        'flags win over MESH_* environment variables, which win over the file',
+    )
+    .hook('preAction', (_self, action) => applyAgentConfig(action))
     .addOption(stateOption())
     .option('--name <name>', "this member's name (default: the host name)")
     .option('--listen <multiaddr>', 'libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/0)', collect)
@@ -33,6 +41,14 @@ export function addAgentOptions(cmd: Command): Command {
     .option('--tap <name>', 'host TAP interface into the guest network (needs root and --address)')
     .option('--address <cidr>', "this host's address on the guest network, with --tap (e.g. 10.99.0.1/24)")
     .option('--pnet', 'add a libp2p pre-shared key derived from the network (all members must agree)', false)
+    .option(
+      '--metrics [addr:port]',
+      `serve Prometheus metrics on GET /metrics (default address ${DEFAULT_METRICS_ADDR}: loopback only)`,
+    )
+    .option(
+      '--web [addr:port]',
+      `serve the live web view, token-protected ('mesh web' prints its URL; default address ${DEFAULT_WEB_ADDR})`,
+    )
     .option(
       '--no-direct',
       'keep bulk traffic (chunks, migration) on the WebRTC link even when a TCP path to a member exists',
@@ -65,9 +81,14 @@ export interface AgentCliOptions {
   direct: boolean
   relayBulk: boolean
   tcpCongestion: string
+  /** true: given without a value. */
+  metrics?: string | true
+  web?: string | true
 }
 
 export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
+  if (!LINK_ENGINES.includes(o.engine))
+    throw new UsageError(`engine '${o.engine}' is not one of ${LINK_ENGINES.join(', ')}`)
   if ((o.tap === undefined) !== (o.address === undefined))
     throw new UsageError('--tap and --address go together')
   if (!/^[a-z0-9_]{1,15}$/.test(o.tcpCongestion))
@@ -92,6 +113,8 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     direct: o.direct,
     relayBulk: o.relayBulk,
     tcpCongestion: o.tcpCongestion === 'default' ? false : o.tcpCongestion,
+    ...(o.metrics === undefined ? {} : { metrics: o.metrics === true ? DEFAULT_METRICS_ADDR : o.metrics }),
+    ...(o.web === undefined ? {} : { web: o.web === true ? DEFAULT_WEB_ADDR : o.web }),
     ...(invite === undefined ? {} : { invite }),
   }
 }

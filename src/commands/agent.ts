@@ -1,5 +1,4 @@
 import { Command } from 'commander'
-import { runAgent } from '../agent/run.ts'
 import type { CommandModule } from '../command.ts'
 import { type AgentCliOptions, addAgentOptions, toAgentOptions } from './agent-options.ts'
 
@@ -10,6 +9,8 @@ export const agent: CommandModule = {
         "run this node's agent in the foreground (after 'mesh join' or 'mesh network create'); Ctrl-C stops it",
       ),
     ).action(async (opts: AgentCliOptions) => {
+      // Loaded here: the agent's modules (libp2p, werift, QEMU driver) are for this command only.
+      const { runAgent } = await import('../agent/run.ts')
       await runAgent(toAgentOptions(opts))
     }),
 }

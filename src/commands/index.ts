@@ -1,6 +1,7 @@
 import type { CommandModule } from '../command.ts'
 import { agent } from './agent.ts'
 import { bench } from './bench.ts'
+import { doctor } from './doctor.ts'
 import { expose } from './expose.ts'
 import { image } from './image.ts'
 import { invite } from './invite.ts'
@@ -10,8 +11,10 @@ import { network } from './network.ts'
 import { peers } from './peers.ts'
 import { ping } from './ping.ts'
 import { revoke } from './revoke.ts'
+import { service } from './service.ts'
 import { status } from './status.ts'
 import { vm } from './vm.ts'
+import { web } from './web.ts'
 
 /**
  * Every `mesh` command, one file each. Later commands register here; the order is the order
@@ -31,4 +34,7 @@ export const commands: CommandModule[] = [
   vm,
   image,
   migrate,
+  web,
+  service,
+  doctor,
 ]

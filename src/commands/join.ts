@@ -1,6 +1,5 @@
 import { readFileSync } from 'node:fs'
 import { Command } from 'commander'
-import { runAgent } from '../agent/run.ts'
 import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import { type AgentCliOptions, addAgentOptions, toAgentOptions } from './agent-options.ts'
@@ -22,6 +21,8 @@ export const join: CommandModule = {
         .description('join a network with an invite and run the agent in the foreground')
         .argument('<invite>', "invite from 'mesh invite'; '-' reads it from stdin, '@FILE' from a file"),
     ).action(async (inviteArg: string, opts: AgentCliOptions) => {
-      await runAgent(toAgentOptions(opts, await readInvite(inviteArg)))
+      const options = toAgentOptions(opts, readInvite(inviteArg))
+      const { runAgent } = await import('../agent/run.ts')
+      await runAgent(options)
     }),
 }

@@ -1,10 +1,9 @@
 import { existsSync, mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { Command } from 'commander'
-import { createNetwork, isValidName, saveNetworkKey } from '../../net/membership/network.ts'
-import { NETWORK_KEY_FILE } from '../agent/run.ts'
 import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
+import { NETWORK_KEY_FILE } from '../config.ts'
 import { jsonOption, printJson, resolveState, type StateOpts, stateOption } from './common.ts'
 
 export const network: CommandModule = {
@@ -18,6 +17,9 @@ export const network: CommandModule = {
         .addOption(stateOption())
         .addOption(jsonOption())
         .action(async (name: string, opts: StateOpts & { json: boolean }) => {
+          const { createNetwork, isValidName, saveNetworkKey } = await import(
+            '../../net/membership/network.ts'
+          )
           if (!isValidName(name))
             throw new UsageError(`invalid network name '${name}' (letters, digits, . _ -; max 64)`)
           const dir = resolveState(opts)

@@ -39,6 +39,10 @@ export interface MigrationServiceInit {
   locateTimeoutMs?: number
   /** Every state change of every session (see vm/migration/state.ts): metrics, logs, tests. */
   onState?: (e: MigrationStateEvent) => void
+  /** Progress of every move out of this host, whoever asked for it (metrics, the web view). */
+  onProgress?: (p: MigrationProgress) => void
+  /** Every completed move out of this host (metrics, the web view). */
+  onReport?: (r: MigrationReport) => void
 }
 
 /** A session's state change, as the service reports it. */
@@ -353,7 +357,14 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         ...(params.deadlineMs === undefined ? {} : { deadlineMs: params.deadlineMs }),
         ...(init.cache === undefined ? {} : { cache: init.cache }),
         ...(init.tuning === undefined ? {} : { tuning: init.tuning }),
-        ...(options.onProgress === undefined ? {} : { onProgress: options.onProgress }),
+        ...(options.onProgress === undefined && init.onProgress === undefined
+          ? {}
+          : {
+              onProgress: (p: MigrationProgress) => {
+                init.onProgress?.(p)
+                options.onProgress?.(p)
+              },
+            }),
         background: track,
       })
       log.info('VM moved', {
@@ -363,6 +374,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         downtimeMs: Math.round(report.downtimeMs),
         wireBytes: report.wireBytes,
       })
+      init.onReport?.(report)
       return report
     } catch (err) {
       counters.failed++

@@ -85,7 +85,10 @@ export function createTunnelService(init: TunnelServiceInit): TunnelService {
   async function resolve(vm: string): Promise<string> {
     if (isIPv4(vm)) return vm
     const ip = await init.resolveVm?.(vm)
-    if (ip === undefined) throw new ExposeError(`unknown VM '${vm}' (give its name or guest IPv4 address)`)
+    if (ip === undefined)
+      throw new ExposeError(
+        `no member runs a VM named '${vm}' with an IPv4 address in its spec (give its name or guest IPv4 address; see 'mesh vm ls --all')`,
+      )
     return ip.split('/')[0]!
   }
 

@@ -1,0 +1,193 @@
+/**
+ * Operating a mesh, end to end (#19): agents in three NAT'd clouds, a real QEMU guest g1 on a1.
+ * - Names everywhere: c1 (host TAP, no g1) exposes g1:7 by name; the exposure is listed, carries a TCP
+ *   echo, and still does after g1 moved; `mesh vm ls --all` shows where g1 runs; `vm console g1` on a
+ *   member without it names the member that has it; `expose rm` removes the exposure.
+ * - The web view of a1 in a real headless Chromium (in a1's namespace) shows g1 on a1, the migration's
+ *   phases while the test moves g1 to b1, and then g1 on b1.
+ * - A real Prometheus in a1's namespace scrapes a1's metrics and answers for the move.
+ */
+import assert from 'node:assert/strict'
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import puppeteer, { type Browser, type Page } from 'puppeteer-core'
+import { ensureGuest } from '../../fixtures/guest/build.ts'
+import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
+import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { type AgentProc, createTestnet, runGuestVm, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import { PROMETHEUS, type PrometheusServer, startPrometheus } from '../helpers/prometheus.ts'
+
+const CHROMIUM = '/usr/bin/chromium'
+const GUEST_IP = '10.99.0.10'
+const METRICS = '127.0.0.1:9464'
+const WEB = '127.0.0.1:9465'
+const EXPOSED = '127.0.0.1:18080'
+
+/** One line through a TCP echo, from inside a host's namespace. */
+async function echo(host: AgentProc['host'], addr: string, line: string): Promise<string> {
+  const [h, p] = addr.split(':')
+  const script = `const s=require('node:net').connect(${Number(p)},'${h}');let b='';s.setTimeout(20000,()=>{console.error('timeout');process.exit(1)});s.on('data',(d)=>{b+=d;if(b.includes('\\n')){console.log(b.trim());s.destroy()}});s.on('error',(e)=>{console.error(e.message);process.exit(1)});s.write(${JSON.stringify(`${line}\n`)})`
+  const r = await host.exec(process.execPath, ['-e', script], { timeoutMs: 30_000 })
+  assert.equal(r.code, 0, `echo through ${addr}: ${r.stderr}`)
+  return r.stdout.trim()
+}
+
+describe('operating a mesh (e2e): names everywhere, live web view in Chromium, Prometheus', function () {
+  this.timeout(600_000)
+  let net: Testnet | undefined
+  let browser: Browser | undefined
+  let prom: PrometheusServer | undefined
+  let dir = ''
+  let a1: AgentProc
+  let c1: AgentProc
+
+  before(async function () {
+    requireOrSkip(this, {
+      root: true,
+      commands: ['ip', 'nft', 'qemu-system-x86_64', 'socat', CHROMIUM, PROMETHEUS],
+    })
+    const image = await ensureGuest()
+    dir = mkdtempSync(join(tmpdir(), 'mesh-operate-'))
+    net = await createTestnet({ clouds: [{ name: 'a' }, { name: 'b' }, { name: 'c' }], noJoin: true })
+    a1 = await net.join('a1', { args: ['--web', WEB, '--metrics', METRICS] })
+    await net.join('b1')
+    c1 = await net.join('c1', { args: ['--tap', 'mesh0', '--address', '10.99.0.1/24'] })
+    await net.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
+    await runGuestVm(a1, image, { name: 'g1', ip: `${GUEST_IP}/24` })
+  })
+
+  afterEach(async function () {
+    if (this.currentTest?.state === 'failed' && net !== undefined)
+      process.stdout.write(`${await net.diagnose()}\n`)
+  })
+
+  after(async () => {
+    await browser?.close().catch(() => {})
+    await prom?.stop()
+    await net?.destroy()
+    if (dir !== '') rmSync(dir, { recursive: true, force: true })
+  })
+
+  it('exposes g1 by name from a member that does not run it, and lists where VMs run', async () => {
+    const r = await c1.json<{ target: string; listen: string }>([
+      'expose',
+      `g1:${ECHO_PORT}`,
+      '--listen',
+      EXPOSED,
+    ])
+    assert.equal(r.target, GUEST_IP)
+    assert.equal(r.listen, EXPOSED)
+    const ls = await c1.json<{ exposures: Array<{ vm: string; listen: string }> }>(['expose', 'ls'])
+    assert.deepEqual(
+      ls.exposures.map((e) => [e.vm, e.listen]),
+      [['g1', EXPOSED]],
+    )
+    assert.equal(await echo(c1.host, EXPOSED, 'before the move'), 'before the move')
+    const all = await c1.json<{ members: Array<{ member: string; vms: Array<{ name: string }> }> }>([
+      'vm',
+      'ls',
+      '--all',
+    ])
+    const holder = all.members.filter((m) => m.vms.some((v) => v.name === 'g1')).map((m) => m.member)
+    assert.deepEqual(holder, ['a1'])
+    const bad = await c1.mesh(['expose', 'nosuchvm:80', '--listen', '127.0.0.1:18081'])
+    assert.equal(bad.code, 1)
+    assert.match(bad.stderr, /no member runs a VM named 'nosuchvm'/)
+  })
+
+  it("shows g1 moving in a1's web view (Chromium) while it moves to b1; Prometheus sees the move", async () => {
+    const login = await a1.json<{ url: string }>(['web'])
+    assert.match(login.url, /^http:\/\/127\.0\.0\.1:9465\/login\?token=[0-9a-f]{64}$/)
+    // Chromium runs in a1's namespace (the view is on a1's loopback), driven over a pipe.
+    const wrapper = join(dir, 'chromium-in-a1')
+    writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${a1.host.ns} ${CHROMIUM} "$@"\n`)
+    chmodSync(wrapper, 0o755)
+    browser = await puppeteer.launch({
+      executablePath: wrapper,
+      pipe: true,
+      ignoreDefaultArgs: true,
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+        '--remote-debugging-pipe',
+        `--user-data-dir=${join(dir, 'chromium-profile')}`,
+        'about:blank',
+      ],
+      timeout: 60_000,
+    })
+    const page: Page = await browser.newPage()
+    await page.goto(login.url, { waitUntil: 'domcontentloaded' })
+    await page.waitForSelector('[data-vm="g1"][data-on="a1"]', { timeout: 30_000 })
+    await page.waitForSelector('[data-member="b1"]', { timeout: 30_000 })
+
+    prom = await startPrometheus({
+      targets: [METRICS],
+      port: 9090,
+      spawnIn: (cmd, args) => a1.host.spawn(cmd, args),
+    })
+
+    // Watch the page while the move runs: every migration state it shows, in order.
+    const seen: string[] = []
+    let watching = true
+    const watcher = (async () => {
+      while (watching) {
+        const s = await page
+          .$eval('[data-migration="g1"][data-direction="out"]', (el) => el.getAttribute('data-state'))
+          .catch(() => null)
+        if (s !== null && seen.at(-1) !== s) seen.push(s)
+        await new Promise((r) => setTimeout(r, 50))
+      }
+    })()
+    const moved = await a1.mesh(['migrate', 'g1', '--to', 'b1', '--json'], { timeoutMs: 300_000 })
+    await page.waitForSelector('[data-migration="g1"][data-state="completed"]', { timeout: 30_000 })
+    watching = false
+    await watcher
+    const last = await page.$eval('[data-migration="g1"][data-direction="out"]', (el) =>
+      el.getAttribute('data-state'),
+    )
+    if (last !== null && seen.at(-1) !== last) seen.push(last)
+    assert.equal(moved.code, 0, moved.stderr)
+    assert.ok(seen.length >= 2, `the page showed only ${JSON.stringify(seen)}`)
+    assert.ok(
+      seen.some((s) => ['bulk', 'precopy', 'switching', 'paused', 'committed', 'handover'].includes(s)),
+      `no phase of the move was shown live: ${JSON.stringify(seen)}`,
+    )
+    assert.equal(seen.at(-1), 'completed')
+    await page.waitForSelector('[data-vm="g1"][data-on="b1"]', { timeout: 30_000 })
+    const bar = await page.$$eval('[data-migration="g1"] .seg', (els) => els.map((e) => e.textContent))
+    assert.ok(bar.includes('paused'), `timeline: ${JSON.stringify(bar)}`)
+    if (process.env.MESH_SCREENSHOT !== undefined)
+      await page.screenshot({ path: process.env.MESH_SCREENSHOT })
+
+    const done = await prom.waitFor(
+      'mesh_migrations_total{direction="out",outcome="completed"}',
+      (r) => r[0]?.value[1] === '1',
+      30_000,
+    )
+    assert.equal(done.length, 1)
+    const paused = await prom.query('mesh_migration_duration_seconds_count{direction="out",phase="paused"}')
+    assert.equal(paused[0]?.value[1], '1')
+    const rtt = await prom.query('mesh_link_rtt_seconds')
+    assert.deepEqual(rtt.map((r) => r.metric.name).sort(), ['b1', 'c1'])
+  })
+
+  it('follows g1 after its move: the exposure still carries, console names its member, rm removes it', async () => {
+    assert.equal(await echo(c1.host, EXPOSED, 'after the move'), 'after the move')
+    const con = await a1.mesh(['vm', 'console', 'g1'])
+    assert.equal(con.code, 1)
+    assert.match(con.stderr, /VM 'g1' runs on member b1/)
+    assert.equal((await c1.mesh(['expose', 'rm', EXPOSED])).code, 0)
+    const ls = await c1.json<{ exposures: unknown[] }>(['expose', 'ls'])
+    assert.deepEqual(ls.exposures, [])
+    const again = await c1.mesh(['expose', 'rm', EXPOSED])
+    assert.equal(again.code, 1)
+    assert.match(again.stderr, /nothing is exposed on/)
+  })
+})
