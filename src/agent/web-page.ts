@@ -72,7 +72,8 @@ function drawGraph() {
     if (prev !== undefined && now > prev.at) rate = ' · ' + (((bytes - prev.bytes) / ((now - prev.at) / 1000)) / 1e6).toFixed(2) + ' MB/s'
     prevBytes.set(n.peer, { bytes, at: now })
     const label = l.link === 'open' ? l.path + (l.rttMs !== undefined ? ' · ' + l.rttMs.toFixed(1) + ' ms' : '') + rate : l.link
-    g.append(svg('text', { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 4, class: 'linklabel' }, label))
+    // Near the peer's end, so that labels of neighbouring links do not overlap at the centre.
+    g.append(svg('text', { x: a.x + 0.62 * (b.x - a.x), y: a.y + 0.62 * (b.y - a.y) - 6, class: 'linklabel' }, label))
   }
   for (const n of nodes) {
     const p = pos.get(n.peer)

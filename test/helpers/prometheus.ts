@@ -37,6 +37,8 @@ export async function startPrometheus(opts: {
   targets: string[]
   port: number
   spawnIn?: (cmd: string, args: string[]) => ChildProcess
+  /** GETs a URL where Prometheus runs (a namespace's loopback is not ours): default fetch(). */
+  get?: (url: string) => Promise<string>
 }): Promise<PrometheusServer> {
   const dir = mkdtempSync(join(tmpdir(), 'mesh-prom-'))
   const config = join(dir, 'prometheus.yml')
@@ -70,8 +72,9 @@ export async function startPrometheus(opts: {
   const url = `http://127.0.0.1:${opts.port}`
   const exited = new Promise<void>((r) => child.once('exit', () => r()))
   const query: PrometheusServer['query'] = async (q) => {
-    const res = await fetch(`${url}/api/v1/query?query=${encodeURIComponent(q)}`)
-    const body = (await res.json()) as { status: string; data?: { result: [] }; error?: string }
+    const target = `${url}/api/v1/query?query=${encodeURIComponent(q)}`
+    const text = opts.get === undefined ? await (await fetch(target)).text() : await opts.get(target)
+    const body = JSON.parse(text) as { status: string; data?: { result: [] }; error?: string }
     if (body.status !== 'success') throw new Error(`prometheus query ${q}: ${body.error}`)
     return body.data?.result ?? []
   }
@@ -88,7 +91,7 @@ export async function startPrometheus(opts: {
           if (pred(r)) return r
           last = r
         } catch (err) {
-          last = err // not up yet
+          last = String(err) // not up yet
         }
         if (Date.now() > until)
           throw new Error(`prometheus: '${q}' never matched; last: ${JSON.stringify(last)}; log: ${log}`)

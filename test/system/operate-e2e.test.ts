@@ -131,6 +131,11 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
       targets: [METRICS],
       port: 9090,
       spawnIn: (cmd, args) => a1.host.spawn(cmd, args),
+      get: async (url) => {
+        const r = await a1.host.exec('curl', ['-sS', '--max-time', '5', url], { timeoutMs: 10_000 })
+        if (r.code !== 0) throw new Error(`curl ${url}: ${r.stderr.trim()}`)
+        return r.stdout
+      },
     })
 
     // Watch the page while the move runs: every migration state it shows, in order.
