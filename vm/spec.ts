@@ -17,8 +17,13 @@ export interface VmSpec {
   /** A path, or an image name `image:NAME[:TAG]` that the chunk layer resolves to a path before start. */
   kernel: string
   initrd?: string
-  /** Optional raw/qcow2 disk (path or image name), attached as virtio-blk. */
+  /** Optional raw/qcow2 disk (path or image name), attached as virtio-blk as it is (not moved). */
   disk?: string
+  /**
+   * The VM's own writable disk: a qcow2 overlay (created by the runtime) on a read-only base image.
+   * It is /dev/vda in the guest and moves with the VM. Spec files write it as `disk: {base, sizeGiB}`.
+   */
+  volume?: VolumeSpec
   /** Guest MAC, lower case `xx:xx:xx:xx:xx:xx`, unicast. Derived from the name when the file omits it. */
   mac: string
   /** Guest address in CIDR form; passed to the guest as `mesh.ip=` on the kernel command line. */
@@ -27,10 +32,32 @@ export interface VmSpec {
   cmdline?: string
 }
 
+/** A writable disk layered on a read-only base. */
+export interface VolumeSpec {
+  /** `image:NAME[:TAG]` (the chunk layer resolves it) or an absolute path to a raw image. */
+  base: string
+  /** The disk's size in GiB (at least the base's size); default: the base's size. */
+  sizeGiB?: number
+}
+
+/** Largest writable disk a spec may ask for (GiB). */
+export const MAX_VOLUME_GIB = 16 * 1024
+
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/
 const IMAGE_RE = /^image:([A-Za-z0-9][A-Za-z0-9_.\-/]*)(?::([A-Za-z0-9_.-]+))?$/
-const KNOWN = new Set(['name', 'memoryMiB', 'vcpus', 'kernel', 'initrd', 'disk', 'mac', 'ip', 'cmdline'])
+const KNOWN = new Set([
+  'name',
+  'memoryMiB',
+  'vcpus',
+  'kernel',
+  'initrd',
+  'disk',
+  'volume',
+  'mac',
+  'ip',
+  'cmdline',
+])
 
 /** An image reference that the chunk layer resolves (`image:NAME[:TAG]`), or undefined for a path. */
 export function parseImageRef(value: string): { name: string; tag: string } | undefined {
@@ -81,6 +108,46 @@ function pathOrImage(key: string, v: string | undefined, baseDir: string | undef
   return baseDir !== undefined && !isAbsolute(v) ? resolve(baseDir, v) : v
 }
 
+/**
+ * `disk: {base, sizeGiB}` (or `volume:` as stored): base `image:NAME[:TAG]`, `NAME:TAG` (an image
+ * too), or a path (absolute, or starting with ./ or ../, relative to the spec file).
+ */
+function volumeSpec(key: string, v: unknown, baseDir: string | undefined): VolumeSpec {
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw new VmSpecError(`spec.${key}`, 'must be an object like {"base": "image:debian-pg:1", "sizeGiB": 8}')
+  const o = v as Record<string, unknown>
+  for (const k of Object.keys(o))
+    if (k !== 'base' && k !== 'sizeGiB')
+      throw new VmSpecError(`spec.${key}.${k}`, 'unknown field (known: base, sizeGiB)')
+  const base = o.base
+  if (typeof base !== 'string' || base.trim() === '')
+    throw new VmSpecError(`spec.${key}.base`, 'is required: an image name (NAME:TAG) or a path')
+  let out: string
+  if (base.startsWith('/') || base.startsWith('./') || base.startsWith('../')) {
+    out = pathOrImage(`${key}.base`, base, baseDir)!
+  } else {
+    const ref = base.startsWith('image:') ? base : `image:${base}`
+    const parsed = parseImageRef(ref)
+    if (parsed === undefined)
+      throw new VmSpecError(
+        `spec.${key}.base`,
+        `bad image name '${base}' (NAME[:TAG], or a path starting with /)`,
+      )
+    out = `image:${parsed.name}:${parsed.tag}`
+  }
+  const spec: VolumeSpec = { base: out }
+  if (o.sizeGiB !== undefined && o.sizeGiB !== null) {
+    const g = o.sizeGiB
+    if (typeof g !== 'number' || !Number.isInteger(g) || g < 1 || g > MAX_VOLUME_GIB)
+      throw new VmSpecError(
+        `spec.${key}.sizeGiB`,
+        `must be an integer from 1 to ${MAX_VOLUME_GIB}, got ${JSON.stringify(g)}`,
+      )
+    spec.sizeGiB = g
+  }
+  return spec
+}
+
 function checkCidr(ip: string): void {
   const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\/(\d{1,2})$/.exec(ip)
   if (m === null || m.slice(1, 5).some((p) => Number(p) > 255) || Number(m[5]) > 32) {
@@ -108,7 +175,20 @@ export function validateVmSpec(input: unknown, baseDir?: string): VmSpec {
   const vcpus = int(o, 'vcpus', 1, 64, 1)
   const kernel = pathOrImage('kernel', str(o, 'kernel', true), baseDir)!
   const initrd = pathOrImage('initrd', str(o, 'initrd', false), baseDir)
-  const disk = pathOrImage('disk', str(o, 'disk', false), baseDir)
+  // `disk` as an object is the VM's writable disk (stored as `volume`); as a string, a file attached
+  // as it is.
+  let volume: VolumeSpec | undefined
+  let disk: string | undefined
+  if (typeof o.disk === 'object' && o.disk !== null) {
+    if (o.volume !== undefined)
+      throw new VmSpecError('spec.disk', 'give either disk: {...} or volume, not both')
+    volume = volumeSpec('disk', o.disk, baseDir)
+  } else {
+    disk = pathOrImage('disk', str(o, 'disk', false), baseDir)
+    if (o.volume !== undefined) volume = volumeSpec('volume', o.volume, baseDir)
+  }
+  if (disk !== undefined && volume !== undefined)
+    throw new VmSpecError('spec.disk', 'a VM has either an attached disk file or a writable disk, not both')
   let mac = str(o, 'mac', false)?.toLowerCase()
   if (mac === undefined) mac = macForName(name)
   else if (!MAC_RE.test(mac))
@@ -123,6 +203,7 @@ export function validateVmSpec(input: unknown, baseDir?: string): VmSpec {
   const spec: VmSpec = { name, memoryMiB, vcpus, kernel, mac }
   if (initrd !== undefined) spec.initrd = initrd
   if (disk !== undefined) spec.disk = disk
+  if (volume !== undefined) spec.volume = volume
   if (ip !== undefined) spec.ip = ip
   if (cmdline !== undefined) spec.cmdline = cmdline
   return spec

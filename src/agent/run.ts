@@ -2,6 +2,8 @@ import { createHash } from 'node:crypto'
 import { existsSync, readFileSync, statSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
+import type { ChunkService } from '../../net/chunks/exchange.ts'
+import type { ImageRegistry } from '../../net/chunks/images.ts'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
 import { knownBootstrap, NETWORK_STATE_FILE } from '../../net/node.ts'
@@ -82,6 +84,18 @@ function lazyRamCache(make: () => RamCache): RamCache {
     remember: (vm, path, chunkSize, signal) => get().remember(vm, path, chunkSize, signal),
     forget: (vm) => get().forget(vm),
   }
+}
+
+/** A local file for an image reference: the registry's copy, pulled from the members when missing. */
+async function resolveImageFile(
+  chunks: { images: ImageRegistry; service: ChunkService },
+  ref: string,
+  dir: string,
+  signal?: AbortSignal,
+): Promise<string> {
+  if (chunks.images.get(ref) === undefined)
+    await chunks.images.pull(chunks.service, ref, undefined, signal === undefined ? {} : { signal })
+  return chunks.images.materialize(ref, { service: chunks.service, dir, ...(signal ? { signal } : {}) })
 }
 
 /** Guests' MTU must let one Ethernet frame fit one tunnel message (net/tunnel: no fragmentation). */
@@ -184,7 +198,16 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
   // One driver per agent; its RAM files live in a directory of their own so that several agents on
   // one machine (tests, the demo) never collide on a VM's name.
   const ramDir = ramDirFor(paths.dir)
-  const driver = createQemuDriver({ runDir: runDirFor(paths.dir), ramDir })
+  const driver = createQemuDriver({
+    runDir: runDirFor(paths.dir),
+    ramDir,
+    diskDir: join(paths.dir, 'disks'),
+    // `image:NAME[:TAG]` in a spec (a disk's base, a kernel): a file assembled from the chunk store,
+    // pulled from the members first when this host does not hold the image (a migration's destination
+    // gets a VM's base this way; chunks it already holds are not fetched again).
+    resolveImage: (ref, signal) =>
+      resolveImageFile(chunks, ref.slice('image:'.length), join(paths.dir, 'files'), signal),
+  })
   const manager = createLocalVmManager(paths.dir, driver)
   const run = manager.run.bind(manager)
   manager.run = (spec, signal) => run(withTunnelMtu(spec), signal)

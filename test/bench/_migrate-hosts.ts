@@ -36,6 +36,10 @@ export interface TestHost {
   /** Host ports forwarded to the guest's memory checker / counter when the guest runs here. */
   memPort: number
   counterPort: number
+  /** Host ports of the extra guest ports (`guestPorts` option) when the guest runs here. */
+  ports: Map<number, number>
+  /** Where the host's VM disks go. */
+  diskDir: string
 }
 
 export interface TwoHosts {
@@ -112,6 +116,8 @@ export async function createTwoHosts(
     tag?: string
     /** Host B's migration service runs in a child process (its own event loop), over a unix socket. */
     processes?: boolean
+    /** More guest TCP ports to forward on each host (e.g. the Debian guest's block checker). */
+    guestPorts?: number[]
   } = {},
 ): Promise<TwoHosts> {
   const guest = await ensureGuest()
@@ -126,9 +132,13 @@ export async function createTwoHosts(
     const runDir = join(tmpdir(), `${tag}-${id}-${process.pid}`)
     const memPort = id === 'B' ? bPorts.memPort : await freePort()
     const counterPort = id === 'B' ? bPorts.counterPort : await freePort()
+    const diskDir = `${runDir}-disks`
+    const ports = new Map<number, number>()
+    for (const g of options.guestPorts ?? []) ports.set(g, await freePort())
     const driver = createQemuDriver({
       ramDir,
       runDir,
+      diskDir,
       accel: accel(),
       startTimeoutMs: 120_000,
       commandTimeoutMs: 120_000,
@@ -137,6 +147,7 @@ export async function createTwoHosts(
       hostfwd: [
         { hostPort: memPort, guestPort: MEMCHECK_PORT },
         { hostPort: counterPort, guestPort: COUNTER_PORT },
+        ...[...ports].map(([guestPort, hostPort]) => ({ hostPort, guestPort })),
       ],
     }
     const host = createDriverHost({ driver, ramDir, startOptions: () => ({ testNet }) })
@@ -155,7 +166,7 @@ export async function createTwoHosts(
       tuning: { timeoutMs: 120_000, ...options.tuning },
     })
     await service.start(new AbortController().signal)
-    return { id, driver, host, service, ramDir, runDir, memPort, counterPort }
+    return { id, driver, host, service, ramDir, runDir, memPort, counterPort, ports, diskDir }
   }
   const a = await make('A')
   const b = await make('B')
@@ -194,6 +205,7 @@ export async function createTwoHosts(
           hostfwd: [
             { hostPort: on.memPort, guestPort: MEMCHECK_PORT },
             { hostPort: on.counterPort, guestPort: COUNTER_PORT },
+            ...[...on.ports].map(([guestPort, hostPort]) => ({ hostPort, guestPort })),
           ],
         },
       })
@@ -216,7 +228,7 @@ export async function createTwoHosts(
         await h.host.stopAll()
       }
       for (const h of [a, b]) {
-        for (const d of [h.ramDir, h.runDir]) {
+        for (const d of [h.ramDir, h.runDir, h.diskDir]) {
           const names = await readdir(d).catch(() => [] as string[])
           left.push(...names.map((n) => join(d, n)))
           await rm(d, { recursive: true, force: true })

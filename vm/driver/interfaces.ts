@@ -13,6 +13,10 @@
  *   await dst.loadState(state); await dst.resume()   // guest continues on dst
  *   await src.stop()                                 // or src.resume() to roll back
  */
+
+import type { PreviousDisk } from '../disk/previous.ts'
+import type { DiskTracker } from '../disk/tracker.ts'
+import type { DiskWriter } from '../disk/writer.ts'
 import type { VmExitInfo } from '../errors.ts'
 import type { VmSpec } from '../spec.ts'
 
@@ -123,6 +127,11 @@ export interface Vm {
    * Frames are a 4-byte big-endian length + the Ethernet frame. Undefined with `testNet` or in the fake.
    */
   readonly netSocket: string | undefined
+  /**
+   * The VM's writable disk (spec.volume): a qcow2 overlay on its base, removed by stop() (a crash
+   * keeps it: the guest's data). Undefined without a volume or in drivers without disks.
+   */
+  readonly volumePath?: string | undefined
   status(): VmStatus
   /** Stops the guest CPUs. Idempotent when already paused. */
   pause(signal?: AbortSignal): Promise<void>
@@ -148,6 +157,24 @@ export interface Vm {
   loadState(state: Uint8Array, signal?: AbortSignal): Promise<void>
   /** A tracker over this VM's RAM. Several may exist; each keeps its own baseline. */
   dirtyTracker(options?: DirtyTrackerOptions): DirtyTracker
+  /**
+   * A tracker over the VM's writable disk (QEMU dirty bitmaps read over NBD, vm/disk/tracker.ts), or
+   * undefined when it has none. One at a time per VM (it runs QEMU's one NBD server).
+   */
+  diskTracker?(options?: { chunkSize?: number }): DiskTracker | undefined
+  /**
+   * Writes into the writable disk of a VM started `incoming` (a migration's destination) through
+   * QEMU's NBD server (vm/disk/writer.ts); undefined when it has no disk.
+   */
+  diskWriter?(): Promise<DiskWriter> | undefined
+  /**
+   * A move out is about to stop this paused VM: stop() keeps its disk as the VM's previous disk on this
+   * host (vm/disk/previous.ts) instead of removing it, so a move back sends only what changed. Undone
+   * when the guest resumes here (a rolled-back move).
+   */
+  retainVolumeOnStop?(): void
+  /** The disk this VM left here on an earlier stay, read-only and indexed by chunk hash, if any. */
+  previousDisk?(chunkSize: number): Promise<PreviousDisk | undefined>
   /** The last `n` lines of the serial console (and hypervisor stderr), oldest first. */
   consoleTail(n?: number): Promise<string[]>
   /** Resolves when the VM is gone (stopped or exited). */

@@ -6,6 +6,7 @@
  */
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
+import { DiskReceiver } from '../disk/receiver.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import type { Conversation } from './conversation.ts'
 import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'
@@ -173,6 +174,9 @@ export class DestinationSession {
     const spec = prepare.spec
     this.ramPath = await host.allocateRam(spec, signal)
     this.streams = [new RamReceiver(this.ramPath, prepare.ramSize, prepare.chunkSize, this.init.cache, log)]
+    // A writable disk moves too: its chunks go into the incoming VM's disk through QEMU's NBD server.
+    if (spec.volume !== undefined)
+      this.streams.push(new DiskReceiver(() => this.vmStart, this.init.cache, log))
     // Start the incoming VM now: it boots (and waits) while the RAM arrives, off the downtime.
     this.vmStart = host.startIncoming(spec, this.ramPath, this.startAbort.signal)
     this.vmStart.catch(() => {}) // observed at 'final'

@@ -161,6 +161,11 @@ export interface MigrationReport {
   deviceStateWireBytes?: number
   /** The reference copy of the device state sent during pre-copy (0: none, e.g. the driver has none). */
   stateRefBytes?: number
+  /** The VM's writable disk: what its overlay held at the start (the guest's writes beyond its base),
+   *  the disk bytes put on the wire (compressed), and what the destination already held. */
+  diskWrittenBytes?: number
+  diskSentBytes?: number
+  diskDedupBytes?: number
   /** Why pre-copy ended: 'small', 'not-shrinking', 'max-rounds', 'deadline'. */
   switchReason: string
   deadlineMs?: number

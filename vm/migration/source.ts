@@ -9,6 +9,7 @@ import { open } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
+import { DiskSender } from '../disk/sender.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import { parseImageRef } from '../spec.ts'
 import { Conversation } from './conversation.ts'
@@ -115,6 +116,7 @@ export class SourceSession {
   private readonly unregister: () => void
   private readonly token: number
   private readonly ram: RamSender
+  private readonly disk: DiskSender | undefined
   /** Everything that moves live, in the order its parts are sent. */
   private readonly streams: SourceStream[]
   private readonly ctx: SourceContext
@@ -178,6 +180,11 @@ export class SourceSession {
     )
     this.ram = new RamSender({ vm: this.vm, chunkSize: this.t.chunkSize, compress: this.t.compress })
     this.streams = [this.ram]
+    // A writable disk moves alongside the RAM (vm/disk/sender.ts).
+    if (this.vm.volumePath !== undefined) {
+      this.disk = new DiskSender({ vm: this.vm, chunkSize: this.t.chunkSize, compress: this.t.compress })
+      this.streams.push(this.disk)
+    }
     this.ctx = {
       conv: this.conv,
       sid: this.sid,
@@ -502,7 +509,7 @@ export class SourceSession {
       downtimeSourceMs,
       rttMs: this.rttMs,
       wireBytes: this.conv.wireBytes,
-      dedupBytes: this.ram.dedupChunks * this.t.chunkSize,
+      dedupBytes: (this.ram.dedupChunks + (this.disk?.dedupChunks ?? 0)) * this.t.chunkSize,
       dupPageBytes: this.ram.dupPageBytes,
       ramBytes: this.ram.ramAtStart,
       rounds: this.round,
@@ -514,6 +521,11 @@ export class SourceSession {
       timings: this.timings,
     }
     if (init.deadlineMs !== undefined) report.deadlineMs = init.deadlineMs
+    if (this.disk !== undefined) {
+      report.diskWrittenBytes = this.disk.writtenAtStart
+      report.diskSentBytes = this.disk.sentBytes
+      report.diskDedupBytes = this.disk.dedupChunks * this.t.chunkSize
+    }
     this.go('handover', 'completed')
     if (kept !== undefined && init.cache !== undefined) {
       // Keep the last RAM as chunks so a later move back here sends only what changed. Not at once:

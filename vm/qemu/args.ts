@@ -8,7 +8,15 @@ export interface QemuPaths {
   consolePath: string
   /** The stream socket QEMU listens on for the guest NIC (the tunnel connects here). */
   netPath: string
+  /** The VM's writable disk (qcow2 overlay on its base) when the spec has a volume. */
+  volumePath?: string
+  /** Local files for `image:` references of the spec's kernel/initrd (resolved by the chunk layer). */
+  kernelPath?: string
+  initrdPath?: string
 }
+
+/** QEMU's node name of a VM's writable disk: dirty bitmaps and NBD exports name it (vm/disk). */
+export const VOLUME_NODE = 'vol0'
 
 /**
  * The guest NIC's backend. `stream` (default): QEMU listens on `netPath` and exchanges length-prefixed
@@ -93,9 +101,10 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuPaths, options: QemuArgsO
     '-qmp',
     `unix:${esc(paths.qmpPath)},server=on,wait=off`,
     '-kernel',
-    spec.kernel,
+    paths.kernelPath ?? spec.kernel,
   ]
-  if (spec.initrd !== undefined) args.push('-initrd', spec.initrd)
+  const initrd = paths.initrdPath ?? spec.initrd
+  if (initrd !== undefined) args.push('-initrd', initrd)
   args.push('-append', kernelCmdline(spec))
   const net = options.net ?? { type: 'stream' }
   if (net.type === 'stream') {
@@ -110,6 +119,17 @@ export function buildQemuArgs(spec: VmSpec, paths: QemuPaths, options: QemuArgsO
   if (spec.disk !== undefined) {
     const format = spec.disk.endsWith('.qcow2') ? 'qcow2' : 'raw'
     args.push('-drive', `file=${esc(spec.disk)},if=virtio,format=${format}`)
+  }
+  if (spec.volume !== undefined) {
+    if (paths.volumePath === undefined)
+      throw new TypeError(`VM '${spec.name}' has a volume but no volume path`)
+    // A named node (not just a drive id): dirty bitmaps and NBD exports address it during migration.
+    // The base is the overlay's backing file, opened read-only by QEMU.
+    args.push(
+      '-drive',
+      `file=${esc(paths.volumePath)},if=none,id=${VOLUME_NODE}-drive,node-name=${VOLUME_NODE},format=qcow2,cache=writeback,discard=unmap`,
+    )
+    args.push('-device', `virtio-blk-pci,drive=${VOLUME_NODE}-drive,id=${VOLUME_NODE}-dev`)
   }
   args.push('-S')
   if (options.incoming === true) args.push('-incoming', 'defer')

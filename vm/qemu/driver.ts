@@ -3,11 +3,15 @@ import { closeSync, constants, existsSync, openSync } from 'node:fs'
 import { access, mkdir, mkdtemp, readFile, rm, stat } from 'node:fs/promises'
 import { createConnection, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
-import { basename, join } from 'node:path'
+import { basename, dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { processAlive } from '../../src/base/process.ts'
 import { createDirtyTracker } from '../dirty/index.ts'
+import { openPreviousDisk, type PreviousDisk, retainVolume } from '../disk/previous.ts'
+import { createDiskTracker, type DiskTracker } from '../disk/tracker.ts'
+import { GiB, prepareVolume, removeVolume } from '../disk/volume.ts'
+import { type DiskWriter, openDiskWriter } from '../disk/writer.ts'
 import { tailLines, VmEmitter } from '../driver/base.ts'
 import type {
   DirtyTracker,
@@ -28,7 +32,7 @@ import {
   VmStateError,
 } from '../errors.ts'
 import { parseImageRef, type VmSpec } from '../spec.ts'
-import { buildQemuArgs, type NetBackend } from './args.ts'
+import { buildQemuArgs, type NetBackend, VOLUME_NODE } from './args.ts'
 import { QmpClient, type QmpEvent } from './qmp.ts'
 
 const MiB = 1024 * 1024
@@ -45,6 +49,13 @@ export interface QemuDriverOptions {
   startTimeoutMs?: number
   /** Default timeout for QMP commands and for migrations. Default 60 s. */
   commandTimeoutMs?: number
+  /** Where VMs' writable disks (qcow2 overlays) go. Default `<runDir>/disks`; agents use STATE/disks. */
+  diskDir?: string
+  /**
+   * Turns an `image:NAME[:TAG]` reference of a spec (kernel, initrd, volume base) into a local file;
+   * the agent materialises it from the chunk layer. Without it, image references are an error.
+   */
+  resolveImage?: (ref: string, signal?: AbortSignal) => Promise<string>
 }
 
 interface Paths {
@@ -53,6 +64,8 @@ interface Paths {
   console: string
   stderr: string
   net: string
+  /** The writable disk ('' when the VM has none). */
+  volume: string
 }
 
 async function checkReadable(field: string, path: string | undefined): Promise<void> {
@@ -82,6 +95,7 @@ class QemuDriver implements VmDriver {
   private readonly qemu: string
   private readonly ramDir: string
   private readonly runDir: string
+  private readonly diskDir: string
   private readonly startTimeoutMs: number
   private readonly commandTimeoutMs: number
 
@@ -89,6 +103,7 @@ class QemuDriver implements VmDriver {
     this.qemu = options.qemuBinary ?? 'qemu-system-x86_64'
     this.ramDir = options.ramDir ?? process.env.MESH_RAM_DIR ?? '/dev/shm/mesh'
     this.runDir = options.runDir ?? join(tmpdir(), `mesh-vm-${process.getuid?.() ?? 0}`)
+    this.diskDir = options.diskDir ?? join(this.runDir, 'disks')
     this.startTimeoutMs = options.startTimeoutMs ?? 60_000
     this.commandTimeoutMs = options.commandTimeoutMs ?? 60_000
   }
@@ -96,9 +111,13 @@ class QemuDriver implements VmDriver {
   async start(spec: VmSpec, opts: StartOptions = {}): Promise<Vm> {
     const signal = opts.signal
     throwIfAborted(signal)
-    await checkReadable('kernel', spec.kernel)
-    await checkReadable('initrd', spec.initrd)
+    const kernel = await this.resolve('kernel', spec.kernel, signal)
+    const initrd = await this.resolve('initrd', spec.initrd, signal)
+    const base = await this.resolve('volume.base', spec.volume?.base, signal)
+    await checkReadable('kernel', kernel)
+    await checkReadable('initrd', initrd)
     await checkReadable('disk', spec.disk)
+    await checkReadable('volume.base', base)
     const size = spec.memoryMiB * MiB
     if (opts.memoryPath !== undefined) {
       const st = await stat(opts.memoryPath).catch((err: unknown) => {
@@ -119,13 +138,40 @@ class QemuDriver implements VmDriver {
       console: join(dir, 'console.log'),
       stderr: join(dir, 'stderr.log'),
       net: opts.testNet === undefined ? join(dir, 'net.sock') : '',
+      volume: '',
+    }
+    let createdVolume = false
+    if (spec.volume !== undefined && base !== undefined) {
+      try {
+        const v = await prepareVolume({
+          dir: this.diskDir,
+          vm: spec.name,
+          base,
+          ...(spec.volume.sizeGiB === undefined ? {} : { sizeBytes: spec.volume.sizeGiB * GiB }),
+          incoming: opts.incoming === true,
+          ...(signal ? { signal } : {}),
+        })
+        paths.volume = v.path
+        createdVolume = v.created
+      } catch (err) {
+        await rm(dir, { recursive: true, force: true })
+        throw err
+      }
     }
     const ramPath = opts.memoryPath ?? join(this.ramDir, `${basename(dir)}.ram`)
     const net: NetBackend =
       opts.testNet === undefined ? { type: 'stream' } : { type: 'user', hostfwd: opts.testNet.hostfwd }
     const args = buildQemuArgs(
       spec,
-      { ramPath, qmpPath: paths.qmp, consolePath: paths.console, netPath: paths.net },
+      {
+        ramPath,
+        qmpPath: paths.qmp,
+        consolePath: paths.console,
+        netPath: paths.net,
+        ...(paths.volume === '' ? {} : { volumePath: paths.volume }),
+        ...(kernel !== spec.kernel ? { kernelPath: kernel } : {}),
+        ...(initrd !== spec.initrd && initrd !== undefined ? { initrdPath: initrd } : {}),
+      },
       {
         ...(this.options.accel === undefined ? {} : { accel: this.options.accel }),
         incoming: opts.incoming === true,
@@ -163,11 +209,27 @@ class QemuDriver implements VmDriver {
       // The VM never became the caller's: remove everything, including a RAM file we created (a file
       // the caller passed in stays theirs).
       await vm.destroy(opts.memoryPath === undefined)
+      if (createdVolume) await removeVolume(paths.volume).catch(() => {})
       if (err instanceof VmExitedError || err instanceof AbortError) throw err
       throw err instanceof VmStartError
         ? err
         : new VmStartError(`starting VM '${spec.name}' failed: ${(err as Error).message}`, { cause: err })
     }
+  }
+
+  /** A spec field's local file: image references through resolveImage, paths as they are. */
+  private async resolve(
+    field: string,
+    value: string | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<string | undefined> {
+    if (value === undefined || parseImageRef(value) === undefined) return value
+    if (this.options.resolveImage === undefined)
+      throw new VmSpecError(
+        `spec.${field}`,
+        `image '${value}' must be resolved to a file (chunk layer) before start`,
+      )
+    return this.options.resolveImage(value, signal)
   }
 
   handle(vm: Vm): VmHandle {
@@ -183,6 +245,7 @@ class QemuDriver implements VmDriver {
       console: p.console ?? '',
       stderr: p.stderr ?? '',
       net: p.net ?? '',
+      volume: p.volume ?? '',
     }
     if (!processAlive(handle.pid))
       throw new VmStateError(`VM '${handle.spec.name}' (pid ${handle.pid}) is not running`)
@@ -210,6 +273,9 @@ class QemuVm extends VmEmitter implements Vm {
   readonly pid: number | undefined
   readonly consolePath: string
   readonly netSocket: string | undefined
+  readonly volumePath: string | undefined
+  /** stop() keeps the disk as the VM's previous disk here (a move out), see retainVolumeOnStop(). */
+  private retainVolume = false
   private qmp: QmpClient | undefined
   private _status: VmStatus = 'paused'
   private exitInfo: VmExitInfo | undefined
@@ -236,6 +302,7 @@ class QemuVm extends VmEmitter implements Vm {
     this.pid = child?.pid ?? pid
     this.consolePath = paths.console
     this.netSocket = paths.net === '' ? undefined : paths.net
+    this.volumePath = paths.volume === '' ? undefined : paths.volume
     this.exited = new Promise((resolve) => {
       this.resolveExited = resolve
     })
@@ -337,6 +404,7 @@ class QemuVm extends VmEmitter implements Vm {
   }
 
   private markRunning(): void {
+    this.retainVolume = false
     if (this._status === 'running') return
     this._status = 'running'
     this.fire('resumed', { at: Date.now() })
@@ -409,6 +477,21 @@ class QemuVm extends VmEmitter implements Vm {
   }
 
   async stop(signal?: AbortSignal): Promise<void> {
+    // An explicit stop ends the VM for good: its disk goes too (a crash keeps it, see gone()).
+    try {
+      await this.stopProcess(signal)
+    } finally {
+      if (this.volumePath !== undefined && (this.exitInfo !== undefined || this.detached)) {
+        if (this.retainVolume)
+          await retainVolume(this.volumePath, dirname(this.volumePath), this.spec.name).catch(() =>
+            removeVolume(this.volumePath!),
+          )
+        else await removeVolume(this.volumePath).catch(() => {})
+      }
+    }
+  }
+
+  private async stopProcess(signal?: AbortSignal): Promise<void> {
     if (this.exitInfo !== undefined || this.detached) {
       await this.removeFiles(true)
       return
@@ -645,6 +728,34 @@ class QemuVm extends VmEmitter implements Vm {
       },
       close: () => inner.close(),
     }
+  }
+
+  diskTracker(options: { chunkSize?: number } = {}): DiskTracker | undefined {
+    if (this.volumePath === undefined) return undefined
+    return createDiskTracker({
+      qmp: (command, args) => this.qmpExecute(command, args),
+      node: VOLUME_NODE,
+      dir: this.paths.dir,
+      ...(options.chunkSize === undefined ? {} : { chunkSize: options.chunkSize }),
+    })
+  }
+
+  retainVolumeOnStop(): void {
+    if (this.volumePath !== undefined && this._status !== 'running') this.retainVolume = true
+  }
+
+  previousDisk(chunkSize: number): Promise<PreviousDisk | undefined> {
+    if (this.volumePath === undefined) return Promise.resolve(undefined)
+    return openPreviousDisk(dirname(this.volumePath), this.spec.name, chunkSize)
+  }
+
+  diskWriter(): Promise<DiskWriter> | undefined {
+    if (this.volumePath === undefined) return undefined
+    return openDiskWriter({
+      qmp: (command, args) => this.qmpExecute(command, args),
+      node: VOLUME_NODE,
+      dir: this.paths.dir,
+    })
   }
 
   async consoleTail(n = 20): Promise<string[]> {

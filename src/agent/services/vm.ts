@@ -19,7 +19,8 @@ export function runDirFor(stateDir: string): string {
 /** The VM manager of a state dir, with the QEMU driver configured for it. */
 export function createLocalVmManager(stateDir: string, driver?: VmDriver): VmManager {
   return new VmManager({
-    driver: driver ?? createQemuDriver({ runDir: runDirFor(stateDir) }),
+    driver:
+      driver ?? createQemuDriver({ runDir: runDirFor(stateDir), diskDir: join(resolve(stateDir), 'disks') }),
     dir: join(resolve(stateDir), 'vms'),
   })
 }

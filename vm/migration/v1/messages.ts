@@ -80,6 +80,8 @@ const TYPES = [
   'zdata',
   'stateref',
   'zstate',
+  // A message of the disk stream: its body is vm/disk/v1/messages.ts's encoding (offer/want/data).
+  'disk',
 ] as const
 export type MessageType = Exclude<(typeof TYPES)[number], 'zdata'>
 const CODE = Object.fromEntries(TYPES.map((t, i) => [t, i + 1])) as Record<(typeof TYPES)[number], number>
@@ -137,6 +139,8 @@ export type Message =
   /** The whole device state in one message: `bytes` is the inflated body (the state itself, or its XOR
    *  with the reference when `xor`), `hash` the SHA-256 of the state (see applyStateDelta). */
   | { type: 'zstate'; sid: string; total: number; xor: boolean; hash: Uint8Array; bytes: Uint8Array }
+  /** The disk stream's messages (vm/disk/v1/messages.ts decodes `body`; at most MAX_WIRE_MESSAGE). */
+  | { type: 'disk'; sid: string; body: Uint8Array }
   | { type: 'final'; sid: string; token: number; round: number; pausedAt: number }
   | { type: 'ready'; sid: string; loadedAt: number }
   | { type: 'commit'; sid: string; token: number }
@@ -237,6 +241,12 @@ export function encodeMessage(m: Message): Uint8Array {
     }
     case 'zstate':
       throw new TypeError('zstate is encoded by encodeStateDelta()')
+    case 'disk': {
+      if (m.body.byteLength > MAX_WIRE_MESSAGE - HEADER_SIZE) throw new RangeError('disk message too large')
+      const b = header('disk', m.sid, m.body.byteLength)
+      b.set(m.body, HEADER_SIZE)
+      return b
+    }
     case 'state':
     case 'stateref': {
       const b = header(m.type, m.sid, 8 + m.bytes.byteLength)
@@ -550,6 +560,11 @@ export function decodeMessage(bytes: Uint8Array): Message {
       const len = b.byteLength - r.o
       if (offset + len > total) throw new MigrationDecodeError('state piece beyond the total')
       return { type, sid, offset, total, bytes: r.bytes(len, 'state bytes') }
+    }
+    case 'disk': {
+      const len = b.byteLength - r.o
+      if (len > MAX_WIRE_MESSAGE) throw new MigrationDecodeError(`disk message of ${len} bytes is too large`)
+      return { type, sid, body: r.bytes(len, 'disk body') }
     }
     default:
       return decodeJson(type, sid, body.subarray(HEADER_SIZE))

@@ -1,0 +1,108 @@
+/**
+ * The disk a VM left behind on this host when it moved away (`<vm>.prev.qcow2` in the disk dir): when
+ * the VM comes back, the destination fills every offered chunk whose hash it finds there locally
+ * instead of asking the source for it, so a return move sends only what changed while the VM was away
+ * (the disk's counterpart of the RAM cache). The old overlay is read through `qemu-nbd` (QEMU's own
+ * userspace NBD server, read-only, no kernel module): the chunks it holds (allocation depth 1) are
+ * hashed once, on the first offer.
+ */
+import { type ChildProcess, spawn } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { existsSync } from 'node:fs'
+import { rename, rm } from 'node:fs/promises'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { describeError } from '../../src/base/errors.ts'
+import { NbdClient } from './nbd.ts'
+import { extentsToChunks } from './tracker.ts'
+
+/** Where the disk a VM left behind is kept. */
+export function previousVolumePath(diskDir: string, vm: string): string {
+  return join(diskDir, `${vm}.prev.qcow2`)
+}
+
+/** Keeps a stopped VM's overlay as its previous disk (replacing an older one). */
+export async function retainVolume(path: string, diskDir: string, vm: string): Promise<void> {
+  await rename(path, previousVolumePath(diskDir, vm))
+}
+
+export interface PreviousDisk {
+  /** The bytes of a chunk of the old disk with this SHA-256, if it held one. */
+  lookup(hash: Uint8Array): Promise<Buffer | undefined>
+  readonly chunks: number
+  close(): Promise<void>
+}
+
+/** Opens the previous disk of `vm`, if there is one (undefined otherwise, or when it cannot be read). */
+export async function openPreviousDisk(
+  diskDir: string,
+  vm: string,
+  chunkSize: number,
+  log?: (msg: string, fields?: Record<string, unknown>) => void,
+): Promise<PreviousDisk | undefined> {
+  const path = previousVolumePath(diskDir, vm)
+  if (!existsSync(path)) return undefined
+  const sock = join(diskDir, `.${vm}.prev-${process.pid}.sock`)
+  let child: ChildProcess | undefined
+  let client: NbdClient | undefined
+  const close = async () => {
+    client?.close()
+    client = undefined
+    if (child !== undefined && child.exitCode === null) {
+      const exited = new Promise((r) => child!.once('exit', r))
+      child.kill('SIGTERM')
+      await Promise.race([exited, sleep(5000)])
+    }
+    await rm(sock, { force: true })
+  }
+  try {
+    await rm(sock, { force: true })
+    child = spawn('qemu-nbd', ['-r', '-f', 'qcow2', '-A', '-t', '-x', 'prev', '-k', sock, path], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    })
+    let err = ''
+    child.stderr?.on('data', (b: Buffer) => {
+      err = (err + b.toString()).slice(-2000)
+    })
+    for (let i = 0; i < 200 && !existsSync(sock); i++) {
+      if (child.exitCode !== null) throw new Error(`qemu-nbd exited: ${err.trim()}`)
+      await sleep(25)
+    }
+    client = await NbdClient.connect(sock, 'prev', ['qemu:allocation-depth'])
+    const c = client
+    const held = extentsToChunks(await c.blockStatus('qemu:allocation-depth'), chunkSize, (f) => f === 1)
+    const byHash = new Map<string, number>()
+    for (let k = 0; k < held.length; ) {
+      let n = 1
+      while (k + n < held.length && held[k + n] === held[k]! + n && n < 64) n++
+      const first = held[k]!
+      const len = Math.min(n * chunkSize, c.size - first * chunkSize)
+      const buf = await c.read(first * chunkSize, len)
+      for (let i = 0; i * chunkSize < len; i++) {
+        const h = createHash('sha256')
+          .update(buf.subarray(i * chunkSize, (i + 1) * chunkSize))
+          .digest('hex')
+        byHash.set(h, first + i)
+      }
+      k += n
+    }
+    return {
+      chunks: byHash.size,
+      async lookup(hash) {
+        const at = byHash.get(Buffer.from(hash).toString('hex'))
+        if (at === undefined) return undefined
+        const data = await c.read(at * chunkSize, Math.min(chunkSize, c.size - at * chunkSize))
+        // Verified like any chunk that goes into a guest: the file may have changed under us.
+        return createHash('sha256').update(data).digest().equals(Buffer.from(hash)) ? data : undefined
+      },
+      close,
+    }
+  } catch (e) {
+    log?.('the previous disk cannot be read; every chunk comes from the source', {
+      vm,
+      error: describeError(e),
+    })
+    await close()
+    return undefined
+  }
+}

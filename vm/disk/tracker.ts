@@ -1,0 +1,238 @@
+/**
+ * Dirty tracking of a VM's writable disk with QEMU's own machinery: a block dirty bitmap per round on
+ * the disk's node, read back through QEMU's NBD server as the `qemu:dirty-bitmap:NAME` meta context;
+ * the data itself is read through an export of the same node (what the guest sees, consistent with
+ * QEMU's caches, which reading the qcow2 file behind QEMU's back would not be), and what the overlay
+ * holds beyond its base through the `qemu:allocation-depth` context.
+ *
+ * A round swaps bitmaps atomically (one QMP transaction: add the next, disable the current), so no
+ * write falls between two rounds; the disabled bitmap is exported, read and dropped. While the guest
+ * runs, a chunk written after it was read shows up in the next round; once the guest is paused (QEMU
+ * drains in-flight I/O when it stops the VM) a last round holds every remaining change.
+ */
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { describeError, MeshError } from '../../src/base/errors.ts'
+import { type NbdClient as Nbd, NbdClient } from './nbd.ts'
+
+/** Runs one QMP command on the VM (QemuVm.qmpExecute). */
+export type QmpExec = (command: string, args?: Record<string, unknown>) => Promise<unknown>
+
+export class DiskTrackerError extends MeshError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_DISK_TRACKER' })
+  }
+}
+
+export interface DiskDirtyRound {
+  /** Chunks (of chunkSize bytes) written since the previous round, ascending. */
+  chunks: number[]
+  chunkSize: number
+  dirtyBytes: number
+  intervalMs: number
+  rateBytesPerSec: number
+  /** What finding them cost (QMP + NBD block status), ms. */
+  scanMs: number
+}
+
+export interface DiskTracker {
+  readonly method: 'qemu-dirty-bitmap'
+  readonly chunkSize: number
+  /** The disk's virtual size (after open()). */
+  readonly size: number
+  /** Starts QEMU's NBD server (unix socket) and the data export. */
+  open(): Promise<void>
+  /** Chunks the overlay itself holds (the guest wrote them; the rest reads from the base). */
+  written(): Promise<number[]>
+  /** The baseline: every chunk counts as clean from now. */
+  start(): Promise<void>
+  /** The chunks written since start()/the last collect(), and a new baseline. */
+  collect(): Promise<DiskDirtyRound>
+  /** Reads `count` chunks from `index` (the last chunk of the disk may be shorter). */
+  read(index: number, count?: number): Promise<Buffer>
+  /** Drops bitmaps and exports, stops the NBD server. Idempotent. */
+  close(): Promise<void>
+}
+
+export interface DiskTrackerInit {
+  qmp: QmpExec
+  /** QEMU node name of the disk (VOLUME_NODE). */
+  node: string
+  /** Directory for the NBD server's socket (the VM's private run dir). */
+  dir: string
+  /** Default 64 KiB (the chunk store's chunk); a power of two, at least 4 KiB. */
+  chunkSize?: number
+}
+
+const DATA_EXPORT = 'mesh-disk'
+const DEPTH = 'qemu:allocation-depth'
+
+/** Expands extents whose flags match into chunk indices (a chunk touched in any byte counts). */
+export function extentsToChunks(
+  extents: ReadonlyArray<{ offset: number; length: number; flags: number }>,
+  chunkSize: number,
+  match: (flags: number) => boolean,
+): number[] {
+  const out: number[] = []
+  let last = -1
+  for (const e of extents) {
+    if (!match(e.flags) || e.length === 0) continue
+    const first = Math.max(Math.floor(e.offset / chunkSize), last + 1)
+    const end = Math.floor((e.offset + e.length - 1) / chunkSize)
+    for (let i = first; i <= end; i++) out.push(i)
+    if (end > last) last = end
+  }
+  return out
+}
+
+export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
+  const chunkSize = init.chunkSize ?? 64 * 1024
+  if (chunkSize < 4096 || (chunkSize & (chunkSize - 1)) !== 0)
+    throw new RangeError(`disk chunk size must be a power of two of at least 4 KiB, got ${chunkSize}`)
+  const sock = join(init.dir, 'nbd.sock')
+  const { qmp, node } = init
+  let data: Nbd | undefined
+  let serverUp = false
+  let exported = false
+  let current: string | undefined
+  let seq = 0
+  let since = 0
+  let size = 0
+  const bitmap = () => `mesh-dirty-${process.pid}-${++seq}`
+  const need = (): Nbd => {
+    if (data === undefined) throw new DiskTrackerError('disk tracker is not open')
+    return data
+  }
+  /** Removes a bitmap, waiting for an export that still holds it (its deletion is asynchronous). */
+  const removeBitmap = async (name: string) => {
+    for (let i = 0; ; i++) {
+      try {
+        await qmp('block-dirty-bitmap-remove', { node, name })
+        return
+      } catch (err) {
+        if (i >= 50) throw err
+        await sleep(20)
+      }
+    }
+  }
+  return {
+    method: 'qemu-dirty-bitmap',
+    chunkSize,
+    get size() {
+      return size
+    },
+    async open() {
+      if (data !== undefined) return
+      try {
+        await qmp('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } })
+        serverUp = true
+        await qmp('block-export-add', {
+          type: 'nbd',
+          id: DATA_EXPORT,
+          'node-name': node,
+          name: DATA_EXPORT,
+          writable: false,
+          'allocation-depth': true,
+        })
+        exported = true
+        data = await NbdClient.connect(sock, DATA_EXPORT, [DEPTH])
+        size = data.size
+      } catch (err) {
+        await this.close().catch(() => {})
+        throw new DiskTrackerError(`cannot open the disk of node '${node}': ${describeError(err)}`, {
+          cause: err,
+        })
+      }
+    },
+    async written() {
+      // Depth 1: allocated in the overlay itself (0: nowhere, reads zeros; 2+: the base).
+      return extentsToChunks(await need().blockStatus(DEPTH), chunkSize, (f) => f === 1)
+    },
+    async start() {
+      need()
+      const name = bitmap()
+      await qmp('block-dirty-bitmap-add', { node, name, granularity: chunkSize, persistent: false })
+      if (current !== undefined) await removeBitmap(current).catch(() => {})
+      current = name
+      since = performance.now()
+    },
+    async collect() {
+      need()
+      if (current === undefined) throw new DiskTrackerError('collect() before start()')
+      const t0 = performance.now()
+      const done = current
+      const next = bitmap()
+      // One transaction: every write lands in exactly one of the two bitmaps.
+      await qmp('transaction', {
+        actions: [
+          {
+            type: 'block-dirty-bitmap-add',
+            data: { node, name: next, granularity: chunkSize, persistent: false },
+          },
+          { type: 'block-dirty-bitmap-disable', data: { node, name: done } },
+        ],
+      })
+      current = next
+      const interval = t0 - since
+      since = t0
+      const id = `x-${done}`
+      let chunks: number[]
+      try {
+        await qmp('block-export-add', {
+          type: 'nbd',
+          id,
+          'node-name': node,
+          name: done,
+          writable: false,
+          bitmaps: [done],
+        })
+        const c = await NbdClient.connect(sock, done, [`qemu:dirty-bitmap:${done}`])
+        try {
+          chunks = extentsToChunks(
+            await c.blockStatus(`qemu:dirty-bitmap:${done}`),
+            chunkSize,
+            (f) => (f & 1) !== 0,
+          )
+        } finally {
+          c.close()
+        }
+      } finally {
+        await qmp('block-export-del', { id, mode: 'hard' }).catch(() => {})
+        await removeBitmap(done).catch(() => {})
+      }
+      const dirtyBytes = chunks.length * chunkSize
+      return {
+        chunks,
+        chunkSize,
+        dirtyBytes,
+        intervalMs: interval,
+        rateBytesPerSec: interval > 0 ? (dirtyBytes * 1000) / interval : 0,
+        scanMs: performance.now() - t0,
+      }
+    },
+    async read(index, count = 1) {
+      const d = need()
+      const offset = index * chunkSize
+      const len = Math.min(count * chunkSize, d.size - offset)
+      if (len <= 0) throw new DiskTrackerError(`chunk ${index} is outside the disk`)
+      return d.read(offset, len)
+    },
+    async close() {
+      data?.close()
+      data = undefined
+      if (current !== undefined) {
+        const c = current
+        current = undefined
+        await removeBitmap(c).catch(() => {})
+      }
+      if (exported) {
+        exported = false
+        await qmp('block-export-del', { id: DATA_EXPORT, mode: 'hard' }).catch(() => {})
+      }
+      if (serverUp) {
+        serverUp = false
+        await qmp('nbd-server-stop').catch(() => {})
+      }
+    },
+  }
+}
