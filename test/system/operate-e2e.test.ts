@@ -181,7 +181,8 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
     assert.equal(paused[0]?.value[1], '1')
     const rtt = await prom.query('mesh_link_rtt_seconds')
     const names = rtt.map((r) => r.metric.name)
-    for (const n of ['b1', 'c1', 'boot']) assert.ok(names.includes(n), `no RTT for ${n}: ${JSON.stringify(names)}`)
+    for (const n of ['b1', 'c1', 'boot'])
+      assert.ok(names.includes(n), `no RTT for ${n}: ${JSON.stringify(names)}`)
   })
 
   it('follows g1 after its move: the exposure still carries, console names its member, rm removes it', async () => {
