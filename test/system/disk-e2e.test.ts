@@ -170,7 +170,7 @@ describe("a PostgreSQL VM with a writable disk moves across NAT'd clouds (e2e, C
       const back = await migrate(b1, 'a1')
       assert.match(await blk('check'), /^OK blocks=8192 /)
       process.stdout.write(
-        `      A→B: ${there.totalMs} ms, down ${there.downtimeMs} ms, wire ${(there.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((there.diskSentBytes ?? 0) / MiB).toFixed(1)} of ${((there.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB written); B→A: ${back.totalMs} ms, down ${back.downtimeMs} ms, wire ${(back.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((back.diskSentBytes ?? 0) / MiB).toFixed(2)} MiB)\n`,
+        `      A→B: ${Math.round(there.totalMs)} ms, down ${Math.round(there.downtimeMs)} ms, wire ${(there.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((there.diskSentBytes ?? 0) / MiB).toFixed(1)} of ${((there.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB written); B→A: ${Math.round(back.totalMs)} ms, down ${Math.round(back.downtimeMs)} ms, wire ${(back.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((back.diskSentBytes ?? 0) / MiB).toFixed(2)} MiB)\n`,
       )
       await new Promise((r) => setTimeout(r, 3000))
     } finally {
