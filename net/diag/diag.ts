@@ -39,7 +39,8 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
   const attach = (link: Link) => {
     const ch = link.channel('control')
     const off = ch.onMessage((bytes) => {
-      // The control channel is shared: other protocols start with their own first byte (net/directory 0x44).
+      // The control channel is shared: other protocols start with their own first byte (net/directory
+      // 0x44, agent calls 0x10).
       if (bytes[0] !== DIAG_VERSION) return
       let msg: ReturnType<typeof decodeDiag>
       try {

@@ -4,6 +4,7 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { ChunkService } from '../../net/chunks/exchange.ts'
 import type { ImageRegistry } from '../../net/chunks/images.ts'
+import { openChunkStore } from '../../net/chunks/store.ts'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
 import { knownBootstrap, NETWORK_STATE_FILE } from '../../net/node.ts'
@@ -21,6 +22,7 @@ import { MeshError, UsageError } from '../base/errors.ts'
 import { createLogger, type Logger } from '../base/log.ts'
 import { NETWORK_KEY_FILE, statePaths } from '../config.ts'
 import { type Agent, createAgent } from './agent.ts'
+import { createAgentCalls } from './calls/calls.ts'
 import type { AgentService } from './interfaces.ts'
 import type { AgentMetrics } from './metrics.ts'
 import { createNetService, stunFromBootstrap } from './net-service.ts'
@@ -30,6 +32,10 @@ import { createDirectoryService } from './services/directory.ts'
 import { createMigrationService } from './services/migration.ts'
 import { createTunnelService } from './services/tunnel.ts'
 import { createLocalVmManager, createVmService, runDirFor } from './services/vm.ts'
+import { defaultOffered, type SpotOptions } from './spot/options.ts'
+import { createSpotService } from './spot/service.ts'
+import { createRamIndex, ramServingStore } from './spot/standby.ts'
+import { createWatcher } from './spot/watchers.ts'
 import { plugVmsIntoTunnel } from './vm-tunnel.ts'
 import type { WebView } from './web.ts'
 
@@ -59,6 +65,8 @@ export interface AgentOptions {
   tcpCongestion?: string | false
   /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
   tap?: { name: string; address: string }
+  /** Spot notices, labels and the room offered to VMs (`--spot`, `--label`, `--capacity`). */
+  spot?: SpotOptions
   /** Serve Prometheus metrics on this ADDR:PORT (src/agent/metrics.ts). */
   metrics?: string
   /** Serve the live web view on this ADDR:PORT (src/agent/web.ts). */
@@ -182,10 +190,13 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     local: () => manager.list(),
     log: log.child('directory'),
   })
+  // The chunk service also serves the RAM of VMs that have a warm standby (spot/standby.ts).
+  const ramIndex = createRamIndex()
   const chunks = createChunkAgentService({
     stateDir: paths.dir,
     overlay: () => net.node.overlay,
     log: log.child('chunks'),
+    openStore: async (o) => ramServingStore(await openChunkStore(o), ramIndex),
   })
   const tunnel = createTunnelService({
     overlay: net.node.overlay,
@@ -210,11 +221,59 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
   })
   const manager = createLocalVmManager(paths.dir, driver)
   const run = manager.run.bind(manager)
-  manager.run = (spec, signal) => run(withTunnelMtu(spec), signal)
+  // The spot service refuses VMs on a host that drains, is under a notice, or has no room left.
+  manager.run = (spec, signal) => {
+    spot.admit(spec)
+    return run(withTunnelMtu(spec), signal)
+  }
   const vmLog = log.child('vm')
   const vms = createVmService({ manager, log: (m, f) => vmLog.warn(m, f) })
   const managerHost = await createManagerHost({ manager, driver, ramDir, stateDir: paths.dir })
-  const host = plugVmsIntoTunnel(manager, driver, managerHost, () => tunnel)
+  const plugged = plugVmsIntoTunnel(manager, driver, managerHost, () => tunnel)
+  const host: typeof plugged = {
+    ...plugged,
+    allocateRam: (spec, signal) => {
+      spot.admit(spec)
+      return plugged.allocateRam(spec, signal)
+    },
+  }
+  const calls = createAgentCalls({
+    overlay: () => net.node.overlay,
+    isMember: (peer) => net.node.members().some((m) => m.peerId === peer),
+    log: log.child('calls'),
+  })
+  const spotOpts = opts.spot ?? { labels: {} }
+  const spotLog = log.child('spot')
+  const spot = createSpotService({
+    stateDir: paths.dir,
+    log: spotLog,
+    calls,
+    self: () => ({ peer: net.node.peerId, name: nodeName }),
+    members: () => net.node.members(),
+    vms: () => manager.list(),
+    migrate: (p, o) => migration.migrate(p, o),
+    labels: spotOpts.labels,
+    offered: defaultOffered(spotOpts.offered),
+    ...(spotOpts.source === undefined
+      ? {}
+      : {
+          watcher: createWatcher(spotOpts.source, {
+            ...(spotOpts.pollMs === undefined ? {} : { pollMs: spotOpts.pollMs }),
+            ...(spotOpts.windowMs === undefined ? {} : { windowMs: spotOpts.windowMs }),
+            warn: (m, f) => spotLog.warn(m, f),
+          }),
+        }),
+    standby: {
+      index: ramIndex,
+      chunks: () => ({ service: chunks.service, store: chunks.store }),
+      ramPath: async (vm) => {
+        const v = (await manager.list()).find((x) => x.name === vm)
+        return v !== undefined && (v.status === 'running' || v.status === 'paused') ? v.memoryPath : undefined
+      },
+    },
+    ...(spotOpts.marginMs === undefined ? {} : { marginMs: spotOpts.marginMs }),
+    ...(spotOpts.onRebalance === undefined ? {} : { onRebalance: spotOpts.onRebalance }),
+  })
   // Metrics read the other services at scrape time; migrations reach them as events.
   let metrics: AgentMetrics | undefined
   if (opts.metrics !== undefined) {
@@ -281,7 +340,7 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     async stop() {},
     handlers: () => ({}),
   }
-  const services: AgentService[] = [net, directory, chunks, tunnel, vms, sweep, migration]
+  const services: AgentService[] = [net, calls, directory, chunks, tunnel, vms, sweep, migration, spot]
   if (metrics !== undefined) services.push(metrics)
   if (web !== undefined) services.push(web)
   const agent = createAgent({ stateDir: paths.dir, services, log })

@@ -1,6 +1,8 @@
 import { type Command, Option } from 'commander'
 import { DEFAULT_LINK_ENGINE, LINK_ENGINES, type LinkEngine } from '../../net/webrtc/engines.ts'
 import type { AgentOptions } from '../agent/run.ts'
+import { parseSpotSource } from '../agent/spot/notice.ts'
+import { parseCapacity, parseLabel, type SpotOptions } from '../agent/spot/options.ts'
 import { UsageError } from '../base/errors.ts'
 import { DEFAULT_METRICS_ADDR, DEFAULT_WEB_ADDR } from '../config.ts'
 import { applyAgentConfig } from '../config-file.ts'
@@ -62,6 +64,34 @@ export function addAgentOptions(cmd: Command): Command {
       "TCP congestion control of the agent's sockets ('default': the kernel's)",
       'bbr',
     )
+    .option(
+      '--spot <source>',
+      'watch for spot notices and evacuate on one: aws (IMDSv2), gcp, azure (Scheduled Events), url:URL or file:PATH',
+    )
+    .option(
+      '--spot-poll <duration>',
+      'poll interval of the notice watcher (default: 5s aws, 1s azure/url/file)',
+    )
+    .option('--spot-window <duration>', "notice length when the provider gives no time (default 30s, GCP's)")
+    .option(
+      '--spot-margin <duration>',
+      "finish evacuating this long before a notice's deadline (default max(3s, 10%))",
+    )
+    .addOption(
+      new Option('--spot-rebalance <policy>', 'on an AWS rebalance recommendation').choices([
+        'report',
+        'evacuate',
+      ]),
+    )
+    .option(
+      '--label <key=value>',
+      'a label members see, for placement: provider=gcp, price=0.012 (per hour), region=… (repeatable)',
+      collect,
+    )
+    .option(
+      '--capacity <room>',
+      'room this host offers to VMs, e.g. ram=8G,cpus=8,disk=100G (default: its RAM less 1 GiB, 4 vCPUs per core)',
+    )
 }
 
 export interface AgentCliOptions {
@@ -84,6 +114,42 @@ export interface AgentCliOptions {
   /** true: given without a value. */
   metrics?: string | true
   web?: string | true
+  spot?: string
+  spotPoll?: string
+  spotWindow?: string
+  spotMargin?: string
+  spotRebalance?: 'report' | 'evacuate'
+  label?: string[]
+  capacity?: string
+}
+
+function duration(v: string | undefined, what: string, minMs: number): number | undefined {
+  if (v === undefined) return undefined
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(v.trim())
+  const ms = m === null ? Number.NaN : Number(m[1]) * (m[2] === 'ms' ? 1 : m[2] === 'm' ? 60_000 : 1000)
+  if (!Number.isFinite(ms) || ms < minMs)
+    throw new UsageError(`${what} '${v}' must be a duration like 5s, 500ms or 2m`)
+  return Math.round(ms)
+}
+
+function spotOptions(o: AgentCliOptions): SpotOptions {
+  const labels: Record<string, string> = {}
+  for (const l of o.label ?? []) {
+    const [k, v] = parseLabel(l)
+    labels[k] = v
+  }
+  const pollMs = duration(o.spotPoll, '--spot-poll', 10)
+  const windowMs = duration(o.spotWindow, '--spot-window', 1000)
+  const marginMs = duration(o.spotMargin, '--spot-margin', 0)
+  return {
+    labels,
+    ...(o.spot === undefined ? {} : { source: parseSpotSource(o.spot) }),
+    ...(pollMs === undefined ? {} : { pollMs }),
+    ...(windowMs === undefined ? {} : { windowMs }),
+    ...(marginMs === undefined ? {} : { marginMs }),
+    ...(o.spotRebalance === undefined ? {} : { onRebalance: o.spotRebalance }),
+    ...(o.capacity === undefined ? {} : { offered: parseCapacity(o.capacity) }),
+  }
 }
 
 export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOptions {
@@ -115,6 +181,7 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     tcpCongestion: o.tcpCongestion === 'default' ? false : o.tcpCongestion,
     ...(o.metrics === undefined ? {} : { metrics: o.metrics === true ? DEFAULT_METRICS_ADDR : o.metrics }),
     ...(o.web === undefined ? {} : { web: o.web === true ? DEFAULT_WEB_ADDR : o.web }),
+    spot: spotOptions(o),
     ...(invite === undefined ? {} : { invite }),
   }
 }

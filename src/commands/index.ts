@@ -2,6 +2,8 @@ import type { CommandModule } from '../command.ts'
 import { agent } from './agent.ts'
 import { bench } from './bench.ts'
 import { doctor } from './doctor.ts'
+import { drain } from './drain.ts'
+import { evacuate } from './evacuate.ts'
 import { expose } from './expose.ts'
 import { image } from './image.ts'
 import { invite } from './invite.ts'
@@ -37,4 +39,6 @@ export const commands: CommandModule[] = [
   web,
   service,
   doctor,
+  evacuate,
+  drain,
 ]

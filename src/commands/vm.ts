@@ -1,9 +1,10 @@
-import { Command, Option } from 'commander'
+import { Command, InvalidArgumentError, Option } from 'commander'
 import type { VmControl, VmInfo } from '../../vm/manager.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import { statePaths } from '../config.ts'
 import { AgentUnavailableError, type ControlClient, connectControl, RemoteError } from '../control/client.ts'
+import { formatBytes } from '../progress.ts'
 import {
   formatTable,
   jsonOption,
@@ -93,6 +94,70 @@ function row(v: VmInfo): string[] {
 
 const HEADER = ['NAME', 'STATUS', 'PID', 'MEM', 'CPUS', 'MAC', 'IP']
 
+/** The spot service's view of the VMs (priority, standby and its lag), when an agent with one runs. */
+interface SpotVms {
+  vms: Record<string, { priority?: number; standby?: string; standbyRateBps?: number }>
+  standbys: Record<
+    string,
+    { peerName?: string; state: string; lagBytes?: number; lagMs?: number; error?: string; passes: number }
+  >
+}
+
+async function spotVms(opts: StateOpts): Promise<SpotVms | undefined> {
+  let client: ControlClient | undefined
+  try {
+    client = await connectControl(statePaths(resolveState(opts)).controlSocket)
+    return (await client.call('spot.vms')) as SpotVms
+  } catch (err) {
+    if (
+      err instanceof AgentUnavailableError ||
+      (err instanceof RemoteError && err.code === 'E_UNKNOWN_METHOD')
+    )
+      return undefined
+    throw err
+  } finally {
+    client?.close()
+  }
+}
+
+function standbyCell(name: string, s: SpotVms): string {
+  const want = s.vms[name]?.standby
+  if (want === undefined) return '-'
+  const st = s.standbys[name]
+  if (st === undefined) return `${want} (starting)`
+  const who = st.peerName ?? want
+  if (st.state === 'failed') return `${who} failed: ${st.error ?? '?'}`
+  if (st.lagMs === undefined) return `${who} ${st.state}`
+  return `${who} lag ${formatBytes(st.lagBytes ?? 0)} ${(st.lagMs / 1000).toFixed(1)}s`
+}
+
+function parsePriority(v: string): number {
+  const n = Number(v)
+  if (!Number.isInteger(n) || n < -1000 || n > 1000)
+    throw new InvalidArgumentError('--priority must be a whole number from -1000 to 1000')
+  return n
+}
+
+/** `16M`, `1.5G`, `800K` per second → bytes per second. */
+function parseRate(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)([KMG])?(?:i?B)?(?:\/s)?$/i.exec(v.trim())
+  if (m === null) throw new InvalidArgumentError('--standby-rate must look like 16M (bytes per second)')
+  const mult = { K: 2 ** 10, M: 2 ** 20, G: 2 ** 30 }[(m[2] ?? '').toUpperCase()] ?? 1
+  const n = Math.round(Number(m[1]) * mult)
+  if (n < 64 * 1024) throw new InvalidArgumentError('--standby-rate must be at least 64K')
+  return n
+}
+
+type SpotOpts = StateOpts & { json: boolean; standby?: string; standbyRate?: number; priority?: number }
+
+function spotMeta(opts: SpotOpts): Record<string, unknown> {
+  return {
+    ...(opts.standby === undefined ? {} : { standby: opts.standby }),
+    ...(opts.standbyRate === undefined ? {} : { standbyRateBps: opts.standbyRate }),
+    ...(opts.priority === undefined ? {} : { priority: opts.priority }),
+  }
+}
+
 export const vm: CommandModule = {
   build() {
     const cmd = new Command('vm').description('run and manage VMs on this host')
@@ -100,16 +165,60 @@ export const vm: CommandModule = {
       .command('run')
       .description('start a VM from a spec file (JSON)')
       .argument('<spec>', 'VM spec file')
+      .option(
+        '--standby <peer>',
+        "keep a warm standby of its RAM on a member ('auto': the member an evacuation would pick), so an evacuation sends only what changed",
+      )
+      .addOption(
+        new Option(
+          '--standby-rate <rate>',
+          'bandwidth the standby sync may use, bytes/s (default 16M)',
+        ).argParser(parseRate),
+      )
+      .addOption(
+        new Option('--priority <n>', 'evacuations move higher priorities first (default 0)').argParser(
+          parsePriority,
+        ),
+      )
       .addOption(stateOption())
       .addOption(jsonOption())
-      .action(async (specPath: string, opts: StateOpts & { json: boolean }) => {
+      .action(async (specPath: string, opts: SpotOpts) => {
         const { loadVmSpecFile } = await import('../../vm/spec.ts')
         const spec = await loadVmSpecFile(specPath).catch((err: Error) => {
           throw new UsageError(err.message, { cause: err })
         })
+        const meta = spotMeta(opts)
+        const wantsSpot = Object.keys(meta).length > 0
+        if (wantsSpot && (await spotVms(opts)) === undefined)
+          throw new UsageError('--standby, --standby-rate and --priority need a running agent (mesh agent)')
         const info = await withVms(opts, (c) => c.run(spec))
+        if (wantsSpot) await withAgent(opts, (c) => c.call('spot.set', { vm: spec.name, meta }))
         if (opts.json) return printJson(info)
         process.stdout.write(`${formatTable(HEADER, [row(info)])}\n`)
+      })
+    cmd
+      .command('set')
+      .description("change a VM's spot settings on this host: its warm standby and its evacuation priority")
+      .argument('<name>', 'VM name')
+      .option(
+        '--standby <peer>',
+        "member that keeps a warm standby of its RAM ('auto' picks one, 'off' ends it)",
+      )
+      .addOption(
+        new Option('--standby-rate <rate>', 'bandwidth of the standby sync, bytes/s').argParser(parseRate),
+      )
+      .addOption(
+        new Option('--priority <n>', 'evacuations move higher priorities first').argParser(parsePriority),
+      )
+      .addOption(stateOption())
+      .addOption(jsonOption())
+      .action(async (name: string, opts: SpotOpts) => {
+        const meta = spotMeta(opts)
+        if (Object.keys(meta).length === 0)
+          throw new UsageError('say what to set: --standby, --standby-rate or --priority')
+        const r = await withAgent(opts, (c) => c.call('spot.set', { vm: name, meta }))
+        if (opts.json) return printJson(r)
+        process.stdout.write(`${JSON.stringify(r)}\n`)
       })
     cmd
       .command('ls')
@@ -137,8 +246,28 @@ export const vm: CommandModule = {
           return
         }
         const vms = await withVms(opts, (c) => c.list())
-        if (opts.json) return printJson({ vms })
-        process.stdout.write(`${formatTable(HEADER, vms.map(row))}\n`)
+        const spot = await spotVms(opts)
+        if (opts.json)
+          return printJson({
+            vms: vms.map((v) =>
+              spot === undefined
+                ? v
+                : {
+                    ...v,
+                    ...(spot.vms[v.name]?.priority === undefined
+                      ? {}
+                      : { priority: spot.vms[v.name]!.priority }),
+                    ...(spot.standbys[v.name] === undefined ? {} : { standby: spot.standbys[v.name] }),
+                  },
+            ),
+          })
+        if (spot === undefined) return void process.stdout.write(`${formatTable(HEADER, vms.map(row))}\n`)
+        process.stdout.write(
+          `${formatTable(
+            [...HEADER, 'PRIO', 'STANDBY'],
+            vms.map((v) => [...row(v), String(spot.vms[v.name]?.priority ?? 0), standbyCell(v.name, spot)]),
+          )}\n`,
+        )
       })
     cmd
       .command('stop')

@@ -1,0 +1,345 @@
+/**
+ * Warm standbys: a member that keeps, in its chunk store, a recent copy of a VM's RAM, so that when the
+ * VM must leave in a hurry, the migration to that member sends only what changed since the last sync
+ * (the destination skips every chunk its store holds: vm/migration's RamCache).
+ *
+ * The VM's host (the sender) runs one loop per VM with a standby: it hashes the RAM file into a
+ * manifest (64 KiB chunks, zero chunks skipped), serves those chunks straight from the RAM file through
+ * its chunk service (ramServingStore: every chunk read is verified against its name, so a chunk the guest
+ * rewrote meanwhile is simply "not here" and comes with the next sync), and calls the standby
+ * ('standby.sync'). The standby pulls the manifest and the chunks it lacks through the ordinary chunk
+ * exchange (member-only, hash-verified, over the direct TCP path when there is one), at most at the VM's
+ * standby rate, and pins the manifest as `standby/<vm>`. Passes repeat back to back (at least
+ * `minIntervalMs` apart); the lag the host reports is the age of the last completed pass and the bytes
+ * that differed at the next hash.
+ */
+import { type FileHandle, open } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { ChunkFetchError, ChunkNotFoundError } from '../../../net/chunks/errors.ts'
+import type { ChunkService } from '../../../net/chunks/exchange.ts'
+import { HASH_SIZE, hashEquals, isZeroHash, sha256, toHex } from '../../../net/chunks/hash.ts'
+import type { ChunkStore, Manifest, ReadItem, StoreLease } from '../../../net/chunks/interfaces.ts'
+import { buildManifest, hashAt, makeManifest, manifestId } from '../../../net/chunks/manifest.ts'
+import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
+
+export class StandbyError extends MeshError {}
+
+export const STANDBY_PIN = (vm: string) => `standby/${vm}`
+export const DEFAULT_STANDBY_RATE = 16 * 1024 * 1024
+const CHUNK = 64 * 1024
+/** Chunks per pull (each is one fetch: the pacing step). */
+const SLICE_CHUNKS = 256
+
+interface Indexed {
+  path: string
+  fh: FileHandle
+  manifest: Manifest
+  id: string
+  /** hex → chunk index in the RAM file */
+  byHex: Map<string, number>
+}
+
+/** The RAM of VMs with a standby, indexed by chunk name, for the chunk service to serve. */
+export interface RamIndex {
+  set(vm: string, path: string, manifest: Manifest): Promise<string>
+  drop(vm: string): Promise<void>
+  lookup(hex: string): { entry: Indexed; index: number } | undefined
+  manifest(id: string): Manifest | undefined
+  close(): Promise<void>
+}
+
+export function createRamIndex(): RamIndex {
+  const byVm = new Map<string, Indexed>()
+  const drop = async (vm: string) => {
+    const e = byVm.get(vm)
+    byVm.delete(vm)
+    await e?.fh.close().catch(() => {})
+  }
+  return {
+    async set(vm, path, manifest) {
+      const old = byVm.get(vm)
+      const fh = old?.path === path ? old.fh : await open(path, 'r')
+      if (old !== undefined && old.fh !== fh) await old.fh.close().catch(() => {})
+      const byHex = new Map<string, number>()
+      for (let i = 0; i < manifest.count; i++) {
+        const h = hashAt(manifest, i)
+        if (!isZeroHash(h)) byHex.set(toHex(h), i)
+      }
+      const id = manifestId(manifest)
+      byVm.set(vm, { path, fh, manifest, id, byHex })
+      return id
+    },
+    drop,
+    lookup(hex) {
+      for (const entry of byVm.values()) {
+        const index = entry.byHex.get(hex)
+        if (index !== undefined) return { entry, index }
+      }
+      return undefined
+    },
+    manifest(id) {
+      for (const e of byVm.values()) if (e.id === id) return e.manifest
+      return undefined
+    },
+    async close() {
+      for (const vm of [...byVm.keys()]) await drop(vm)
+    },
+  }
+}
+
+/**
+ * The chunk store the chunk service serves from: the real one, plus the RAM chunks of VMs with a
+ * standby, read from the RAM file and verified on every read (a chunk the guest changed since the hash
+ * reads as ChunkNotFoundError: the service answers 'dont-have'). Writes and pins go to the real store.
+ */
+export function ramServingStore(inner: ChunkStore, index: RamIndex): ChunkStore {
+  const fromRam = async (item: ReadItem): Promise<Error | undefined> => {
+    const hex = toHex(item.hash)
+    const at = index.lookup(hex)
+    if (at === undefined) return new ChunkNotFoundError(`chunk ${hex} not found`)
+    const len = item.target.byteLength
+    if (len !== at.entry.manifest.chunkSize) return new ChunkNotFoundError(`chunk ${hex}: bad size`)
+    try {
+      const { bytesRead } = await at.entry.fh.read(
+        item.target,
+        0,
+        len,
+        at.index * at.entry.manifest.chunkSize,
+      )
+      if (bytesRead !== len || !hashEquals(sha256(item.target), item.hash))
+        return new ChunkNotFoundError(`chunk ${hex} changed in RAM since it was hashed`)
+      return undefined
+    } catch (err) {
+      return new ChunkNotFoundError(`chunk ${hex}: ${describeError(err)}`, { cause: err })
+    }
+  }
+  return {
+    get dir() {
+      return inner.dir
+    },
+    get chunkSize() {
+      return inner.chunkSize
+    },
+    has: (hash) => inner.has(hash) || index.lookup(toHex(hash)) !== undefined,
+    sizeOf(hash) {
+      const n = inner.sizeOf(hash)
+      if (n !== undefined) return n
+      return index.lookup(toHex(hash))?.entry.manifest.chunkSize
+    },
+    async readInto(items) {
+      const mine: number[] = []
+      const theirs: ReadItem[] = []
+      const where: number[] = []
+      items.forEach((it, i) => {
+        if (inner.has(it.hash)) {
+          where.push(i)
+          theirs.push(it)
+        } else mine.push(i)
+      })
+      const out: (Error | undefined)[] = new Array(items.length).fill(undefined)
+      const errs = theirs.length > 0 ? await inner.readInto(theirs) : []
+      errs.forEach((e, k) => {
+        out[where[k]!] = e
+      })
+      await Promise.all(
+        mine.map(async (i) => {
+          out[i] = await fromRam(items[i]!)
+        }),
+      )
+      return out
+    },
+    async get(hash) {
+      if (inner.has(hash)) return inner.get(hash)
+      const at = index.lookup(toHex(hash))
+      if (at === undefined) return inner.get(hash)
+      const buf = Buffer.allocUnsafe(at.entry.manifest.chunkSize)
+      const err = await fromRam({ hash, target: buf })
+      if (err !== undefined) throw err
+      return buf
+    },
+    put: (data, expected) => inner.put(data, expected),
+    putVerified: (hash, data) => inner.putVerified(hash, data),
+    delete: (hash) => inner.delete(hash),
+    lease: (): StoreLease => inner.lease(),
+    putManifest: (m) => inner.putManifest(m),
+    async getManifest(id) {
+      return index.manifest(id) ?? inner.getManifest(id)
+    },
+    hasManifest: (id) => index.manifest(id) !== undefined || inner.hasManifest(id),
+    pin: (name, id) => inner.pin(name, id),
+    unpin: (name) => inner.unpin(name),
+    pins: () => inner.pins(),
+    gc: () => inner.gc(),
+    stats: () => inner.stats(),
+    close: () => inner.close(),
+  }
+}
+
+export interface SyncParams {
+  vm: string
+  manifest: string
+  rateBps: number
+}
+
+export function parseSyncParams(p: unknown): SyncParams {
+  const o = (p ?? {}) as Record<string, unknown>
+  if (typeof o.vm !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(o.vm))
+    throw new UsageError('standby.sync: vm must be a VM name')
+  if (typeof o.manifest !== 'string' || !/^[0-9a-f]{64}$/.test(o.manifest))
+    throw new UsageError('standby.sync: manifest must be a manifest id')
+  const rate = o.rateBps
+  if (typeof rate !== 'number' || !Number.isFinite(rate) || rate < 64 * 1024 || rate > 2 ** 40)
+    throw new UsageError('standby.sync: rateBps must be at least 64 KiB/s')
+  return { vm: o.vm, manifest: o.manifest, rateBps: rate }
+}
+
+export interface SyncResult {
+  fetchedBytes: number
+  /** Non-zero bytes the standby held already. */
+  presentBytes: number
+  missingChunks: number
+  ms: number
+}
+
+/**
+ * The standby's side of one pass: pull the manifest and the chunks it lacks from the VM's host, paced
+ * to `rateBps`, then pin the manifest. A chunk the host no longer has (the guest rewrote it) is missing
+ * from this pass, counted, and comes with the next one.
+ */
+export async function pullStandby(
+  deps: { service: ChunkService; store: ChunkStore },
+  from: string,
+  p: SyncParams,
+  signal: AbortSignal,
+): Promise<SyncResult> {
+  const t0 = performance.now()
+  const m = await deps.service.fetchManifest(p.manifest, { peers: [from], signal })
+  let fetched = 0
+  let present = 0
+  let missing = 0
+  for (let first = 0; first < m.count; first += SLICE_CHUNKS) {
+    if (signal.aborted) throw new AbortError('standby sync aborted', { cause: signal.reason })
+    const n = Math.min(SLICE_CHUNKS, m.count - first)
+    const hashes = m.hashes.subarray(first * HASH_SIZE, (first + n) * HASH_SIZE)
+    let allThere = true
+    let nonZero = 0
+    for (let i = 0; i < n && allThere; i++) {
+      const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
+      if (isZeroHash(h)) continue
+      nonZero++
+      if (!deps.store.has(h)) allThere = false
+    }
+    if (allThere) {
+      present += nonZero * m.chunkSize
+      continue
+    }
+    const slice = makeManifest(n * m.chunkSize, m.chunkSize, hashes)
+    try {
+      const r = await deps.service.fetch(slice, { peers: [from], signal })
+      fetched += r.bytesFetched
+      present += r.bytesSkippedPresent
+    } catch (err) {
+      if (!(err instanceof ChunkFetchError)) throw err
+      // The chunks fetched before it gave up are stored; the rest changed on the host meanwhile.
+      const k = /(\d+) chunk\(s\)/.exec(err.message)
+      missing += k === null ? 1 : Number(k[1])
+    }
+    // Pacing: never above the rate on average since the pass began.
+    const aheadMs = (fetched * 1000) / p.rateBps - (performance.now() - t0)
+    if (aheadMs > 5) await sleep(aheadMs, undefined, { signal }).catch(() => {})
+  }
+  await deps.store.pin(STANDBY_PIN(p.vm), p.manifest)
+  return { fetchedBytes: fetched, presentBytes: present, missingChunks: missing, ms: performance.now() - t0 }
+}
+
+export interface StandbyStatus {
+  vm: string
+  /** The member that holds the standby (PeerId and name), once chosen. */
+  peer?: string
+  peerName?: string
+  state: 'choosing' | 'syncing' | 'synced' | 'failed'
+  /** Bytes the standby lacked at the last look (the last pass's missing chunks, or what changed since). */
+  lagBytes?: number
+  /** When the RAM the standby holds was hashed (ms since the epoch). */
+  syncedAt?: number
+  passes: number
+  lastPass?: { fetchedBytes: number; ms: number; hashMs: number }
+  error?: string
+}
+
+export interface SenderDeps {
+  index: RamIndex
+  /** Asks the standby to pull; resolves with its result. */
+  sync(peer: string, params: SyncParams, signal: AbortSignal): Promise<SyncResult>
+  /** Picks (or confirms) the standby member for the VM: PeerId and name, or undefined when none fits. */
+  choose(vm: string): Promise<{ peer: string; name: string } | undefined>
+  /** The VM's RAM file while it runs here, undefined once it left or stopped. */
+  ramPath(vm: string): Promise<string | undefined>
+  rateBps(vm: string): number
+  minIntervalMs?: number
+  warn(msg: string, fields?: Record<string, unknown>): void
+}
+
+/** The host's loop for one VM; ends when the VM is no longer here or the signal fires. */
+export async function runStandbySender(
+  vm: string,
+  deps: SenderDeps,
+  status: StandbyStatus,
+  signal: AbortSignal,
+): Promise<void> {
+  let last: Manifest | undefined
+  let missedBytes = 0
+  let peer: { peer: string; name: string } | undefined
+  try {
+    while (!signal.aborted) {
+      const path = await deps.ramPath(vm)
+      if (path === undefined) return
+      const t0 = Date.now()
+      try {
+        if (peer === undefined) {
+          status.state = 'choosing'
+          peer = await deps.choose(vm)
+          if (peer === undefined) throw new StandbyError('no member with room for a standby')
+          status.peer = peer.peer
+          status.peerName = peer.name
+          last = undefined
+        }
+        const h0 = performance.now()
+        const { manifest } = await buildManifest(path, { chunkSize: CHUNK, signal })
+        const hashMs = performance.now() - h0
+        if (last !== undefined && last.count === manifest.count) {
+          let changed = 0
+          for (let i = 0; i < manifest.count; i++)
+            if (!hashEquals(hashAt(last, i), hashAt(manifest, i)) && !isZeroHash(hashAt(manifest, i)))
+              changed++
+          // What the standby lacks of this RAM: what changed since its copy, and what the last pass missed.
+          status.lagBytes = changed * CHUNK + missedBytes
+        }
+        const id = await deps.index.set(vm, path, manifest)
+        if (status.state !== 'synced') status.state = 'syncing'
+        const r = await deps.sync(peer.peer, { vm, manifest: id, rateBps: deps.rateBps(vm) }, signal)
+        last = manifest
+        status.syncedAt = t0
+        missedBytes = r.missingChunks * CHUNK
+        status.lagBytes = missedBytes
+        status.state = 'synced'
+        status.passes++
+        status.lastPass = { fetchedBytes: r.fetchedBytes, ms: Math.round(r.ms), hashMs: Math.round(hashMs) }
+        delete status.error
+      } catch (err) {
+        if (err instanceof AbortError || signal.aborted) return
+        status.state = 'failed'
+        status.error = describeError(err)
+        deps.warn('standby sync failed', { vm, peer: peer?.name, error: status.error })
+        // Choose again next time (the member may be gone or full); back off a little.
+        peer = undefined
+        await sleep(5000, undefined, { signal }).catch(() => {})
+        continue
+      }
+      const wait = (deps.minIntervalMs ?? 2000) - (Date.now() - t0)
+      if (wait > 0) await sleep(wait, undefined, { signal }).catch(() => {})
+    }
+  } finally {
+    await deps.index.drop(vm)
+  }
+}

@@ -1,0 +1,191 @@
+import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { type ChunkService, createChunkService } from '../../net/chunks/exchange.ts'
+import { toHex } from '../../net/chunks/hash.ts'
+import type { ChunkStore } from '../../net/chunks/interfaces.ts'
+import { buildManifest, hashAt } from '../../net/chunks/manifest.ts'
+import { openChunkStore } from '../../net/chunks/store.ts'
+import { createMemoryNetwork } from '../../net/link/memory.ts'
+import {
+  createRamIndex,
+  pullStandby,
+  type RamIndex,
+  ramServingStore,
+  runStandbySender,
+  STANDBY_PIN,
+  type StandbyStatus,
+} from '../../src/agent/spot/standby.ts'
+
+const MiB = 2 ** 20
+const CHUNK = 64 * 1024
+
+interface Side {
+  store: ChunkStore
+  raw: ChunkStore
+  svc: ChunkService
+  index: RamIndex
+}
+
+describe('warm standby: RAM chunks served from the RAM file, pulled by the standby at a bounded rate', function () {
+  this.timeout(60_000)
+  let dir = ''
+  const sides: Side[] = []
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'mesh-standby-'))
+  })
+  afterEach(async () => {
+    for (const s of sides.splice(0)) {
+      s.svc.stop()
+      await s.index.close()
+      await s.store.close()
+    }
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  async function side(net: ReturnType<typeof createMemoryNetwork>, id: string): Promise<Side> {
+    const raw = await openChunkStore({ dir: join(dir, id) })
+    const index = createRamIndex()
+    const store = ramServingStore(raw, index)
+    const svc = createChunkService({ overlay: net.node(id), store })
+    svc.start()
+    const s = { store, raw, svc, index }
+    sides.push(s)
+    return s
+  }
+
+  /** A "RAM file": random chunks with every fourth chunk zero. */
+  async function ramFile(chunks: number): Promise<string> {
+    const buf = randomBytes(chunks * CHUNK)
+    for (let i = 0; i < chunks; i += 4) buf.fill(0, i * CHUNK, (i + 1) * CHUNK)
+    const path = join(dir, 'ram')
+    await writeFile(path, buf)
+    return path
+  }
+  async function rewrite(path: string, chunkIndex: number): Promise<void> {
+    const fh = await open(path, 'r+')
+    await fh.write(randomBytes(CHUNK), 0, CHUNK, chunkIndex * CHUNK)
+    await fh.close()
+  }
+
+  it('the standby pulls every non-zero chunk, then only what changed, within the rate', async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const a = await side(net, 'a')
+    const b = await side(net, 'b')
+    const path = await ramFile(64) // 4 MiB, 3 MiB non-zero
+    const { manifest } = await buildManifest(path, { chunkSize: CHUNK })
+    const id = await a.index.set('vm1', path, manifest)
+    assert.ok(!a.raw.has(hashAt(manifest, 1)), "the host's own store holds none of it")
+    const ac = new AbortController()
+    const rate = 2 * MiB
+    const t0 = performance.now()
+    const r1 = await pullStandby(
+      { service: b.svc, store: b.store },
+      'a',
+      { vm: 'vm1', manifest: id, rateBps: rate },
+      ac.signal,
+    )
+    const ms = performance.now() - t0
+    assert.equal(r1.fetchedBytes, 48 * CHUNK)
+    assert.equal(r1.missingChunks, 0)
+    assert.ok(ms >= (r1.fetchedBytes / rate) * 1000 * 0.9, `3 MiB at 2 MiB/s took ${ms.toFixed(0)} ms`)
+    for (let i = 1; i < 64; i++) if (i % 4 !== 0) assert.ok(b.raw.has(hashAt(manifest, i)))
+    assert.equal(b.raw.pins().get(STANDBY_PIN('vm1')), id)
+
+    // Three chunks change: the next pass moves those three only.
+    for (const i of [1, 2, 3]) await rewrite(path, i)
+    const m2 = (await buildManifest(path, { chunkSize: CHUNK })).manifest
+    const id2 = await a.index.set('vm1', path, m2)
+    const r2 = await pullStandby(
+      { service: b.svc, store: b.store },
+      'a',
+      { vm: 'vm1', manifest: id2, rateBps: 64 * MiB },
+      ac.signal,
+    )
+    assert.equal(r2.fetchedBytes, 3 * CHUNK)
+    assert.equal(r2.presentBytes, 45 * CHUNK)
+  })
+
+  it('a chunk the guest rewrote after the hash is served as missing (never stale bytes) and comes next pass', async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const a = await side(net, 'a')
+    const b = await side(net, 'b')
+    const path = await ramFile(16)
+    const { manifest } = await buildManifest(path, { chunkSize: CHUNK })
+    const id = await a.index.set('vm1', path, manifest)
+    const old = hashAt(manifest, 5)
+    await rewrite(path, 5)
+    const r = await pullStandby(
+      { service: b.svc, store: b.store },
+      'a',
+      { vm: 'vm1', manifest: id, rateBps: 64 * MiB },
+      new AbortController().signal,
+    )
+    assert.equal(r.missingChunks, 1)
+    assert.ok(!b.raw.has(old), 'the stale chunk was never stored under the old name')
+    const m2 = (await buildManifest(path, { chunkSize: CHUNK })).manifest
+    const id2 = await a.index.set('vm1', path, m2)
+    const r2 = await pullStandby(
+      { service: b.svc, store: b.store },
+      'a',
+      { vm: 'vm1', manifest: id2, rateBps: 64 * MiB },
+      new AbortController().signal,
+    )
+    assert.equal(r2.missingChunks, 0)
+    assert.ok(b.raw.has(hashAt(m2, 5)))
+    // The host serves a RAM chunk only while it is indexed, and verified.
+    await a.index.drop('vm1')
+    assert.equal(a.store.has(hashAt(m2, 6)), false)
+    await assert.rejects(a.store.get(hashAt(m2, 6)), { name: 'ChunkNotFoundError' })
+  })
+
+  it("the sender loop syncs pass after pass and reports the standby's lag", async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const a = await side(net, 'a')
+    const b = await side(net, 'b')
+    const path = await ramFile(32)
+    const status: StandbyStatus = { vm: 'vm1', state: 'choosing', passes: 0 }
+    const ac = new AbortController()
+    let here = true
+    const done = runStandbySender(
+      'vm1',
+      {
+        index: a.index,
+        choose: async () => ({ peer: 'b', name: 'b' }),
+        ramPath: async () => (here ? path : undefined),
+        rateBps: () => 64 * MiB,
+        minIntervalMs: 50,
+        warn: () => {},
+        sync: (_peer, params, signal) => pullStandby({ service: b.svc, store: b.store }, 'a', params, signal),
+      },
+      status,
+      ac.signal,
+    )
+    const until = async (f: () => boolean) => {
+      const t0 = Date.now()
+      while (!f()) {
+        if (Date.now() - t0 > 10_000) throw new Error(`timeout; status ${JSON.stringify(status)}`)
+        await new Promise((r) => setTimeout(r, 10))
+      }
+    }
+    await until(() => status.passes >= 2)
+    assert.equal(status.state, 'synced')
+    assert.equal(status.peerName, 'b')
+    assert.equal(status.lagBytes, 0)
+    assert.equal(status.lastPass?.fetchedBytes, 0, 'nothing changed since the first pass')
+    await rewrite(path, 9)
+    const p = status.passes
+    await until(() => status.passes >= p + 2)
+    const m = (await buildManifest(path, { chunkSize: CHUNK })).manifest
+    assert.ok(b.raw.has(hashAt(m, 9)))
+    here = false
+    await done
+    assert.equal(a.store.has(hashAt(m, 9)), false, 'the RAM index is dropped when the VM is gone')
+    assert.ok(toHex(hashAt(m, 9)).length === 64)
+  })
+})
