@@ -6,6 +6,10 @@
  * QEMU guest in one cloud, keeps a client's TCP connection to it open from a third cloud, moves the VM
  * to another cloud and back, and prints each move's report and the longest stall. Everything it
  * creates is removed at the end, also on Ctrl-C.
+ *
+ * The clouds' uplinks run on the `crosscloud` WAN profile (30 ms between clouds, 1 Gbit/s, 0.05% loss;
+ * fixtures/wan/profiles.ts) unless `--profile lan|region|crosscloud|intercontinental` says otherwise
+ * (`npm run demo -- --profile lan`); what the emulation achieves is measured and printed first.
  */
 
 import { ensureGuest } from '../../fixtures/guest/build.ts'
@@ -13,13 +17,36 @@ import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
 import { missing } from '../../fixtures/testnet/prereq.ts'
 import { createTestnet, type PeerRow, runGuestVm, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import { PROFILE_NAMES, type ProfileName } from '../../fixtures/wan/profiles.ts'
 import { formatTable } from '../commands/common.ts'
 
 const GUEST_IP = '10.99.0.10'
 const STREAM_CLIENT = new URL('../../fixtures/testnet/stream-client.ts', import.meta.url).pathname
 const step = (msg: string) => process.stdout.write(`\n==> ${msg}\n`)
 
+function parseArgs(argv: string[]): { profile: ProfileName } | string {
+  let profile: ProfileName = 'crosscloud'
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!
+    if (a === '--help' || a === '-h') {
+      return `usage: npm run demo [-- --profile ${PROFILE_NAMES.join('|')}]   (default crosscloud)`
+    }
+    const v = a === '--profile' ? argv[++i] : a.startsWith('--profile=') ? a.slice(10) : undefined
+    if (v === undefined) return `demo: unknown argument '${a}' (try --help)`
+    if (!PROFILE_NAMES.includes(v as ProfileName))
+      return `demo: unknown profile '${v}' (have: ${PROFILE_NAMES.join(', ')})`
+    profile = v as ProfileName
+  }
+  return { profile }
+}
+
 async function main(): Promise<number> {
+  const parsed = parseArgs(process.argv.slice(2))
+  if (typeof parsed === 'string') {
+    process.stderr.write(`${parsed}\n`)
+    return parsed.startsWith('usage') ? 0 : 2
+  }
+  const { profile } = parsed
   const why = missing({ root: true, commands: ['ip', 'nft', 'turnserver', 'qemu-system-x86_64'] })
   if (why.length > 0) {
     process.stderr.write(`demo: cannot run here: ${why.join('; ')}\n`)
@@ -34,9 +61,12 @@ async function main(): Promise<number> {
   process.once('SIGINT', onSig)
   try {
     step(
-      "building an internet and three NAT'd clouds (network namespaces), bootstrap + coturn on the internet",
+      `building an internet and three NAT'd clouds (network namespaces) on the '${profile}' WAN profile, bootstrap + coturn on the internet`,
     )
     net = await createTestnet({
+      profile,
+      measureWan: 'full',
+      log: (line) => process.stdout.write(`${line}\n`),
       clouds: [
         { name: 'aws', nat: 'cone' },
         { name: 'gcp', nat: 'cone' },
@@ -48,7 +78,7 @@ async function main(): Promise<number> {
     process.stdout.write(`bootstrap ${net.boot.peerId} on ${net.topo.host('boot').ip}\n`)
     for (const c of net.topo.clouds) {
       process.stdout.write(
-        `cloud ${c.name.padEnd(8)} ${c.nat.padEnd(9)} NAT, public ${c.publicIp}, host ${c.hosts[0]!.name} at ${c.hosts[0]!.ip}\n`,
+        `cloud ${c.name.padEnd(8)} ${c.nat.padEnd(9)} NAT, public ${c.publicIp}, host ${c.hosts[0]!.name} at ${c.hosts[0]!.ip}, uplink ${c.profile.name}\n`,
       )
     }
     const names = net.topo.clouds.map((c) => c.hosts[0]!.name)
@@ -75,10 +105,12 @@ async function main(): Promise<number> {
         `\n$ mesh peers   (on ${n})\n${formatTable(['NAME', 'LINK', 'PATH', 'RTT'], rows)}\n`,
       )
     }
-    step(`mesh bench ${names[1]}   (on ${names[0]}, 8 MiB over the data channel)`)
+    // Small on long paths: the WebRTC link's throughput there is what `npm run bench -- wan` measures.
+    const mib = profile === 'lan' || profile === 'region' ? 8 : 2
+    step(`mesh bench ${names[1]} --mib ${mib}   (on ${names[0]}, over the data channel)`)
     const b = await net.agents
       .get(names[0]!)!
-      .mesh(['bench', names[1]!, '--mib', '8'], { timeoutMs: 120_000 })
+      .mesh(['bench', names[1]!, '--mib', String(mib)], { timeoutMs: 300_000 })
     process.stdout.write(b.code === 0 ? b.stdout : `bench failed: ${b.stderr}`)
     const [src, dst] = [net.agents.get(names[0]!)!, net.agents.get(names[1]!)!]
     const client = net.agents.get(clientName)!

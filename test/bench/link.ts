@@ -226,12 +226,14 @@ export async function startRendezvous(boot: Host): Promise<{ relayPort: number; 
 
 async function clouds(mib: number, engine: Engine): Promise<LinkBenchResult> {
   const { createClouds } = await import('../../fixtures/testnet/clouds.ts')
+  const { profileFromEnv } = await import('../../fixtures/wan/profiles.ts')
   const topo: Topology = await createClouds({
     clouds: [
       { name: 'a', nat: 'cone' },
       { name: 'b', nat: 'cone' },
     ],
     internetHosts: ['boot'],
+    profile: profileFromEnv(), // `npm run bench -- link --clouds --profile crosscloud`
   })
   try {
     const boot = topo.host('boot')
