@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events'
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises'
 import { join } from 'node:path'
+import { writeFileDurable } from '../src/base/fs.ts'
 import { processAlive } from '../src/base/process.ts'
 import { tailLines } from './driver/base.ts'
 import type { StartOptions, Vm, VmDriver, VmHandle, VmStatus } from './driver/interfaces.ts'
@@ -140,11 +141,9 @@ export class VmManager extends EventEmitter<VmManagerEvents> implements VmContro
     })
   }
 
+  /** Durably (src/base/fs.ts): which VMs this host runs decides ownership after a restart. */
   private async save(record: VmRecord): Promise<void> {
-    const path = join(this.dir, `${record.name}.json`)
-    const tmp = `${path}.${process.pid}.tmp`
-    await writeFile(tmp, `${JSON.stringify(record, null, 2)}\n`, { mode: 0o600 })
-    await rename(tmp, path)
+    await writeFileDurable(join(this.dir, `${record.name}.json`), `${JSON.stringify(record, null, 2)}\n`)
   }
 
   private info(entry: Entry): VmInfo {

@@ -327,12 +327,17 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
       metrics?.observeReport(r, linkPath(r.to))
       web?.observeReport(r)
     },
+    nameOf: (peer) => net.node.members({ includeDropped: true }).find((m) => m.peerId === peer)?.name ?? peer,
   })
-  // After the VM manager re-adopted its VMs: kill incoming QEMUs a killed agent left behind.
+  // After the VM manager re-adopted its VMs: kill incoming QEMUs a killed agent left behind, except
+  // those of moves this host committed to (the migration service re-adopts them when it starts).
   const sweep: AgentService = {
     name: 'sweep',
     async start() {
-      const inUse = new Set((await manager.list()).map((v) => v.memoryPath))
+      const inUse = new Set([
+        ...(await manager.list()).map((v) => v.memoryPath),
+        ...managerHost.ledger.incoming().map((r) => r.handle.memoryPath),
+      ])
       const r = await sweepIncoming(ramDir, inUse)
       if (Object.values(r).some((v) => Array.isArray(v) && v.length > 0))
         log.info('swept leftovers', { ...r })

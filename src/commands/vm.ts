@@ -14,6 +14,7 @@ import {
   stateOption,
   withAgent,
 } from './common.ts'
+import { addFencingCommands } from './vm-fencing.ts'
 
 /** VmControl through the agent's control API. */
 function remoteControl(client: ControlClient): VmControl {
@@ -295,6 +296,7 @@ export const vm: CommandModule = {
         if (opts.json) return printJson({ name, lines })
         process.stdout.write(lines.length > 0 ? `${lines.join('\n')}\n` : '')
       })
+    addFencingCommands(cmd)
     return cmd
   },
 }

@@ -183,6 +183,8 @@ export async function createTwoHosts(
       status: () => ({}),
       migrate: (p, o) => viaA.migrate(p, o),
       settled: async () => {},
+      tokens: (vm, signal) => viaA.tokens(vm, signal),
+      recover: () => Promise.reject(new Error('not in the bench')),
     }
   }
   return {

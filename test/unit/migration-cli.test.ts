@@ -44,6 +44,25 @@ describe('mesh migrate (CLI against a stub agent)', function () {
         migrate: async (params, ctx) => {
           calls.push(params)
           const p = parseMigrateParams(params)
+          if (p.vm === 'dies') {
+            // The agent dies in the switch: the CLI must say where the VM was last seen.
+            ctx.emit({
+              vm: p.vm,
+              phase: 'switch',
+              round: 2,
+              wireBytes: 1000,
+              ramBytes: 4096,
+              dedupBytes: 0,
+              rateBytesPerSec: 1e6,
+              dirtyRateBytesPerSec: 0,
+              dirtyBytes: 0,
+              elapsedMs: 3200,
+              from: 'gcp1',
+              to: 'aws1',
+            })
+            setTimeout(() => void server?.stop(), 200)
+            return new Promise(() => {})
+          }
           ctx.emit({
             vm: p.vm,
             phase: 'bulk',
@@ -74,6 +93,9 @@ describe('mesh migrate (CLI against a stub agent)', function () {
             deviceStateBytes: 300_000,
             switchReason: 'small',
             timings: {},
+            ...(p.vm === 'late'
+              ? { totalMs: 31_000, deadlineMs: 25_000, fromName: 'gcp1', toName: 'aws1' }
+              : {}),
           }
         },
       },
@@ -99,22 +121,68 @@ describe('mesh migrate (CLI against a stub agent)', function () {
     })
   })
 
-  it('sends {vm, to, deadlineMs}, streams events with --json and prints the report', async () => {
+  it('sends {vm, to, deadlineMs}; --json prints one JSON object per line on stdout (events, then the report)', async () => {
     const r = await mesh(['migrate', 'g1', '--to', 'B', '--deadline', '25s', '--json', '--state', dir])
     assert.equal(r.status, 0, r.stderr)
     assert.deepEqual(calls.at(-1), { vm: 'g1', to: 'B', deadlineMs: 25_000 })
-    const report = JSON.parse(r.stdout) as { event: string; downtimeMs: number; token: number }
-    assert.equal(report.event, 'done')
-    assert.equal(report.downtimeMs, 56)
-    assert.match(r.stderr, /"event":"progress"/)
+    const lines = r.stdout.trimEnd().split('\n')
+    const objs = lines.map((l) => JSON.parse(l) as { event: string; phase?: string; downtimeMs?: number })
+    assert.deepEqual(
+      objs.map((o) => o.event),
+      ['progress', 'done'],
+    )
+    assert.equal(objs[0]!.phase, 'bulk')
+    assert.equal(objs[1]!.downtimeMs, 56)
+    assert.equal(r.stderr, '', 'nothing on stderr for a clean move')
     const text = await mesh(['migrate', 'g1', '--to', 'B', '--state', dir])
     assert.equal(text.status, 0, text.stderr)
     assert.match(text.stdout, /moved g1: A → B \(token 2\)/)
     assert.match(text.stdout, /downtime +56 ms/)
   })
 
+  it('a missed --deadline is a warning and exit status 3 (the report still printed)', async () => {
+    const r = await mesh(['migrate', 'late', '--to', 'aws1', '--deadline', '25s', '--json', '--state', dir])
+    assert.equal(r.status, 3, r.stderr)
+    const objs = r.stdout
+      .trimEnd()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { event: string; code?: string; deadlineMissed?: boolean })
+    assert.deepEqual(
+      objs.map((o) => o.event),
+      ['progress', 'warning', 'done'],
+    )
+    assert.equal(objs[1]!.code, 'E_DEADLINE_MISSED')
+    assert.equal(objs[2]!.deadlineMissed, true)
+    assert.match(r.stderr, /mesh: VM 'late' moved to aws1, but after 31\.0 s: the deadline was 25\.0 s/)
+    const text = await mesh(['migrate', 'late', '--to', 'aws1', '--deadline', '25s', '--state', dir])
+    assert.equal(text.status, 3)
+    assert.match(text.stdout, /moved late: gcp1 → aws1/)
+  })
+
   it('without --to it is a usage error (exit 2)', async () => {
     const r = await mesh(['migrate', 'g1', '--state', dir])
     assert.equal(r.status, 2)
+  })
+
+  // Last: the stub agent goes away.
+  it('the agent dies mid-move: the CLI says where the VM was last seen (text, and a failed event with --json)', async () => {
+    const r = await mesh(['migrate', 'dies', '--to', 'aws1', '--json', '--state', dir])
+    assert.equal(r.status, 1)
+    const objs = r.stdout
+      .trimEnd()
+      .split('\n')
+      .map(
+        (l) => JSON.parse(l) as { event: string; code?: string; lastKnown?: { on?: string; phase?: string } },
+      )
+    assert.deepEqual(
+      objs.map((o) => o.event),
+      ['progress', 'failed'],
+    )
+    assert.equal(objs[1]!.code, 'E_AGENT_LOST')
+    assert.deepEqual(objs[1]!.lastKnown, { status: 'unknown', on: 'gcp1', phase: 'switch' })
+    assert.match(
+      r.stderr,
+      /the agent stopped during the move.*VM 'dies' was last seen paused on gcp1 in the switch to aws1/,
+    )
   })
 })

@@ -66,6 +66,20 @@ const samples: Message[] = [
   { type: 'request', sid, vm: 'g1', to: 'peer', deadlineMs: 25000 },
   { type: 'request-event', sid, event: { phase: 'bulk' } },
   { type: 'request-result', sid, ok: false, error: { code: 'E', message: 'm' } },
+  { type: 'query-reply', sid, vm: 'g1', state: 'lost', token: 5 },
+  { type: 'history', sid, vm: 'g1' },
+  {
+    type: 'history-reply',
+    sid,
+    vm: 'g1',
+    token: 5,
+    status: 'paused',
+    lost: { token: 5, on: 'peerB' },
+    events: [
+      { at: 1, token: 4, event: 'out', peer: 'peerB' },
+      { at: 2, token: 5, event: 'lost', peer: 'peerB', note: 'its QEMU died' },
+    ],
+  },
 ]
 
 /** Typed arrays as plain arrays: the decoder may return Buffers where the sample has Uint8Arrays. */

@@ -104,7 +104,7 @@ describe('migration state machines (tables)', () => {
     const states = Object.keys(SOURCE_TRANSITIONS) as SourceState[]
     assert.deepEqual([...reachable(SOURCE_TRANSITIONS, 'setup')].sort(), [...states].sort())
     const terminal = states.filter((s) => SOURCE_TRANSITIONS[s].length === 0).sort()
-    assert.deepEqual(terminal, ['completed', 'in-doubt', 'rolled-back'])
+    assert.deepEqual(terminal, ['completed', 'in-doubt', 'lost', 'rolled-back'])
     for (const s of states) {
       const ends = reachable(SOURCE_TRANSITIONS, s)
       assert.ok(
@@ -140,6 +140,7 @@ describe('migration state machines (tables)', () => {
       completed: 'moved',
       'rolled-back': 'rollback',
       'in-doubt': 'in-doubt',
+      lost: 'lost',
     }
     for (const s of Object.keys(SOURCE_TRANSITIONS) as SourceState[])
       assert.equal(sourceFailureOutcome(s), expect[s], s)

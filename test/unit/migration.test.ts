@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { closeSync, openSync, readFileSync, writeSync } from 'node:fs'
+import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs'
 import { mkdtemp, readdir, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -23,6 +23,8 @@ const RAM_MIB = 16
 
 /** Cuts the link the first time this side sends a message of `type` (the message is not sent). */
 interface Tap {
+  /** Drops everything this side sends, the link staying up (a dead agent behind a live link). */
+  mute?: boolean
   cutOn?: MessageType
   /** Runs after this side sent a message of `type` (e.g. kill the other side). */
   after?: { type: MessageType; run: () => void }
@@ -35,6 +37,7 @@ function tapped(net: MigrationNetwork, tap: Tap, cut: () => void): MigrationNetw
       return ch.open
     },
     send(m) {
+      if (tap.mute === true) return true
       const type = decodeMessage(m).type
       if (tap.cutOn !== undefined && type === tap.cutOn) {
         tap.cutOn = undefined
@@ -472,6 +475,132 @@ describe('migration (fake driver, memory links)', function () {
     assert.equal(B.host.get('g1')?.status(), 'running')
   })
 
+  it('destination goes silent while the guest is paused (link still up) → the source rolls back within ~1 s, not at its 30 s timeout', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    await restart(A, { timeoutMs: 30_000, deadAfterMs: 600 })
+    const g = await bootGuest(A)
+    g.fill(1)
+    let pausedAt = 0
+    let rolledBackAt = 0
+    const offState = (line: string) => {
+      if (line === 'A out:paused') pausedAt = performance.now()
+      if (line === 'A out:rolled-back') rolledBackAt = performance.now()
+    }
+    const push = stateLog.push.bind(stateLog)
+    stateLog.push = (...l: string[]) => {
+      for (const x of l) offState(x)
+      return push(...l)
+    }
+    // B "dies" once the source has sent its final delta: its service stops answering, the link stays.
+    A.tap.after = {
+      type: 'final',
+      run: () => {
+        B.tap.mute = true
+        void B.service.stop()
+      },
+    }
+    const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(err instanceof Error && err.name === 'MigrationLinkError', String(err))
+    assert.match(err.message, /stopped answering.*rolled back: VM 'g1' is running on A/)
+    const pausedMs = rolledBackAt - pausedAt
+    assert.ok(pausedMs > 0 && pausedMs < 2500, `paused ${Math.round(pausedMs)} ms before the rollback`)
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    g.assertIntact(A.host.get('g1')!)
+  })
+
+  /** What a destination agent killed after its commit record leaves: the incoming QEMU (paused, state
+   *  loaded) and the record; the source paused with its switch record, after sending the commit. */
+  async function committedThenKilled(A: Node, B: Node, g: Guest): Promise<Vm> {
+    const spec = g.vm.spec
+    await A.host.beginSwitch({ vm: 'g1', token: 1, to: 'B', at: Date.now() })
+    await g.vm.pause()
+    const state = await g.vm.saveState()
+    const ram = await B.host.allocateRam(spec)
+    writeFileSync(ram, readFileSync(g.vm.memory.path))
+    const incoming = await B.host.startIncoming(spec, ram)
+    await incoming.loadState(state)
+    await B.host.ledger.commitIncoming({
+      vm: 'g1',
+      token: 1,
+      from: 'A',
+      at: Date.now(),
+      handle: B.host.handle(incoming),
+    })
+    return incoming
+  }
+
+  it('destination agent killed between its commit record and the resume: the restarted agent re-adopts and resumes its copy; the source stops its own', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    const incoming = await committedThenKilled(A, B, g)
+    assert.equal(incoming.status(), 'paused')
+    await restart(B)
+    assert.equal(B.host.get('g1')?.status(), 'running', 'B re-adopted and resumed the committed copy')
+    assert.deepEqual(B.host.ledger.incoming(), [])
+    await restart(A)
+    await until('the switch to settle', () => A.host.switches().length === 0)
+    assert.deepEqual(
+      running('g1').map((n) => n.id),
+      ['B'],
+    )
+    assert.equal(A.host.get('g1'), undefined)
+    assert.equal(A.host.token('g1'), 1)
+    assert.deepEqual(
+      B.host.ledger.history('g1').map((e) => e.event),
+      ['in', 'restored'],
+    )
+    g.assertIntact(B.host.get('g1')!)
+    // And the next move works.
+    const r = await B.service.migrate({ vm: 'g1', to: 'A' })
+    assert.equal(r.token, 2)
+  })
+
+  it("destination's committed copy died with its agent: it answers 'lost', the source keeps its older copy paused and says so; recover --accept-loss resumes it under a newer token; the next move works", async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    const incoming = await committedThenKilled(A, B, g)
+    await incoming.stop()
+    await restart(B)
+    assert.equal(B.host.get('g1'), undefined)
+    assert.equal(B.host.ledger.lost('g1')?.token, 1)
+    await restart(A)
+    await until('the switch to settle', () => A.host.switches().length === 0)
+    assert.equal(A.host.get('g1')?.status(), 'paused', 'the older copy is not resumed quietly')
+    assert.deepEqual(A.service.status().lost, ['g1'])
+    const again = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(
+      again instanceof Error && (again as { code?: string }).code === 'E_MIGRATION_LOST',
+      String(again),
+    )
+    assert.match(again.message, /ran on B \(fencing token 1\).*mesh vm recover g1 --accept-loss/)
+    const rows = await A.service.tokens('g1')
+    assert.deepEqual(
+      rows.map((r) => [r.member, r.token, r.status, r.lost?.token]),
+      [
+        ['A', 1, 'paused', 1],
+        ['B', 1, '', 1],
+      ],
+    )
+    await assert.rejects(A.service.recover('g1', { acceptLoss: false }), { name: 'UsageError' })
+    const rec = await A.service.recover('g1', { acceptLoss: true })
+    assert.deepEqual(rec, { vm: 'g1', member: 'A', token: 2, resumed: true, lost: { token: 1, on: 'B' } })
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    assert.deepEqual(A.service.status().lost, [])
+    const r = await A.service.migrate({ vm: 'g1', to: 'B' })
+    assert.equal(r.token, 3)
+    assert.deepEqual(
+      running('g1').map((n) => n.id),
+      ['B'],
+    )
+    g.vm = B.host.get('g1')!
+    g.assertIntact(g.vm)
+  })
+
   it('refuses a non-member: its migrate request and its prepare', async () => {
     const A = nodes.get('A')!
     await bootGuest(A)
@@ -515,6 +644,12 @@ describe('migration (fake driver, memory links)', function () {
     assert.match(err.message, /stale/)
     assert.equal(A.host.get('g1')?.status(), 'running')
     assert.equal(B.host.get('g1'), undefined)
+    // The refusal says what to do, and doing it unwedges the VM.
+    assert.match(err.message, /mesh vm tokens g1.*mesh vm recover g1 --accept-loss/)
+    const rec = await A.service.recover('g1', { acceptLoss: true })
+    assert.equal(rec.token, 8, 'newer than any member has seen')
+    const r = await A.service.migrate({ vm: 'g1', to: 'B' })
+    assert.equal(r.token, 9)
   })
 
   it('deadline: a guest that dirties faster than the link ends pre-copy in time', async () => {
@@ -580,6 +715,24 @@ describe('migration VmHost over the VM manager', () => {
       await third.endSwitch!('mh')
       const fourth = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
       assert.deepEqual(fourth.switches!(), [])
+      // The commit record, losses and history survive too; the token follows the newest of them even
+      // when only the ledger file was written (the commit's single durable write).
+      const handle = { spec, pid: 1, memoryPath: '/dev/shm/x', paths: { qmp: '/tmp/q' } }
+      await fourth.ledger.commitIncoming({ vm: 'mh', token: 9, from: 'A', at: 5, handle })
+      await fourth.ledger.markLost({ vm: 'other', token: 2, on: 'C', at: 6 }, 'died')
+      const fifth = await createManagerHost({ manager, driver, ramDir: join(dir, 'ram'), stateDir: dir })
+      assert.equal(fifth.token('mh'), 9)
+      assert.deepEqual(fifth.ledger.incoming(), [{ vm: 'mh', token: 9, from: 'A', at: 5, handle }])
+      assert.deepEqual(fifth.ledger.lost('other'), { vm: 'other', token: 2, on: 'C', at: 6 })
+      assert.deepEqual(
+        fifth.ledger.history('mh').map((e) => [e.event, e.token, e.peer]),
+        [['in', 9, 'A']],
+      )
+      assert.deepEqual(
+        (await readdir(dir)).filter((f) => f.includes('.tmp')),
+        [],
+        'no temporary files left',
+      )
     } finally {
       await rm(dir, { recursive: true, force: true })
     }

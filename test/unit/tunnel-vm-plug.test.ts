@@ -10,6 +10,7 @@ import { plugVmsIntoTunnel } from '../../src/agent/vm-tunnel.ts'
 import type { Vm, VmDriver, VmStatus } from '../../vm/driver/interfaces.ts'
 import type { VmManager } from '../../vm/manager.ts'
 import type { VmHost } from '../../vm/migration/interfaces.ts'
+import { createMemoryLedger } from '../../vm/migration/ledger.ts'
 import type { VmSpec } from '../../vm/spec.ts'
 
 const MAC = '52:54:00:12:34:56'
@@ -61,6 +62,12 @@ function rig(holdWhilePaused?: boolean) {
     },
     token: () => 0,
     setToken: async () => {},
+    ledger: createMemoryLedger(),
+    handle: () => ({ spec: incoming!.spec, pid: 0, memoryPath: '/dev/null', paths: {} }),
+    reattach: async () => incoming as unknown as Vm,
+    beginSwitch: async () => {},
+    endSwitch: async () => {},
+    switches: () => [],
   } satisfies VmHost
   const host = plugVmsIntoTunnel(
     manager,

@@ -10,6 +10,7 @@ import { DiskReceiver } from '../disk/receiver.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import type { Conversation } from './conversation.ts'
 import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'
+import { faultPoint } from './fault-points.ts'
 import type { MigrationProgress, RamCache, VmHost } from './interfaces.ts'
 import { RamReceiver } from './ram-receiver.ts'
 import { DESTINATION_TRANSITIONS, type DestinationState, StateMachine, type Transition } from './state.ts'
@@ -29,6 +30,9 @@ export interface DestinationInit {
   onProgress?: (p: MigrationProgress) => void
   /** Every state change of the session (service status, tests). */
   onState?: (t: Transition<DestinationState>) => void
+  /** A member's name for messages (default: its PeerId), and this host's. */
+  nameOf?: (peer: string) => string
+  selfName?: string
   signal?: AbortSignal
 }
 
@@ -99,6 +103,7 @@ export class DestinationSession {
           atMs: tr.atMs,
         })
         init.onState?.(tr)
+        faultPoint(`destination:${tr.to}`, this.name)
       },
     )
   }
@@ -145,6 +150,37 @@ export class DestinationSession {
     }
   }
 
+  /** Why this host knows a newer token, and what the operator can do about it. */
+  private staleDetail(have: number): string {
+    const { host, conv } = this.init
+    const name = this.name
+    const self = this.nameOf(undefined)
+    const last = host.ledger
+      .history(name)
+      .filter((e) => e.token === have)
+      .at(-1)
+    const when = last === undefined ? '' : ` at ${new Date(last.at).toISOString()}`
+    const who = (p: string | undefined) => (p === undefined || p === '' ? self : this.nameOf(p))
+    const what =
+      last === undefined
+        ? `${self} has seen token ${have} for it`
+        : last.event === 'in'
+          ? `${self} took it over from ${who(last.peer)} under token ${have}${when}`
+          : last.event === 'out'
+            ? `it moved from ${self} to ${who(last.peer)} under token ${have}${when}`
+            : last.event === 'lost'
+              ? `its copy under token ${have} (on ${who(last.peer)}) was lost${when}`
+              : `${self} recorded '${last.event}' under token ${have}${when}`
+    const lost = host.ledger.lost(name)
+    return `${what}${lost === undefined ? '' : ' and that copy is gone'}; the copy on ${this.nameOf(conv.channel.peer)} is older than one the mesh has run. See 'mesh vm tokens ${name}'. To keep the copy on ${this.nameOf(conv.channel.peer)} anyway (losing newer state), run 'mesh vm recover ${name} --accept-loss' there: it takes a token newer than any member has seen, and the move can be retried`
+  }
+
+  /** A member's name for messages; undefined = this host. */
+  private nameOf(peer: string | undefined): string {
+    if (peer === undefined) return this.init.selfName ?? 'this host'
+    return this.init.nameOf?.(peer) ?? peer
+  }
+
   /** preparing → refused: a stale token, a VM of that name here already, a bad geometry. */
   private check(): void {
     const { conv, prepare, host } = this.init
@@ -155,7 +191,7 @@ export class DestinationSession {
     }
     const have = host.token(this.name)
     if (prepare.token <= have) {
-      const err = new StaleTokenError(this.name, prepare.token, have)
+      const err = new StaleTokenError(this.name, prepare.token, have, this.staleDetail(have))
       refuse(err.code, err.message, err)
     }
     if (host.get(this.name) !== undefined) {
@@ -244,15 +280,25 @@ export class DestinationSession {
     }
   }
 
-  /** loaded → committed: the source's commit for our token, recorded before the guest may run. */
+  /**
+   * loaded → committed: the source's commit for our token. This host's ownership (token, source, and
+   * how to find the incoming QEMU again) is recorded durably before the guest may run: an agent killed
+   * from here on finds the record when it restarts, re-adopts the QEMU (resuming it if need be) instead
+   * of sweeping it, and never answers `absent` for this token.
+   */
   private async awaitCommit(): Promise<void> {
     const { conv, prepare, host, signal } = this.init
     const commit = await conv.next(['commit'], 'commit', this.timeoutMs, signal)
     if (commit.token !== prepare.token) throw new StaleTokenError(this.name, commit.token, prepare.token)
     this.machine.set('loaded', 'committed')
-    // The token is recorded before the guest runs: after a crash here the host still knows it owns
-    // the VM under this token and refuses the older one.
-    await host.setToken(this.name, prepare.token)
+    await host.ledger.commitIncoming({
+      vm: this.name,
+      token: prepare.token,
+      from: conv.channel.peer,
+      at: Date.now(),
+      handle: host.handle(this.vm!),
+    })
+    faultPoint('destination:recorded', this.name)
   }
 
   /** committed → resumed → running: the guest runs here; the host adopts it. */
@@ -262,13 +308,17 @@ export class DestinationSession {
     await vm.resume()
     this.machine.set('committed', 'resumed')
     const resumedAt = Date.now()
-    await host.adopt(vm)
-    await this.init.cache?.forget(this.name).catch(() => {})
+    // The commit record already says the guest is ours: tell the source at once (its pause ends when
+    // it hears this), then adopt and file the token.
     conv.trySend({ type: 'resumed', sid: this.sid, token: prepare.token, resumedAt })
+    await host.adopt(vm)
+    await host.setToken(this.name, prepare.token)
+    await host.ledger.endIncoming(this.name)
+    await this.init.cache?.forget(this.name).catch(() => {})
     for (const s of this.streams) s.close()
     this.emit('resumed', true)
     this.machine.set('resumed', 'running')
-    log.info('VM resumed here', { vm: this.name, token: prepare.token, from: conv.channel.peer })
+    log.info('VM resumed here', { vm: this.name, fence: prepare.token, from: conv.channel.peer })
     return 'running'
   }
 
@@ -282,6 +332,7 @@ export class DestinationSession {
       if (this.machine.is('resumed')) this.machine.set('resumed', 'running')
       return 'running'
     }
+    const committed = this.machine.is('committed')
     this.machine.to('discarding')
     if (!(err instanceof AbortError) && !(err instanceof MigrationError && conv.failed === err))
       conv.trySend({
@@ -297,6 +348,17 @@ export class DestinationSession {
       this.vm = await this.vmStart.catch(() => undefined)
     if (this.vm !== undefined) await this.vm.stop().catch(() => {})
     if (this.ramPath !== undefined) await host.discardRam(this.ramPath).catch(() => {})
+    if (committed && host.ledger.incoming().some((r) => r.vm === this.name)) {
+      // Committed, and the resume failed: whether the guest ran a moment is unknown, so this token's
+      // copy counts as lost (the source then keeps its older copy paused for an operator's decision).
+      await host.ledger.endIncoming(this.name).catch(() => {})
+      await host.ledger
+        .markLost(
+          { vm: this.name, token: this.init.prepare.token, on: '', at: Date.now() },
+          describeError(err),
+        )
+        .catch(() => {})
+    }
     this.machine.set('discarding', 'discarded')
     throw err
   }

@@ -24,8 +24,14 @@ export class MigrationRefusedError extends MigrationError {
 
 /** A command carried a fencing token older than the newest this host has seen for the VM. */
 export class StaleTokenError extends MigrationError {
-  constructor(vm: string, got: number, have: number) {
-    super(`VM '${vm}': fencing token ${got} is stale (this host has seen ${have})`, { code: 'E_STALE_TOKEN' })
+  /** `detail` says what happened and what to do (the destination's refusal carries it to the source). */
+  constructor(vm: string, got: number, have: number, detail?: string) {
+    super(
+      `VM '${vm}': fencing token ${got} is stale (this host has seen ${have})${detail === undefined ? '' : `: ${detail}`}`,
+      {
+        code: 'E_STALE_TOKEN',
+      },
+    )
   }
 }
 
@@ -72,5 +78,16 @@ export class MigrationTargetError extends MigrationError {
 export class MigrationStateError extends MigrationError {
   constructor(message: string) {
     super(message, { code: 'E_MIGRATION_STATE' })
+  }
+}
+
+/**
+ * After the commit the destination answered that its copy ran and is gone (its QEMU died after it
+ * resumed). The copy on the source is older: it stays paused, and resuming it (losing what ran on the
+ * destination) is an operator's decision (`mesh vm recover VM --accept-loss`).
+ */
+export class MigrationLostError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_LOST' })
   }
 }

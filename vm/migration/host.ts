@@ -3,7 +3,8 @@ import { mkdir, open, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmSpec } from '../spec.ts'
-import type { SwitchRecord, VmHost } from './interfaces.ts'
+import type { VmHost } from './interfaces.ts'
+import { createMemoryLedger } from './ledger.ts'
 
 /**
  * A fresh, sparse RAM file of the spec's size for an incoming copy. The `.in-` name is what
@@ -36,16 +37,15 @@ export interface DriverHost extends VmHost {
   names(): string[]
   /** Stops every VM this host holds (test cleanup). */
   stopAll(): Promise<void>
-  beginSwitch(record: SwitchRecord): Promise<void>
-  endSwitch(name: string): Promise<void>
-  switches(): SwitchRecord[]
 }
 
 export function createDriverHost(init: DriverHostInit): DriverHost {
   const vms = new Map<string, Vm>()
-  const tokens = new Map<string, number>()
-  const switches = new Map<string, SwitchRecord>()
+  const ledger = createMemoryLedger()
   const host: DriverHost = {
+    ledger,
+    handle: (vm) => init.driver.handle(vm),
+    reattach: (handle, signal) => init.driver.adopt(handle, signal),
     get: (name) => {
       const vm = vms.get(name)
       if (vm === undefined) return undefined
@@ -71,17 +71,11 @@ export function createDriverHost(init: DriverHostInit): DriverHost {
     async release(name) {
       vms.delete(name)
     },
-    token: (name) => tokens.get(name) ?? 0,
-    async setToken(name, token) {
-      if (token > (tokens.get(name) ?? 0)) tokens.set(name, token)
-    },
-    async beginSwitch(record) {
-      switches.set(record.vm, { ...record })
-    },
-    async endSwitch(name) {
-      switches.delete(name)
-    },
-    switches: () => [...switches.values()].map((r) => ({ ...r })),
+    token: (name) => ledger.token(name),
+    setToken: (name, token) => ledger.setToken(name, token),
+    beginSwitch: (record) => ledger.beginSwitch(record),
+    endSwitch: (name) => ledger.endSwitch(name),
+    switches: () => ledger.switches(),
     add(vm) {
       vms.set(vm.spec.name, vm)
     },

@@ -3,8 +3,9 @@
  * libp2p or werift: the overlay reaches migration as `MigrationNetwork` (see overlay.ts for the adapter
  * over net/link's Overlay 'migrate' channel), the runtime as `VmHost`, the chunk store as `RamCache`.
  */
-import type { Vm } from '../driver/interfaces.ts'
+import type { Vm, VmHandle } from '../driver/interfaces.ts'
 import type { VmSpec } from '../spec.ts'
+import type { FencingLedger } from './ledger.ts'
 
 /** One reliable, ordered message channel to a peer (the link's 'migrate' channel). */
 export interface MigrationChannel {
@@ -48,21 +49,28 @@ export interface VmHost {
   adopt(vm: Vm): Promise<void>
   /** The VM moved away (it is stopped): forget it. */
   release(name: string): Promise<void>
-  /** The newest fencing token this host has seen for a VM (0 when none). */
+  /** The driver's handle of a VM: what a commit record keeps to find the QEMU after an agent restart. */
+  handle(vm: Vm): VmHandle
+  /** Re-attaches to a VM of a handle (its process outlived the agent); throws when it is gone. */
+  reattach(handle: VmHandle, signal?: AbortSignal): Promise<Vm>
+  /** Tokens, switch and commit records, losses and history (see ledger.ts): persisted by real hosts. */
+  readonly ledger: FencingLedger
+  /** The newest fencing token this host has seen for a VM (0 when none). Same as ledger.token(). */
   token(name: string): number
-  /** Records a newer token (persisted by real hosts before the call returns). Never lowers it. */
+  /** Records a newer token (persisted by real hosts before the call returns). Never lowers it. Same as
+   *  ledger.setToken(). */
   setToken(name: string, token: number): Promise<void>
   /**
    * Records an outgoing switch before the source pauses the guest (persisted by real hosts before the
    * call returns). Until endSwitch(), the copy here must neither run nor be thrown away without an
    * answer from the destination: a source agent killed mid-switch finds the record when it restarts
-   * and settles it (see settle.ts). Optional: a host without it cannot settle after a restart.
+   * and settles it (see settle.ts). Same as ledger.beginSwitch().
    */
-  beginSwitch?(record: SwitchRecord): Promise<void>
+  beginSwitch(record: SwitchRecord): Promise<void>
   /** The switch is settled: the VM runs here again, or it runs on the destination and ours is gone. */
-  endSwitch?(name: string): Promise<void>
+  endSwitch(name: string): Promise<void>
   /** Switches begun and not ended (after an agent restart: the ones a killed agent left). */
-  switches?(): SwitchRecord[]
+  switches(): SwitchRecord[]
 }
 
 /** An outgoing move that reached the switch (the guest here may be paused) and is not settled yet. */
@@ -128,13 +136,20 @@ export interface MigrationProgress {
   dirtyBytes: number
   elapsedMs: number
   message?: string
+  /** The source and the destination, by member name (source events carry them). */
+  from?: string
+  to?: string
 }
 
 /** The result of a successful move, as reported to whoever triggered it. */
 export interface MigrationReport {
   vm: string
+  /** PeerIds of the source and the destination. */
   from: string
   to: string
+  /** Their member names, when known. */
+  fromName?: string
+  toName?: string
   token: number
   totalMs: number
   /** Guest paused on the source → guest running on the destination, by the two hosts' clocks. */

@@ -1,18 +1,17 @@
-import { randomBytes } from 'node:crypto'
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
-import { join } from 'node:path'
+import { rm } from 'node:fs/promises'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmManager } from '../manager.ts'
 import type { VmSpec } from '../spec.ts'
 import { allocateIncomingRam } from './host.ts'
-import type { SwitchRecord, VmHost } from './interfaces.ts'
+import type { VmHost } from './interfaces.ts'
+import { createFileLedger } from './ledger.ts'
 
 export interface ManagerHostInit {
   manager: VmManager
   driver: VmDriver
   /** Where incoming RAM files go (the driver's RAM dir). */
   ramDir: string
-  /** Fencing tokens are kept in `<stateDir>/migration-tokens.json` (written atomically). */
+  /** The fencing ledger lives here (ledger.ts: migration-{tokens,switches,ledger}.json, written durably). */
   stateDir: string
   startOptions?: Omit<StartOptions, 'incoming' | 'memoryPath' | 'signal'>
   /** Resolves `image:NAME[:TAG]` references of a spec to local files (pulls them through the chunk
@@ -20,55 +19,16 @@ export interface ManagerHostInit {
   resolveImages?: (spec: VmSpec, signal?: AbortSignal) => Promise<VmSpec>
 }
 
-async function readJsonObject(file: string): Promise<Record<string, unknown>> {
-  try {
-    const parsed = JSON.parse(await readFile(file, 'utf8')) as unknown
-    if (typeof parsed === 'object' && parsed !== null) return parsed as Record<string, unknown>
-  } catch {
-    // first start: nothing yet
-  }
-  return {}
-}
-
-function isSwitchRecord(v: unknown): v is SwitchRecord {
-  const r = v as Partial<SwitchRecord> | null
-  return (
-    typeof r === 'object' &&
-    r !== null &&
-    typeof r.vm === 'string' &&
-    typeof r.to === 'string' &&
-    typeof r.at === 'number' &&
-    Number.isSafeInteger(r.token)
-  )
-}
-
 /**
- * The agent's VmHost: VMs of its VmManager; fencing tokens and switches in progress persisted before
- * any call returns (a source agent killed mid-switch finds its switches again when it restarts).
+ * The agent's VmHost: VMs of its VmManager; the fencing ledger persisted durably before any call returns
+ * (a source agent killed mid-switch finds its switches again, a destination its commits).
  */
 export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> {
-  const file = join(init.stateDir, 'migration-tokens.json')
-  const switchFile = join(init.stateDir, 'migration-switches.json')
-  const tokens = new Map<string, number>()
-  for (const [k, v] of Object.entries(await readJsonObject(file)))
-    if (typeof v === 'number' && Number.isSafeInteger(v)) tokens.set(k, v)
-  const switches = new Map<string, SwitchRecord>()
-  for (const [k, v] of Object.entries(await readJsonObject(switchFile)))
-    if (isSwitchRecord(v) && v.vm === k) switches.set(k, { vm: v.vm, token: v.token, to: v.to, at: v.at })
-  let writing: Promise<void> = Promise.resolve()
-  const write = (path: string, body: () => string) => {
-    // Serialised: a later write never lands before an earlier one.
-    writing = writing.then(async () => {
-      await mkdir(init.stateDir, { recursive: true, mode: 0o700 })
-      const tmp = `${path}.${randomBytes(4).toString('hex')}.tmp`
-      await writeFile(tmp, body(), { mode: 0o600 })
-      await rename(tmp, path)
-    })
-    return writing
-  }
-  const persist = () => write(file, () => JSON.stringify(Object.fromEntries(tokens)))
-  const persistSwitches = () => write(switchFile, () => JSON.stringify(Object.fromEntries(switches)))
+  const ledger = await createFileLedger(init.stateDir)
   return {
+    ledger,
+    handle: (vm) => init.driver.handle(vm),
+    reattach: (handle, signal) => init.driver.adopt(handle, signal),
     get(name) {
       try {
         const vm = init.manager.get(name)
@@ -93,20 +53,10 @@ export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> 
     async release(name) {
       await init.manager.forget(name)
     },
-    token: (name) => tokens.get(name) ?? 0,
-    async setToken(name, token) {
-      if (token <= (tokens.get(name) ?? 0)) return
-      tokens.set(name, token)
-      await persist()
-    },
-    async beginSwitch(record) {
-      switches.set(record.vm, { ...record })
-      await persistSwitches()
-    },
-    async endSwitch(name) {
-      if (!switches.delete(name)) return
-      await persistSwitches()
-    },
-    switches: () => [...switches.values()].map((r) => ({ ...r })),
+    token: (name) => ledger.token(name),
+    setToken: (name, token) => ledger.setToken(name, token),
+    beginSwitch: (record) => ledger.beginSwitch(record),
+    endSwitch: (name) => ledger.endSwitch(name),
+    switches: () => ledger.switches(),
   }
 }

@@ -15,8 +15,9 @@ import { MigrationInDoubtError, MigrationLinkError, MigrationTimeoutError } from
 import type { MigrationChannel, MigrationNetwork, SwitchRecord, VmHost } from './interfaces.ts'
 import { newSessionId } from './v1/messages.ts'
 
-/** What the destination said about a VM under a token; undefined = no answer yet. */
-export type DestinationState = 'running' | 'discarded' | 'absent'
+/** What the destination said about a VM under a token; undefined = no answer yet. 'lost': it ran the VM
+ *  under that token and that copy is gone (ours is older). */
+export type DestinationState = 'running' | 'discarded' | 'absent' | 'lost'
 
 export interface AskInit {
   network: MigrationNetwork
@@ -46,7 +47,7 @@ export async function askDestination(
     await conv.send({ type: 'query', sid, vm, token }, init.signal)
     const r = await conv.next(['query-reply'], 'query-reply', timeoutMs, init.signal)
     if (r.state === 'running' && r.token >= token) return 'running'
-    if (r.state === 'discarded' || r.state === 'absent') return r.state
+    if (r.state === 'discarded' || r.state === 'absent' || r.state === 'lost') return r.state
     return undefined
   } catch (err) {
     if (err instanceof AbortError) throw err
@@ -93,16 +94,40 @@ export interface SettleInit extends AskInit {
   maxIntervalMs?: number
 }
 
+/** What an operator reads when the newest copy of a VM is gone and an older one waits here. */
+export function lostMessage(vm: string, token: number, on: string, here: string): string {
+  return `VM '${vm}' ran on ${on} (fencing token ${token}) and that copy is gone; the older copy on ${here} stays paused so that nothing older quietly replaces it. To resume it, accepting the loss of what ran on ${on}: mesh vm recover ${vm} --accept-loss (on ${here}); history on every member: mesh vm tokens ${vm}`
+}
+
+/** Records on this (source) host that the copy under `token` on `on` is lost; ends the switch record. */
+export async function recordLoss(
+  host: VmHost,
+  log: Logger,
+  vm: string,
+  token: number,
+  on: string,
+): Promise<void> {
+  log.error('the destination ran the VM and lost it: the older copy here stays paused', {
+    vm,
+    on,
+    fence: token,
+  })
+  await host.ledger.markLost({ vm, token, on, at: Date.now() })
+  await host.endSwitch(vm)
+}
+
 /**
  * Settles one switch for good: asks the destination (backing off up to maxIntervalMs, for as long as
  * it takes: until then our copy stays paused, which is the safe side) and then
  * - 'running': the destination owns the VM under the token: record the token, stop our copy (if it is
  *   still here) and forget it;
- * - 'discarded' / 'absent': the destination never resumed and never will: resume our copy.
+ * - 'discarded' / 'absent': the destination never resumed and never will: resume our copy;
+ * - 'lost': the destination ran it and its copy is gone: ours is older; it stays paused and the loss is
+ *   recorded (an operator resumes it with `mesh vm recover`).
  * Ends the switch record either way. Rejects only when the signal fires (the service stops; the record
  * stays for the next start).
  */
-export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed' | 'lost'> {
+export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed' | 'gone' | 'lost'> {
   const { host, log, record } = init
   const name = record.vm
   const maxInterval = init.maxIntervalMs ?? 5000
@@ -118,18 +143,23 @@ export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed
   const vm = host.get(name)
   if (answer === 'running') {
     await host.setToken(name, record.token)
+    await host.ledger.record(name, { token: record.token, event: 'out', peer: record.to, note: 'settled' })
     if (vm !== undefined) {
       log.warn('the VM runs on the destination: stopping the copy left here', {
         vm: name,
         to: record.to,
-        token: record.token,
+        fence: record.token,
         status: vm.status(),
       })
       await vm.stop()
     }
     await host.release(name)
-    await host.endSwitch?.(name)
+    await host.endSwitch(name)
     return 'moved'
+  }
+  if (answer === 'lost') {
+    await recordLoss(host, log, name, record.token, record.to)
+    return 'lost'
   }
   if (vm === undefined) {
     log.error('the destination never resumed the VM and no copy is left here', {
@@ -137,8 +167,8 @@ export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed
       to: record.to,
       answer,
     })
-    await host.endSwitch?.(name)
-    return 'lost'
+    await host.endSwitch(name)
+    return 'gone'
   }
   if (vm.status() === 'paused') {
     log.warn('the destination never resumed the VM: resuming it here', { vm: name, to: record.to, answer })
@@ -149,6 +179,6 @@ export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed
       log.error('resuming the VM failed', { vm: name, error: describeError(err) })
     }
   }
-  await host.endSwitch?.(name)
+  await host.endSwitch(name)
   return 'resumed'
 }

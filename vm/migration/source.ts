@@ -13,7 +13,8 @@ import { DiskSender } from '../disk/sender.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import { parseImageRef } from '../spec.ts'
 import { Conversation } from './conversation.ts'
-import { MigrationInDoubtError, MigrationLinkError } from './errors.ts'
+import { MigrationInDoubtError, MigrationLinkError, MigrationLostError } from './errors.ts'
+import { faultPoint } from './fault-points.ts'
 import type {
   MigrationNetwork,
   MigrationPhase,
@@ -22,9 +23,10 @@ import type {
   RamCache,
   VmHost,
 } from './interfaces.ts'
+import { startProbe } from './probe.ts'
 import { PAGE_SIZE } from './ram.ts'
 import { RamSender } from './ram-sender.ts'
-import { resolveInDoubt } from './settle.ts'
+import { lostMessage, recordLoss, resolveInDoubt } from './settle.ts'
 import {
   SOURCE_TRANSITIONS,
   type SourceState,
@@ -57,6 +59,10 @@ export interface MigrationTuning {
   inDoubtMs?: number
   /** How long after the move the source starts keeping the old RAM as chunks (default 2 s). */
   rememberDelayMs?: number
+  /** While the guest is paused: ping the destination this often (default 200 ms; 0 = no probing)... */
+  probeIntervalMs?: number
+  /** ...and call it dead after this long without an answer (default 1500 ms, at least 4 RTTs). */
+  deadAfterMs?: number
 }
 
 export interface SourceInit {
@@ -75,6 +81,8 @@ export interface SourceInit {
   background?: (p: Promise<unknown>) => void
   /** Every state change of the session (service status, tests). */
   onState?: (t: Transition<SourceState>) => void
+  /** A member's name for messages (default: its PeerId). */
+  nameOf?: (peer: string) => string
   signal?: AbortSignal
 }
 
@@ -86,6 +94,8 @@ const DEFAULTS: Required<MigrationTuning> = {
   timeoutMs: 30_000,
   inDoubtMs: 60_000,
   rememberDelayMs: 2000,
+  probeIntervalMs: 200,
+  deadAfterMs: 1500,
 }
 
 /** The progress phase a state announces (states not listed keep the phase they found). */
@@ -148,6 +158,8 @@ export class SourceSession {
   private finalDeltaBytes = 0
   private deviceStateBytes = 0
   private deviceStateWireBytes = 0
+  /** Stops the liveness probe of the pause (a no-op when none runs). */
+  private stopProbe: () => void = () => {}
   /** When the destination resumed (its clock), and when we learnt it (ours). */
   private resumedAt = 0
   private resumedSeenPerf = 0
@@ -176,6 +188,7 @@ export class SourceSession {
           atMs: tr.atMs,
         })
         init.onState?.(tr)
+        faultPoint(`source:${tr.to}`, this.name)
       },
     )
     this.ram = new RamSender({ vm: this.vm, chunkSize: this.t.chunkSize, compress: this.t.compress })
@@ -230,6 +243,8 @@ export class SourceSession {
       p.phaseDoneBytes = this.phaseDone
     }
     if (message !== undefined) p.message = message
+    p.from = this.nameOf(this.init.network.self)
+    p.to = this.nameOf(this.init.to)
     this.init.onProgress?.(p)
   }
 
@@ -244,6 +259,10 @@ export class SourceSession {
     if (phase === undefined) return
     this.phase = phase
     this.emit(true, message)
+  }
+
+  private nameOf(peer: string): string {
+    return this.init.nameOf?.(peer) ?? peer
   }
 
   private lap(step: string): void {
@@ -263,6 +282,7 @@ export class SourceSession {
     } catch (err) {
       throw await this.fail(err)
     } finally {
+      this.stopProbe()
       this.unregister()
       this.conv.close()
       for (const s of this.streams) await s.close()
@@ -427,7 +447,7 @@ export class SourceSession {
     // Recorded (persisted) before the pause: an agent killed from here on leaves a paused QEMU that
     // the next agent must settle with the destination instead of resuming it blindly.
     this.go('precopy', 'switching', this.switchReason)
-    await init.host.beginSwitch?.({ vm: this.name, token, to: init.to, at: Date.now() })
+    await init.host.beginSwitch({ vm: this.name, token, to: init.to, at: Date.now() })
     this.pausedAt = Date.now()
     this.pausedPerf = performance.now()
     // The state says paused before the call: a pause that fails half-way is still resumed on rollback.
@@ -453,6 +473,27 @@ export class SourceSession {
     this.deviceStateWireBytes = conv.sentBytes - s0
     await conv.send({ type: 'final', sid, token, round: finalRound, pausedAt: this.pausedAt }, signal)
     this.lap('finalSend')
+    // From here we only wait: a destination that died must not keep the guest paused for the link's
+    // dead timer (or our timeout). Nothing else is queued behind the pings now.
+    if (this.t.probeIntervalMs > 0) {
+      const channel = init.network.channel(init.to)
+      if (channel !== undefined)
+        this.stopProbe = startProbe({
+          channel,
+          register: init.register,
+          intervalMs: this.t.probeIntervalMs,
+          deadAfterMs: Math.max(this.t.deadAfterMs, 4 * this.rttMs),
+          peerName: this.nameOf(init.to),
+          onDead: (err) => {
+            init.log.warn('the destination stopped answering while the guest is paused', {
+              vm: this.name,
+              state: this.machine.state,
+              error: err.message,
+            })
+            conv.fail(err)
+          },
+        })
+    }
     await conv.next(['ready'], 'ready (destination loaded the state)', this.t.timeoutMs, signal)
     this.lap('ready')
   }
@@ -468,16 +509,29 @@ export class SourceSession {
       const r = await conv.next(['resumed'], 'resumed', this.t.timeoutMs, signal)
       this.resumedAt = r.resumedAt
       this.resumedSeenPerf = performance.now()
+      this.stopProbe()
     } catch (err) {
+      this.stopProbe()
       if (err instanceof AbortError) throw err
       init.log.warn('commit sent but no answer: asking the destination', {
         vm: name,
         error: describeError(err),
       })
       const outcome = await resolveInDoubt(init, init.to, name, token, this.t.inDoubtMs)
+      if (outcome === 'lost') {
+        // Its copy ran and is gone: ours is older. Never resumed quietly: recorded, reported, kept paused.
+        await recordLoss(init.host, init.log, name, token, init.to)
+        this.machine.set('committed', 'lost')
+        throw new MigrationLostError(
+          lostMessage(name, token, this.nameOf(init.to), this.nameOf(init.network.self)),
+          {
+            cause: err,
+          },
+        )
+      }
       if (outcome !== 'running') {
         this.machine.set('committed', 'declined')
-        throw new MigrationLinkError(`destination did not resume (${outcome})`, { cause: err })
+        throw new MigrationLinkError(`${this.nameOf(init.to)} did not resume it (${outcome})`, { cause: err })
       }
       this.resumedAt = Date.now()
       this.resumedSeenPerf = performance.now()
@@ -498,7 +552,7 @@ export class SourceSession {
     const kept = init.cache === undefined ? undefined : await open(vm.memory.path, 'r').catch(() => undefined)
     await vm.stop()
     await init.host.release(name)
-    await init.host.endSwitch?.(name)
+    await init.host.endSwitch(name)
     const report: MigrationReport = {
       vm: name,
       from: init.network.self,
@@ -525,6 +579,10 @@ export class SourceSession {
       report.diskWrittenBytes = this.disk.writtenAtStart
       report.diskSentBytes = this.disk.sentBytes
       report.diskDedupBytes = this.disk.dedupChunks * this.t.chunkSize
+    }
+    if (init.nameOf !== undefined) {
+      report.fromName = this.nameOf(init.network.self)
+      report.toName = this.nameOf(init.to)
     }
     this.go('handover', 'completed')
     if (kept !== undefined && init.cache !== undefined) {
@@ -554,7 +612,7 @@ export class SourceSession {
         init.log.error('cleanup after a successful move failed', { vm: name, error: describeError(err) })
         await vm.stop().catch(() => {})
         await init.host.release(name).catch(() => {})
-        await init.host.endSwitch?.(name).catch(() => {})
+        await init.host.endSwitch(name).catch(() => {})
         if (state === 'handover') this.machine.set('handover', 'completed')
         return err
       case 'in-doubt':
@@ -569,9 +627,11 @@ export class SourceSession {
         return err instanceof MigrationInDoubtError
           ? err
           : new MigrationInDoubtError(
-              `VM '${name}': ${describeError(err)}; it stays paused here until ${init.to} says whether it resumed (this host keeps asking)`,
+              `VM '${name}': ${describeError(err)}; it stays paused here (on ${this.nameOf(init.network.self)}) until ${this.nameOf(init.to)} says whether it resumed (this host keeps asking)`,
               { cause: err },
             )
+      case 'lost':
+        return err
       case 'rollback':
         await this.rollback(err)
         return err
@@ -597,10 +657,10 @@ export class SourceSession {
         init.log.error('rollback: resuming the VM failed', { vm: name, error: describeError(resumeErr) })
       }
     }
-    if (this.machine.reached('switching')) await init.host.endSwitch?.(name).catch(() => {})
+    if (this.machine.reached('switching')) await init.host.endSwitch(name).catch(() => {})
     this.machine.set('rolling-back', 'rolled-back')
     // Say where the VM is now: the operator's question after a failed move.
     if (err instanceof MeshError && !(err instanceof AbortError))
-      err.message = `${err.message}; rolled back: VM '${name}' is ${vm.status()} on ${init.network.self}`
+      err.message = `${err.message}; rolled back: VM '${name}' is ${vm.status()} on ${this.nameOf(init.network.self)}`
   }
 }

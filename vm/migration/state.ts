@@ -19,9 +19,12 @@ import { MigrationStateError } from './errors.ts'
  *  - paused     the guest is paused here: final delta, device state, waiting for 'ready'
  *  - committed  'commit' sent: point of no return; waiting for 'resumed' (or asking: resolveInDoubt)
  *  - declined   after the commit the destination answered that it never resumed and never will
+ *  - lost       after the commit the destination answered that its copy ran and is gone: ours is older,
+ *               stays paused, and only an operator's `mesh vm recover` resumes it
  *  - handover   the destination runs the VM: record the token, stop and forget our copy
  *  - rolling-back  before the commit something failed: abort sent, resume our copy, end the record
- * Terminal: completed (runs there), rolled-back (runs here), in-doubt (paused here; settle.ts takes over).
+ * Terminal: completed (runs there), rolled-back (runs here), in-doubt (paused here; settle.ts takes over),
+ * lost (paused here, older than what ran there).
  */
 export type SourceState =
   | 'setup'
@@ -36,6 +39,7 @@ export type SourceState =
   | 'completed'
   | 'rolled-back'
   | 'in-doubt'
+  | 'lost'
 
 export const SOURCE_TRANSITIONS: Readonly<Record<SourceState, readonly SourceState[]>> = {
   setup: ['bulk', 'rolling-back'],
@@ -43,13 +47,14 @@ export const SOURCE_TRANSITIONS: Readonly<Record<SourceState, readonly SourceSta
   precopy: ['switching', 'rolling-back'],
   switching: ['paused', 'rolling-back'],
   paused: ['committed', 'rolling-back'],
-  committed: ['handover', 'declined', 'in-doubt'],
+  committed: ['handover', 'declined', 'in-doubt', 'lost'],
   declined: ['rolling-back'],
   handover: ['completed'],
   'rolling-back': ['rolled-back'],
   completed: [],
   'rolled-back': [],
   'in-doubt': [],
+  lost: [],
 }
 
 /** What a failure in each state leaves: the source's whole `catch`, as a table. */
@@ -60,6 +65,8 @@ export type SourceFailure =
   | 'in-doubt'
   /** The destination runs the VM: our copy must never run again, whatever failed while letting go. */
   | 'moved'
+  /** A newer copy ran elsewhere and is gone: ours stays paused until an operator decides. */
+  | 'lost'
 
 export function sourceFailureOutcome(state: SourceState): SourceFailure {
   switch (state) {
@@ -78,6 +85,8 @@ export function sourceFailureOutcome(state: SourceState): SourceFailure {
     case 'handover':
     case 'completed':
       return 'moved'
+    case 'lost':
+      return 'lost'
   }
 }
 

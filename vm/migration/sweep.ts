@@ -23,9 +23,10 @@ async function pidsUsing(path: string): Promise<number[]> {
 /**
  * Removes what an agent killed during an incoming migration left behind: an incoming QEMU (detached,
  * so it outlives the agent) and its RAM file. Call at agent start, after the VM manager re-adopted its
- * VMs: files in use by a VM it knows (`inUse`) are kept. The QEMU of such a leftover never ran the guest
- * (the destination resumes only after the source's commit, and a resumed VM is registered at once), so
- * killing it loses nothing.
+ * VMs: files in use by a VM it knows, and those of moves committed here (the ledger's incoming records,
+ * which the migration service re-adopts), are `inUse` and kept. Any other leftover never ran the guest
+ * (the destination resumes only after the source's commit, and records the commit durably before it
+ * resumes), so killing it loses nothing.
  */
 export async function sweepIncoming(ramDir: string, inUse: ReadonlySet<string>): Promise<SweepResult> {
   const result: SweepResult = { removedFiles: [], killedPids: [] }

@@ -1,8 +1,10 @@
+import type { Vm } from '../../../vm/driver/interfaces.ts'
 import { Conversation } from '../../../vm/migration/conversation.ts'
 import { type DestinationOutcome, migrateIn } from '../../../vm/migration/destination.ts'
 import {
   MigrationError,
   MigrationInDoubtError,
+  MigrationLinkError,
   MigrationRefusedError,
   MigrationTargetError,
   MigrationTimeoutError,
@@ -16,10 +18,18 @@ import type {
   SwitchRecord,
   VmHost,
 } from '../../../vm/migration/interfaces.ts'
-import { settleSwitch } from '../../../vm/migration/settle.ts'
+import { lostMessage, settleSwitch } from '../../../vm/migration/settle.ts'
 import { type MigrationTuning, migrateOut } from '../../../vm/migration/source.ts'
 import type { DestinationState, SourceState } from '../../../vm/migration/state.ts'
-import { decodeMessage, type Message, newSessionId } from '../../../vm/migration/v1/messages.ts'
+import {
+  decodeMessage,
+  type HistoryEvent,
+  MAX_HISTORY_EVENTS,
+  type Message,
+  newSessionId,
+  type QueryState,
+} from '../../../vm/migration/v1/messages.ts'
+import { whereabouts } from '../../../vm/migration/whereabouts.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
 import type { HandlerContext } from '../../control/server.ts'
@@ -43,6 +53,33 @@ export interface MigrationServiceInit {
   onProgress?: (p: MigrationProgress) => void
   /** Every completed move out of this host (metrics, the web view). */
   onReport?: (r: MigrationReport) => void
+  /** A member's name for messages and reports (default: its PeerId). */
+  nameOf?: (peer: string) => string
+  /** How long to wait for each member's answer when gathering token histories (default 3 s). */
+  historyTimeoutMs?: number
+}
+
+/** One member's view of a VM's fencing tokens (`mesh vm tokens`). */
+export interface TokenHistoryRow {
+  member: string
+  peer: string
+  /** Newest token this member has seen for the VM (undefined: it did not answer). */
+  token?: number
+  /** The VM's status there ('' = no copy). */
+  status?: string
+  lost?: { token: number; on: string }
+  events?: HistoryEvent[]
+  error?: string
+}
+
+/** What `mesh vm recover` did. */
+export interface RecoverResult {
+  vm: string
+  member: string
+  token: number
+  resumed: boolean
+  /** The newer copy given up, when one was recorded as lost. */
+  lost?: { token: number; on: string }
 }
 
 /** A session's state change, as the service reports it. */
@@ -77,6 +114,22 @@ export interface MigrationService {
   ): Promise<MigrationReport>
   /** Resolves once RAM chunks kept after moves-out are in the cache (tests, benchmarks). */
   settled(): Promise<void>
+  /** Every member's token history of a VM (this one first). */
+  tokens(vm: string, signal?: AbortSignal): Promise<TokenHistoryRow[]>
+  /**
+   * Resumes the copy of a VM held here (paused after a loss or an unsettled switch) under a token newer
+   * than any reachable member has seen: the operator's explicit decision to give up a newer copy that
+   * is lost (or unreachable). Requires acceptLoss.
+   */
+  recover(vm: string, options: { acceptLoss: boolean; signal?: AbortSignal }): Promise<RecoverResult>
+}
+
+/** The `vm` param of the control API's vm.tokens / vm.recover. */
+function vmParam(params: unknown): string {
+  const vm = (params as { vm?: unknown } | null)?.vm
+  if (typeof vm !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(vm))
+    throw new UsageError('vm must be a VM name')
+  return vm
 }
 
 /** Checks and normalises the control API's `migrate` params. */
@@ -110,13 +163,29 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   /** The state of each session running now, by VM name ('out:precopy', 'in:receiving'...). */
   const states = new Map<string, string>()
   const stateOf =
-    (vm: string, direction: 'out' | 'in', peer: string) =>
+    (vm: string, direction: 'out' | 'in', peer: string, onChange?: (to: string) => void) =>
     (t: { from: SourceState | DestinationState; to: SourceState | DestinationState; atMs: number }) => {
       states.set(vm, `${direction}:${t.to}`)
+      onChange?.(t.to)
       init.onState?.({ vm, direction, peer, from: t.from, to: t.to, atMs: t.atMs })
     }
+  const nameOf = (peer: string): string => {
+    if (peer === '' || peer === network.self) return selfName()
+    try {
+      return init.nameOf?.(peer) ?? peer
+    } catch {
+      return peer
+    }
+  }
+  const selfName = () => {
+    try {
+      return init.nameOf?.(network.self) ?? network.self
+    } catch {
+      return network.self
+    }
+  }
   /** VMs whose last move out is in doubt (paused here until the destination answers), by name. */
-  const settling = new Map<string, SwitchRecord>()
+  const settling = new Map<string, { record: SwitchRecord; ac: AbortController }>()
   const background = new Set<Promise<unknown>>()
   const unsubs: Array<() => void> = []
   let ac = new AbortController()
@@ -172,16 +241,25 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
    */
   const settle = (record: SwitchRecord) => {
     if (settling.has(record.vm)) return
-    settling.set(record.vm, record)
+    const own = new AbortController()
+    settling.set(record.vm, { record, ac: own })
     log.warn('settling an unfinished switch with the destination', {
       vm: record.vm,
-      to: record.to,
-      token: record.token,
+      to: nameOf(record.to),
+      fence: record.token,
     })
     void track(
-      settleSwitch({ network, register, host, log, record, signal: ac.signal })
+      settleSwitch({ network, register, host, log, record, signal: AbortSignal.any([ac.signal, own.signal]) })
         .then(
-          (outcome) => log.info('switch settled', { vm: record.vm, to: record.to, outcome }),
+          (outcome) =>
+            (outcome === 'lost' ? log.error : log.info)('switch settled', {
+              vm: record.vm,
+              to: nameOf(record.to),
+              outcome,
+              ...(outcome === 'lost'
+                ? { next: lostMessage(record.vm, record.token, nameOf(record.to), selfName()) }
+                : {}),
+            }),
           (err: unknown) => {
             if (!(err instanceof AbortError))
               log.error('settling a switch failed', { vm: record.vm, error: describeError(err) })
@@ -189,6 +267,94 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         )
         .finally(() => settling.delete(record.vm)),
     )
+  }
+
+  /**
+   * What this host says about `vm` under `token` to a source that does not know whether its move
+   * completed. Never 'absent' for a token this host committed to: the ledger records the commit before
+   * the guest resumes, so a copy that ran here and died is 'lost', one that moved on is 'running'.
+   */
+  const answerQuery = (vm: string, token: number): QueryState => {
+    const outcome = outcomes.get(`${vm}#${token}`)
+    if (outcome === 'running') return 'running'
+    if (host.get(vm) !== undefined && host.token(vm) >= token && host.ledger.lost(vm) === undefined)
+      return 'running'
+    if (outcome === 'pending') return 'pending'
+    if (host.token(vm) >= token) {
+      // Committed here and re-adopted after a restart (or not yet): wait for the restore.
+      if (host.ledger.incoming().some((r) => r.vm === vm && r.token >= token)) return 'pending'
+      // It ran here and moved on since: the asker's copy is stale either way.
+      if (host.ledger.history(vm).some((e) => e.event === 'out' && e.token > token)) return 'running'
+      return 'lost'
+    }
+    return outcome ?? 'absent'
+  }
+
+  const localHistory = (vm: string) => {
+    const lost = host.ledger.lost(vm)
+    return {
+      vm,
+      token: host.token(vm),
+      status: host.get(vm)?.status() ?? '',
+      ...(lost === undefined
+        ? {}
+        : { lost: { token: lost.token, on: lost.on === '' ? network.self : lost.on } }),
+      events: host.ledger
+        .history(vm)
+        .slice(-MAX_HISTORY_EVENTS)
+        .map((e) => ({ ...e, ...(e.peer === '' ? { peer: network.self } : {}) })),
+    }
+  }
+
+  /**
+   * After an agent restart: every move this host committed to whose VM the manager does not hold yet
+   * (the agent died between the commit record and the adoption). A QEMU that still lives is re-adopted
+   * and resumed if the killed agent had not resumed it yet (the source sent the commit: it will never
+   * resume its copy on its own); one that died is recorded as lost. Idempotent.
+   */
+  const restoreIncoming = async (): Promise<void> => {
+    for (const r of host.ledger.incoming()) {
+      if (host.get(r.vm) !== undefined) {
+        await host.setToken(r.vm, r.token)
+        await host.ledger.endIncoming(r.vm)
+        continue
+      }
+      let vm: Vm
+      try {
+        vm = await host.reattach(r.handle, ac.signal)
+      } catch (err) {
+        if (err instanceof AbortError) throw err
+        log.error('a VM committed here died while the agent was down: recorded as lost', {
+          vm: r.vm,
+          fence: r.token,
+          from: nameOf(r.from),
+          error: describeError(err),
+        })
+        await host.ledger.markLost(
+          { vm: r.vm, token: r.token, on: '', at: Date.now() },
+          'its QEMU died while the agent was down',
+        )
+        await host.ledger.endIncoming(r.vm)
+        continue
+      }
+      await host.adopt(vm)
+      const wasPaused = vm.status() === 'paused'
+      if (wasPaused) await vm.resume(ac.signal)
+      await host.setToken(r.vm, r.token)
+      await host.ledger.record(r.vm, {
+        token: r.token,
+        event: 'restored',
+        peer: r.from,
+        note: wasPaused ? 'resumed after restart' : 'was running',
+      })
+      await host.ledger.endIncoming(r.vm)
+      log.warn('re-adopted a VM committed here before the agent restarted', {
+        vm: r.vm,
+        fence: r.token,
+        from: nameOf(r.from),
+        resumed: wasPaused,
+      })
+    }
   }
 
   const refuse = (ch: MigrationChannel, sid: string, code: string, reason: string) => {
@@ -227,7 +393,12 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
             host,
             log,
             signal: ac.signal,
-            onState: stateOf(name, 'in', ch.peer),
+            nameOf,
+            selfName: selfName(),
+            onState: stateOf(name, 'in', ch.peer, (to) => {
+              // From the resume on the source must hear 'running', even before the session ends.
+              if (to === 'resumed') outcomes.set(key, 'running')
+            }),
             ...(init.cache ? { cache: init.cache } : {}),
           })
             .then(
@@ -252,17 +423,21 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       }
       case 'query': {
         if (!member) return
-        const key = `${m.vm}#${m.token}`
-        const vm = host.get(m.vm)
-        const outcome = outcomes.get(key)
-        // 'running' also when it ran here under that token and moved on since: either way the source
-        // must not resume its copy.
-        const state =
-          (vm !== undefined && host.token(m.vm) >= m.token) || outcome === 'running'
-            ? 'running'
-            : (outcome ?? 'absent')
         const conv = new Conversation(ch, m.sid)
-        conv.trySend({ type: 'query-reply', sid: m.sid, vm: m.vm, state, token: host.token(m.vm) })
+        conv.trySend({
+          type: 'query-reply',
+          sid: m.sid,
+          vm: m.vm,
+          state: answerQuery(m.vm, m.token),
+          token: host.token(m.vm),
+        })
+        conv.close()
+        return
+      }
+      case 'history': {
+        if (!member) return
+        const conv = new Conversation(ch, m.sid)
+        conv.trySend({ type: 'history-reply', sid: m.sid, ...localHistory(m.vm) })
         conv.close()
         return
       }
@@ -331,12 +506,17 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   ): Promise<MigrationReport> => {
     const vm = host.get(params.vm)
     if (vm === undefined) throw new MigrationTargetError(`VM '${params.vm}' does not run here`)
-    const doubt = settling.get(params.vm)
+    const doubt = settling.get(params.vm)?.record
     if (doubt !== undefined)
       throw new MigrationRefusedError(
-        `VM '${params.vm}' is paused here until ${doubt.to} says whether it resumed the last move (token ${doubt.token})`,
+        `VM '${params.vm}' is paused here until ${nameOf(doubt.to)} says whether it resumed the last move (token ${doubt.token}); if ${nameOf(doubt.to)} is gone for good: mesh vm recover ${params.vm} --accept-loss`,
         { code: 'E_MIGRATION_IN_DOUBT' },
       )
+    const lost = host.ledger.lost(params.vm)
+    if (lost !== undefined)
+      throw new MigrationRefusedError(lostMessage(params.vm, lost.token, nameOf(lost.on), selfName()), {
+        code: 'E_MIGRATION_LOST',
+      })
     const to = resolvePeer(params.to)
     if (to === network.self) throw new UsageError(`VM '${params.vm}' already runs on ${to}`)
     if (!init.isMember(to)) throw new MigrationRefusedError(`${to} is not a member`)
@@ -354,6 +534,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         to,
         signal,
         onState: stateOf(params.vm, 'out', to),
+        nameOf,
         ...(params.deadlineMs === undefined ? {} : { deadlineMs: params.deadlineMs }),
         ...(init.cache === undefined ? {} : { cache: init.cache }),
         ...(init.tuning === undefined ? {} : { tuning: init.tuning }),
@@ -380,7 +561,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       counters.failed++
       if (err instanceof MigrationInDoubtError) {
         // The VM stays paused here; keep asking the destination for as long as it takes.
-        const record = host.switches?.().find((r) => r.vm === params.vm)
+        const record = host.switches().find((r) => r.vm === params.vm)
         if (record !== undefined) settle(record)
       }
       throw err
@@ -439,6 +620,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     const sid = newSessionId()
     const conv = new Conversation(ch, sid)
     const unregister = register(sid, conv)
+    let last: MigrationProgress | undefined
     try {
       const req: Message = { type: 'request', sid, vm: params.vm, to: params.to }
       if (params.deadlineMs !== undefined) req.deadlineMs = params.deadlineMs
@@ -452,23 +634,120 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
           signal,
         )
         if (m.type === 'request-event') {
-          options.onProgress?.(m.event as unknown as MigrationProgress)
+          last = m.event as unknown as MigrationProgress
+          options.onProgress?.(last)
           continue
         }
         if (m.ok && m.report !== undefined) return m.report as unknown as MigrationReport
         const e = m.error ?? { code: 'E_MIGRATION', message: 'the migration failed' }
         throw e.code === 'E_NOT_MEMBER'
           ? new MigrationRefusedError(e.message, { code: e.code })
-          : new MeshError(`${ch.peer}: ${e.message}`, { code: e.code })
+          : new MeshError(`${nameOf(ch.peer)}: ${e.message}`, { code: e.code })
       }
     } catch (err) {
       if (err instanceof AbortError)
         conv.trySend({ type: 'abort', sid, code: 'E_ABORTED', reason: 'cancelled' })
-      if (err instanceof MigrationTimeoutError) throw err
+      if (err instanceof MigrationLinkError || err instanceof MigrationTimeoutError)
+        // The host running the move went silent (its agent died, or the link broke): say where the VM
+        // was last seen, the one thing the operator needs next.
+        throw new MigrationLinkError(
+          `lost contact with ${nameOf(ch.peer)}, which runs the move (${err.message}); ${whereabouts(params.vm, last).text}`,
+          { cause: err },
+        )
       throw err
     } finally {
       unregister()
       conv.close()
+    }
+  }
+
+  /** Asks every linked member for its history of `vm` (this host's first). */
+  const tokens = async (vm: string, signal?: AbortSignal): Promise<TokenHistoryRow[]> => {
+    const self: TokenHistoryRow = { member: selfName(), peer: network.self, ...localHistory(vm) }
+    const chans = network.channels().filter((c) => c.open && init.isMember(c.peer))
+    const timeoutMs = init.historyTimeoutMs ?? 3000
+    const rows = await Promise.all(
+      chans.map(async (ch): Promise<TokenHistoryRow> => {
+        const sid = newSessionId()
+        const conv = new Conversation(ch, sid)
+        const unregister = register(sid, conv)
+        try {
+          await conv.send({ type: 'history', sid, vm }, signal)
+          const r = await conv.next(['history-reply'], 'history-reply', timeoutMs, signal)
+          return {
+            member: nameOf(ch.peer),
+            peer: ch.peer,
+            token: r.token,
+            status: r.status,
+            ...(r.lost === undefined ? {} : { lost: r.lost }),
+            events: r.events,
+          }
+        } catch (err) {
+          if (err instanceof AbortError) throw err
+          return { member: nameOf(ch.peer), peer: ch.peer, error: describeError(err) }
+        } finally {
+          unregister()
+          conv.close()
+        }
+      }),
+    )
+    return [self, ...rows.sort((a, b) => a.member.localeCompare(b.member))]
+  }
+
+  const recover: MigrationService['recover'] = async (name, options) => {
+    if (!running) throw new MigrationError('the migration service is not running')
+    const vm = host.get(name)
+    if (vm === undefined) throw new MigrationTargetError(`no copy of VM '${name}' here (${selfName()})`)
+    const lost = host.ledger.lost(name)
+    const doubt = settling.get(name)?.record ?? host.switches().find((r) => r.vm === name)
+    if (!options.acceptLoss) {
+      const what =
+        lost !== undefined
+          ? `its newer copy ran on ${nameOf(lost.on)} (token ${lost.token}) and is gone`
+          : doubt !== undefined
+            ? `${nameOf(doubt.to)} has not said whether it resumed the last move (token ${doubt.token}): if it did and is only unreachable, recovering makes two copies run`
+            : `this copy may be older than one another member ran`
+      throw new UsageError(
+        `recovering VM '${name}' resumes the copy on ${selfName()}: ${what}. Add --accept-loss to do it anyway`,
+      )
+    }
+    if (busy.has(name)) throw new MigrationRefusedError(`VM '${name}' is migrating`)
+    busy.add(name)
+    try {
+      // Stop asking the destination: the operator decided.
+      settling.get(name)?.ac.abort(new MigrationError('recovered by the operator'))
+      settling.delete(name)
+      // A token newer than any reachable member has seen: every later move from here is accepted, and a
+      // copy under an older token can never move again.
+      const rows = await tokens(name, options.signal)
+      const highest = Math.max(
+        host.token(name),
+        lost?.token ?? 0,
+        doubt?.token ?? 0,
+        ...rows.map((r) => r.token ?? 0),
+      )
+      const token = highest + 1
+      const gaveUp = lost ?? (doubt === undefined ? undefined : { token: doubt.token, on: doubt.to })
+      log.error("recovering an older copy by the operator's decision", {
+        vm: name,
+        fence: token,
+        ...(gaveUp === undefined ? {} : { gaveUpToken: gaveUp.token, gaveUpOn: nameOf(gaveUp.on) }),
+      })
+      await host.setToken(name, token)
+      await host.ledger.record(name, {
+        token,
+        event: 'recovered',
+        ...(gaveUp === undefined ? {} : { peer: gaveUp.on, note: `gave up token ${gaveUp.token}` }),
+      })
+      await host.ledger.clearLost(name)
+      await host.endSwitch(name)
+      const resumed = vm.status() === 'paused'
+      if (resumed) await vm.resume(options.signal)
+      const r: RecoverResult = { vm: name, member: selfName(), token, resumed }
+      if (gaveUp !== undefined) r.lost = { token: gaveUp.token, on: nameOf(gaveUp.on) }
+      return r
+    } finally {
+      busy.delete(name)
     }
   }
 
@@ -482,7 +761,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       for (const ch of network.channels()) attach(ch)
       unsubs.push(network.onChannel(attach))
       // Switches a killed agent left behind (its paused QEMU outlived it): settle them now.
-      for (const record of host.switches?.() ?? []) settle(record)
+      await restoreIncoming()
+      for (const record of host.switches()) settle(record)
     },
     async stop() {
       running = false
@@ -496,6 +776,15 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       return {
         migrate: async (params: unknown, ctx: HandlerContext) =>
           migrate(parseMigrateParams(params), { onProgress: (p) => ctx.emit(p), signal: ctx.signal }),
+        'vm.tokens': async (params: unknown, ctx: HandlerContext) => ({
+          vm: vmParam(params),
+          members: await tokens(vmParam(params), ctx.signal),
+        }),
+        'vm.recover': async (params: unknown, ctx: HandlerContext) =>
+          recover(vmParam(params), {
+            acceptLoss: (params as { acceptLoss?: unknown } | null)?.acceptLoss === true,
+            signal: ctx.signal,
+          }),
       }
     },
     status() {
@@ -504,11 +793,14 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         active: [...busy],
         states: Object.fromEntries(states),
         inDoubt: [...settling.keys()],
+        lost: host.ledger.names().filter((n) => host.ledger.lost(n) !== undefined),
       }
     },
     migrate,
     async settled() {
       await Promise.allSettled([...background])
     },
+    tokens,
+    recover,
   }
 }

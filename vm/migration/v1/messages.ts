@@ -82,6 +82,8 @@ const TYPES = [
   'zstate',
   // A message of the disk stream: its body is vm/disk/v1/messages.ts's encoding (offer/want/data).
   'disk',
+  'history',
+  'history-reply',
 ] as const
 export type MessageType = Exclude<(typeof TYPES)[number], 'zdata'>
 const CODE = Object.fromEntries(TYPES.map((t, i) => [t, i + 1])) as Record<(typeof TYPES)[number], number>
@@ -119,7 +121,20 @@ export interface PrepareBody {
   images: string[]
 }
 
-export type QueryState = 'running' | 'absent' | 'discarded' | 'pending'
+/** 'lost': this host ran the VM under that token and that copy is gone (see ledger.ts). */
+export type QueryState = 'running' | 'absent' | 'discarded' | 'pending' | 'lost'
+
+/** One entry of a VM's token history (ledger.ts TokenEvent), as it travels. */
+export interface HistoryEvent {
+  at: number
+  token: number
+  event: string
+  peer?: string
+  note?: string
+}
+
+/** History entries a reply carries at most. */
+export const MAX_HISTORY_EVENTS = 32
 
 export interface ErrorInfo {
   code: string
@@ -154,6 +169,17 @@ export type Message =
   | { type: 'locate-reply'; sid: string; vm: string; here: boolean; token: number }
   | { type: 'request'; sid: string; vm: string; to: string; deadlineMs?: number }
   | { type: 'request-event'; sid: string; event: Record<string, unknown> }
+  | { type: 'history'; sid: string; vm: string }
+  /** status: the VM's status on that member ('' = none); lost: its record of a lost newest copy. */
+  | {
+      type: 'history-reply'
+      sid: string
+      vm: string
+      token: number
+      status: string
+      lost?: { token: number; on: string }
+      events: HistoryEvent[]
+    }
   | {
       type: 'request-result'
       sid: string
@@ -410,7 +436,13 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
       return { type, sid, vm: str(o, 'vm', 63), token: int(o, 'token') }
     case 'query-reply': {
       const state = str(o, 'state', 16)
-      if (state !== 'running' && state !== 'absent' && state !== 'discarded' && state !== 'pending')
+      if (
+        state !== 'running' &&
+        state !== 'absent' &&
+        state !== 'discarded' &&
+        state !== 'pending' &&
+        state !== 'lost'
+      )
         throw new MigrationDecodeError(`query-reply: unknown state '${state}'`)
       return { type, sid, vm: str(o, 'vm', 63), state, token: int(o, 'token') }
     }
@@ -433,6 +465,35 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
     }
     case 'request-event':
       return { type, sid, event: obj(o, 'event') }
+    case 'history':
+      return { type, sid, vm: str(o, 'vm', 63) }
+    case 'history-reply': {
+      const raw = o.events
+      if (!Array.isArray(raw) || raw.length > MAX_HISTORY_EVENTS)
+        throw new MigrationDecodeError(`field 'events' must be an array of at most ${MAX_HISTORY_EVENTS}`)
+      const events = raw.map((e): HistoryEvent => {
+        if (typeof e !== 'object' || e === null || Array.isArray(e))
+          throw new MigrationDecodeError('history event must be an object')
+        const eo = e as Obj
+        const h: HistoryEvent = { at: num(eo, 'at'), token: int(eo, 'token'), event: str(eo, 'event', 16) }
+        if (eo.peer !== undefined) h.peer = str(eo, 'peer', 256)
+        if (eo.note !== undefined) h.note = str(eo, 'note', 256)
+        return h
+      })
+      const m: Message = {
+        type,
+        sid,
+        vm: str(o, 'vm', 63),
+        token: int(o, 'token'),
+        status: str(o, 'status', 16),
+        events,
+      }
+      if (o.lost !== undefined) {
+        const l = obj(o, 'lost')
+        m.lost = { token: int(l, 'token'), on: str(l, 'on', 256) }
+      }
+      return m
+    }
     case 'request-result': {
       const m: Message = { type, sid, ok: bool(o, 'ok') }
       if (o.report !== undefined) m.report = obj(o, 'report')

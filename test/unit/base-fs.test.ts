@@ -1,0 +1,40 @@
+import assert from 'node:assert/strict'
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { writeFileDurable } from '../../src/base/fs.ts'
+
+describe('writeFileDurable (src/base/fs.ts)', () => {
+  let dir: string
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'base-fs-'))
+  })
+  afterEach(async () => {
+    await rm(dir, { recursive: true, force: true })
+  })
+
+  it('creates and replaces a file atomically, private by default, leaving no temporary file', async () => {
+    const f = join(dir, 'state.json')
+    await writeFileDurable(f, '{"a":1}')
+    assert.equal(await readFile(f, 'utf8'), '{"a":1}')
+    assert.equal((await stat(f)).mode & 0o777, 0o600)
+    await writeFileDurable(f, Buffer.from('{"a":2}'))
+    assert.equal(await readFile(f, 'utf8'), '{"a":2}')
+    assert.deepEqual(await readdir(dir), ['state.json'])
+  })
+
+  it('many writes in a row: the last one wins and nothing else is left', async () => {
+    const f = join(dir, 'tokens.json')
+    await Promise.all(Array.from({ length: 20 }, (_, i) => writeFileDurable(f, String(i))))
+    assert.match(await readFile(f, 'utf8'), /^\d+$/)
+    assert.deepEqual(await readdir(dir), ['tokens.json'])
+  })
+
+  it('a failed write leaves the old content and no temporary file', async () => {
+    const f = join(dir, 'x.json')
+    await writeFile(f, 'old')
+    await assert.rejects(writeFileDurable(join(dir, 'missing', 'x.json'), 'new'), { code: 'ENOENT' })
+    assert.equal(await readFile(f, 'utf8'), 'old')
+    assert.deepEqual(await readdir(dir), ['x.json'])
+  })
+})
