@@ -16,23 +16,26 @@ import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
-import { COUNTER_INTERVAL_MS, COUNTER_PORT, MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
+import { COUNTER_INTERVAL_MS, COUNTER_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit, waitForLine } from '../../fixtures/testnet/clouds.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import {
   type AgentProc,
   createTestnet,
   lastJson,
-  MESH_BIN,
-  REPO_ROOT,
   runGuestVm,
   type Testnet,
 } from '../../fixtures/testnet/testnet.ts'
-import { ramDirFor } from '../../src/agent/run.ts'
+import {
+  guestCommand,
+  oneCopy as oneCopyOf,
+  qemus,
+  startMigrate as startMigrateOf,
+  vmRows,
+} from '../helpers/migration-e2e.ts'
 
 const GUEST_IP = '10.99.0.10'
 const VM = 'g1'
-const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
 
 /**
  * Reads the guest's counter service on one connection and prints `<receivedAtMs> <seq> <uptimeMs>` per
@@ -58,11 +61,6 @@ s.on('close', () => { console.log('closed'); process.exit(0) })
 process.on('SIGTERM', () => { console.log('closed'); process.exit(0) })
 `
 
-interface VmRow {
-  name: string
-  status: string
-}
-
 describe("live migration under faults across NAT'd clouds (e2e, CLI, QEMU guest)", function () {
   this.timeout(600_000)
   let net: Testnet | undefined
@@ -71,64 +69,16 @@ describe("live migration under faults across NAT'd clouds (e2e, CLI, QEMU guest)
 
   const agent = (name: string) => net!.agents.get(name)!
 
-  async function guest(cmd: string): Promise<string> {
-    const r = await client.host.exec(
-      process.execPath,
-      ['--import', 'tsx', LINE_CLIENT, GUEST_IP, String(MEMCHECK_PORT), cmd, '60000'],
-      { timeoutMs: 90_000 },
-    )
-    assert.equal(r.code, 0, `memcheck '${cmd}': ${r.stderr}`)
-    return r.stdout.trim()
-  }
-
-  async function vms(a: AgentProc): Promise<VmRow[]> {
-    const r = await a.json<{ vms: VmRow[] }>(['vm', 'ls'], { timeoutMs: 30_000 })
-    return r.vms.filter((v) => v.name === VM)
-  }
-
-  /**
-   * Polls both hosts until exactly one runs the VM and the other holds no copy at all (not even a
-   * paused one); fails at once if both ever run it. Returns the host that runs it.
-   */
-  async function oneCopy(names: [string, string], timeoutMs: number): Promise<string> {
-    const deadline = Date.now() + timeoutMs
-    let last = ''
-    for (;;) {
-      const rows = await Promise.all(names.map((n) => vms(agent(n))))
-      const running = names.filter((_, i) => rows[i]!.some((v) => v.status === 'running'))
-      assert.ok(running.length <= 1, `two running copies: ${JSON.stringify(rows)}`)
-      const holding = names.filter((_, i) => rows[i]!.length > 0)
-      if (running.length === 1 && holding.length === 1) return running[0]!
-      last = names.map((n, i) => `${n}: ${JSON.stringify(rows[i])}`).join(', ')
-      if (Date.now() > deadline) assert.fail(`not exactly one copy after ${timeoutMs} ms: ${last}`)
-      await sleep(500)
-    }
-  }
-
-  /** `mesh migrate VM --to TO --json` against `from`'s agent, as a child whose output the test reads. */
-  function startMigrate(from: AgentProc, to: string): ChildProcess {
-    const child = from.host.spawn(process.execPath, [
-      MESH_BIN,
-      'migrate',
+  const guest = (cmd: string) => guestCommand(client, GUEST_IP, cmd)
+  const vms = (a: AgentProc) => vmRows(a, VM)
+  /** Exactly one of the two runs the VM, the other holds no copy (see helpers/migration-e2e.ts). */
+  const oneCopy = (names: [string, string], timeoutMs: number) =>
+    oneCopyOf(
+      names.map((n) => agent(n)),
       VM,
-      '--to',
-      to,
-      '--json',
-      '--state',
-      from.state,
-    ])
-    spawned.push(child)
-    return child
-  }
-
-  /** The QEMU processes of an agent (their command lines name its RAM dir). */
-  async function qemus(a: AgentProc): Promise<number[]> {
-    const r = await a.host.exec('pgrep', ['-f', `qemu-system.*${ramDirFor(a.state)}`])
-    return r.stdout
-      .split('\n')
-      .filter((l) => /^\d+$/.test(l.trim()))
-      .map(Number)
-  }
+      timeoutMs,
+    )
+  const startMigrate = (from: AgentProc, to: string) => startMigrateOf(from, VM, to, spawned)
 
   function switchRecorded(a: AgentProc): boolean {
     const f = join(a.state, 'migration-switches.json')

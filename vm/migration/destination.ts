@@ -268,6 +268,7 @@ export class DestinationSession {
           if (zstate === undefined && (!state.complete || state.total <= 0))
             throw new MigrationDecodeError('final before the whole device state')
           this.emit('switch', true)
+          faultPoint('destination:final', this.name)
           this.vm = await this.vmStart!
           await this.vm.loadState(zstate ?? state.concat(), signal)
           await conv.send({ type: 'ready', sid: this.sid, loadedAt: Date.now() }, signal)

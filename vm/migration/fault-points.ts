@@ -1,7 +1,8 @@
 /**
  * Named points in a migration where a fault-injection test may stop or kill this process: every state
  * transition of a session (`source:<state>`, `destination:<state>`) and a few points between them
- * (`destination:recorded`: the commit record is durable and the guest not yet resumed).
+ * (`destination:final`: the source's final delta and device state arrived, the guest is paused on the
+ * source; `destination:recorded`: the commit record is durable and the guest not yet resumed).
  *
  * Inert in production: nothing here reads the environment or a file. A test agent is started with a
  * preload (test/helpers/fault-hook.mjs, through NODE_OPTIONS=--import) that installs the hook under
