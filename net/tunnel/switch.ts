@@ -97,6 +97,9 @@ export interface SwitchOptions {
 }
 
 type Counters = { rxFrames: number; rxBytes: number; txFrames: number; txBytes: number; drops: number }
+/** How long after an announcement a member whose link opens late is still told (ms). */
+const REANNOUNCE_MS = 60_000
+
 const zero = (): Counters => ({ rxFrames: 0, rxBytes: 0, txFrames: 0, txBytes: 0, drops: 0 })
 
 interface Port {
@@ -184,6 +187,12 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
   const vmPorts = new Map<number, string>()
   /** Paused guests attached here (holdVm): frames for them wait here, not in QEMU. */
   const paused = new Map<number, Held>()
+  /**
+   * This host's recent announcements (MAC → epoch, when): a member whose link comes up later (it, or
+   * this agent, restarted meanwhile) gets them then, or it would keep sending the guest's frames to
+   * its old host (measured: a guest re-adopted by a restarted agent stayed unreachable for 56 s).
+   */
+  const recentAnnounces = new Map<number, { mac: string; epoch: number; at: number }>()
   let heldTotal = 0
   const drops: Record<string, number> = {}
   const timers = new Set<NodeJS.Timeout>()
@@ -545,6 +554,26 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
     })
     ports.set(id, port)
     rebuildLists()
+    reannounceTo(link.peer, sendRaw)
+  }
+
+  /** Repeats this host's recent announcements of MACs still here to a member whose link just opened. */
+  function reannounceTo(peer: string, send: (msg: Uint8Array) => boolean): void {
+    const t = now()
+    const msgs: Uint8Array[] = []
+    for (const [key, a] of recentAnnounces) {
+      if (t - a.at > REANNOUNCE_MS || vmPorts.get(key) === undefined) recentAnnounces.delete(key)
+      else msgs.push(encodeAnnounce(a.mac, a.epoch))
+    }
+    if (msgs.length === 0) return
+    log.debug('re-announcing MACs to a new link', { peer, count: msgs.length })
+    for (const delay of [0, ...repeats]) {
+      const timer = setTimeout(() => {
+        timers.delete(timer)
+        if (started) for (const m of msgs) send(m)
+      }, delay)
+      timers.add(timer)
+    }
   }
 
   function sendAnnounceAll(mac: string, epoch: number): void {
@@ -586,6 +615,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       moved.clear()
       vmPorts.clear()
       paused.clear()
+      recentAnnounces.clear()
     },
     addPort(id, kind, factory: PortFactory) {
       if (ports.has(id)) throw new TunnelError(`port '${id}' already exists`)
@@ -678,6 +708,7 @@ export function createSwitch(o: SwitchOptions): TunnelSwitch {
       const key = macKeyOf(norm)
       const e = Math.max(epoch ?? 0, (epochs.get(key) ?? 0) + 1, epoch === undefined ? now() : 0)
       noteEpoch(key, e)
+      recentAnnounces.set(key, { mac: norm, epoch: e, at: now() })
       moved.delete(key)
       const id = vmPorts.get(key)
       if (id !== undefined) setEntry(key, id, true)

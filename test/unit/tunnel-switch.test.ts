@@ -416,6 +416,27 @@ describe('tunnel switch (memory network)', function () {
       await until(() => m.sw('a').status().movedAway === 0, 5000, 'the sweeper to forget the move')
     })
 
+    it('a member whose link comes up after an announcement still learns where the MAC went', async () => {
+      const m = mesh(['a', 'b', 'c'])
+      cleanup.push(m.stop)
+      const { qa, qb } = await guestOnA(m)
+      await until(() => m.sw('c').lookup(V) === 'peer:a', 5000, 'c knows V at a')
+      // b's agent restarted: no links yet when it re-adopts the guest and announces it.
+      m.net.disconnect('b', 'c')
+      m.net.disconnect('a', 'b')
+      await m.sw('a').detachVm(V)
+      void qa
+      m.sw('b').attachVm(V, qb.path)
+      await qb.connected()
+      m.sw('b').announce(V)
+      await sleep(900) // every repeat went out, to nobody
+      assert.equal(m.sw('c').lookup(V), 'peer:a', 'c has not heard yet')
+      m.net.connect('b', 'c')
+      m.net.connect('a', 'b')
+      await until(() => m.sw('c').lookup(V) === 'peer:b', 5000, 'c learns V at b once the link is up')
+      await until(() => m.sw('a').lookup(V) === 'peer:b', 5000, 'a too')
+    })
+
     it('a migration destination that attached the NIC does not take the MAC before it announces', async () => {
       const m = mesh(['a', 'b'])
       cleanup.push(m.stop)
