@@ -283,5 +283,19 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
     }
     const samples = genSamples(outputLines(reader))
     assert.ok(samples.length > 50, `the client read the guest all along (${samples.length} answers)`)
+    // The token history on every member, from a third one: the member that runs the VM holds the newest.
+    const t = await client.json<{
+      members: Array<{ member: string; token?: number; status?: string; error?: string }>
+    }>(['vm', 'tokens', VM])
+    const on = await oneCopy(pair(), VM, 60_000)
+    const row = t.members.find((m) => m.member === on)
+    for (const n of ['a1', 'b1', 'c1'])
+      assert.ok(
+        t.members.some((m) => m.member === n && m.error === undefined),
+        `${n} answered: ${JSON.stringify(t.members)}`,
+      )
+    assert.equal(row?.status, 'running')
+    assert.equal(row?.token, Math.max(...t.members.map((m) => m.token ?? 0)))
+    process.stdout.write(`      tokens: ${t.members.map((m) => `${m.member}=${m.token}`).join(' ')}\n`)
   })
 })

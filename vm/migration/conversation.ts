@@ -29,12 +29,17 @@ export class Conversation {
   private failure: Error | undefined
   private readonly offClose: () => void
 
+  /** How messages name the peer (its member name when the caller knows it; default its PeerId). */
+  readonly peerName: string
+
   constructor(
     readonly channel: MigrationChannel,
     readonly sid: string,
+    peerName?: string,
   ) {
+    this.peerName = peerName ?? channel.peer
     this.offClose = channel.onClose((reason) =>
-      this.fail(new MigrationLinkError(`link to ${channel.peer} closed`, { cause: reason })),
+      this.fail(new MigrationLinkError(`link to ${this.peerName} closed`, { cause: reason })),
     )
   }
 
@@ -50,7 +55,7 @@ export class Conversation {
   deliver(m: Message, size: number): void {
     this.receivedBytes += size
     if (m.type === 'abort') {
-      this.fail(new MigrationAbortedError(`${this.channel.peer} aborted the migration: ${m.reason}`))
+      this.fail(new MigrationAbortedError(`${this.peerName} aborted the migration: ${m.reason}`))
       return
     }
     if (m.type === 'refuse') {
@@ -86,7 +91,7 @@ export class Conversation {
     try {
       ok = this.channel.send(bytes)
     } catch (cause) {
-      throw new MigrationLinkError(`sending to ${this.channel.peer} failed`, { cause })
+      throw new MigrationLinkError(`sending to ${this.peerName} failed`, { cause })
     }
     if (!ok) await this.drain(signal)
   }
@@ -99,7 +104,7 @@ export class Conversation {
     try {
       ok = this.channel.send(bytes)
     } catch (cause) {
-      throw new MigrationLinkError(`sending to ${this.channel.peer} failed`, { cause })
+      throw new MigrationLinkError(`sending to ${this.peerName} failed`, { cause })
     }
     if (!ok) await this.drain(signal)
   }
@@ -109,7 +114,7 @@ export class Conversation {
       await this.channel.drain(signal)
     } catch (cause) {
       if (cause instanceof AbortError) throw cause
-      throw this.failure ?? new MigrationLinkError(`link to ${this.channel.peer} closed`, { cause })
+      throw this.failure ?? new MigrationLinkError(`link to ${this.peerName} closed`, { cause })
     }
   }
 

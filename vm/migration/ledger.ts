@@ -98,9 +98,13 @@ const copy = <T extends object>(v: T): T => ({ ...v })
 function ledgerOver(
   data: LedgerData,
   persist: (parts: Set<'tokens' | 'switches' | 'ledger'>) => Promise<void>,
+  staleOnLoad = false,
 ) {
   let writing: Promise<void> = Promise.resolve()
+  /** A token was raised by an event whose write did not include the tokens file (the commit's). */
+  let tokensStale = staleOnLoad
   const save = (...parts: Array<'tokens' | 'switches' | 'ledger'>) => {
+    if (parts.includes('tokens')) tokensStale = false
     const p = writing.then(() => persist(new Set(parts)))
     writing = p.catch(() => {})
     return p
@@ -115,12 +119,12 @@ function ledgerOver(
     list.push(e)
     while (list.length > HISTORY_LIMIT) list.shift()
     data.history.set(vm, list)
-    raise(vm, e.token)
+    if (raise(vm, e.token)) tokensStale = true
   }
   const ledger: FencingLedger = {
     token: (vm) => data.tokens.get(vm) ?? 0,
     async setToken(vm, token) {
-      if (raise(vm, token)) await save('tokens')
+      if (raise(vm, token) || tokensStale) await save('tokens')
     },
     async beginSwitch(record) {
       data.switches.set(record.vm, copy(record))
@@ -273,28 +277,35 @@ export async function createFileLedger(stateDir: string): Promise<FencingLedger>
     if (Array.isArray(v)) data.history.set(k, v.filter(isEvent).slice(-HISTORY_LIMIT))
   // The newest token is the highest anything recorded: a commit record or an event may be newer than
   // the tokens file (the commit writes the ledger only).
+  let stale = false
   const raise = (vm: string, t: number) => {
-    if (t > (data.tokens.get(vm) ?? 0)) data.tokens.set(vm, t)
+    if (t <= (data.tokens.get(vm) ?? 0)) return
+    data.tokens.set(vm, t)
+    stale = true
   }
   for (const r of data.incoming.values()) raise(r.vm, r.token)
   for (const r of data.lost.values()) raise(r.vm, r.token)
   for (const [vm, list] of data.history) for (const e of list) raise(vm, e.token)
 
-  return ledgerOver(data, async (parts) => {
-    await mkdir(stateDir, { recursive: true, mode: 0o700 })
-    if (parts.has('tokens'))
-      await writeFileDurable(path('tokens'), JSON.stringify(Object.fromEntries(data.tokens)))
-    if (parts.has('switches'))
-      await writeFileDurable(path('switches'), JSON.stringify(Object.fromEntries(data.switches)))
-    if (parts.has('ledger'))
-      await writeFileDurable(
-        path('ledger'),
-        JSON.stringify({
-          version: 1,
-          incoming: Object.fromEntries(data.incoming),
-          lost: Object.fromEntries(data.lost),
-          history: Object.fromEntries(data.history),
-        }),
-      )
-  })
+  return ledgerOver(
+    data,
+    async (parts) => {
+      await mkdir(stateDir, { recursive: true, mode: 0o700 })
+      if (parts.has('tokens'))
+        await writeFileDurable(path('tokens'), JSON.stringify(Object.fromEntries(data.tokens)))
+      if (parts.has('switches'))
+        await writeFileDurable(path('switches'), JSON.stringify(Object.fromEntries(data.switches)))
+      if (parts.has('ledger'))
+        await writeFileDurable(
+          path('ledger'),
+          JSON.stringify({
+            version: 1,
+            incoming: Object.fromEntries(data.incoming),
+            lost: Object.fromEntries(data.lost),
+            history: Object.fromEntries(data.history),
+          }),
+        )
+    },
+    stale,
+  )
 }

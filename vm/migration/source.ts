@@ -172,7 +172,7 @@ export class SourceSession {
     const channel = init.network.channel(init.to)
     if (channel === undefined || !channel.open) throw new MigrationLinkError(`no link to ${init.to}`)
     this.sid = newSessionId()
-    this.conv = new Conversation(channel, this.sid)
+    this.conv = new Conversation(channel, this.sid, init.nameOf?.(init.to))
     this.unregister = init.register(this.sid, this.conv)
     this.token = init.host.token(this.name) + 1
     this.machine = new StateMachine<SourceState>(

@@ -379,7 +379,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
           refuse(ch, m.sid, 'E_BUSY', `VM '${name}' is already migrating`)
           return
         }
-        const conv = new Conversation(ch, m.sid)
+        const conv = new Conversation(ch, m.sid, nameOf(ch.peer))
         conv.receivedBytes += size
         const unregister = register(m.sid, conv)
         busy.add(name)
@@ -518,8 +518,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         code: 'E_MIGRATION_LOST',
       })
     const to = resolvePeer(params.to)
-    if (to === network.self) throw new UsageError(`VM '${params.vm}' already runs on ${to}`)
-    if (!init.isMember(to)) throw new MigrationRefusedError(`${to} is not a member`)
+    if (to === network.self) throw new UsageError(`VM '${params.vm}' already runs on ${nameOf(to)}`)
+    if (!init.isMember(to)) throw new MigrationRefusedError(`${nameOf(to)} is not a member`)
     if (busy.has(params.vm)) throw new MigrationRefusedError(`VM '${params.vm}' is already migrating`)
     busy.add(params.vm)
     counters.out++
@@ -618,7 +618,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     const ch = await locate(params.vm, signal)
     // Forward to the host that runs the VM; it streams progress and the result back.
     const sid = newSessionId()
-    const conv = new Conversation(ch, sid)
+    const conv = new Conversation(ch, sid, nameOf(ch.peer))
     const unregister = register(sid, conv)
     let last: MigrationProgress | undefined
     try {
