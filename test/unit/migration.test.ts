@@ -158,6 +158,7 @@ describe('migration (fake driver, memory links)', function () {
       log,
       isMember: (p) => members.has(p),
       onState: (e) => stateLog.push(`${network.self} ${e.direction}:${e.to}`),
+      settleWaitMs: 300,
       tuning: { timeoutMs: 3000, inDoubtMs: 5000, switchBytes: 256 * 1024, rememberDelayMs: 0, ...tuning },
     })
     await service.start(new AbortController().signal)
@@ -599,6 +600,23 @@ describe('migration (fake driver, memory links)', function () {
     )
     g.vm = B.host.get('g1')!
     g.assertIntact(g.vm)
+  })
+
+  it('a move asked for right after a restart waits for the last switch to settle, then goes ahead', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    // A kill -9 right after the switch record: the guest still runs, the record says "ask B".
+    await A.host.beginSwitch({ vm: 'g1', token: 1, to: 'B', at: Date.now() })
+    net.disconnect('A', 'B')
+    await restart(A)
+    await sleep(600) // a few unanswered questions: the settle loop now waits between them
+    assert.deepEqual(A.service.status().inDoubt, ['g1'])
+    net.connect('A', 'B')
+    const r = await A.service.migrate({ vm: 'g1', to: 'B' })
+    assert.equal(r.token, 1)
+    assert.equal(B.host.get('g1')?.status(), 'running')
   })
 
   it('refuses a non-member: its migrate request and its prepare', async () => {

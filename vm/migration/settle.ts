@@ -92,6 +92,8 @@ export interface SettleInit extends AskInit {
   record: SwitchRecord
   /** Longest wait between two questions (default 5 s; starts at 250 ms). */
   maxIntervalMs?: number
+  /** A signal that cuts the current wait short (someone wants the answer now: ask again at once). */
+  wake?: () => AbortSignal
 }
 
 /** What an operator reads when the newest copy of a VM is gone and an older one waits here. */
@@ -136,9 +138,15 @@ export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed
   for (;;) {
     answer = await askDestination(init, record.to, name, record.token, 5000)
     if (answer !== undefined) break
-    await pause(interval, init.signal)
+    const woken = init.wake?.()
+    await pause(
+      interval,
+      woken === undefined
+        ? init.signal
+        : AbortSignal.any([init.signal, woken].filter((s) => s !== undefined)),
+    )
     throwIfAborted(init.signal)
-    interval = Math.min(maxInterval, interval * 2)
+    interval = woken?.aborted === true ? 250 : Math.min(maxInterval, interval * 2)
   }
   const vm = host.get(name)
   if (answer === 'running') {

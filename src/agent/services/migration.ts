@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { Vm } from '../../../vm/driver/interfaces.ts'
 import { Conversation } from '../../../vm/migration/conversation.ts'
 import { type DestinationOutcome, migrateIn } from '../../../vm/migration/destination.ts'
@@ -57,6 +58,8 @@ export interface MigrationServiceInit {
   nameOf?: (peer: string) => string
   /** How long to wait for each member's answer when gathering token histories (default 3 s). */
   historyTimeoutMs?: number
+  /** A move of a VM whose last switch is being settled waits this long for the answer (default 10 s). */
+  settleWaitMs?: number
 }
 
 /** One member's view of a VM's fencing tokens (`mesh vm tokens`). */
@@ -185,7 +188,10 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     }
   }
   /** VMs whose last move out is in doubt (paused here until the destination answers), by name. */
-  const settling = new Map<string, { record: SwitchRecord; ac: AbortController }>()
+  const settling = new Map<
+    string,
+    { record: SwitchRecord; ac: AbortController; wake: AbortController; done: Promise<unknown> }
+  >()
   const background = new Set<Promise<unknown>>()
   const unsubs: Array<() => void> = []
   let ac = new AbortController()
@@ -242,14 +248,28 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   const settle = (record: SwitchRecord) => {
     if (settling.has(record.vm)) return
     const own = new AbortController()
-    settling.set(record.vm, { record, ac: own })
+    const entry = {
+      record,
+      ac: own,
+      wake: new AbortController(),
+      done: Promise.resolve() as Promise<unknown>,
+    }
+    settling.set(record.vm, entry)
     log.warn('settling an unfinished switch with the destination', {
       vm: record.vm,
       to: nameOf(record.to),
       fence: record.token,
     })
-    void track(
-      settleSwitch({ network, register, host, log, record, signal: AbortSignal.any([ac.signal, own.signal]) })
+    entry.done = track(
+      settleSwitch({
+        network,
+        register,
+        host,
+        log,
+        record,
+        signal: AbortSignal.any([ac.signal, own.signal]),
+        wake: () => entry.wake.signal,
+      })
         .then(
           (outcome) =>
             (outcome === 'lost' ? log.error : log.info)('switch settled', {
@@ -506,10 +526,22 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   ): Promise<MigrationReport> => {
     const vm = host.get(params.vm)
     if (vm === undefined) throw new MigrationTargetError(`VM '${params.vm}' does not run here`)
+    const pending = settling.get(params.vm)
+    if (pending !== undefined) {
+      // Its last switch is still being settled (e.g. the agent just restarted): ask again now, and give
+      // the answer a moment before refusing.
+      const w = pending.wake
+      pending.wake = new AbortController()
+      w.abort()
+      await Promise.race([
+        pending.done,
+        sleep(init.settleWaitMs ?? 10_000, undefined, { signal: ac.signal }).catch(() => {}),
+      ])
+    }
     const doubt = settling.get(params.vm)?.record
     if (doubt !== undefined)
       throw new MigrationRefusedError(
-        `VM '${params.vm}' is paused here until ${nameOf(doubt.to)} says whether it resumed the last move (token ${doubt.token}); if ${nameOf(doubt.to)} is gone for good: mesh vm recover ${params.vm} --accept-loss`,
+        `VM '${params.vm}' is ${host.get(params.vm)?.status() ?? 'held'} here until ${nameOf(doubt.to)} says whether it resumed the last move (token ${doubt.token}); if ${nameOf(doubt.to)} is gone for good: mesh vm recover ${params.vm} --accept-loss`,
         { code: 'E_MIGRATION_IN_DOUBT' },
       )
     const lost = host.ledger.lost(params.vm)
