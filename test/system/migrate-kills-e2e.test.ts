@@ -94,7 +94,9 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
       clouds: [{ name: 'a' }, { name: 'b' }, { name: 'c' }],
       noJoin: true,
       // e.g. MESH_KILLS_AGENT_ARGS='--no-direct --no-relay-bulk': everything over the WebRTC link.
-      ...(process.env.MESH_KILLS_AGENT_ARGS ? { agentArgs: process.env.MESH_KILLS_AGENT_ARGS.split(' ') } : {}),
+      ...(process.env.MESH_KILLS_AGENT_ARGS
+        ? { agentArgs: process.env.MESH_KILLS_AGENT_ARGS.split(' ') }
+        : {}),
       env: { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --import=${HOOK}`.trim() },
     })
     const a1 = await net.join('a1')
