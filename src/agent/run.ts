@@ -250,10 +250,19 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     calls,
     self: () => ({ peer: net.node.peerId, name: nodeName }),
     members: () => net.node.members(),
-    vms: () => manager.list(),
+    vms: async () =>
+      (await manager.list()).map((v) => {
+        let gib = 0
+        try {
+          gib = manager.get(v.name).spec.volume?.sizeGiB ?? 0
+        } catch {
+          // Gone meanwhile: no disk to count.
+        }
+        return { ...v, diskBytes: gib * 2 ** 30 }
+      }),
     migrate: (p, o) => migration.migrate(p, o),
     labels: spotOpts.labels,
-    offered: defaultOffered(spotOpts.offered),
+    offered: defaultOffered(spotOpts.offered, paths.dir),
     ...(spotOpts.source === undefined
       ? {}
       : {

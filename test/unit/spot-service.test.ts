@@ -486,6 +486,40 @@ describe('spot service over agent calls (in-memory overlay, fake migration)', ()
     }
   })
 
+  it('writable disks count against the disk room (capacity, admit)', async () => {
+    const net = createMemoryNetwork()
+    const calls = createAgentCalls({ overlay: () => net.node('h'), isMember: () => true, log: silentLogger })
+    const spot = createSpotService({
+      stateDir: join(dir, 'h'),
+      log: silentLogger,
+      calls,
+      self: () => ({ peer: 'h', name: 'h' }),
+      members: () => [],
+      vms: async () => [{ ...vmInfo('pg', 512), diskBytes: 8 * 2 ** 30 }],
+      offered: { ramMiB: 4096, vcpus: 8, diskBytes: 10 * 2 ** 30 },
+      migrate: async () => {
+        throw new Error('no moves here')
+      },
+    })
+    const ac = new AbortController()
+    await calls.start(ac.signal)
+    await spot.start(ac.signal)
+    try {
+      const cap = await spot.capacity()
+      assert.equal(cap.used.diskBytes, 8 * 2 ** 30)
+      assert.equal(cap.free.diskBytes, 2 * 2 ** 30)
+      spot.admit({ name: 'small', memoryMiB: 256, vcpus: 1, volume: { base: 'image:x', sizeGiB: 2 } })
+      assert.throws(
+        () => spot.admit({ name: 'big', memoryMiB: 256, vcpus: 1, volume: { base: 'image:x', sizeGiB: 4 } }),
+        (e: Error & { code?: string }) => e.code === 'E_NO_ROOM' && /4 GiB of disk/.test(e.message),
+      )
+    } finally {
+      ac.abort()
+      await spot.stop()
+      await calls.stop()
+    }
+  })
+
   it('agent calls: unknown methods and handler errors come back as errors; bad bytes never reach a handler', async () => {
     const net = createMemoryNetwork()
     net.connect('a', 'b')

@@ -2,6 +2,7 @@
  * The agent's spot options (`mesh agent --spot … --label … --capacity …`), parsed and checked here so
  * that the CLI and tests share one reading of them.
  */
+import { statfsSync } from 'node:fs'
 import { availableParallelism, totalmem } from 'node:os'
 import { UsageError } from '../../base/errors.ts'
 import type { SpotSource } from './notice.ts'
@@ -60,13 +61,22 @@ export function parseCapacity(v: string): Partial<Room> {
 
 /**
  * What a host offers when --capacity does not say: its RAM less 1 GiB for itself, 4 vCPUs per core
- * (guests are mostly idle; QEMU overcommits CPUs, not RAM), 1 TiB of disk (VMs carry no writable disks
- * of their own yet).
+ * (guests are mostly idle; QEMU overcommits CPUs, not RAM), and for VMs' writable disks the free space
+ * of the state dir's file system at start less a tenth (chunks and standbys live there too).
  */
-export function defaultOffered(partial: Partial<Room> = {}): Room {
+export function defaultOffered(partial: Partial<Room> = {}, stateDir?: string): Room {
+  let disk = 2 ** 40
+  if (partial.diskBytes === undefined && stateDir !== undefined) {
+    try {
+      const st = statfsSync(stateDir)
+      disk = Math.floor(st.bavail * st.bsize * 0.9)
+    } catch {
+      // No state dir yet (first start): keep the generous default.
+    }
+  }
   return {
     ramMiB: partial.ramMiB ?? Math.max(0, Math.floor(totalmem() / 2 ** 20) - 1024),
     vcpus: partial.vcpus ?? availableParallelism() * 4,
-    diskBytes: partial.diskBytes ?? 2 ** 40,
+    diskBytes: partial.diskBytes ?? disk,
   }
 }

@@ -55,7 +55,8 @@ export interface SpotServiceInit {
   calls: AgentCalls
   self: () => { peer: string; name: string }
   members: () => MemberStatus[]
-  vms: () => Promise<VmInfo[]>
+  /** The VMs of this host; `diskBytes`: the size of its writable disk (counts against --capacity disk). */
+  vms: () => Promise<(VmInfo & { diskBytes?: number })[]>
   migrate(
     params: { vm: string; to: string; deadlineMs?: number },
     options: { onProgress?: (p: MigrationProgress) => void; signal?: AbortSignal },
@@ -87,7 +88,7 @@ export interface SpotServiceInit {
 
 export interface SpotService extends AgentService {
   /** Throws SpotRefusedError when this host must not take the VM (draining, doomed, no room). */
-  admit(spec: Pick<VmSpec, 'name' | 'memoryMiB' | 'vcpus'>): void
+  admit(spec: Pick<VmSpec, 'name' | 'memoryMiB' | 'vcpus' | 'volume'>): void
   evacuate(options: {
     reason: EvacuationReason
     to?: string
@@ -157,7 +158,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
   let ac = new AbortController()
   const background = new Set<Promise<unknown>>()
   /** VMs here at the last look (admit() is synchronous; refreshed by every capacity computation). */
-  let lastVms: VmInfo[] = []
+  let lastVms: (VmInfo & { diskBytes?: number })[] = []
   /** Standbys this host keeps for VMs elsewhere: VM → the host that feeds it, last pass. */
   const held = new Map<string, { from: string; syncedAt: number; last: SyncResult }>()
   /** Sender loops of VMs here that have a standby. */
@@ -186,7 +187,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
     return writing
   }
 
-  const used = (vms: VmInfo[]): Room => {
+  const used = (vms: (VmInfo & { diskBytes?: number })[]): Room => {
     const here = new Set<string>()
     const u: Room = { ramMiB: 0, diskBytes: 0, vcpus: 0 }
     for (const v of vms) {
@@ -194,6 +195,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       here.add(v.name)
       u.ramMiB += v.memoryMiB
       u.vcpus += v.vcpus
+      u.diskBytes += v.diskBytes ?? 0
     }
     const t = now()
     for (const [name, r] of reservations) {
@@ -248,9 +250,10 @@ export function createSpotService(init: SpotServiceInit): SpotService {
     const r = reservations.get(spec.name)
     if (r !== undefined && r.until >= now()) return
     const free = freeOf(used(lastVms))
-    if (spec.memoryMiB > free.ramMiB || spec.vcpus > free.vcpus)
+    const disk = (spec.volume?.sizeGiB ?? 0) * 2 ** 30
+    if (spec.memoryMiB > free.ramMiB || spec.vcpus > free.vcpus || disk > free.diskBytes)
       throw new SpotRefusedError(
-        `no room for VM '${spec.name}' here: it needs ${spec.memoryMiB} MiB and ${spec.vcpus} vCPU, ${free.ramMiB} MiB and ${free.vcpus} vCPU are free (--capacity)`,
+        `no room for VM '${spec.name}' here: it needs ${spec.memoryMiB} MiB, ${spec.vcpus} vCPU and ${Math.ceil(disk / 2 ** 30)} GiB of disk; ${free.ramMiB} MiB, ${free.vcpus} vCPU and ${Math.floor(free.diskBytes / 2 ** 30)} GiB are free (--capacity)`,
         { code: 'E_NO_ROOM' },
       )
   }
@@ -386,7 +389,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       name: v.name,
       memoryMiB: v.memoryMiB,
       vcpus: v.vcpus,
-      diskBytes: 0,
+      diskBytes: v.diskBytes ?? 0,
       priority: meta(v.name).priority ?? 0,
     }))
     const results = new Map<string, VmEvacuation>()
@@ -734,7 +737,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
     if (v === undefined) return undefined
     const { candidates } = await gather(signal)
     const plan = place({
-      vms: [{ name: vm, memoryMiB: v.memoryMiB, vcpus: v.vcpus, diskBytes: 0, priority: 0 }],
+      vms: [{ name: vm, memoryMiB: v.memoryMiB, vcpus: v.vcpus, diskBytes: v.diskBytes ?? 0, priority: 0 }],
       candidates,
       self: { peer: self.peer, labels },
     })
