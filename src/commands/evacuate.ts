@@ -56,6 +56,9 @@ export function humanEvents(
         case 'no-room':
           out.write(`${e.vm}: ${e.reason}\n`)
           break
+        case 'shortfall':
+          out.write(`shortfall: ${e.detail}\n`)
+          break
         case 'moving':
           out.write(
             `${e.vm}: moving to ${e.toName}${e.deadlineMs === undefined ? '' : ` within ${secs(e.deadlineMs)}`}\n`,

@@ -520,6 +520,98 @@ describe('spot service over agent calls (in-memory overlay, fake migration)', ()
     }
   })
 
+  it('a move whose first copy cannot make the plan says so early, once (shortfall event)', async () => {
+    const net = createMemoryNetwork()
+    net.connect('h', 'd')
+    let clock = 1_000_000
+    const mk = (n: string, vms: VmInfo[], migrate: Parameters<typeof createSpotService>[0]['migrate']) => {
+      const calls = createAgentCalls({ overlay: () => net.node(n), isMember: () => true, log: silentLogger })
+      const spot = createSpotService({
+        stateDir: join(dir, n),
+        log: silentLogger,
+        calls,
+        self: () => ({ peer: n, name: n }),
+        members: () =>
+          ['h', 'd'].map((p) => ({
+            peerId: p,
+            name: p,
+            self: p === n,
+            state: 'up' as const,
+            link: p === n ? ('none' as const) : ('open' as const),
+            addedBy: 'x',
+            addedAt: 0,
+          })),
+        vms: async () => vms,
+        offered: { ramMiB: 8192, vcpus: 8, diskBytes: 2 ** 40 },
+        migrate,
+        now: () => clock,
+      })
+      return { calls, spot }
+    }
+    const progress = (done: number) =>
+      ({
+        vm: 'big',
+        phase: 'bulk',
+        round: 0,
+        wireBytes: done,
+        ramBytes: done,
+        dedupBytes: 0,
+        phaseBytes: 1024 * 2 ** 20,
+        phaseDoneBytes: done,
+        rateBytesPerSec: 10e6,
+        dirtyRateBytesPerSec: 0,
+        dirtyBytes: 0,
+        elapsedMs: 0,
+      }) as const
+    const h = mk('h', [vmInfo('big', 1024)], async (p, o) => {
+      o.onProgress?.(progress(0))
+      clock += 2500
+      o.onProgress?.(progress(25e6))
+      clock += 2500
+      o.onProgress?.(progress(50e6))
+      return {
+        vm: p.vm,
+        totalMs: 5000,
+        downtimeMs: 1,
+        wireBytes: 1,
+        switchReason: 'small',
+      } as MigrationReport
+    })
+    const d = mk('d', [], async () => {
+      throw new Error('unused')
+    })
+    const ac = new AbortController()
+    for (const x of [h, d]) {
+      await x.calls.start(ac.signal)
+      await x.spot.start(ac.signal)
+    }
+    try {
+      const events: EvacuationEvent[] = []
+      await h.spot.evacuate({
+        reason: 'evacuate',
+        deadlineAt: clock + 30_000,
+        onEvent: (e) => events.push(e),
+      })
+      const sf = events.filter((e) => e.event === 'shortfall') as Extract<
+        EvacuationEvent,
+        { event: 'shortfall' }
+      >[]
+      assert.equal(sf.length, 1, 'said once')
+      // 1 GiB − 25 MB left at 10 MB/s ≈ 105 s, with 27 − 2.5 s left.
+      assert.match(
+        sf[0]!.detail,
+        /big: 100\d MiB of its first copy left at 10\.0 MB\/s is 10\d\.\d s, 24\.5 s are left/,
+      )
+      assert.equal(sf[0]!.atMs, 2500)
+    } finally {
+      ac.abort()
+      for (const x of [h, d]) {
+        await x.spot.stop()
+        await x.calls.stop()
+      }
+    }
+  })
+
   it('agent calls: unknown methods and handler errors come back as errors; bad bytes never reach a handler', async () => {
     const net = createMemoryNetwork()
     net.connect('a', 'b')

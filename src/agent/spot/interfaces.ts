@@ -88,6 +88,8 @@ export type EvacuationEvent =
       shortfall?: string
     }
   | { event: 'no-room'; vm: string; reason: string; atMs: number }
+  /** A move under way will not make the plan's end at the rate it sees (said once per VM, early). */
+  | { event: 'shortfall'; vm: string; detail: string; atMs: number }
   | { event: 'moving'; vm: string; to: string; toName: string; deadlineMs?: number; atMs: number }
   | {
       event: 'progress'

@@ -531,6 +531,8 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         atMs: at(),
       })
       let lastProgress = 0
+      let bulkSince: number | undefined
+      let warned = false
       try {
         const report = await init.migrate(
           { vm: name, to: a.to, ...(deadlineMs === undefined ? {} : { deadlineMs }) },
@@ -538,6 +540,27 @@ export function createSpotService(init: SpotServiceInit): SpotService {
             signal,
             onProgress: (p) => {
               const t = now()
+              // Early: once the bulk copy has a rate, say whether this move can make the plan's end.
+              if (p.phase === 'bulk') bulkSince ??= t
+              if (
+                !warned &&
+                planEnd !== undefined &&
+                bulkSince !== undefined &&
+                t - bulkSince >= 2000 &&
+                p.rateBytesPerSec > 0 &&
+                p.phaseBytes !== undefined
+              ) {
+                warned = true
+                const left = Math.max(0, p.phaseBytes - (p.phaseDoneBytes ?? 0))
+                const eta = (left * 1000) / p.rateBytesPerSec
+                if (t + eta > planEnd)
+                  emit({
+                    event: 'shortfall',
+                    vm: name,
+                    detail: `${name}: ${(left / 2 ** 20).toFixed(0)} MiB of its first copy left at ${(p.rateBytesPerSec / 1e6).toFixed(1)} MB/s is ${(eta / 1000).toFixed(1)} s, ${((planEnd - t) / 1000).toFixed(1)} s are left before the plan's end (then pre-copy rounds and the pause)`,
+                    atMs: at(),
+                  })
+              }
               if (t - lastProgress < 1000 && p.phase !== 'switch') return
               lastProgress = t
               emit({
@@ -783,6 +806,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
   ) => {
     const vms: NonNullable<Extract<EvacuationEvent, { event: 'plan' }>['estimates']> = []
     const perDest = new Map<string, number>()
+    const diverge: string[] = []
     let total = 0
     let unknown = false
     for (const a of assignments) {
@@ -802,7 +826,16 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         basis = 'RAM size (upper bound)'
       }
       const rate = rates.get(a.to)?.bps
-      const ms = rate === undefined ? undefined : Math.round((bytes * 1000) / rate)
+      // Pre-copy only gains on a guest at the link's rate less the guest's write rate (when known).
+      const dirty = sb?.dirtyRateBps ?? 0
+      const net = rate === undefined ? undefined : rate - dirty
+      let ms: number | undefined
+      if (net !== undefined && net <= 0) {
+        ms = Number.POSITIVE_INFINITY
+        diverge.push(
+          `${a.vm} writes ${(dirty / 1e6).toFixed(1)} MB/s, more than the ${((rate ?? 0) / 1e6).toFixed(1)} MB/s seen to ${a.toName}`,
+        )
+      } else if (net !== undefined) ms = Math.round((bytes * 1000) / net)
       if (ms === undefined) unknown = true
       else {
         perDest.set(a.to, (perDest.get(a.to) ?? 0) + ms)
@@ -813,12 +846,16 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         to: a.toName,
         bytes,
         basis,
-        ...(rate === undefined ? {} : { rateBps: Math.round(rate), ms }),
+        ...(rate === undefined ? {} : { rateBps: Math.round(rate) }),
+        ...(dirty > 0 ? { dirtyRateBps: dirty } : {}),
+        ...(ms === undefined || !Number.isFinite(ms) ? {} : { ms }),
       })
     }
     const needMs = Math.max(0, ...perDest.values(), total / Math.max(1, parallel))
     let shortfall: string | undefined
-    if (leftMs !== undefined && !unknown && needMs > leftMs)
+    if (diverge.length > 0)
+      shortfall = `pre-copy cannot converge (${diverge.join('; ')}): the pause will hold what is still dirty`
+    else if (leftMs !== undefined && !unknown && needMs > leftMs)
       shortfall = `the moves need about ${(needMs / 1000).toFixed(1)} s at the rates last seen, ${(leftMs / 1000).toFixed(1)} s are left: ${((needMs - leftMs) / 1000).toFixed(1)} s short`
     return { vms, shortfall }
   }
@@ -883,6 +920,9 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         break
       case 'no-room':
         log.warn('no room for a VM', { vm: e.vm, reason: e.reason })
+        break
+      case 'shortfall':
+        log.warn('shortfall', { vm: e.vm, detail: e.detail, atMs: e.atMs })
         break
       case 'moving':
         log.info('evacuating a VM', { vm: e.vm, to: e.toName, deadlineMs: e.deadlineMs, atMs: e.atMs })

@@ -263,6 +263,8 @@ export interface StandbyStatus {
   /** When the RAM the standby holds was hashed (ms since the epoch). */
   syncedAt?: number
   passes: number
+  /** Bytes per second of RAM the guest changed between two passes (64 KiB chunks). */
+  dirtyRateBps?: number
   lastPass?: { fetchedBytes: number; ms: number; hashMs: number }
   error?: string
 }
@@ -289,6 +291,7 @@ export async function runStandbySender(
 ): Promise<void> {
   let last: Manifest | undefined
   let missedBytes = 0
+  let lastScanAt: number | undefined
   let peer: { peer: string; name: string } | undefined
   try {
     while (!signal.aborted) {
@@ -305,6 +308,7 @@ export async function runStandbySender(
           last = undefined
         }
         const h0 = performance.now()
+        const scanStart = h0
         const { manifest } = await buildManifest(path, { chunkSize: CHUNK, signal })
         const hashMs = performance.now() - h0
         if (last !== undefined && last.count === manifest.count) {
@@ -314,11 +318,15 @@ export async function runStandbySender(
               changed++
           // What the standby lacks of this RAM: what changed since its copy, and what the last pass missed.
           status.lagBytes = changed * CHUNK + missedBytes
+          // The guest's write rate in 64 KiB chunks (a lower bound: a chunk rewritten twice counts once).
+          if (lastScanAt !== undefined && h0 > lastScanAt)
+            status.dirtyRateBps = Math.round((changed * CHUNK * 1000) / (h0 - lastScanAt))
         }
         const id = await deps.index.set(vm, path, manifest)
         if (status.state !== 'synced') status.state = 'syncing'
         const r = await deps.sync(peer.peer, { vm, manifest: id, rateBps: deps.rateBps(vm) }, signal)
         last = manifest
+        lastScanAt = scanStart
         status.syncedAt = t0
         missedBytes = r.missingChunks * CHUNK
         status.lagBytes = missedBytes
