@@ -11,7 +11,8 @@
  *           {"cmd":"seed","file":F,"mib"?:N}               (writes N MiB of random data to F, then)
  *                                                          imports F, pins it → {"ev":"seeded","id","size"}
  *           {"cmd":"variant","src":F,"file":G,"fraction":x} G = F with x of its chunks rewritten, seeded
- *           {"cmd":"fetch","id":ID,"peers"?:[…],"file"?:F} → {"ev":"fetched",…FetchResult,"mbps","wireIn","wireOut"}
+ *           {"cmd":"fetch","id":ID,"peers"?:[…],"file"?:F} → {"ev":"progress","bytesFetched","peers"}…,
+ *                                                          {"ev":"fetched",…FetchResult,"mbps","wireIn","wireOut"}
  *           {"cmd":"stats"} → {"ev":"stats",…}   {"cmd":"exit"}
  */
 import { readFileSync } from 'node:fs'
@@ -110,6 +111,7 @@ async function run(c: Cmd): Promise<void> {
       const r = await svc.fetch(m, {
         ...(c.peers ? { peers: c.peers } : {}),
         ...(c.file ? { file: c.file } : {}),
+        onProgress: (p) => out({ ev: 'progress', bytesFetched: p.bytesFetched, peers: p.peers }),
       })
       const secs = (performance.now() - t0) / 1000
       const s1 = svc.stats()

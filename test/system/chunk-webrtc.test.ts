@@ -51,9 +51,13 @@ describe('chunk exchange between processes over WebRTC', function () {
       .digest('hex')
 
   it('fetches from two holders; one holder killed -9 mid-fetch → completes from the other, bytes identical', async () => {
+    const MiB = 1024 * 1024
+    // Big enough that both holders' request windows (8 MiB each) refill several times: when the kill
+    // comes, the killed holder still owes requested chunks, and the fetch cannot end before its link dies.
+    const size = 48 * MiB
     const src = join(dir, 'src.bin')
     const h1 = await start('h1', [{ peer: 'd', initiator: true, room: 'h1-d' }])
-    h1.send({ cmd: 'seed', file: src, mib: 12 })
+    h1.send({ cmd: 'seed', file: src, mib: size / MiB })
     const { id } = (await h1.next('seeded', 60_000)) as unknown as { id: string }
     const h2 = await start('h2', [{ peer: 'd', initiator: true, room: 'h2-d' }])
     h2.send({ cmd: 'seed', file: src })
@@ -66,11 +70,15 @@ describe('chunk exchange between processes over WebRTC', function () {
     await d.next('open', 90_000)
     const out = join(dir, 'out.bin')
     d.send({ cmd: 'fetch', id, file: out })
-    // Kill one holder once the fetch is under way (its link dies; werift notices within seconds).
-    await new Promise((r) => setTimeout(r, 800))
+    // Kill one holder once the fetch is under way from both (its link dies; the link notices within seconds).
+    for (;;) {
+      const p = (await d.next('progress', 120_000)) as unknown as { bytesFetched: number; peers: number }
+      assert.equal(p.peers, 2, 'both holders serve the fetch')
+      if (p.bytesFetched >= 4 * MiB) break
+    }
     h2.child.kill('SIGKILL')
     const r = await d.next('fetched', 180_000)
-    assert.equal(r.bytesFetched, 12 * 1024 * 1024)
+    assert.equal(r.bytesFetched, size)
     assert.equal(r.peers, 1, 'the killed holder’s link should have died during the fetch')
     assert.equal(await sha(out), await sha(src))
   })
