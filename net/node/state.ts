@@ -1,12 +1,13 @@
 /**
  * The member state file, STATE/network.json: the network (name and public key), the bootstrap
  * addresses this node knows, and every signed membership record. Records verify on their own, so the
- * file needs no integrity protection beyond being owner-only; it is written atomically (temp + rename)
+ * file needs no integrity protection beyond being owner-only; it is written atomically and durably (writeFileDurable: temp, fsync, rename, fsync dir)
  * and not fsynced: a record lost to a power cut comes back from any member at the next gossip.
  */
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises'
+import { mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { describeError } from '../../src/base/errors.ts'
+import { writeFileDurable } from '../../src/base/fs.ts'
 import { MembershipError } from '../membership/errors.ts'
 import type { NetworkInfo } from '../membership/interfaces.ts'
 import { decodeInvite } from '../membership/invite.ts'
@@ -131,9 +132,8 @@ export function createMemberState(init: {
           bootstrap,
           records: s.list(),
         })
-        const tmp = `${path}.${process.pid}.tmp`
-        await writeFile(tmp, body, { mode: 0o600 })
-        await rename(tmp, path)
+        // The member set decides who may connect (revocations): durable, like every ownership record.
+        await writeFileDurable(path, body, { mode: 0o600 })
       })
       chain = next.catch((err) => init.log(`cannot save member set: ${describeError(err)}`))
       return next
