@@ -1,8 +1,10 @@
 /**
  * The member state file, STATE/network.json: the network (name and public key), the bootstrap
  * addresses this node knows, and every signed membership record. Records verify on their own, so the
- * file needs no integrity protection beyond being owner-only; it is written atomically and durably (writeFileDurable: temp, fsync, rename, fsync dir)
- * and not fsynced: a record lost to a power cut comes back from any member at the next gossip.
+ * file needs no integrity protection beyond being owner-only. It is written with writeFileDurable
+ * (temp, fsync, rename, fsync dir): gossip would bring a lost record back from another member, but a
+ * revocation lost to a power cut on a lone member would let the revoked peer in until then, and the
+ * file changes rarely, so the fsync costs nothing that matters.
  */
 import { mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
