@@ -239,6 +239,10 @@ describe("spot notices across NAT'd clouds (e2e: fake metadata servers, agents, 
       `http://${METADATA_IP}/latest/meta-data/spot/instance-action`,
     ])
     assert.notEqual(plain.code, 0, 'IMDSv2: no token, no answer')
+    // The fake prints each request once it has answered it: wait for ours.
+    const t401 = Date.now()
+    while (!meta.requests().some((r) => r.status === 401) && Date.now() - t401 < 10_000)
+      await new Promise((r) => setTimeout(r, 50))
     const refused = meta.requests().filter((r) => r.status === 401)
     assert.equal(refused.length, 1, `only our token-less request was refused: ${JSON.stringify(refused)}`)
     assert.ok(

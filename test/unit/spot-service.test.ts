@@ -565,10 +565,12 @@ describe('spot service over agent calls (in-memory overlay, fake migration)', ()
       }) as const
     const h = mk('h', [vmInfo('big', 1024)], async (p, o) => {
       o.onProgress?.(progress(0))
+      clock += 1000
+      o.onProgress?.(progress(1e6))
       clock += 2500
-      o.onProgress?.(progress(25e6))
+      o.onProgress?.(progress(26e6))
       clock += 2500
-      o.onProgress?.(progress(50e6))
+      o.onProgress?.(progress(51e6))
       return {
         vm: p.vm,
         totalMs: 5000,
@@ -597,12 +599,12 @@ describe('spot service over agent calls (in-memory overlay, fake migration)', ()
         { event: 'shortfall' }
       >[]
       assert.equal(sf.length, 1, 'said once')
-      // 1 GiB − 25 MB left at 10 MB/s ≈ 105 s, with 27 − 2.5 s left.
+      // From the first data on: 25 MB in 2.5 s = 10 MB/s; 1 GiB − 26 MB left ≈ 105 s, 27 − 3.5 s left.
       assert.match(
         sf[0]!.detail,
-        /big: 100\d MiB of its first copy left at 10\.0 MB\/s is 10\d\.\d s, 24\.5 s are left/,
+        /big: 99\d MiB of its first copy left at 10\.0 MB\/s is 10\d\.\d s, 23\.5 s are left/,
       )
-      assert.equal(sf[0]!.atMs, 2500)
+      assert.equal(sf[0]!.atMs, 3500)
     } finally {
       ac.abort()
       for (const x of [h, d]) {

@@ -32,7 +32,7 @@ import type {
   VmEvacuation,
   VmSpotMeta,
 } from './interfaces.ts'
-import type { Notice, NoticeWatcher } from './notice.ts'
+import { type Notice, type NoticeWatcher, pause } from './notice.ts'
 import { type Candidate, type PlacementVm, place, type Room } from './placement.ts'
 import {
   DEFAULT_STANDBY_RATE,
@@ -300,7 +300,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         throw new SpotRefusedError(`VM '${p.vm}' runs here: this host cannot be its standby`, {
           code: 'E_SPOT_REFUSED',
         })
-      const r = await pullStandby(sb.chunks(), ctx.peer, p, AbortSignal.any([ctx.signal, ac.signal]))
+      const r = await pullStandby(sb.chunks(), ctx.peer, p, ctx.signal)
       held.set(p.vm, { from: ctx.peer, syncedAt: now(), last: r })
       if (now() - lastGc > 30_000) {
         // The previous pass's chunks that changed are garbage now: collect now and then, not every pass.
@@ -531,7 +531,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         atMs: at(),
       })
       let lastProgress = 0
-      let bulkSince: number | undefined
+      let firstData: { t: number; bytes: number } | undefined
       let warned = false
       try {
         const report = await init.migrate(
@@ -540,24 +540,25 @@ export function createSpotService(init: SpotServiceInit): SpotService {
             signal,
             onProgress: (p) => {
               const t = now()
-              // Early: once the bulk copy has a rate, say whether this move can make the plan's end.
-              if (p.phase === 'bulk') bulkSince ??= t
+              // Early: once the first copy has moved data for 2 s, say whether it can make the plan's end
+              // at the rate it progresses (RAM carried, the destination's cache included).
+              if (p.phase === 'bulk' && p.ramBytes > 0) firstData ??= { t, bytes: p.ramBytes }
               if (
                 !warned &&
                 planEnd !== undefined &&
-                bulkSince !== undefined &&
-                t - bulkSince >= 2000 &&
-                p.rateBytesPerSec > 0 &&
+                firstData !== undefined &&
+                t - firstData.t >= 2000 &&
                 p.phaseBytes !== undefined
               ) {
                 warned = true
+                const rate = ((p.ramBytes - firstData.bytes) * 1000) / (t - firstData.t)
                 const left = Math.max(0, p.phaseBytes - (p.phaseDoneBytes ?? 0))
-                const eta = (left * 1000) / p.rateBytesPerSec
+                const eta = rate > 0 ? (left * 1000) / rate : Number.POSITIVE_INFINITY
                 if (t + eta > planEnd)
                   emit({
                     event: 'shortfall',
                     vm: name,
-                    detail: `${name}: ${(left / 2 ** 20).toFixed(0)} MiB of its first copy left at ${(p.rateBytesPerSec / 1e6).toFixed(1)} MB/s is ${(eta / 1000).toFixed(1)} s, ${((planEnd - t) / 1000).toFixed(1)} s are left before the plan's end (then pre-copy rounds and the pause)`,
+                    detail: `${name}: ${(left / 2 ** 20).toFixed(0)} MiB of its first copy left at ${(rate / 1e6).toFixed(1)} MB/s is ${(eta / 1000).toFixed(1)} s, ${((planEnd - t) / 1000).toFixed(1)} s are left before the plan's end (then pre-copy rounds and the pause)`,
                     atMs: at(),
                   })
               }
@@ -1004,17 +1005,8 @@ export function createSpotService(init: SpotServiceInit): SpotService {
             await reconcile().catch((err: unknown) =>
               log.warn('standby check failed', { error: describeError(err) }),
             )
-            await new Promise<void>((r) => {
-              const t = setTimeout(r, 2000)
-              ac.signal.addEventListener(
-                'abort',
-                () => {
-                  clearTimeout(t)
-                  r()
-                },
-                { once: true },
-              )
-            })
+            // pause() removes its abort listener when the time is up (one per tick would pile up).
+            await pause(2000, ac.signal)
           }
         }
         const p = tick()
