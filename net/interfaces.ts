@@ -5,6 +5,7 @@
 import type { BulkPath, Link, LinkState, Overlay, PathType } from './link/interfaces.ts'
 import type { NetworkKey } from './membership/network.ts'
 import type { CongestionStatus } from './node/congestion.ts'
+import type { GossipStats } from './node/interfaces.ts'
 import type { IceServer, Signaling } from './webrtc/interfaces.ts'
 import type { WebRtcLinkOptions } from './webrtc/link.ts'
 
@@ -148,5 +149,7 @@ export interface MeshNode {
   addresses(): string[]
   /** TCP congestion control on the control plane's sockets: wanted, kernel default, applied/failed. */
   congestion(): CongestionStatus
+  /** Member-set gossip since start: messages and bytes, both directions. */
+  gossipStats(): GossipStats
   on<E extends keyof MeshNodeEvents>(event: E, handler: (detail: MeshNodeEvents[E]) => void): () => void
 }

@@ -33,7 +33,14 @@ import { type CongestionControl, type CongestionStatus, createCongestionControl 
 import { NodeStateError, NotJoinedError } from './node/errors.ts'
 import { createMemberGate } from './node/gate.ts'
 import { createGossip } from './node/gossip.ts'
-import type { Admission, Gossip, LinkSupervisor, MemberGate, NodeContext } from './node/interfaces.ts'
+import type {
+  Admission,
+  Gossip,
+  GossipStats,
+  LinkSupervisor,
+  MemberGate,
+  NodeContext,
+} from './node/interfaces.ts'
 import { createControlPlane, DEFAULT_LISTEN } from './node/libp2p.ts'
 import { createMemberState } from './node/state.ts'
 import { createLinkSupervisor } from './node/supervisor.ts'
@@ -325,6 +332,10 @@ class MeshNodeImpl implements MeshNode {
 
   congestion(): CongestionStatus {
     return this.tcpCc.status()
+  }
+
+  gossipStats(): GossipStats {
+    return this.gossip.stats()
   }
 
   // ---------------------------------------------------------------- membership

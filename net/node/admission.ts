@@ -174,9 +174,13 @@ export function createAdmission(init: AdmissionInit): Admission {
 
     async handle(stream: Stream, conn: Connection) {
       const peer = conn.remotePeer.toString()
+      // The request is small (an invite and a name) and comes from a stranger: read it under the small
+      // limit. The reply carries the whole member set (~650 bytes a member), so it goes out under the
+      // member-set limit, straight on the stream (the framed stream's own limit is the request's).
       const framed = new FramedStream(stream, MAX_ADMIT_FRAME)
       const reply = (resp: AdmitResponse) => {
-        framed.write(encodeJson(resp, MAX_MEMBERS_FRAME).subarray(4))
+        if (framed.isEnded) throw new ControlError('the joiner closed the admission stream')
+        stream.send(encodeJson(resp, MAX_MEMBERS_FRAME))
         void framed.close()
       }
       try {

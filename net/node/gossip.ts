@@ -17,7 +17,7 @@ import { FramedStream } from '../control/stream.ts'
 import { PeerRevokedError } from '../membership/errors.ts'
 import type { SignedRecord } from '../membership/interfaces.ts'
 import { NodeStateError } from './errors.ts'
-import type { Gossip, NodeContext } from './interfaces.ts'
+import type { Gossip, GossipStats, NodeContext } from './interfaces.ts'
 
 const MAX_HINTS = 16
 /** A revoked peer gets this long to take its one-way notice before we hang up. */
@@ -34,6 +34,18 @@ export interface GossipInit {
 export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Gossip {
   const hints = new Map<string, string[]>()
   let selfRevoked = false
+  const counters: GossipStats = { sent: 0, received: 0, bytesOut: 0, bytesIn: 0 }
+  const send = (framed: FramedStream, msg: MembersMessage): void => {
+    const bytes = new TextEncoder().encode(JSON.stringify(msg))
+    counters.sent++
+    counters.bytesOut += bytes.byteLength
+    framed.write(bytes)
+  }
+  const receive = (frame: Uint8Array): MembersMessage => {
+    counters.received++
+    counters.bytesIn += frame.byteLength
+    return decodeMembersMessage(frame)
+  }
   const state = ctx.state
 
   const addrHints = (): Record<string, string[]> => {
@@ -73,12 +85,12 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     })
     const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
     const msg: MembersMessage = { want, records: want === 'all' ? set.list() : [], addrs: addrHints() }
-    framed.write(new TextEncoder().encode(JSON.stringify(msg)))
+    send(framed, msg)
     if (notice) {
       await framed.close()
       return
     }
-    const resp = decodeMembersMessage(await framed.read({ signal, what: 'member set' }))
+    const resp = receive(await framed.read({ signal, what: 'member set' }))
     await framed.close()
     const { added, invalid } = await set.merge(resp.records)
     if (invalid > 0) ctx.log(`member set from ${peer}: ${invalid} invalid records ignored`)
@@ -137,6 +149,7 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     changed,
     recordsAbout,
     hints: (peer) => hints.get(peer) ?? [],
+    stats: () => ({ ...counters }),
     get selfRevoked() {
       return selfRevoked
     },
@@ -146,13 +159,13 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
       const set = state.set
       if (set === undefined) throw new NodeStateError('not started')
       const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
-      const req = decodeMembersMessage(await framed.read({ timeoutMs: ctx.timing.requestTimeoutMs }))
+      const req = receive(await framed.read({ timeoutMs: ctx.timing.requestTimeoutMs }))
       const { added, invalid } = await set.merge(req.records)
       if (invalid > 0) ctx.log(`member set from ${peer}: ${invalid} invalid records ignored`)
       learnHints(req.addrs)
       const records = req.want === 'all' ? set.list() : req.want === 'self' ? recordsAbout(ctx.self) : []
       const resp: MembersMessage = { want: 'none', records, addrs: req.want === 'self' ? {} : addrHints() }
-      framed.write(new TextEncoder().encode(JSON.stringify(resp)))
+      send(framed, resp)
       await framed.close()
       if (added > 0) changed(peer)
     },

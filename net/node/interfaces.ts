@@ -97,6 +97,15 @@ export interface Gossip {
   recordsAbout(peer: string): SignedRecord[]
   /** True once this node learned it was revoked. */
   readonly selfRevoked: boolean
+  /** Member-set messages and their bytes since start (both directions). */
+  stats(): GossipStats
+}
+
+export interface GossipStats {
+  sent: number
+  received: number
+  bytesOut: number
+  bytesIn: number
 }
 
 /** What the supervisor knows of one member. */

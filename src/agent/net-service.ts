@@ -91,6 +91,7 @@ export function createNetService(init: NetServiceInit): NetService {
         linksOpen: node.overlay.links().filter((l) => l.state === 'open').length,
         listen: node.addresses(),
         tcpCongestion: node.congestion(),
+        gossip: node.gossipStats(),
       }
     },
     handlers() {

@@ -32,7 +32,8 @@ export const median = (xs: number[]): number => {
   return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
 }
 
-function run(v: Variant, args: string[]): Promise<{ ms: number; code: number; stdout: string }> {
+/** One `mesh ARGS` as users run it (`dist`) or from the sources (`tsx`): wall time and output (bench scale reuses it). */
+export function run(v: Variant, args: string[]): Promise<{ ms: number; code: number; stdout: string }> {
   const t0 = performance.now()
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, argv(v, args), { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] })
