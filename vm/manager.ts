@@ -19,6 +19,8 @@ export interface VmInfo {
   ip: string | undefined
   memoryPath: string
   consolePath: string | undefined
+  /** The VM's writable disk (spec.volume), when it has one. */
+  volumePath?: string
   startedAt: string
   exit?: VmExitInfo
 }
@@ -166,6 +168,7 @@ export class VmManager extends EventEmitter<VmManagerEvents> implements VmContro
       consolePath: record.handle.paths.console,
       startedAt: record.startedAt,
     }
+    if (record.handle.paths.volume) info.volumePath = record.handle.paths.volume
     if (record.exit !== undefined) info.exit = record.exit
     return info
   }

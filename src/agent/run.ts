@@ -11,6 +11,7 @@ import { knownBootstrap, NETWORK_STATE_FILE } from '../../net/node.ts'
 import { STUN_DEFAULT_PORT } from '../../net/stun/server.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
 import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/link.ts'
+import { previousDisksBudget, prunePreviousDisks, sweepIncomingDisks } from '../../vm/disk/housekeeping.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import type { RamCache } from '../../vm/migration/interfaces.ts'
 import { createManagerHost } from '../../vm/migration/manager-host.ts'
@@ -350,6 +351,15 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
       const r = await sweepIncoming(ramDir, inUse)
       if (Object.values(r).some((v) => Array.isArray(v) && v.length > 0))
         log.info('swept leftovers', { ...r })
+      // Then the disks of those incoming moves, and previous disks over their budget (vm/disk).
+      const disks = join(paths.dir, 'disks')
+      const vmDisks = (await manager.list()).flatMap((v) =>
+        v.volumePath === undefined ? [] : [v.volumePath],
+      )
+      const removedDisks = await sweepIncomingDisks(disks, new Set(vmDisks))
+      const pruned = await prunePreviousDisks(disks, await previousDisksBudget(disks))
+      if (removedDisks.length + pruned.length > 0)
+        log.info('swept disk leftovers', { removed: removedDisks, prunedPrevious: pruned.map((d) => d.path) })
     },
     async stop() {},
     handlers: () => ({}),

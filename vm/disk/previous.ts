@@ -9,10 +9,11 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { existsSync } from 'node:fs'
-import { rename, rm } from 'node:fs/promises'
+import { rename, rm, utimes } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { describeError } from '../../src/base/errors.ts'
+import { type PrunedDisk, previousDisksBudget, prunePreviousDisks } from './housekeeping.ts'
 import { NbdClient } from './nbd.ts'
 import { extentsToChunks } from './tracker.ts'
 
@@ -21,9 +22,17 @@ export function previousVolumePath(diskDir: string, vm: string): string {
   return join(diskDir, `${vm}.prev.qcow2`)
 }
 
-/** Keeps a stopped VM's overlay as its previous disk (replacing an older one). */
-export async function retainVolume(path: string, diskDir: string, vm: string): Promise<void> {
-  await rename(path, previousVolumePath(diskDir, vm))
+/**
+ * Keeps a stopped VM's overlay as its previous disk (replacing an older one), then holds all previous
+ * disks of the dir to their budget (vm/disk/housekeeping.ts; this one counts as the newest). Returns
+ * the previous disks the budget removed.
+ */
+export async function retainVolume(path: string, diskDir: string, vm: string): Promise<PrunedDisk[]> {
+  const kept = previousVolumePath(diskDir, vm)
+  await rename(path, kept)
+  const now = new Date()
+  await utimes(kept, now, now)
+  return prunePreviousDisks(diskDir, await previousDisksBudget(diskDir))
 }
 
 export interface PreviousDisk {

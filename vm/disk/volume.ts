@@ -11,10 +11,11 @@
  */
 import { execFile } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { mkdir, rm, stat } from 'node:fs/promises'
+import { access, constants, mkdir, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { MeshError } from '../../src/base/errors.ts'
+import { parseImageRef, type VolumeSpec } from '../spec.ts'
 
 const execFileP = promisify(execFile)
 export const GiB = 1024 * 1024 * 1024
@@ -151,4 +152,21 @@ export async function prepareVolume(o: {
 /** Removes a disk file (idempotent). */
 export async function removeVolume(path: string): Promise<void> {
   await rm(path, { force: true })
+}
+
+/**
+ * On a migration's destination, before anything is received: a disk base given as a file path must be
+ * here, at that same path (nothing sends it). Image names are the portable form: the destination pulls
+ * what it lacks from the members. Throws VolumeError saying so.
+ */
+export async function checkBaseHere(volume: VolumeSpec): Promise<void> {
+  if (parseImageRef(volume.base) !== undefined) return
+  try {
+    await access(volume.base, constants.R_OK)
+  } catch (err) {
+    throw new VolumeError(
+      `the disk's base '${volume.base}' is not on this host (${(err as NodeJS.ErrnoException).code}): a base given as a file path must exist at the same path on every host the VM moves to; name an image instead (mesh image push FILE --name NAME:TAG, then disk: {"base": "NAME:TAG"}) and hosts fetch it from the members`,
+      { cause: err },
+    )
+  }
 }

@@ -7,6 +7,7 @@
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import { DiskReceiver } from '../disk/receiver.ts'
+import { checkBaseHere } from '../disk/volume.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import type { Conversation } from './conversation.ts'
 import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'
@@ -208,6 +209,8 @@ export class DestinationSession {
   private async prepare(): Promise<void> {
     const { conv, prepare, host, log, signal } = this.init
     const spec = prepare.spec
+    // A disk base given as a path must be here already: fail before anything is sent, saying why.
+    if (spec.volume !== undefined) await checkBaseHere(spec.volume)
     this.ramPath = await host.allocateRam(spec, signal)
     this.streams = [new RamReceiver(this.ramPath, prepare.ramSize, prepare.chunkSize, this.init.cache, log)]
     // A writable disk moves too: its chunks go into the incoming VM's disk through QEMU's NBD server.
