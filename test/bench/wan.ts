@@ -16,8 +16,8 @@
  * and the same-run baselines between a1 and b1's namespaces, through both NATs (a1's port forwarded on
  * a's router for the test): one TCP stream with the hosts' default congestion control (`--cc`, default
  * cubic, as many cloud images ship; `tcpCc` says what the kernel actually used) and one with BBR
- * (iperf3 -R, a1 sending, `--seconds` long). Each transfer is sized to take about `--seconds` (a probe
- * of 1 MiB first, at most `--max-mib`). Every run measures each path once, in turns; the JSON holds the
+ * (iperf3 -R, a1 sending, `--seconds` long). Each transfer is sized to take about `--seconds` (probes
+ * from 1 MiB up first, at most `--max-mib`). Every run measures each path once, in turns; the JSON holds the
  * medians of `--runs` (default 3) and every run. rttMs is the path RTT measured at start (router a to
  * router b, ICMP). emulatorCpuPct is the emulator's CPU (% of one core) while each path was measured.
  *
@@ -227,14 +227,27 @@ async function benchProfile(
       maxMiB: o.maxMiB,
       seq: 0,
     }
-    // Sizes: a 1 MiB probe per bulk kind, then what takes about `seconds`.
+    // Sizes: probes from 1 MiB up (a short transfer is all slow start and command start-up), until one
+    // lasts a third of `seconds`; the runs then move what the last probe's rate moves in `seconds`.
     const mib: Partial<Record<Kind, number>> = {}
-    for (const k of ['natNat', 'relay', 'direct'] as const) {
-      const rate = await pull(c, c.holders[k], 1)
-      mib[k] = Math.max(1, Math.min(o.maxMiB, Math.round((rate * 1e6 * o.seconds) / MiB)))
-      log(`${profile}: ${k} probe ${r2(rate)} MB/s → ${mib[k]} MiB per run`)
+    const sizeFor = (rate: number) =>
+      Math.max(1, Math.min(o.maxMiB, Math.round((rate * 1e6 * o.seconds) / MiB)))
+    for (const k of ['natNat', 'relay', 'direct', 'link'] as const) {
+      let size = 1
+      for (let probe = 0; ; probe++) {
+        const rate = k === 'link' ? await linkBench(c, size) : await pull(c, c.holders[k], size)
+        const secs = (size * MiB) / 1e6 / rate
+        log(`${profile}: ${k} probe ${size} MiB: ${r2(rate)} MB/s (${r2(secs)} s)`)
+        const next = sizeFor(rate)
+        if (secs >= o.seconds / 3 || size >= o.maxMiB || probe === 3 || next <= size) {
+          mib[k] = next
+          break
+        }
+        size = Math.max(next, size * 4)
+        size = Math.min(size, o.maxMiB)
+      }
+      log(`${profile}: ${k}: ${mib[k]} MiB per run`)
     }
-    mib.link = mib.natNat
 
     const runs: Record<Kind, number[]> = { natNat: [], relay: [], direct: [], link: [], tcp: [], tcpBbr: [] }
     const cpu: Record<Kind, number[]> = { natNat: [], relay: [], direct: [], link: [], tcp: [], tcpBbr: [] }
