@@ -1,6 +1,6 @@
 /**
  * `npm run bench -- wan [--profile P[,P…]] [--runs N] [--cc cubic|bbr] [--seconds S] [--max-mib N]
- * [--engine werift|libdatachannel]`: the data plane on emulated WAN paths (fixtures/wan; default: all four
+ * [--engine werift|libdatachannel] [--tcp-congestion ALGO|default]`: the data plane on emulated WAN paths (fixtures/wan; default: all four
  * profiles, each in its own topology, one after the other).
  *
  * Per profile, one topology: NAT'd clouds a, b, d (cone) and s (symmetric) on that profile, bootstrap and
@@ -13,6 +13,7 @@
  *   - relayMBps:  from s1 (cone ↔ symmetric: no hole punching; a relay — TURN or the bootstrap);
  *   - directMBps: from d1 (one end dialable: the direct libp2p path);
  *   - linkMBps:   `mesh bench a1` (the WebRTC link's control channel, raw), for diagnosis;
+ *   - linkTurnMBps: `mesh bench s1` (the WebRTC link to the symmetric member: over TURN), likewise;
  * and the same-run baselines between a1 and b1's namespaces, through both NATs (a1's port forwarded on
  * a's router for the test): one TCP stream with the hosts' default congestion control (`--cc`, default
  * cubic, as many cloud images ship; `tcpCc` says what the kernel actually used) and one with BBR
@@ -20,6 +21,8 @@
  * from 1 MiB up first, at most `--max-mib`). Every run measures each path once, in turns; the JSON holds the
  * medians of `--runs` (default 3) and every run. rttMs is the path RTT measured at start (router a to
  * router b, ICMP). emulatorCpuPct is the emulator's CPU (% of one core) while each path was measured.
+ * The agents set their own congestion control on the sockets they own (`--tcp-congestion`, default
+ * theirs: bbr); `--tcp-congestion default` leaves them on the hosts' (`--cc`).
  *
  * Last line: {"bench":"wan","profiles":{"crosscloud":{"rttMs":…,"natNatMBps":…,"relayMBps":…,
  * "directMBps":…,"tcpMBps":…,"tcpBbrMBps":…,"path":"…",…},…}}
@@ -51,8 +54,8 @@ function median(xs: number[]): number {
   return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2
 }
 
-type Kind = 'natNat' | 'relay' | 'direct' | 'link' | 'tcp' | 'tcpBbr'
-const KINDS: Kind[] = ['natNat', 'relay', 'direct', 'link', 'tcp', 'tcpBbr']
+type Kind = 'natNat' | 'relay' | 'direct' | 'link' | 'linkTurn' | 'tcp' | 'tcpBbr'
+const KINDS: Kind[] = ['natNat', 'relay', 'direct', 'link', 'linkTurn', 'tcp', 'tcpBbr']
 
 export interface ProfileResult {
   rttMs: number
@@ -65,7 +68,12 @@ export interface ProfileResult {
   path: string
   paths: { natNat: string; relay: string; direct: string }
   linkMBps: number
+  linkTurnMBps: number
+  /** ICE path of the WebRTC links measured by linkMBps / linkTurnMBps. */
+  linkPaths: { link: string; linkTurn: string }
   tcpCc: string
+  /** The agents' `--tcp-congestion` ('agent default' when not given). */
+  agentCc: string
   /** Emulator CPU, % of one core, median over the runs, per measurement. */
   emulatorCpuPct: Record<Kind, number>
   /** What the topology measured at start: RTT per pair, rate per profile, loss counted. */
@@ -107,6 +115,12 @@ async function pathTo(from: AgentProc, to: string): Promise<string> {
   return r.direct !== undefined ? 'direct-tcp' : `webrtc-${r.path ?? '?'}`
 }
 
+async function linkPathTo(from: AgentProc, to: string): Promise<string> {
+  const rows = (await from.json<{ peers: { name: string; path?: string; link: string }[] }>(['peers'])).peers
+  const r = rows.find((x) => x.name === to)
+  return r === undefined || r.link !== 'open' ? 'none' : (r.path ?? '?')
+}
+
 /** Pulls `mib` MiB of fresh random data that only `holder` has; returns MB/s as the agent timed it. */
 async function pull(c: Ctx, holder: AgentProc, mib: number): Promise<number> {
   const name = `wan${c.seq++}`
@@ -120,11 +134,12 @@ async function pull(c: Ctx, holder: AgentProc, mib: number): Promise<number> {
   return res.bytesFetched / 1e6 / (res.elapsedMs / 1000)
 }
 
-async function linkBench(c: Ctx, mib: number): Promise<number> {
+/** `mesh bench PEER`: the WebRTC link itself (control channel), to a1 or (turn) to the symmetric s1. */
+async function linkBench(c: Ctx, mib: number, turn = false): Promise<number> {
   const r = lastJson<{ mbps: number }>(
     await ok(c.puller, [
       'bench',
-      c.holders.natNat.name,
+      (turn ? c.holders.relay : c.holders.natNat).name,
       '--mib',
       String(Math.max(1, Math.round(mib))),
       '--json',
@@ -170,7 +185,14 @@ async function tcp(c: Ctx, publicIp: string, cc: string | undefined): Promise<{ 
 
 async function benchProfile(
   profile: ProfileName,
-  o: { runs: number; cc: CongestionControl; seconds: number; maxMiB: number; engine: string },
+  o: {
+    runs: number
+    cc: CongestionControl
+    seconds: number
+    maxMiB: number
+    engine: string
+    agentCc: string | undefined
+  },
 ): Promise<ProfileResult> {
   const t0 = Date.now()
   const dir = await mkdtemp(join(tmpdir(), 'bench-wan-'))
@@ -188,7 +210,7 @@ async function benchProfile(
     noJoin: true,
     profile,
     measureWan: 'full',
-    agentArgs: ['--engine', o.engine],
+    agentArgs: ['--engine', o.engine, ...(o.agentCc === undefined ? [] : ['--tcp-congestion', o.agentCc])],
     log: (l) => log(`${profile}: ${l}`),
   })
   try {
@@ -213,7 +235,10 @@ async function benchProfile(
       await new Promise((r) => setTimeout(r, 1000))
       paths = await readPaths()
     }
-    log(`${profile}: bulk paths from b1: a1 ${paths.natNat}, s1 ${paths.relay}, d1 ${paths.direct}`)
+    const linkPaths = { link: await linkPathTo(b1, 'a1'), linkTurn: await linkPathTo(b1, 's1') }
+    log(
+      `${profile}: bulk paths from b1: a1 ${paths.natNat}, s1 ${paths.relay}, d1 ${paths.direct}; WebRTC links: a1 ${linkPaths.link}, s1 ${linkPaths.linkTurn}`,
+    )
     const aPublic = net.topo.cloud('a').publicIp
     await net.topo.cloud('a').forwardTcp(IPERF_PORT)
     const setupSeconds = (Date.now() - t0) / 1000
@@ -232,10 +257,13 @@ async function benchProfile(
     const mib: Partial<Record<Kind, number>> = {}
     const sizeFor = (rate: number) =>
       Math.max(1, Math.min(o.maxMiB, Math.round((rate * 1e6 * o.seconds) / MiB)))
-    for (const k of ['natNat', 'relay', 'direct', 'link'] as const) {
+    for (const k of ['natNat', 'relay', 'direct', 'link', 'linkTurn'] as const) {
       let size = 1
       for (let probe = 0; ; probe++) {
-        const rate = k === 'link' ? await linkBench(c, size) : await pull(c, c.holders[k], size)
+        const rate =
+          k === 'link' || k === 'linkTurn'
+            ? await linkBench(c, size, k === 'linkTurn')
+            : await pull(c, c.holders[k], size)
         const secs = (size * MiB) / 1e6 / rate
         log(`${profile}: ${k} probe ${size} MiB: ${r2(rate)} MB/s (${r2(secs)} s)`)
         const next = sizeFor(rate)
@@ -249,8 +277,8 @@ async function benchProfile(
       log(`${profile}: ${k}: ${mib[k]} MiB per run`)
     }
 
-    const runs: Record<Kind, number[]> = { natNat: [], relay: [], direct: [], link: [], tcp: [], tcpBbr: [] }
-    const cpu: Record<Kind, number[]> = { natNat: [], relay: [], direct: [], link: [], tcp: [], tcpBbr: [] }
+    const runs = Object.fromEntries(KINDS.map((k) => [k, []])) as unknown as Record<Kind, number[]>
+    const cpu = Object.fromEntries(KINDS.map((k) => [k, []])) as unknown as Record<Kind, number[]>
     let tcpCc = '?'
     for (let run = 1; run <= o.runs; run++) {
       for (const k of KINDS) {
@@ -261,8 +289,8 @@ async function benchProfile(
           const r = await tcp(c, aPublic, k === 'tcpBbr' ? 'bbr' : undefined)
           v = r.mbps
           if (k === 'tcp') tcpCc = r.cc
-        } else if (k === 'link') {
-          v = await linkBench(c, mib.link!)
+        } else if (k === 'link' || k === 'linkTurn') {
+          v = await linkBench(c, mib[k]!, k === 'linkTurn')
         } else {
           v = await pull(c, c.holders[k], mib[k]!)
         }
@@ -289,7 +317,10 @@ async function benchProfile(
       path: paths.natNat,
       paths,
       linkMBps: r2(median(runs.link)),
+      linkTurnMBps: r2(median(runs.linkTurn)),
+      linkPaths,
       tcpCc,
+      agentCc: o.agentCc ?? 'agent default',
       emulatorCpuPct: Object.fromEntries(KINDS.map((k) => [k, r2(median(cpu[k]))])) as Record<Kind, number>,
       measured: net.topo.wan?.measured,
       runs,
@@ -312,15 +343,16 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
   const seconds = Number(arg(args, '--seconds') ?? 8)
   const maxMiB = Number(arg(args, '--max-mib') ?? 256)
   const engine = arg(args, '--engine') ?? 'werift'
+  const agentCc = arg(args, '--tcp-congestion')
   if (!(runs >= 1 && seconds >= 1 && maxMiB >= 1))
     throw new Error('--runs, --seconds and --max-mib must be ≥ 1')
   const profiles: Record<string, ProfileResult> = {}
   for (const p of list) {
     log(`profile ${p}: load ${loadavg().map(r2).join(' ')}`)
-    profiles[p] = await benchProfile(p as ProfileName, { runs, cc, seconds, maxMiB, engine })
+    profiles[p] = await benchProfile(p as ProfileName, { runs, cc, seconds, maxMiB, engine, agentCc })
     const r = profiles[p]!
     log(
-      `profile ${p}: rtt ${r.rttMs} ms; natNat ${r.natNatMBps} (${r.path}), relay ${r.relayMBps}, direct ${r.directMBps}, link ${r.linkMBps}; tcp ${r.tcpCc} ${r.tcpMBps}, bbr ${r.tcpBbrMBps} MB/s`,
+      `profile ${p}: rtt ${r.rttMs} ms; natNat ${r.natNatMBps} (${r.path}), relay ${r.relayMBps}, direct ${r.directMBps}, link ${r.linkMBps} / TURN ${r.linkTurnMBps}; tcp ${r.tcpCc} ${r.tcpMBps}, bbr ${r.tcpBbrMBps} MB/s`,
     )
   }
   return { profiles, engine, runs, seconds }
