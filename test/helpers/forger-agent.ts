@@ -6,9 +6,9 @@
  * answers `mesh status/peers/image ...` on its control socket and answers have/image queries honestly.
  * Only its store is wrapped (through the chunk service's `openStore` option): every chunk it READS
  * comes back with one byte flipped, so every block it serves is forged while its own pushes (which only
- * write) stay correct. Used by test/system/chunks-e2e.test.ts; no test hook lives in production code.
+ * write) stay correct; the hash of every chunk it reads goes to STATE/forged-reads.log. Used by test/system/chunks-e2e.test.ts; no test hook lives in production code.
  */
-import { existsSync, readFileSync } from 'node:fs'
+import { appendFileSync, existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { ChunkHash, ChunkStore } from '../../net/chunks/interfaces.ts'
@@ -25,7 +25,7 @@ function flipped<T extends Uint8Array>(data: T): T {
 }
 
 /** The real store, except that every read returns bytes that no longer match their name. */
-export function forgingStore(inner: ChunkStore): ChunkStore {
+export function forgingStore(inner: ChunkStore, onRead: (h: ChunkHash) => void = () => {}): ChunkStore {
   return {
     get dir() {
       return inner.dir
@@ -35,8 +35,12 @@ export function forgingStore(inner: ChunkStore): ChunkStore {
     },
     has: (h: ChunkHash) => inner.has(h),
     sizeOf: (h: ChunkHash) => inner.sizeOf(h),
-    get: async (h: ChunkHash) => flipped(await inner.get(h)),
+    get: async (h: ChunkHash) => {
+      onRead(h)
+      return flipped(await inner.get(h))
+    },
     readInto: async (items) => {
+      for (const it of items) onRead(it.hash)
       const res = await inner.readInto(items)
       items.forEach((it, i) => {
         if (res[i] === undefined) flipped(it.target)
@@ -89,7 +93,12 @@ async function main(): Promise<void> {
     stateDir: dir,
     overlay: () => net.node.overlay,
     log: log.child('chunks'),
-    openStore: async (o) => forgingStore(await openChunkStore(o)),
+    // Every chunk it reads to serve is named in STATE/forged-reads.log (hex, one per line), so a test can
+    // tell which resources' chunks the forger was asked for, whatever was still queued from before.
+    openStore: async (o) =>
+      forgingStore(await openChunkStore(o), (h) =>
+        appendFileSync(join(dir, 'forged-reads.log'), `${Buffer.from(h).toString('hex')}\n`),
+      ),
   })
   const agent = createAgent({ stateDir: dir, services: [net, chunks], log })
   const stop = () => void agent.stop()

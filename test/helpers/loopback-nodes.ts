@@ -7,13 +7,10 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MeshNode, MeshNodeInit } from '../../net/interfaces.ts'
 import { createMeshNode } from '../../net/node.ts'
+import { waitUntil } from './wait.ts'
 
-export async function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
-  }
+export function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
+  return waitUntil(what, cond, { timeoutMs, intervalMs: 50 })
 }
 
 export interface LoopbackNodes {

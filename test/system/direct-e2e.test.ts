@@ -12,6 +12,7 @@ import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { type AgentProc, createTestnet, lastJson, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 interface Row {
   name: string
@@ -30,13 +31,8 @@ describe("direct paths for bulk channels across NAT'd clouds (e2e, CLI)", functi
   const agents: Record<string, AgentProc> = {}
 
   const rows = async (a: AgentProc) => (await a.json<{ peers: Row[] }>(['peers'])).peers
-  const until = async (what: string, cond: () => Promise<boolean>, ms = 60_000) => {
-    const end = Date.now() + ms
-    while (!(await cond())) {
-      if (Date.now() > end) throw new Error(`timed out: ${what}`)
-      await new Promise((r) => setTimeout(r, 500))
-    }
-  }
+  const until = (what: string, cond: () => Promise<boolean>, ms = 60_000) =>
+    waitUntil(what, cond, { timeoutMs: ms, intervalMs: 500 })
 
   before(async function () {
     requireOrSkip(this, { root: true, commands: ['ip', 'nft'] })

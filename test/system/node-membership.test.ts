@@ -17,6 +17,7 @@ import { createMemoryLinkPair } from '../../net/link/memory.ts'
 import { createInvite } from '../../net/membership/invite.ts'
 import { createNetwork, type NetworkKey } from '../../net/membership/network.ts'
 import { createMeshNode, MEMBERS_PROTOCOL, SIGNAL_PROTOCOL } from '../../net/node.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 /**
  * Links for these tests: the signaling really goes over the libp2p `/mesh/signal/1` streams (offer and
@@ -52,13 +53,8 @@ function signaledMemoryLinks(self: () => string): LinkFactory {
     })
 }
 
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
-  const end = Date.now() + timeoutMs
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 100))
-  }
-}
+const waitFor = (what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> =>
+  waitUntil(what, cond, { timeoutMs, intervalMs: 100 })
 
 function nextEvent<E extends keyof MeshNodeEvents>(
   node: MeshNode,

@@ -11,6 +11,7 @@ import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { type AgentProc, createTestnet, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 interface Row {
   name: string
@@ -27,13 +28,8 @@ describe("TCP hole punching and relay for bulk channels across NAT'd clouds (e2e
 
   const rows = async (a: AgentProc) => (await a.json<{ peers: Row[] }>(['peers'])).peers
   const row = async (a: AgentProc, name: string) => (await rows(a)).find((r) => r.name === name)
-  const until = async (what: string, cond: () => Promise<boolean>, ms = 90_000) => {
-    const end = Date.now() + ms
-    while (!(await cond())) {
-      if (Date.now() > end) throw new Error(`timed out: ${what}`)
-      await new Promise((r) => setTimeout(r, 500))
-    }
-  }
+  const until = (what: string, cond: () => Promise<boolean>, ms = 90_000) =>
+    waitUntil(what, cond, { timeoutMs: ms, intervalMs: 500 })
 
   before(async function () {
     requireOrSkip(this, { root: true, commands: ['ip', 'nft'] })

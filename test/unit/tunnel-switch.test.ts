@@ -8,6 +8,7 @@ import { type PortKind, TUNNEL_MESSAGE_BUDGET, type TunnelSwitch } from '../../n
 import { encodeLengthPrefixed, LengthPrefixedReader } from '../../net/tunnel/stream-port.ts'
 import { createSwitch, type SwitchOptions } from '../../net/tunnel/switch.ts'
 import { encodeAnnounce, parseMac } from '../../net/tunnel/v1/frames.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const BCAST = 'ff:ff:ff:ff:ff:ff'
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -81,13 +82,8 @@ async function fakeQemu(dir: string, name: string): Promise<FakeQemu> {
   }
 }
 
-async function until(cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> {
-  const t0 = Date.now()
-  while (!cond()) {
-    if (Date.now() - t0 > timeoutMs) assert.fail(`timed out waiting for ${what}`)
-    await sleep(5)
-  }
-}
+const until = (cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> =>
+  waitUntil(what, cond, { timeoutMs, intervalMs: 5 })
 
 /** Full mesh of switches over the memory network. */
 function mesh(names: string[], link: MemoryLinkOptions = {}, opts: Partial<SwitchOptions> = {}) {
