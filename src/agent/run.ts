@@ -90,7 +90,8 @@ function lazyRamCache(make: () => RamCache): RamCache {
   return {
     has: (hash) => get().has(hash),
     get: (hash) => get().get(hash),
-    remember: (vm, path, chunkSize, signal) => get().remember(vm, path, chunkSize, signal),
+    remember: (vm, path, chunkSize, options) => get().remember(vm, path, chunkSize, options),
+    settled: (vm) => get().settled(vm),
     forget: (vm) => get().forget(vm),
   }
 }

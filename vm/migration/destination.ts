@@ -211,6 +211,9 @@ export class DestinationSession {
     const spec = prepare.spec
     // A disk base given as a path must be here already: fail before anything is sent, saying why.
     if (spec.volume !== undefined) await checkBaseHere(spec.volume)
+    // A VM that left here moments ago comes back: its old RAM must be in the cache before we say which
+    // chunks we hold (the source keeps it a couple of seconds after a move, off the guest's first moments).
+    await this.init.cache?.settled(this.name)
     this.ramPath = await host.allocateRam(spec, signal)
     this.streams = [new RamReceiver(this.ramPath, prepare.ramSize, prepare.chunkSize, this.init.cache, log)]
     // A writable disk moves too: its chunks go into the incoming VM's disk through QEMU's NBD server.

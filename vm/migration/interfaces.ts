@@ -95,11 +95,24 @@ export interface RamCache {
   get(hash: Uint8Array): Promise<Uint8Array>
   /**
    * Keeps the chunks of a RAM file (a VM that just moved away) under the VM's name, replacing what
-   * was kept for it before. The file is only read. Runs after the move, off the critical path.
+   * was kept for it before. The file is only read. Runs after the move, off the critical path: with
+   * `delayMs` it starts that much later, unless settled() brings it forward.
    */
-  remember(vm: string, ramPath: string, chunkSize: number, signal?: AbortSignal): Promise<void>
+  remember(vm: string, ramPath: string, chunkSize: number, options?: RememberOptions): Promise<void>
+  /**
+   * Resolves once no remember() of this VM is pending or running (a delayed one starts at once). A move
+   * back calls it before it looks for chunks here: asked right after the VM left, it would otherwise find
+   * none and have all the RAM sent again (migrate-e2e saw 66 MB instead of ~1 MB).
+   */
+  settled(vm: string): Promise<void>
   /** Drops what was kept for the VM (it moved back here and runs again). */
   forget(vm: string): Promise<void>
+}
+
+export interface RememberOptions {
+  signal?: AbortSignal
+  /** Start this much later (default 0). */
+  delayMs?: number
 }
 
 /** The phases a migration goes through (progress events carry them). */

@@ -6,7 +6,6 @@
  * A failure anywhere ends in fail(), which reads what to do from the state (sourceFailureOutcome).
  */
 import { open } from 'node:fs/promises'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import { DiskSender } from '../disk/sender.ts'
@@ -590,8 +589,9 @@ export class SourceSession {
       // hashing the RAM costs ~0.5 s of CPU, and the guest's first moments on its new host need this
       // host's switch (held frames, stragglers) and the CPU more (measured: stalls seen by a client).
       const cache = init.cache
-      const p = sleep(this.t.rememberDelayMs)
-        .then(() => cache.remember(name, `/proc/self/fd/${kept.fd}`, this.t.chunkSize))
+      // A move back that comes sooner brings it forward (cache.settled): it needs these chunks.
+      const p = cache
+        .remember(name, `/proc/self/fd/${kept.fd}`, this.t.chunkSize, { delayMs: this.t.rememberDelayMs })
         .catch((err: unknown) =>
           init.log.warn('keeping RAM chunks failed', { vm: name, error: describeError(err) }),
         )
