@@ -21,20 +21,16 @@ export const bench: CommandModule = {
       )
       .addOption(stateOption())
       .addOption(jsonOption())
-      .action(async (peer: string, opts: StateOpts & { json: boolean; mib: number; over: string }) => {
-        const signal = interruptSignal()
-        const res = (await withAgent(opts, (c) =>
-          c.call('bench', { peer, bytes: opts.mib * 1024 * 1024, over: opts.over }, { signal }),
-        )) as {
-          peer: string
-          bytes: number
-          seconds: number
-          mbps: number
-          path?: string
-        }
-        if (opts.json) return printJson(res)
-        process.stdout.write(
-          `${res.peer}: ${(res.bytes / 1048576).toFixed(0)} MiB in ${res.seconds.toFixed(2)} s = ${res.mbps.toFixed(1)} MB/s (path ${res.path ?? '?'})\n`,
-        )
-      }),
+      .action(
+        async (peer: string, opts: StateOpts & { json: boolean; mib: number; over: 'link' | 'libp2p' }) => {
+          const signal = interruptSignal()
+          const res = await withAgent(opts, (c) =>
+            c.call('bench', { peer, bytes: opts.mib * 1024 * 1024, over: opts.over }, { signal }),
+          )
+          if (opts.json) return printJson(res)
+          process.stdout.write(
+            `${res.peer}: ${(res.bytes / 1048576).toFixed(0)} MiB in ${res.seconds.toFixed(2)} s = ${res.mbps.toFixed(1)} MB/s (path ${res.path ?? '?'})\n`,
+          )
+        },
+      ),
 }

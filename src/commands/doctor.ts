@@ -15,15 +15,9 @@ async function agentView(state: string): Promise<AgentView | undefined> {
     throw err
   }
   try {
-    const st = (await client.call('status')) as {
-      net?: { listen?: string[]; tcpCongestion?: AgentView['tcpCongestion'] }
-      metrics?: { listen?: string }
-      web?: { listen?: string }
-    }
-    const peers = ((await client.call('peers')) as { peers: AgentView['peers'] }).peers
-    const all = (await client.call('vm.ls-all').catch(() => ({ members: [] }))) as {
-      members: Array<{ member: string; self: boolean; skewMs?: number; rttMs?: number; error?: string }>
-    }
+    const st = await client.call('status')
+    const { peers } = await client.call('peers')
+    const all = await client.call('vm.ls-all').catch(() => ({ members: [] }))
     return {
       listen: st.net?.listen ?? [],
       peers,

@@ -2,6 +2,7 @@ import { Command, Option } from 'commander'
 import type { EvacuationEvent, EvacuationReport } from '../agent/spot/interfaces.ts'
 import { MeshError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
+import type { EvacuateParams } from '../control/api.ts'
 import { createProgressRenderer, formatBytes, type ProgressRenderer } from '../progress.ts'
 import { formatTable, interruptSignal, jsonOption, type StateOpts, stateOption, withAgent } from './common.ts'
 import { parseDuration } from './migrate.ts'
@@ -95,7 +96,7 @@ export function humanEvents(
 /** Runs `evacuate`/`drain` on the agent and prints events and the report (--json: one object a line). */
 export async function runEvacuation(
   method: 'evacuate' | 'drain',
-  params: Record<string, unknown>,
+  params: EvacuateParams,
   opts: StateOpts & { json: boolean },
 ): Promise<void> {
   const signal = interruptSignal()
@@ -103,13 +104,12 @@ export async function runEvacuation(
   const report = (await withAgent(opts, (c) =>
     c.call(method, params, {
       signal,
-      onEvent: (e) => {
-        const ev = e as EvacuationEvent
+      onEvent: (ev) => {
         if (opts.json) process.stdout.write(`${JSON.stringify(ev)}\n`)
         else human.onEvent(ev)
       },
     }),
-  )) as EvacuationReport
+  )) as EvacuationReport // drain answers { draining: false } only when asked with off
   if (opts.json) process.stdout.write(`${JSON.stringify(report)}\n`)
   else process.stdout.write(`${formatEvacuationReport(report)}\n`)
   if (!report.complete) {

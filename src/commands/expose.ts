@@ -27,15 +27,6 @@ function checkListen(s: string): string {
   return s
 }
 
-interface ExposeRow {
-  vm: string
-  target: string
-  port: number
-  listen: string
-  connections: number
-  total: number
-}
-
 export const expose: CommandModule = {
   build() {
     const cmd = new Command('expose')
@@ -52,7 +43,7 @@ export const expose: CommandModule = {
         const { vm, port } = parseTarget(target)
         if (opts.listen === undefined) throw new UsageError('expose needs --listen ADDR:PORT')
         const listen = checkListen(opts.listen)
-        const res = (await withAgent(opts, (c) => c.call('expose', { vm, port, listen }))) as ExposeRow
+        const res = await withAgent(opts, (c) => c.call('expose', { vm, port, listen }))
         if (opts.json) return printJson(res)
         process.stdout.write(`exposing ${vm} (${res.target}:${res.port}) on ${res.listen}\n`)
       })
@@ -62,7 +53,7 @@ export const expose: CommandModule = {
       // --state and --json belong to 'expose' (commander reads a parent's options after a subcommand too).
       .action(async (_o: unknown, sub: Command) => {
         const opts = sub.optsWithGlobals<StateOpts & { json: boolean }>()
-        const rows = (await withAgent(opts, (c) => c.call('expose.list'))) as ExposeRow[]
+        const rows = await withAgent(opts, (c) => c.call('expose.list'))
         if (opts.json) return printJson({ exposures: rows })
         process.stdout.write(
           `${formatTable(
@@ -83,9 +74,7 @@ export const expose: CommandModule = {
       .argument('<addr:port>', "the exposure's listen address, as 'mesh expose ls' shows it")
       .action(async (listen: string, _o: unknown, sub: Command) => {
         const opts = sub.optsWithGlobals<StateOpts & { json: boolean }>()
-        const res = (await withAgent(opts, (c) => c.call('unexpose', { listen: checkListen(listen) }))) as {
-          removed: boolean
-        }
+        const res = await withAgent(opts, (c) => c.call('unexpose', { listen: checkListen(listen) }))
         if (!res.removed) throw new ExposeNotFoundError(listen)
         if (opts.json) return printJson({ removed: listen })
         process.stdout.write(`removed ${listen}\n`)

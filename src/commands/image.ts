@@ -2,6 +2,7 @@ import { resolve } from 'node:path'
 import { Command } from 'commander'
 import { UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
+import type { ControlResult } from '../control/api.ts'
 import { createProgressRenderer, formatBytes, type ProgressEvent } from '../progress.ts'
 import {
   formatTable,
@@ -17,6 +18,7 @@ import {
  * `mesh image push FILE... --name NAME[:TAG]`, `mesh image pull NAME[:TAG] [--dir DIR]`, `mesh image ls`.
  * The agent does the work (control methods image.push / image.pull / image.ls, see
  * net/chunks/images.ts imageControlHandlers); this file parses, streams progress, prints results.
+ * ImageClient stays untyped so tests can inject a plain fake; results are cast to the control API's types.
  */
 export interface ImageClient {
   call(
@@ -27,18 +29,6 @@ export interface ImageClient {
 }
 
 export type AgentRunner = <T>(opts: StateOpts, fn: (client: ImageClient) => Promise<T>) => Promise<T>
-
-interface ImageFileRow {
-  name: string
-  manifest: string
-  size: number
-}
-interface ImageRow {
-  name: string
-  tag: string
-  files: ImageFileRow[]
-  created: string
-}
 
 const REF_RE = /^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$/
 
@@ -77,7 +67,7 @@ export function buildImageCommand(run: AgentRunner = withAgent as AgentRunner): 
       const signal = interruptSignal()
       const res = (await run(opts, (c) =>
         c.call('image.push', { files: abs, ref }, { onEvent: p.onEvent, signal }),
-      ).finally(() => p.done())) as ImageRow
+      ).finally(() => p.done())) as ControlResult<'image.push'>
       if (opts.json) return printJson({ event: 'result', image: res })
       const total = res.files.reduce((s, f) => s + f.size, 0)
       process.stdout.write(
@@ -99,13 +89,7 @@ export function buildImageCommand(run: AgentRunner = withAgent as AgentRunner): 
       const params = { ref, ...(opts.dir === undefined ? {} : { dir: resolve(opts.dir) }) }
       const res = (await run(opts, (c) =>
         c.call('image.pull', params, { onEvent: p.onEvent, signal }),
-      ).finally(() => p.done())) as {
-        record: ImageRow
-        bytesFetched: number
-        bytesSkipped: number
-        elapsedMs: number
-        from: string[]
-      }
+      ).finally(() => p.done())) as ControlResult<'image.pull'>
       if (opts.json) return printJson({ event: 'result', ...res })
       process.stdout.write(
         `pulled ${ref}: ${formatBytes(res.bytesFetched)} fetched, ${formatBytes(res.bytesSkipped)} already here or zero, ` +
@@ -119,7 +103,7 @@ export function buildImageCommand(run: AgentRunner = withAgent as AgentRunner): 
     .addOption(stateOption())
     .addOption(jsonOption())
     .action(async (opts: StateOpts & { json: boolean }) => {
-      const res = (await run(opts, (c) => c.call('image.ls', {}))) as { images: ImageRow[] }
+      const res = (await run(opts, (c) => c.call('image.ls', {}))) as ControlResult<'image.ls'>
       if (opts.json) return printJson(res)
       const rows = res.images.map((i) => [
         `${i.name}:${i.tag}`,

@@ -23,9 +23,9 @@ export const invite: CommandModule = {
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (opts: StateOpts & { json: boolean; ttl: number; bind?: string }) => {
-        const res = (await withAgent(opts, (c) =>
+        const res = await withAgent(opts, (c) =>
           c.call('invite', { ttlMs: opts.ttl, ...(opts.bind === undefined ? {} : { bind: opts.bind }) }),
-        )) as { invite: string }
+        )
         if (opts.json) return printJson(res)
         process.stdout.write(`${res.invite}\n`)
       }),

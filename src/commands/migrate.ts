@@ -1,6 +1,7 @@
 import { Command, InvalidArgumentError } from 'commander'
 import type { MigrationProgress, MigrationReport } from '../../vm/migration/interfaces.ts'
 import { whereabouts } from '../../vm/migration/whereabouts.ts'
+import type { MigrateParams } from '../agent/services/migration.ts'
 import { MeshError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import { AgentUnavailableError } from '../control/client.ts'
@@ -67,16 +68,15 @@ export const migrate: CommandModule = {
         const signal = interruptSignal()
         // The human view is a progress bar on stderr; the machine view is every event on stdout.
         const bar = opts.json ? undefined : createProgressRenderer({ label: vm })
-        const params: Record<string, unknown> = { vm, to: opts.to }
+        const params: MigrateParams = { vm, to: opts.to }
         if (opts.deadline !== undefined) params.deadlineMs = opts.deadline
         let last: MigrationProgress | undefined
         let report: MigrationReport
         try {
-          report = (await withAgent(opts, (c) =>
+          report = await withAgent(opts, (c) =>
             c.call('migrate', params, {
               signal,
-              onEvent: (e) => {
-                const p = e as MigrationProgress
+              onEvent: (p) => {
                 last = p
                 if (opts.json) {
                   jsonLine({ event: 'progress', ...p })
@@ -93,7 +93,7 @@ export const migrate: CommandModule = {
                 })
               },
             }),
-          ).finally(() => bar?.done())) as MigrationReport
+          ).finally(() => bar?.done())
         } catch (err) {
           let failure = err
           if (err instanceof AgentUnavailableError && last !== undefined)

@@ -2,19 +2,6 @@ import { Command } from 'commander'
 import type { CommandModule } from '../command.ts'
 import { formatTable, jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
 
-export interface PeerRow {
-  id: string
-  name: string
-  state: string
-  link: string
-  path?: string
-  /** Bulk channels ride a TCP connection to this address. */
-  direct?: string
-  /** How: 'tcp' (dialled), 'tcp-punch' (hole-punched through both NATs), 'tcp-relay' (via a bootstrap). */
-  bulk?: string
-  rttMs?: number
-}
-
 export const peers: CommandModule = {
   build: () =>
     new Command('peers')
@@ -22,7 +9,7 @@ export const peers: CommandModule = {
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (opts: StateOpts & { json: boolean }) => {
-        const res = (await withAgent(opts, (c) => c.call('peers'))) as { peers: PeerRow[] }
+        const res = await withAgent(opts, (c) => c.call('peers'))
         if (opts.json) return printJson(res)
         const rows = res.peers.map((p) => [
           p.name,

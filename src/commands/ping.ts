@@ -20,20 +20,19 @@ export const ping: CommandModule = {
       .addOption(jsonOption())
       .action(async (peer: string, opts: StateOpts & { json: boolean; count: number }) => {
         const signal = interruptSignal()
-        const res = (await withAgent(opts, (c) =>
+        const res = await withAgent(opts, (c) =>
           c.call(
             'ping',
             { peer, count: opts.count },
             {
               signal,
-              onEvent: (e) => {
-                const ev = e as { seq: number; rttMs: number; path?: string }
+              onEvent: (ev) => {
                 if (!opts.json)
                   process.stdout.write(`seq=${ev.seq} rtt=${ev.rttMs.toFixed(2)} ms path=${ev.path ?? '?'}\n`)
               },
             },
           ),
-        )) as { peer: string; rttMs: number[] }
+        )
         if (opts.json) return printJson(res)
         const s = [...res.rttMs].sort((a, b) => a - b)
         const med = s[Math.floor(s.length / 2)] ?? Number.NaN

@@ -10,10 +10,7 @@ export const revoke: CommandModule = {
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (peer: string, opts: StateOpts & { json: boolean }) => {
-        const res = (await withAgent(opts, (c) => c.call('revoke', { peer }))) as {
-          revoked: string
-          name: string
-        }
+        const res = await withAgent(opts, (c) => c.call('revoke', { peer }))
         if (opts.json) return printJson(res)
         process.stdout.write(`revoked ${res.name} (${res.revoked})\n`)
       }),

@@ -1,15 +1,7 @@
 import { Command } from 'commander'
 import type { CommandModule } from '../command.ts'
+import type { NetStatus } from '../control/api.ts'
 import { jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
-
-interface NetStatus {
-  peerId?: string
-  name?: string
-  network?: { id: string; name: string }
-  members?: number
-  linksOpen?: number
-  listen?: string[]
-}
 
 export const status: CommandModule = {
   build: () =>
@@ -18,9 +10,9 @@ export const status: CommandModule = {
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (opts: StateOpts & { json: boolean }) => {
-        const st = (await withAgent(opts, (c) => c.call('status'))) as Record<string, unknown>
+        const st = await withAgent(opts, (c) => c.call('status'))
         if (opts.json) return printJson(st)
-        const net = (st.net ?? {}) as NetStatus
+        const net: Partial<NetStatus> = st.net ?? {}
         const lines = [
           `node      ${net.name ?? '?'} (${net.peerId ?? '?'})`,
           `network   ${net.network?.name ?? '?'} ${net.network?.id ?? ''}`.trimEnd(),

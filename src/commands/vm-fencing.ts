@@ -4,7 +4,6 @@
  * VM; recover resumes a copy held here after its newer copy was lost, an operator's explicit decision.
  */
 import { type Command, Option } from 'commander'
-import type { RecoverResult, TokenHistoryRow } from '../agent/services/migration.ts'
 import { formatTable, jsonOption, printJson, type StateOpts, stateOption, withAgent } from './common.ts'
 
 const when = (at: number) =>
@@ -22,10 +21,7 @@ export function addFencingCommands(cmd: Command): void {
     .addOption(stateOption())
     .addOption(jsonOption())
     .action(async (name: string, opts: StateOpts & { json: boolean }) => {
-      const r = (await withAgent(opts, (c) => c.call('vm.tokens', { vm: name }))) as {
-        vm: string
-        members: TokenHistoryRow[]
-      }
+      const r = await withAgent(opts, (c) => c.call('vm.tokens', { vm: name }))
       if (opts.json) return printJson(r)
       const rows = r.members.map((m) => [
         m.member,
@@ -62,9 +58,7 @@ export function addFencingCommands(cmd: Command): void {
     .addOption(stateOption())
     .addOption(jsonOption())
     .action(async (name: string, opts: StateOpts & { json: boolean; acceptLoss: boolean }) => {
-      const r = (await withAgent(opts, (c) =>
-        c.call('vm.recover', { vm: name, acceptLoss: opts.acceptLoss }),
-      )) as RecoverResult
+      const r = await withAgent(opts, (c) => c.call('vm.recover', { vm: name, acceptLoss: opts.acceptLoss }))
       if (opts.json) return printJson(r)
       process.stdout.write(
         `recovered ${r.vm} on ${r.member} under token ${r.token}${r.resumed ? ' (resumed)' : ''}${r.lost === undefined ? '' : `; gave up the copy of token ${r.lost.token} on ${r.lost.on}`}\n`,

@@ -3,6 +3,7 @@ import type { VmControl, VmInfo } from '../../vm/manager.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import { statePaths } from '../config.ts'
+import type { ControlParams, SpotVms } from '../control/api.ts'
 import { AgentUnavailableError, type ControlClient, connectControl, RemoteError } from '../control/client.ts'
 import { formatBytes } from '../progress.ts'
 import {
@@ -19,11 +20,10 @@ import { addFencingCommands } from './vm-fencing.ts'
 /** VmControl through the agent's control API. */
 function remoteControl(client: ControlClient): VmControl {
   return {
-    run: async (spec) => (await client.call('vm.run', { spec })) as VmInfo,
-    list: async () => ((await client.call('vm.ls')) as { vms: VmInfo[] }).vms,
-    stop: async (name) => (await client.call('vm.stop', { name })) as VmInfo,
-    console: async (name, lines) =>
-      ((await client.call('vm.console', { name, lines })) as { lines: string[] }).lines,
+    run: async (spec) => client.call('vm.run', { spec }),
+    list: async () => (await client.call('vm.ls')).vms,
+    stop: async (name) => client.call('vm.stop', { name }),
+    console: async (name, lines) => (await client.call('vm.console', { name, lines })).lines,
     close: async () => client.close(),
   }
 }
@@ -68,21 +68,12 @@ async function withVms<T>(opts: StateOpts, fn: (c: VmControl) => Promise<T>, vm?
     // Not on this host: ask the mesh where it runs (an agent with the directory service answers).
     if (vm === undefined || !(err instanceof RemoteError || err instanceof MeshError)) throw err
     if ((err as MeshError).code !== 'E_VM_NOT_FOUND') throw err
-    const where = await withAgent(opts, (a) => a.call('vm.where', { vm })).catch(() => undefined)
-    const w = where as { here?: boolean; member?: string; peer?: string } | undefined
+    const w = await withAgent(opts, (a) => a.call('vm.where', { vm })).catch(() => undefined)
     if (w === undefined || w.here === true || w.member === undefined) throw err
     throw new VmElsewhereError(vm, w.member, w.peer ?? '?')
   } finally {
     await c.close()
   }
-}
-
-interface MemberVms {
-  peer: string
-  member: string
-  self: boolean
-  vms: Array<{ name: string; status: string; ip?: string; mac?: string; memoryMiB?: number; vcpus?: number }>
-  error?: string
 }
 
 function row(v: VmInfo): string[] {
@@ -95,20 +86,11 @@ function row(v: VmInfo): string[] {
 
 const HEADER = ['NAME', 'STATUS', 'PID', 'MEM', 'CPUS', 'MAC', 'IP']
 
-/** The spot service's view of the VMs (priority, standby and its lag), when an agent with one runs. */
-interface SpotVms {
-  vms: Record<string, { priority?: number; standby?: string; standbyRateBps?: number }>
-  standbys: Record<
-    string,
-    { peerName?: string; state: string; lagBytes?: number; lagMs?: number; error?: string; passes: number }
-  >
-}
-
 async function spotVms(opts: StateOpts): Promise<SpotVms | undefined> {
   let client: ControlClient | undefined
   try {
     client = await connectControl(statePaths(resolveState(opts)).controlSocket)
-    return (await client.call('spot.vms')) as SpotVms
+    return await client.call('spot.vms')
   } catch (err) {
     if (
       err instanceof AgentUnavailableError ||
@@ -151,7 +133,7 @@ function parseRate(v: string): number {
 
 type SpotOpts = StateOpts & { json: boolean; standby?: string; standbyRate?: number; priority?: number }
 
-function spotMeta(opts: SpotOpts): Record<string, unknown> {
+function spotMeta(opts: SpotOpts): ControlParams<'spot.set'>['meta'] {
   return {
     ...(opts.standby === undefined ? {} : { standby: opts.standby }),
     ...(opts.standbyRate === undefined ? {} : { standbyRateBps: opts.standbyRate }),
@@ -229,7 +211,7 @@ export const vm: CommandModule = {
       .addOption(jsonOption())
       .action(async (opts: StateOpts & { json: boolean; all: boolean }) => {
         if (opts.all) {
-          const res = (await withAgent(opts, (c) => c.call('vm.ls-all'))) as { members: MemberVms[] }
+          const res = await withAgent(opts, (c) => c.call('vm.ls-all'))
           if (opts.json) return printJson(res)
           const rows = res.members.flatMap((m) =>
             m.error !== undefined

@@ -22,7 +22,7 @@ export const web: CommandModule = {
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (opts: StateOpts & { json: boolean }) => {
-        const st = (await withAgent(opts, (c) => c.call('status'))) as { web?: { listen?: string } }
+        const st = await withAgent(opts, (c) => c.call('status'))
         const listen = st.web?.listen
         if (listen === undefined) throw new WebViewOffError()
         // Only the agent's owner can read it (mode 0600), like the control socket.

@@ -1,5 +1,6 @@
 import { connect, type Socket } from 'node:net'
 import { AbortError, MeshError } from '../base/errors.ts'
+import type { ControlEvent, ControlMethod, ControlParams, ControlResult } from './api.ts'
 import { decodeServerMessage, encode, LineSplitter, type ResponseMessage } from './v1/messages.ts'
 
 /** The agent is not running (no socket) or refused us (permissions). */
@@ -12,13 +13,26 @@ export class AgentUnavailableError extends MeshError {
 /** An error the agent returned for a call, carrying the agent's code and exit status. */
 export class RemoteError extends MeshError {}
 
-export interface CallOptions {
-  onEvent?: (event: unknown) => void
+export interface CallOptions<E = unknown> {
+  onEvent?: (event: E) => void
   signal?: AbortSignal
 }
 
+/** A method's arguments after its name: params may be left out when the method takes none. */
+export type CallArgs<M extends ControlMethod> =
+  Record<string, never> extends ControlParams<M>
+    ? [params?: ControlParams<M>, options?: CallOptions<ControlEvent<M>>]
+    : [params: ControlParams<M>, options?: CallOptions<ControlEvent<M>>]
+
 export interface ControlClient {
-  call(method: string, params?: unknown, options?: CallOptions): Promise<unknown>
+  /** A method of the control API (api.ts): params, events and result typed. */
+  call<M extends ControlMethod>(method: M, ...args: CallArgs<M>): Promise<ControlResult<M>>
+  /** Any other name (tests ask for methods that do not exist); a known name never falls back here. */
+  call<S extends string>(
+    method: S extends ControlMethod ? never : S,
+    params?: unknown,
+    options?: CallOptions,
+  ): Promise<unknown>
   close(): void
 }
 
@@ -88,30 +102,32 @@ export async function connectControl(
   socket.on('close', () => failAll(new AgentUnavailableError('the agent closed the control connection')))
   socket.on('error', () => {})
 
-  return {
-    call(method, params = {}, opts = {}) {
-      const id = nextId++
-      return new Promise((resolve, reject) => {
-        if (opts.signal?.aborted === true) return reject(new AbortError())
-        const onAbort = () => {
-          if (!socket.destroyed) socket.write(encode({ v: 1, id, cancel: true }))
-        }
-        opts.signal?.addEventListener('abort', onAbort, { once: true })
-        const done = () => opts.signal?.removeEventListener('abort', onAbort)
-        pending.set(id, {
-          resolve: (v) => {
-            done()
-            resolve(v)
-          },
-          reject: (e) => {
-            done()
-            reject(e)
-          },
-          onEvent: opts.onEvent,
-        })
-        socket.write(encode({ v: 1, id, method, params }))
+  const call = (method: string, params: unknown = {}, opts: CallOptions = {}): Promise<unknown> => {
+    const id = nextId++
+    return new Promise((resolve, reject) => {
+      if (opts.signal?.aborted === true) return reject(new AbortError())
+      const onAbort = () => {
+        if (!socket.destroyed) socket.write(encode({ v: 1, id, cancel: true }))
+      }
+      opts.signal?.addEventListener('abort', onAbort, { once: true })
+      const done = () => opts.signal?.removeEventListener('abort', onAbort)
+      pending.set(id, {
+        resolve: (v) => {
+          done()
+          resolve(v)
+        },
+        reject: (e) => {
+          done()
+          reject(e)
+        },
+        onEvent: opts.onEvent,
       })
-    },
+      socket.write(encode({ v: 1, id, method, params }))
+    })
+  }
+  return {
+    // One implementation for both overloads: the types are the only difference.
+    call: call as ControlClient['call'],
     close() {
       socket.end()
     },
