@@ -151,6 +151,40 @@ describe('writable disks on QEMU (qcow2 overlay, dirty bitmaps over NBD)', funct
     )
   })
 
+  it('a tracker opens over what an agent killed mid-move left in QEMU (NBD server, exports, bitmaps)', async () => {
+    const qmp = (c: string, a?: Record<string, unknown>) =>
+      (
+        vm as unknown as { qmpExecute: (c: string, a?: Record<string, unknown>) => Promise<unknown> }
+      ).qmpExecute(c, a)
+    // A dead agent's tracker: server up, data export, a round's bitmap, never closed.
+    const dead = vm!.diskTracker!()!
+    await dead.open()
+    await dead.start()
+    const blk = await LineClient.connect(blkPort, 30_000)
+    try {
+      assert.match(await blk.command('dirty 1', 120_000), /^OK /)
+      const tracker = vm!.diskTracker!()!
+      try {
+        await tracker.open()
+        await tracker.start()
+        assert.match(await blk.command('dirty 1', 120_000), /^OK /)
+        const r = await tracker.collect()
+        assert.ok(r.chunks.length >= 16, `the new tracker's round saw ${r.chunks.length} chunks`)
+      } finally {
+        await tracker.close()
+      }
+    } finally {
+      blk.close()
+    }
+    const exports = (await qmp('query-block-exports')) as unknown[]
+    const blockInfo = (await qmp('query-block')) as Array<{ inserted?: { 'dirty-bitmaps'?: unknown[] } }>
+    assert.deepEqual(exports, [])
+    assert.deepEqual(
+      blockInfo.flatMap((b) => b.inserted?.['dirty-bitmaps'] ?? []),
+      [],
+    )
+  })
+
   it('stop() removes the disk', async () => {
     const path = vm!.volumePath!
     await vm!.stop()

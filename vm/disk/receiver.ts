@@ -12,6 +12,7 @@ import { describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import { MigrationDecodeError } from '../migration/errors.ts'
+import { faultPoint } from '../migration/fault-points.ts'
 import type { RamCache } from '../migration/interfaces.ts'
 import type { DestinationContext, DestinationStream } from '../migration/stream.ts'
 import type { Message } from '../migration/v1/messages.ts'
@@ -35,6 +36,7 @@ export class DiskReceiver implements DestinationStream {
   private chunkSize = 0
   private size = 0
   private closed = false
+  private wroteData = false
   writtenBytes = 0
   cachedBytes = 0
 
@@ -134,6 +136,11 @@ export class DiskReceiver implements DestinationStream {
           this.writtenBytes += data.byteLength
         }
         await Promise.all(writes)
+        // Fault tests: the destination with part of the disk written into its incoming overlay.
+        if (!this.wroteData) {
+          this.wroteData = true
+          faultPoint('destination:disk-data', this.incoming?.spec.name ?? '')
+        }
         return
       }
       case 'want':

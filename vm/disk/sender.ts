@@ -10,6 +10,7 @@ import { promisify } from 'node:util'
 import { deflateRaw } from 'node:zlib'
 import type { Vm } from '../driver/interfaces.ts'
 import { MigrationLinkError } from '../migration/errors.ts'
+import { faultPoint } from '../migration/fault-points.ts'
 import type { PendingSet, SourceContext, SourceStream } from '../migration/stream.ts'
 import { looksCompressible } from './compressible.ts'
 import type { DiskDirtyRound, DiskTracker } from './tracker.ts'
@@ -164,6 +165,8 @@ export class DiskSender implements SourceStream {
           ctx.carried(chunkSize, true)
         }
       await this.sendData(send, 0, ctx)
+      // Fault tests: the source mid-way through the disk's first copy.
+      if (b === 0) faultPoint('source:disk-bulk', this.init.vm.spec.name)
     }
     ctx.lap('diskBulk')
     return { bytes: this.writtenAtStart, units: written.length }

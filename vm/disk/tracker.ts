@@ -66,6 +66,53 @@ export interface DiskTrackerInit {
 
 const DATA_EXPORT = 'mesh-disk'
 const DEPTH = 'qemu:allocation-depth'
+/** Our NBD export ids (the data export, a round's `x-mesh-dirty-…`, the writer's `mesh-disk-in`). */
+const OUR_EXPORT = /^(x-)?mesh-/
+const OUR_BITMAP = /^mesh-dirty-/
+
+/**
+ * Removes what an agent that died during a move left in this VM's QEMU: our NBD exports, the NBD
+ * server, our dirty bitmaps (which would keep counting writes for nobody). The restarted agent
+ * re-adopted the VM (or the guest never stopped), and the server still running would make every later
+ * move fail at nbd-server-start. Only called when a tracker opens: one move of a VM at a time, so
+ * whatever of ours is there is stale. Returns what it removed.
+ */
+export async function clearLeftovers(qmp: QmpExec, node: string): Promise<string[]> {
+  const removed: string[] = []
+  const exports = (await qmp('query-block-exports')) as Array<{ id: string }>
+  for (const e of exports)
+    if (OUR_EXPORT.test(e.id)) {
+      await qmp('block-export-del', { id: e.id, mode: 'hard' })
+      removed.push(`export ${e.id}`)
+    }
+  try {
+    await qmp('nbd-server-stop')
+    removed.push('nbd server')
+  } catch (err) {
+    // QEMU: "NBD server not running" is the normal case.
+    if (!/not running/i.test(describeError(err))) throw err
+  }
+  const nodes = (await qmp('query-named-block-nodes', { flat: true })) as Array<{
+    'node-name': string
+    'dirty-bitmaps'?: Array<{ name: string }>
+  }>
+  for (const n of nodes.filter((x) => x['node-name'] === node))
+    for (const b of n['dirty-bitmaps'] ?? [])
+      if (OUR_BITMAP.test(b.name)) {
+        // An export being deleted still holds its bitmap for a moment (deletion is asynchronous).
+        for (let i = 0; ; i++) {
+          try {
+            await qmp('block-dirty-bitmap-remove', { node, name: b.name })
+            break
+          } catch (err) {
+            if (i >= 50) throw err
+            await sleep(20)
+          }
+        }
+        removed.push(`bitmap ${b.name}`)
+      }
+  return removed
+}
 
 /** Expands extents whose flags match into chunk indices (a chunk touched in any byte counts). */
 export function extentsToChunks(
@@ -124,6 +171,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
     async open() {
       if (data !== undefined) return
       try {
+        await clearLeftovers(qmp, node)
         await qmp('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } })
         serverUp = true
         await qmp('block-export-add', {
