@@ -3,6 +3,7 @@ import { join } from 'node:path'
 import { describeError, MeshError } from '../base/errors.ts'
 import type { Logger } from '../base/log.ts'
 import { statePaths } from '../config.ts'
+import type { AgentStatus, ControlHandler } from '../control/api.ts'
 import { type ControlServer, createControlServer, type Handler } from '../control/server.ts'
 import type { AgentService } from './interfaces.ts'
 
@@ -58,6 +59,8 @@ export interface Agent {
   stop(): Promise<void>
   /** Resolves when the agent has stopped (by stop() or the control API's 'agent.stop'). */
   wait(): Promise<void>
+  /** The control API methods it serves (its services' and its own), sorted. */
+  methods(): string[]
 }
 
 /** Composes services behind one control socket and one lifecycle. */
@@ -83,20 +86,20 @@ export function createAgent(init: AgentInit): Agent {
     }
   }
   for (const svc of init.services) register(svc)
-  handlers.status = async () => {
-    const status: Record<string, unknown> = {
+  handlers.status = (async () => {
+    const status: AgentStatus = {
       pid: process.pid,
       uptimeMs: Date.now() - startedAt,
       stateDir: paths.dir,
     }
     for (const svc of started) if (svc.status !== undefined) status[svc.name] = svc.status()
     return status
-  }
-  handlers['agent.stop'] = async () => {
+  }) satisfies ControlHandler<'status'>
+  handlers['agent.stop'] = (async () => {
     // Answer first, then stop: the caller gets its reply before the socket goes away.
     setImmediate(() => void agent.stop())
-    return { stopping: true }
-  }
+    return { stopping: true as const }
+  }) satisfies ControlHandler<'agent.stop'>
 
   const agent: Agent = {
     async start() {
@@ -135,6 +138,7 @@ export function createAgent(init: AgentInit): Agent {
       return stopping
     },
     wait: () => stopped,
+    methods: () => Object.keys(handlers).sort(),
   }
   return agent
 }

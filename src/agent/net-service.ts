@@ -3,6 +3,7 @@ import type { IceServer, MemberStatus, MeshNode, MeshNodeInit } from '../../net/
 import { createMeshNode } from '../../net/node.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import type { Logger } from '../base/log.ts'
+import type { ControlHandlers, NetStatus, PeerRow } from '../control/api.ts'
 import type { AgentService } from './interfaces.ts'
 
 export class PeerNotFoundError extends MeshError {
@@ -52,7 +53,7 @@ export function createNetService(init: NetServiceInit): NetService {
     throw new PeerNotFoundError(`no member named '${ref}' (see 'mesh peers')`)
   }
 
-  const peerRow = (m: MemberStatus) => ({
+  const peerRow = (m: MemberStatus): PeerRow => ({
     id: m.peerId,
     name: m.name,
     state: m.state,
@@ -81,7 +82,7 @@ export function createNetService(init: NetServiceInit): NetService {
       diag?.stop()
       await node.stop()
     },
-    status() {
+    status(): NetStatus {
       const members = node.members()
       return {
         peerId: node.peerId,
@@ -157,7 +158,7 @@ export function createNetService(init: NetServiceInit): NetService {
           await node.revoke(m.peerId)
           return { revoked: m.peerId, name: m.name }
         },
-      }
+      } satisfies ControlHandlers<'peers' | 'ping' | 'bench' | 'invite' | 'revoke'>
     },
   }
 }

@@ -49,8 +49,8 @@ export interface PeerRow {
   relayed?: boolean
 }
 
-/** The net service's part of `status`. */
-export interface NetStatus {
+/** The net service's part of `status` (a type, not an interface: services' status() is a Record). */
+export type NetStatus = {
   peerId: string
   name: string
   network: { id: string | undefined; name: string | undefined }

@@ -10,6 +10,7 @@ import {
 import type { ChunkStore } from '../../../net/chunks/interfaces.ts'
 import { type ChunkStoreOptions, openChunkStore } from '../../../net/chunks/store.ts'
 import type { Overlay } from '../../../net/link/interfaces.ts'
+import type { ControlMethod } from '../../control/api.ts'
 
 /**
  * The chunk layer as one agent service (same shape as src/agent's AgentService, without importing it):
@@ -52,7 +53,7 @@ export function createChunkAgentService(init: ChunkAgentServiceInit): ChunkAgent
     if (parts === undefined) throw new ChunkError('the chunk service is not started')
     return parts
   }
-  const methods = ['image.push', 'image.pull', 'image.ls', 'image.rm']
+  const methods = ['image.push', 'image.pull', 'image.ls', 'image.rm'] satisfies ControlMethod[]
   return {
     name: 'chunks',
     async start() {

@@ -8,6 +8,7 @@ import type { MeshNode } from '../../../net/interfaces.ts'
 import type { VmInfo } from '../../../vm/manager.ts'
 import { MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
+import type { ControlHandlers } from '../../control/api.ts'
 import type { AgentService } from '../interfaces.ts'
 
 export class VmNotInMeshError extends MeshError {
@@ -99,14 +100,15 @@ export function createDirectoryService(init: {
       dir?.stop()
       dir = undefined
     },
-    handlers: () => ({
-      'vm.where': async (p, ctx) => {
-        const vm = vmParam(p)
-        const loc = await where(vm, ctx.signal)
-        if (loc === undefined) throw new VmNotInMeshError(vm)
-        return loc
-      },
-      'vm.ls-all': async (_p, ctx) => ({ members: await all(ctx.signal) }),
-    }),
+    handlers: () =>
+      ({
+        'vm.where': async (p, ctx) => {
+          const vm = vmParam(p)
+          const loc = await where(vm, ctx.signal)
+          if (loc === undefined) throw new VmNotInMeshError(vm)
+          return loc
+        },
+        'vm.ls-all': async (_p, ctx) => ({ members: await all(ctx.signal) }),
+      }) satisfies ControlHandlers<'vm.where' | 'vm.ls-all'>,
   }
 }

@@ -33,6 +33,7 @@ import {
 import { whereabouts } from '../../../vm/migration/whereabouts.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
+import type { ControlHandlers } from '../../control/api.ts'
 import type { HandlerContext } from '../../control/server.ts'
 
 export interface MigrationServiceInit {
@@ -817,7 +818,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
             acceptLoss: (params as { acceptLoss?: unknown } | null)?.acceptLoss === true,
             signal: ctx.signal,
           }),
-      }
+      } satisfies ControlHandlers<'migrate' | 'vm.tokens' | 'vm.recover'>
     },
     status() {
       return {

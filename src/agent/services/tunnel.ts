@@ -10,7 +10,7 @@ import type { TunnelSwitch } from '../../../net/tunnel/interfaces.ts'
 import { createSwitch, type SwitchOptions } from '../../../net/tunnel/switch.ts'
 import { createTapPort, type TapPort } from '../../../net/tunnel/tap-port.ts'
 import type { Logger } from '../../base/log.ts'
-import type { Handler } from '../../control/server.ts'
+import type { ControlHandlers } from '../../control/api.ts'
 import type { AgentService } from '../interfaces.ts'
 
 export interface TunnelServiceInit {
@@ -159,7 +159,7 @@ export function createTunnelService(init: TunnelServiceInit): TunnelService {
     return true
   }
 
-  const handlers: Record<string, Handler> = {
+  const handlers = {
     expose: async (p) => expose(checkParams(p)),
     unexpose: async (p) => {
       const listen = (p as { listen?: unknown } | null)?.listen
@@ -168,7 +168,7 @@ export function createTunnelService(init: TunnelServiceInit): TunnelService {
     },
     'expose.list': async () => [...exposures.values()].map((e) => ({ ...e.info })),
     'tunnel.status': async () => sw.status(),
-  }
+  } satisfies ControlHandlers<'expose' | 'unexpose' | 'expose.list' | 'tunnel.status'>
 
   return {
     name: 'tunnel',

@@ -6,6 +6,7 @@ import { VmManager } from '../../../vm/manager.ts'
 import { createQemuDriver } from '../../../vm/qemu/driver.ts'
 import { validateVmSpec } from '../../../vm/spec.ts'
 import { UsageError } from '../../base/errors.ts'
+import type { ControlHandlers } from '../../control/api.ts'
 import type { AgentService } from '../interfaces.ts'
 
 /** Unix socket paths are limited to 107 bytes: keep the per-VM run dir short. */
@@ -66,7 +67,7 @@ export function createVmService(options: {
           const lines = (params as { lines?: unknown })?.lines
           return { lines: await manager.console(nameParam(params), typeof lines === 'number' ? lines : 50) }
         },
-      }
+      } satisfies ControlHandlers<'vm.run' | 'vm.ls' | 'vm.stop' | 'vm.console'>
     },
     status() {
       return manager.summary()

@@ -21,6 +21,7 @@ import type { MigrationProgress, MigrationReport } from '../../../vm/migration/i
 import type { VmSpec } from '../../../vm/spec.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
+import type { ControlHandlers, StandbyRow } from '../../control/api.ts'
 import type { HandlerContext } from '../../control/server.ts'
 import type { AgentCalls } from '../calls/calls.ts'
 import type { AgentService } from '../interfaces.ts'
@@ -770,7 +771,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
   }
 
   const standbyView = () => {
-    const out: Record<string, unknown> = {}
+    const out: Record<string, StandbyRow> = {}
     for (const [vm, snd] of senders) {
       const st = snd.status
       out[vm] = {
@@ -1100,7 +1101,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
           vms: state.vms,
           ...(lastReport === undefined ? {} : { lastEvacuation: lastReport }),
         }),
-      }
+      } satisfies ControlHandlers<'evacuate' | 'drain' | 'spot.set' | 'spot.vms' | 'spot.status'>
     },
     status() {
       return {
