@@ -6,6 +6,7 @@
  */
 import { spawnSync } from 'node:child_process'
 import { accessSync, constants, existsSync, readFileSync, statfsSync, statSync } from 'node:fs'
+import type { PeerRow } from '../control/api.ts'
 
 export type Verdict = 'ok' | 'warn' | 'fail'
 
@@ -205,7 +206,7 @@ export function hostChecks(h: HostProbe, stateDir: string): Check[] {
 /** What the running agent says about reachability and clocks. */
 export interface AgentView {
   listen: string[]
-  peers: Array<{ name: string; state: string; link: string; relayed?: boolean; direct?: string }>
+  peers: Array<Pick<PeerRow, 'name' | 'state' | 'link' | 'relayed' | 'direct'>>
   clocks: Array<{ member: string; skewMs?: number; rttMs?: number; error?: string }>
   metrics?: string
   web?: string
