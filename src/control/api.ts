@@ -11,8 +11,8 @@
  * `unknown` and check it (the socket is the trust boundary).
  */
 import type { ImageProgress, ImageRecord } from '../../net/chunks/images.ts'
-import type { MemberState } from '../../net/interfaces.ts'
-import type { BulkPath, LinkState, PathType } from '../../net/link/interfaces.ts'
+import type { MemberStatus } from '../../net/interfaces.ts'
+import type { BulkPath, PathType } from '../../net/link/interfaces.ts'
 import type { CongestionStatus } from '../../net/node/congestion.ts'
 import type { GossipStats } from '../../net/node/interfaces.ts'
 import type { SwitchStatus } from '../../net/tunnel/interfaces.ts'
@@ -33,12 +33,12 @@ import type { StandbyStatus, SyncResult } from '../agent/spot/standby.ts'
 
 export type { ExposeInfo, ImageProgress, ImageRecord, MemberVms, RecoverResult, TokenHistoryRow, VmLocation }
 
-/** One member as `mesh peers` shows it (the `peers` method's rows). */
+/** One member as `mesh peers` shows it (the `peers` method's rows; field types follow MemberStatus). */
 export interface PeerRow {
   id: string
   name: string
-  state: MemberState
-  link: LinkState | 'none'
+  state: MemberStatus['state']
+  link: MemberStatus['link']
   path?: PathType
   /** Bulk channels ride a TCP connection to this address. */
   direct?: string

@@ -20,6 +20,7 @@ import { loadavg } from 'node:os'
 import { join } from 'node:path'
 import { waitForLine } from '../../fixtures/testnet/clouds.ts'
 import { type AgentProc, createTestnet, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import type { PeerRow } from '../../src/control/api.ts'
 import { type ControlClient, connectControl } from '../../src/control/client.ts'
 
 export interface ScaleOptions {
@@ -112,12 +113,6 @@ function deadAgents(procs: AgentProc[]): string {
         `--- ${a.name} exited (${a.child.exitCode ?? a.child.signalCode}):\n${a.log().split('\n').slice(-15).join('\n')}`,
     )
     .join('\n')
-}
-
-interface PeerRow {
-  id: string
-  name: string
-  link: string
 }
 
 interface NetStatus {
