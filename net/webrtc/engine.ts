@@ -84,7 +84,18 @@ export interface EngineOptions {
   readonly udpBufferBytes: number
   /** Largest message advertised in the SDP (a=max-message-size). */
   readonly maxMessageSize: number
+  /** SCTP congestion control (werift; libdatachannel's is usrsctp's, see ndc/engine.ts). */
+  readonly congestionControl: CongestionControl
 }
+
+/**
+ * 'tolerant' (patches/werift+0.24.4.patch): RFC 9260's window, but only a loss that looks like
+ * congestion shrinks it — a round trip whose fastest chunk shows a queue (over 1.5 × min RTT + 10 ms), or
+ * over 2% of a round trip lost — and then to the measured bandwidth × min RTT (Westwood+), not blindly by
+ * half; random loss on a long path is repaired without shrinking it. 'reno': every loss halves (RFC
+ * 9260), kept for comparison.
+ */
+export type CongestionControl = 'tolerant' | 'reno'
 
 export type EngineFactory = (options: EngineOptions, specs: readonly EngineChannelSpec[]) => EngineConnection
 

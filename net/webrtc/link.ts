@@ -34,7 +34,13 @@ import {
   type MessageChannel,
   type PathInfo,
 } from '../link/interfaces.ts'
-import type { EngineChannel, EngineChannelSpec, EngineConnection, LinkEngine } from './engine.ts'
+import type {
+  CongestionControl,
+  EngineChannel,
+  EngineChannelSpec,
+  EngineConnection,
+  LinkEngine,
+} from './engine.ts'
 import { loadEngine } from './engines.ts'
 import { LinkClosedByPeerError, LinkConnectError, LinkDeadError } from './errors.ts'
 import type { IceServer, Signaling } from './interfaces.ts'
@@ -75,6 +81,8 @@ export interface WebRtcLinkOptions {
   /** UDP socket send/receive buffer size (werift; default 4 MiB; the kernel caps it at
    *  net.core.[rw]mem_max). libdatachannel sizes its own sockets. */
   udpBufferBytes?: number
+  /** SCTP congestion control of a werift end (default 'tolerant'; see CongestionControl). */
+  congestionControl?: CongestionControl
   signal?: AbortSignal
 }
 
@@ -392,6 +400,7 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
         udpBufferBytes: options.udpBufferBytes ?? 4 * 1024 * 1024,
         // Advertise what the link layer promises; SCTP fragments into 1200-byte chunks underneath.
         maxMessageSize: MAX_MESSAGE_SIZE + 1024,
+        congestionControl: options.congestionControl ?? 'tolerant',
       },
       LINK_CHANNEL_SPECS,
     )

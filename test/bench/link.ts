@@ -5,11 +5,19 @@
  * (net/webrtc/ndc) and, in the same run, werift as its baseline (`weriftMbps`).
  *
  * Default: both processes on loopback. `--clouds` (root): the two processes in hosts of two different
- * cone-NAT'd clouds of the clouds fixture, STUN and the signaling relay on an internet host.
+ * cone-NAT'd clouds of the clouds fixture (on the WAN profile of `--profile P` / $MESH_TEST_PROFILE), STUN
+ * and the signaling relay on an internet host. There, in one topology:
+ *   --runs N (default 1): every engine and both TCP baselines measured N times, in turns; medians;
+ *   --engines werift,libdatachannel (default: --engine): the engines to measure;
+ *   --werift-cc tolerant|reno, --ndc-cc 0..3 (usrsctp module), --ndc-buf MiB: SCTP settings to compare;
+ * the baselines are iperf3 from a1 to b1 through both NATs (b's router forwards the port), the hosts'
+ * default congestion control (`tcpMbps`) and BBR (`tcpBbrMbps`), `--tcp-seconds` long (default 8).
  *
  * Prints progress on stderr; the result (last stdout line, via test/bench/main.ts, or from
  * runLinkBench() when run directly) is
  *   {"bench":"link","mbps":…,"tcpMbps":…,"rttMs":…,"path":"…","engine":"werift","setupMs":…}
+ * and with --clouds also {"profile":…,"tcpBbrMbps":…,"engines":{"werift":{"mbps":…,"runs":[…]},…},
+ * "tcpRuns":[…],"tcpBbrRuns":[…],"load":[…]}.
  */
 import { type ChildProcess, spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
@@ -31,6 +39,15 @@ export interface LinkBenchResult {
   setupMs: number
   mib: number
   where: 'loopback' | 'clouds'
+  /** --clouds: the WAN profile, the BBR baseline, per-engine medians and every run, the load. */
+  profile?: string
+  tcpBbrMbps?: number
+  tcpCc?: string
+  engines?: Record<string, { mbps: number; runs: number[]; rttMs: number; path: string }>
+  tcpRuns?: number[]
+  tcpBbrRuns?: number[]
+  settings?: Record<string, unknown>
+  load?: number[]
 }
 
 const log = (s: string) => process.stderr.write(`[bench link] ${s}\n`)
@@ -90,6 +107,12 @@ async function measureTcp(spawnA: Spawner, spawnB: Spawner, bHost: string, bytes
   return bytes / 1e6 / (ms! / 1000)
 }
 
+/** SCTP settings passed to the peers (see test/helpers/webrtc-peer.ts). */
+export interface EngineSettings {
+  congestionControl?: 'tolerant' | 'reno'
+  ndcSctp?: Record<string, number>
+}
+
 export interface PairSetup {
   spawnA: Spawner
   spawnB: Spawner
@@ -100,6 +123,7 @@ export interface PairSetup {
   iceServers: { urls: string }[]
   extraHost?: string[]
   where: 'loopback' | 'clouds'
+  settings?: EngineSettings
 }
 
 type Engine = LinkBenchResult['engine']
@@ -133,7 +157,7 @@ export async function measureLinkPair(
   }
 }
 
-async function measureEngine(
+export async function measureEngine(
   setup: PairSetup,
   mib: number,
   engine: Engine,
@@ -154,6 +178,12 @@ async function measureEngine(
         room,
         iceServers: setup.iceServers,
         engine,
+        ...(engine === 'werift' && setup.settings?.congestionControl !== undefined
+          ? { congestionControl: setup.settings.congestionControl }
+          : {}),
+        ...(engine === 'libdatachannel' && setup.settings?.ndcSctp !== undefined
+          ? { ndcSctp: setup.settings.ndcSctp }
+          : {}),
         ...(setup.extraHost ? { iceAdditionalHostAddresses: setup.extraHost } : {}),
       })
       peers.push(new PeerProcess(sp(NODE, ['--import', 'tsx', PEER_SCRIPT, path])))
@@ -224,50 +254,170 @@ export async function startRendezvous(boot: Host): Promise<{ relayPort: number; 
   return { relayPort: 7000, stunPort: 3478 }
 }
 
-async function clouds(mib: number, engine: Engine): Promise<LinkBenchResult> {
+function median(xs: number[]): number {
+  const v = xs.filter(Number.isFinite).sort((a, b) => a - b)
+  if (v.length === 0) return Number.NaN
+  const m = v.length >> 1
+  return v.length % 2 === 1 ? v[m]! : (v[m - 1]! + v[m]!) / 2
+}
+
+const IPERF_PORT = 5201
+
+/** iperf3 from a1 to b1 (b's router forwards the port), a1 sending; MB/s as b1 received it. */
+async function iperf(
+  a1: Host,
+  b1: Host,
+  bPublic: string,
+  seconds: number,
+  cc: string | undefined,
+): Promise<{ mbps: number; cc: string }> {
+  const { waitForLine } = await import('../../fixtures/testnet/clouds.ts')
+  const server = b1.spawn('iperf3', ['-s', '-1', '--forceflush', '-p', String(IPERF_PORT)])
+  try {
+    await waitForLine(server, /Server listening/, 10_000)
+    const r = await a1.exec(
+      'iperf3',
+      ['-c', bPublic, '-p', String(IPERF_PORT), '-t', String(seconds), '-J', ...(cc ? ['-C', cc] : [])],
+      { timeoutMs: (seconds + 60) * 1000 },
+    )
+    const j = JSON.parse(r.stdout) as {
+      error?: string
+      end?: { sum_received?: { bits_per_second?: number }; sender_tcp_congestion?: string }
+    }
+    if (j.error !== undefined) throw new Error(`iperf3: ${j.error}`)
+    return {
+      mbps: (j.end?.sum_received?.bits_per_second ?? 0) / 8e6,
+      cc: j.end?.sender_tcp_congestion ?? '?',
+    }
+  } finally {
+    if (server.exitCode === null && server.signalCode === null) server.kill('SIGKILL')
+  }
+}
+
+interface CloudsOptions {
+  mib: number
+  engines: Engine[]
+  runs: number
+  tcpSeconds: number
+  settings: EngineSettings
+}
+
+async function clouds(o: CloudsOptions): Promise<LinkBenchResult> {
   const { createClouds } = await import('../../fixtures/testnet/clouds.ts')
   const { profileFromEnv } = await import('../../fixtures/wan/profiles.ts')
+  const { loadavg } = await import('node:os')
+  const profile = profileFromEnv() // `npm run bench -- link --clouds --profile crosscloud`
   const topo: Topology = await createClouds({
     clouds: [
       { name: 'a', nat: 'cone' },
       { name: 'b', nat: 'cone' },
     ],
     internetHosts: ['boot'],
-    profile: profileFromEnv(), // `npm run bench -- link --clouds --profile crosscloud`
+    profile,
   })
   try {
     const boot = topo.host('boot')
     const { relayPort, stunPort } = await startRendezvous(boot)
     const a1 = topo.host('a1')
     const b1 = topo.host('b1')
-    // Raw TCP across the NATs needs a reachable listener: B's router forwards nothing inbound, so the
-    // TCP baseline runs from a1 to the internet host (through a1's NAT and the same bridge).
-    return await measureLinkPair(
-      {
-        spawnA: (c, args) => a1.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
-        spawnB: (c, args) => b1.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
-        bHost: boot.ip,
-        tcpSpawnSink: (c, args) => boot.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
-        relay: { host: boot.ip, port: relayPort },
-        iceServers: [{ urls: `stun:${boot.ip}:${stunPort}` }],
-        where: 'clouds',
-      },
-      mib,
-      engine,
-    )
+    const bCloud = topo.cloud('b')
+    await bCloud.forwardTcp(IPERF_PORT, b1)
+    const setup: PairSetup = {
+      spawnA: (c, args) => a1.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
+      spawnB: (c, args) => b1.spawn(c, args, { stdio: ['pipe', 'pipe', 'pipe'] }),
+      bHost: boot.ip,
+      relay: { host: boot.ip, port: relayPort },
+      iceServers: [{ urls: `stun:${boot.ip}:${stunPort}` }],
+      where: 'clouds',
+      settings: o.settings,
+    }
+    const per: Record<string, { runs: number[]; rtt: number[]; path: string; setup: number[] }> = {}
+    const tcpRuns: number[] = []
+    const tcpBbrRuns: number[] = []
+    const load: number[] = []
+    let tcpCc = '?'
+    for (let run = 0; run < o.runs; run++) {
+      for (const engine of o.engines) {
+        const r = await measureEngine(setup, o.mib, engine).catch((err: Error) => {
+          log(`${engine} run ${run + 1} failed: ${err.message}`)
+          return { mbps: Number.NaN, rttMs: Number.NaN, path: '?', setupMs: Number.NaN }
+        })
+        per[engine] ??= { runs: [], rtt: [], path: r.path, setup: [] }
+        const e = per[engine]
+        e.runs.push(round(r.mbps))
+        e.rtt.push(r.rttMs)
+        e.setup.push(r.setupMs)
+        if (e.path === '?') e.path = r.path
+      }
+      const t = await iperf(a1, b1, bCloud.publicIp, o.tcpSeconds, undefined)
+      tcpCc = t.cc
+      tcpRuns.push(round(t.mbps))
+      tcpBbrRuns.push(round((await iperf(a1, b1, bCloud.publicIp, o.tcpSeconds, 'bbr')).mbps))
+      load.push(round(loadavg()[0]!))
+      log(
+        `run ${run + 1}/${o.runs}: ${o.engines.map((e) => `${e} ${per[e]!.runs.at(-1)}`).join(', ')}, tcp ${tcpCc} ${tcpRuns.at(-1)}, bbr ${tcpBbrRuns.at(-1)} MB/s (load ${load.at(-1)})`,
+      )
+    }
+    const engines: NonNullable<LinkBenchResult['engines']> = {}
+    for (const [name, e] of Object.entries(per))
+      engines[name] = { mbps: round(median(e.runs)), runs: e.runs, rttMs: round(median(e.rtt)), path: e.path }
+    const first = o.engines[0]!
+    return {
+      mbps: engines[first]!.mbps,
+      tcpMbps: round(median(tcpRuns)),
+      rttMs: engines[first]!.rttMs,
+      path: engines[first]!.path,
+      engine: first,
+      setupMs: round(median(per[first]!.setup)),
+      mib: o.mib,
+      where: 'clouds',
+      profile,
+      tcpBbrMbps: round(median(tcpBbrRuns)),
+      tcpCc,
+      engines,
+      tcpRuns,
+      tcpBbrRuns,
+      settings: { ...o.settings },
+      load,
+    }
   } finally {
     await topo.destroy()
   }
 }
 
 export async function runLinkBench(args: string[] = []): Promise<LinkBenchResult> {
-  const i = args.indexOf('--mib')
-  const mib = i >= 0 ? Number(args[i + 1]) : 32
-  const e = args.indexOf('--engine')
-  const engine = e >= 0 ? args[e + 1] : 'werift'
-  if (engine !== 'werift' && engine !== 'libdatachannel')
-    throw new Error(`--engine: expected werift or libdatachannel, got ${engine}`)
-  return args.includes('--clouds') ? clouds(mib, engine) : loopback(mib, engine)
+  const arg = (name: string) => {
+    const i = args.indexOf(name)
+    return i >= 0 ? args[i + 1] : undefined
+  }
+  const mib = Number(arg('--mib') ?? 32)
+  const engine = arg('--engine') ?? 'werift'
+  const engines = (arg('--engines') ?? engine).split(',')
+  for (const e of engines)
+    if (e !== 'werift' && e !== 'libdatachannel')
+      throw new Error(`--engine(s): expected werift or libdatachannel, got ${e}`)
+  const settings: EngineSettings = {}
+  const cc = arg('--werift-cc')
+  if (cc !== undefined) {
+    if (cc !== 'tolerant' && cc !== 'reno') throw new Error(`--werift-cc: tolerant or reno, got ${cc}`)
+    settings.congestionControl = cc
+  }
+  const ndc: Record<string, number> = {}
+  if (arg('--ndc-cc') !== undefined) ndc.congestionControlModule = Number(arg('--ndc-cc'))
+  if (arg('--ndc-buf') !== undefined) {
+    ndc.recvBufferSize = Number(arg('--ndc-buf')) * 1024 * 1024
+    ndc.sendBufferSize = ndc.recvBufferSize
+  }
+  if (Object.keys(ndc).length > 0) settings.ndcSctp = ndc
+  if (args.includes('--clouds'))
+    return clouds({
+      mib,
+      engines: engines as Engine[],
+      runs: Number(arg('--runs') ?? 1),
+      tcpSeconds: Number(arg('--tcp-seconds') ?? 8),
+      settings,
+    })
+  return loopback(mib, engine as Engine)
 }
 
 /** Entry point for test/bench/main.ts (`npm run bench -- link`). */

@@ -6,7 +6,8 @@
  *
  * CONFIG (a file, mode 0600: it may hold TURN credentials, which never go in argv):
  *   { name, peer, initiator, relay: {host, port}, room, iceServers?, iceTransportPolicy?, deadAfterMs?,
- *     engine?: 'werift' | 'libdatachannel' }
+ *     engine?: 'werift' | 'libdatachannel', congestionControl?: 'tolerant' | 'reno' (werift),
+ *     ndcSctp?: {...} (libdatachannel: usrsctp settings over NDC_SCTP_SETTINGS) }
  *
  * Commands (stdin):  {"cmd":"connect","room":"r2"}  builds a (new) link, room defaults to CONFIG.room
  *                    {"cmd":"send","bytes":N}        pumps N bytes on 'chunks' with backpressure
@@ -35,6 +36,10 @@ export interface PeerConfig {
   deadAfterMs?: number
   /** Link engine (default werift). */
   engine?: 'werift' | 'libdatachannel'
+  /** werift's SCTP congestion control (default: the link's). */
+  congestionControl?: 'tolerant' | 'reno'
+  /** libdatachannel: usrsctp settings over net/webrtc/ndc/engine.ts's NDC_SCTP_SETTINGS. */
+  ndcSctp?: Record<string, number>
 }
 
 const cfg = JSON.parse(readFileSync(process.argv[2] ?? '', 'utf8')) as PeerConfig
@@ -93,8 +98,13 @@ async function connectLink(room: string): Promise<void> {
     }
     s.onMessage((m) => process.stderr.write(`signal in: ${JSON.stringify(m)}\n`))
   }
+  if (cfg.engine === 'libdatachannel' && cfg.ndcSctp !== undefined) {
+    const { configureNdcSctp } = await import('../../net/webrtc/ndc/engine.ts')
+    configureNdcSctp(cfg.ndcSctp)
+  }
   link = await createWebRtcLink({
     engine: cfg.engine ?? 'werift',
+    ...(cfg.congestionControl === undefined ? {} : { congestionControl: cfg.congestionControl }),
     peer: cfg.peer,
     initiator: cfg.initiator,
     signaling: sig,

@@ -14,6 +14,7 @@ import { type RTCDataChannel, RTCPeerConnection } from 'werift'
 import { Listeners } from '../../link/channel-base.ts'
 import type { PathInfo } from '../../link/interfaces.ts'
 import type {
+  CongestionControl,
   EngineChannel,
   EngineChannelSpec,
   EngineConnection,
@@ -223,6 +224,15 @@ export function relaxConsent(pc: RTCPeerConnection): boolean {
   return done
 }
 
+/** Chooses the SCTP association's congestion control (a field patches/werift+0.24.4.patch adds; does
+ *  nothing on a werift without it). */
+export function setCongestionControl(pc: RTCPeerConnection, cc: CongestionControl): boolean {
+  const sctp = (pc.sctpTransport as unknown as { sctp?: { congestionControl?: string } } | undefined)?.sctp
+  if (sctp === undefined || !('congestionControl' in sctp)) return false
+  sctp.congestionControl = cc
+  return true
+}
+
 function waitGatheringComplete(pc: RTCPeerConnection, signal: AbortSignal): Promise<void> {
   if (pc.iceGatheringState === 'complete') return Promise.resolve()
   return new Promise((resolve, reject) => {
@@ -318,6 +328,7 @@ export class WeriftConnection implements EngineConnection {
 
   established(): void {
     relaxConsent(this.pc)
+    setCongestionControl(this.pc, this.options.congestionControl)
   }
 
   path(): PathInfo {
