@@ -30,6 +30,7 @@ import type {
 } from '../agent/spot/interfaces.ts'
 import type { Notice } from '../agent/spot/notice.ts'
 import type { StandbyStatus, SyncResult } from '../agent/spot/standby.ts'
+import type { HandlerContext } from './server.ts'
 
 export type { ExposeInfo, ImageProgress, ImageRecord, MemberVms, RecoverResult, TokenHistoryRow, VmLocation }
 
@@ -227,16 +228,10 @@ const METHODS: { readonly [M in ControlMethod]: true } = {
 }
 export const CONTROL_METHODS: readonly ControlMethod[] = Object.keys(METHODS) as ControlMethod[]
 
-/** What a handler gets besides its (unchecked) params: emit streams the method's events. */
-export interface ControlHandlerContext<E = unknown> {
-  emit(event: E): void
-  signal: AbortSignal
-}
-
 /** The server side of one method: params arrive unchecked (`unknown`), the result is typed. */
 export type ControlHandler<M extends ControlMethod> = (
   params: unknown,
-  ctx: ControlHandlerContext<ControlEvent<M>>,
+  ctx: HandlerContext<ControlEvent<M>>,
 ) => Promise<ControlResult<M>>
 
 /** A service's handlers for the methods M, e.g. `{…} satisfies ControlHandlers<'peers' | 'ping'>`. */

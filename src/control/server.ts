@@ -21,9 +21,10 @@ export class UnknownMethodError extends MeshError {
   }
 }
 
-export interface HandlerContext {
+/** What a handler gets besides its params; E: the method's events (api.ts ControlEvent). */
+export interface HandlerContext<E = unknown> {
   /** Streams one progress event to the caller. */
-  emit(event: unknown): void
+  emit(event: E): void
   /** Fires when the caller cancels or disconnects. */
   signal: AbortSignal
 }

@@ -11,16 +11,17 @@ import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
-import { type AgentProc, createTestnet, lastJson, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import {
+  type AgentProc,
+  createTestnet,
+  lastJson,
+  type PeerRow,
+  type Testnet,
+} from '../../fixtures/testnet/testnet.ts'
 import { waitUntil } from '../helpers/wait.ts'
 
-interface Row {
-  name: string
-  link: string
-  path?: string
-  direct?: string
-  bulk?: string
-}
+/** `mesh peers --json` rows. */
+type Row = PeerRow
 
 const PORT = 4101
 

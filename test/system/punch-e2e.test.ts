@@ -10,16 +10,11 @@ import { createHash, randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
-import { type AgentProc, createTestnet, type Testnet } from '../../fixtures/testnet/testnet.ts'
+import { type AgentProc, createTestnet, type PeerRow, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import { waitUntil } from '../helpers/wait.ts'
 
-interface Row {
-  name: string
-  link: string
-  path?: string
-  direct?: string
-  bulk?: string
-}
+/** `mesh peers --json` rows. */
+type Row = PeerRow
 
 describe("TCP hole punching and relay for bulk channels across NAT'd clouds (e2e, CLI)", function () {
   this.timeout(300_000)
