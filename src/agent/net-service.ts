@@ -17,6 +17,7 @@ export interface NetServiceInit extends Omit<MeshNodeInit, 'log' | 'signal'> {
 }
 
 export interface NetService extends AgentService {
+  handlers(): ControlHandlers<'peers' | 'ping' | 'bench' | 'invite' | 'revoke'>
   readonly node: MeshNode
   /** Resolves a member by name, PeerId or unique PeerId prefix. */
   resolvePeer(ref: string): MemberStatus

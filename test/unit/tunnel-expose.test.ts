@@ -49,13 +49,13 @@ describe('tunnel service: mesh expose', () => {
   it('proxies TCP connections to the guest port, half-close included, and removes them on unexpose', async () => {
     const port = (echo.address() as { port: number }).port
     const h = svc.handlers()
-    const info = (await h.expose!(
+    const info = await h.expose(
       { vm: 'web', port, listen: '127.0.0.1:0' },
       {
         emit: () => {},
         signal: new AbortController().signal,
       },
-    )) as { listen: string; target: string }
+    )
     assert.equal(info.target, '127.0.0.1')
     const listenPort = Number(info.listen.split(':').at(-1))
     const data = Buffer.alloc(300_000, 7)
@@ -66,12 +66,10 @@ describe('tunnel service: mesh expose', () => {
     assert.equal(r1.length, data.length)
     assert.ok(r1.equals(data))
     assert.equal(r2.toString(), 'hi')
-    const list = (await h['expose.list']!(null, {
+    const list = await h['expose.list'](null, {
       emit: () => {},
       signal: new AbortController().signal,
-    })) as Array<{
-      total: number
-    }>
+    })
     assert.equal(list[0]?.total, 2)
     assert.deepEqual(await svc.unexpose(info.listen), true)
     await assert.rejects(roundTrip(listenPort, Buffer.from('x')), /ECONNREFUSED/)

@@ -4,7 +4,6 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createLocalVmManager, createVmService, runDirFor } from '../../src/agent/services/vm.ts'
 import { createFakeDriver } from '../../vm/fake/driver.ts'
-import type { VmInfo } from '../../vm/manager.ts'
 
 describe('VM agent service (fake driver)', () => {
   let dir: string
@@ -23,22 +22,22 @@ describe('VM agent service (fake driver)', () => {
     await svc.start(ac.signal)
     const h = svc.handlers()
     const ctx = { emit: () => {}, signal: ac.signal }
-    const info = (await h['vm.run']!({ spec: { name: 's1', memoryMiB: 16, kernel: '/k' } }, ctx)) as VmInfo
+    const info = await h['vm.run']({ spec: { name: 's1', memoryMiB: 16, kernel: '/k' } }, ctx)
     assert.equal(info.status, 'running')
     assert.deepEqual(svc.status?.(), { total: 1, running: 1 })
     await assert.rejects(h['vm.run']!({ spec: { name: 's2', memoryMiB: -1, kernel: '/k' } }, ctx), {
       name: 'VmSpecError',
       message: /^spec\.memoryMiB/,
     })
-    const ls = (await h['vm.ls']!({}, ctx)) as { vms: VmInfo[] }
+    const ls = await h['vm.ls']({}, ctx)
     assert.deepEqual(
       ls.vms.map((v) => v.name),
       ['s1'],
     )
-    const con = (await h['vm.console']!({ name: 's1', lines: 5 }, ctx)) as { lines: string[] }
+    const con = await h['vm.console']({ name: 's1', lines: 5 }, ctx)
     assert.ok(con.lines.length > 0)
     await assert.rejects(h['vm.stop']!({}, ctx), { name: 'UsageError' })
-    const st = (await h['vm.stop']!({ name: 's1' }, ctx)) as VmInfo
+    const st = await h['vm.stop']({ name: 's1' }, ctx)
     assert.equal(st.status, 'stopped')
     await svc.stop()
   })

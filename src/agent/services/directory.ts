@@ -27,6 +27,7 @@ export interface VmLocation {
 }
 
 export interface DirectoryService extends AgentService {
+  handlers(): ControlHandlers<'vm.where' | 'vm.ls-all'>
   /** Where a VM runs now: this host first, else the member that answers with it running. */
   where(vm: string, signal?: AbortSignal): Promise<VmLocation | undefined>
   /** Every member's VMs, this host's first. */

@@ -45,6 +45,7 @@ export interface ExposeInfo {
 }
 
 export interface TunnelService extends AgentService {
+  handlers(): ControlHandlers<'expose' | 'unexpose' | 'expose.list' | 'tunnel.status'>
   readonly switch: TunnelSwitch
   expose(params: ExposeParams): Promise<ExposeInfo>
   unexpose(listen: string): Promise<boolean>

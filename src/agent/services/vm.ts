@@ -32,6 +32,10 @@ function nameParam(params: unknown): string {
   return name
 }
 
+export interface VmService extends AgentService {
+  handlers(): ControlHandlers<'vm.run' | 'vm.ls' | 'vm.stop' | 'vm.console'>
+}
+
 /**
  * The agent service that hosts the VM manager: `vm.run`, `vm.ls`, `vm.stop`, `vm.console`. On agent
  * stop the VMs keep running (detached); the next agent re-adopts them in start().
@@ -39,7 +43,7 @@ function nameParam(params: unknown): string {
 export function createVmService(options: {
   manager: VmManager
   log?: (msg: string, fields?: Record<string, unknown>) => void
-}): AgentService {
+}): VmService {
   const { manager } = options
   manager.on('exited', ({ name, exit }) =>
     options.log?.('VM exited', {

@@ -88,6 +88,7 @@ export interface SpotServiceInit {
 }
 
 export interface SpotService extends AgentService {
+  handlers(): ControlHandlers<'evacuate' | 'drain' | 'spot.set' | 'spot.vms' | 'spot.status'>
   /** Throws SpotRefusedError when this host must not take the VM (draining, doomed, no room). */
   admit(spec: Pick<VmSpec, 'name' | 'memoryMiB' | 'vcpus' | 'volume'>): void
   evacuate(options: {
