@@ -180,7 +180,8 @@ export interface ControlApi {
     event: EvacuationEvent
   }
   'spot.set': {
-    params: { vm: string; meta: Omit<VmSpotMeta, 'standby'> & { standby?: string } }
+    /** meta.standby 'off' ends the VM's standby. */
+    params: { vm: string; meta: VmSpotMeta }
     result: VmSpotMeta & { vm: string }
     event: never
   }
