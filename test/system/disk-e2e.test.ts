@@ -2,10 +2,11 @@
  * A stateful VM moving live between agents in NAT'd clouds, through the CLI: the Debian/PostgreSQL guest
  * runs from a writable disk on the base image `debian-pg:1` (pushed into each host's chunk store), and a
  * client member in a third cloud (host TAP into the guest network) runs pgbench and a writer of sequence
- * numbers through the tunnel for the whole test while the VM moves A→B→A. Afterwards: pgbench had no
- * failed transaction and no aborted client, every sequence number whose commit the writer saw is in the
- * table, pg_amcheck is clean, and the guest's block checker (disk vs. the generations in guest RAM)
- * says intact after each move. Reduced form for CI (two hosts, not A→B→C→A): see the README.
+ * numbers through the tunnel for the whole test while the VM moves A→B→C→A (C, in the client's cloud,
+ * never had the base: it pulls `debian-pg:1` from the members when the move asks for it). Afterwards:
+ * pgbench had no failed transaction and no aborted client, every sequence number whose commit the
+ * writer saw is in the table, pg_amcheck is clean, and the guest's block checker (disk vs. the
+ * generations in guest RAM) says intact after each move.
  */
 import assert from 'node:assert/strict'
 import { writeFileSync } from 'node:fs'
@@ -74,11 +75,18 @@ describe("a PostgreSQL VM with a writable disk moves across NAT'd clouds (e2e, C
       commands: ['ip', 'nft', 'qemu-system-x86_64', 'qemu-img', 'debootstrap', 'socat', pgBin('pgbench')],
     })
     const image = await ensureDebianGuest()
-    net = await createTestnet({ clouds: [{ name: 'a' }, { name: 'b' }, { name: 'c' }], noJoin: true })
+    net = await createTestnet({
+      clouds: [{ name: 'a' }, { name: 'b' }, { name: 'c', hosts: 2 }],
+      noJoin: true,
+    })
     const a1 = await net.join('a1')
-    const b1 = await net.join('b1')
-    client = await net.join('c1', { args: ['--tap', 'mesh0', '--address', '10.99.0.1/24'] })
-    await net.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
+    const [b1, c1] = await Promise.all([
+      net.join('b1'),
+      net.join('c1', { args: ['--tap', 'mesh0', '--address', '10.99.0.1/24'] }),
+      net.join('c2'),
+    ])
+    client = c1
+    await net.waitForFullMesh(['a1', 'b1', 'c1', 'c2'], 150_000)
     // The base image, pushed on both hosts (a base is distributed once; the move then skips it).
     for (const a of [a1, b1]) {
       const r = await a.mesh(['image', 'push', image.disk, '--name', 'debian-pg:1', '--json'], {
@@ -119,9 +127,15 @@ describe("a PostgreSQL VM with a writable disk moves across NAT'd clouds (e2e, C
     await net?.destroy()
   })
 
-  it('pgbench and a sequence writer run through A→B→A: nothing failed, nothing lost, disk intact', async () => {
+  it('pgbench and a sequence writer run through A→B→C→A: nothing failed, nothing lost, disk intact', async () => {
     const a1 = net!.agents.get('a1')!
     const b1 = net!.agents.get('b1')!
+    const c2 = net!.agents.get('c2')!
+    const vmsOn = async (a: AgentProc) =>
+      (await a.json<{ vms: { name: string; status: string }[] }>(['vm', 'ls'])).vms.map((v) => [
+        v.name,
+        v.status,
+      ])
     const env = pgEnv()
     const init = await client.host.exec(pgBin('pgbench'), [...pgArgs, '-i', '-s', '4', '-q', PG_DATABASE], {
       env,
@@ -156,22 +170,26 @@ describe("a PostgreSQL VM with a writable disk moves across NAT'd clouds (e2e, C
       await waitForLine(writer, /committed 20\b/, 120_000)
       await waitForLine(bench, /progress: /, 120_000)
 
-      const there = await migrate(client, 'b1')
-      assert.equal(there.event, 'done')
+      const line = (what: string, m: MoveReport) =>
+        `${what}: ${Math.round(m.totalMs)} ms, down ${Math.round(m.downtimeMs)} ms, wire ${(m.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((m.diskSentBytes ?? 0) / MiB).toFixed(2)} of ${((m.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB written)`
+      const ab = await migrate(client, 'b1')
+      assert.equal(ab.event, 'done')
       assert.match(await blk('check'), /^OK blocks=8192 /)
-      const onB = await b1.json<{ vms: { name: string; status: string }[] }>(['vm', 'ls'])
-      assert.deepEqual(
-        onB.vms.map((v) => [v.name, v.status]),
-        [['pg1', 'running']],
-      )
-      assert.equal((await a1.json<{ vms: unknown[] }>(['vm', 'ls'])).vms.length, 0)
+      assert.deepEqual(await vmsOn(b1), [['pg1', 'running']])
+      assert.deepEqual(await vmsOn(a1), [])
+
+      // C never had the base: the move has it pull debian-pg:1 from the members first.
+      const bc = await migrate(b1, 'c2')
+      assert.equal(bc.event, 'done')
+      assert.match(await blk('check'), /^OK blocks=8192 /)
+      assert.deepEqual(await vmsOn(c2), [['pg1', 'running']])
+      assert.deepEqual(await vmsOn(b1), [])
 
       assert.match(await blk('churn 0'), /^OK churn=0 /)
-      const back = await migrate(b1, 'a1')
+      const ca = await migrate(c2, 'a1')
       assert.match(await blk('check'), /^OK blocks=8192 /)
-      process.stdout.write(
-        `      A→B: ${Math.round(there.totalMs)} ms, down ${Math.round(there.downtimeMs)} ms, wire ${(there.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((there.diskSentBytes ?? 0) / MiB).toFixed(1)} of ${((there.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB written); B→A: ${Math.round(back.totalMs)} ms, down ${Math.round(back.downtimeMs)} ms, wire ${(back.wireBytes / MiB).toFixed(1)} MiB (disk sent ${((back.diskSentBytes ?? 0) / MiB).toFixed(2)} MiB)\n`,
-      )
+      assert.deepEqual(await vmsOn(a1), [['pg1', 'running']])
+      process.stdout.write(`      ${line('A→B', ab)}\n      ${line('B→C', bc)}\n      ${line('C→A', ca)}\n`)
       await new Promise((r) => setTimeout(r, 3000))
     } finally {
       clearInterval(feed)
