@@ -115,8 +115,16 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
       throwIfAborted(options.signal)
       const s = seq++
       const t0 = performance.now()
+      // The link first: a waiter set up for a ping that never leaves would reject later, unheard
+      // (an unhandled rejection ends the agent).
+      const ch = linkTo(peer).channel('control')
       const reply = await_(peer, DiagType.Pong, s, options.signal, options.timeoutMs ?? 5000)
-      linkTo(peer).channel('control').send(encodeDiag(DiagType.Ping, s))
+      try {
+        ch.send(encodeDiag(DiagType.Ping, s))
+      } catch (err) {
+        reply.catch(() => {})
+        throw err
+      }
       await reply
       return performance.now() - t0
     },
@@ -136,7 +144,12 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
       }
       const s = seq++
       const done = await_(peer, DiagType.Done, s, signal, 60_000)
-      ch.send(encodeDiag(DiagType.End, s))
+      try {
+        ch.send(encodeDiag(DiagType.End, s))
+      } catch (err) {
+        done.catch(() => {})
+        throw err
+      }
       const got = decodeCount(await done)
       const seconds = (performance.now() - t0) / 1000
       if (got !== bytes)

@@ -37,6 +37,23 @@ describe('link diagnostics (ping, bench)', () => {
     }
   })
 
+  it('a ping with no link leaves nothing behind to reject later (an unhandled rejection ends the agent)', async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const a = createDiag(net.node('a'))
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown) => unhandled.push(reason)
+    process.on('unhandledRejection', onUnhandled)
+    try {
+      await assert.rejects(a.ping('zz', { timeoutMs: 30 }), (e: Error) => /no open link/.test(e.message))
+      await new Promise((r) => setTimeout(r, 120))
+      assert.deepEqual(unhandled, [])
+    } finally {
+      process.off('unhandledRejection', onUnhandled)
+      a.stop()
+    }
+  })
+
   it('the decoder only throws DiagDecodeError on arbitrary bytes', () => {
     fc.assert(
       fc.property(fc.uint8Array({ maxLength: 300 }), (bytes) => {
