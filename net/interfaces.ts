@@ -20,14 +20,15 @@ export type LinkFactory = (init: {
   signal: AbortSignal
 }) => Promise<Link & { readonly rttMs?: number }>
 
-export type MemberState = 'up' | 'down' | 'dropped'
+export type MemberState = 'up' | 'down' | 'dropped' | 'idle'
 
 export interface MemberStatus {
   readonly peerId: string
   readonly name: string
   readonly self: boolean
   /** up: reachable (libp2p connection or open link); down: not now; dropped: gone past the grace period
-   *  (no longer redialed; it comes back up by connecting to us). */
+   *  (no longer redialed; it comes back up by connecting to us); idle: outside this node's warm set and
+   *  no link wanted, so not watched from here (Overlay.connect builds a link when one is needed). */
   readonly state: MemberState
   readonly link: LinkState | 'none'
   readonly path?: PathType
@@ -115,6 +116,10 @@ export interface MeshNodeInit {
   /** Add a libp2p pnet pre-shared key derived from the network's public key (default false). */
   pnet?: boolean
   timing?: MeshNodeTiming
+  /** Which members keep a link: `warm` ring neighbours always (default 8: meshes of up to 9 members are
+   *  a full mesh), anyone else on demand (Overlay.connect), closed after `idleMs` without traffic or
+   *  demand (default 120 s). */
+  links?: { warm?: number; idleMs?: number }
   /** Aborting it stops the node. */
   signal?: AbortSignal
   log?: (line: string) => void

@@ -154,6 +154,8 @@ class MeshNodeImpl implements MeshNode {
       selfRevoked: () => this.gossip.selfRevoked,
       relay: init.bootstrapRole?.relay === true,
       ping: (peer) => this.ping(peer),
+      ...(init.links?.warm === undefined ? {} : { warmLinks: init.links.warm }),
+      ...(init.links?.idleMs === undefined ? {} : { linkIdleMs: init.links.idleMs }),
       antiEntropy: (peer) =>
         this.gossip.exchange(peer, 'all', { signal: AbortSignal.timeout(this.timing.requestTimeoutMs) }),
     })

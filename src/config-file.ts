@@ -38,6 +38,7 @@ export const AGENT_CONFIG_KEYS: Readonly<Record<string, Kind>> = {
   direct: 'boolean',
   relayBulk: 'boolean',
   tcpCongestion: 'string',
+  warmLinks: 'string',
   metrics: 'addr?',
   web: 'addr?',
 }

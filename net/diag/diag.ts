@@ -1,5 +1,6 @@
-import { AbortError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
+import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
+import { openLink } from '../link/open.ts'
 import {
   DIAG_VERSION,
   DiagType,
@@ -74,8 +75,15 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
   for (const l of overlay.links()) attach(l)
   const offLink = overlay.onLink(attach)
 
-  const linkTo = (peer: string): Link => {
-    const l = overlay.link(peer)
+  /** The link to `peer`, built on demand where the overlay does that (a member outside its warm set). */
+  const linkTo = async (peer: string, signal: AbortSignal | undefined): Promise<Link> => {
+    let l: Link | undefined
+    try {
+      l = await openLink(overlay, peer, signal === undefined ? {} : { signal })
+    } catch (err) {
+      if (err instanceof AbortError) throw err
+      throw new DiagError(`no open link to ${peer}: ${describeError(err)}`, { code: 'E_NO_LINK', cause: err })
+    }
     if (l === undefined || l.state !== 'open')
       throw new DiagError(`no open link to ${peer}`, { code: 'E_NO_LINK' })
     return l
@@ -113,11 +121,11 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
   return {
     async ping(peer, options = {}) {
       throwIfAborted(options.signal)
-      const s = seq++
-      const t0 = performance.now()
       // The link first: a waiter set up for a ping that never leaves would reject later, unheard
       // (an unhandled rejection ends the agent).
-      const ch = linkTo(peer).channel('control')
+      const ch = (await linkTo(peer, options.signal)).channel('control')
+      const s = seq++
+      const t0 = performance.now()
       const reply = await_(peer, DiagType.Pong, s, options.signal, options.timeoutMs ?? 5000)
       try {
         ch.send(encodeDiag(DiagType.Ping, s))
@@ -130,7 +138,7 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
     },
     async bench(peer, bytes, options = {}) {
       const { signal } = options
-      const ch = linkTo(peer).channel('control')
+      const ch = (await linkTo(peer, signal)).channel('control')
       const block = new Uint8Array(MAX_DIAG_PAYLOAD)
       for (let i = 0; i < block.length; i++) block[i] = (i * 131) & 0xff
       const t0 = performance.now()

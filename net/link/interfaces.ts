@@ -97,4 +97,8 @@ export interface Overlay {
   /** Called for every link that opens (including ones re-established after a failure). Returns an
    *  unsubscribe function. Handlers should also look at links() for links that were already open. */
   onLink(handler: (link: Link) => void): () => void
+  /** The open link to `peer`, built now if there is none (large meshes keep links to a bounded set of
+   *  members and build the others on demand). Rejects when no link comes up in time (default ~35 s).
+   *  Overlays whose links are all fixed (in-memory, test rigs) leave it out: see openLink(). */
+  connect?(peer: string, options?: { signal?: AbortSignal; timeoutMs?: number }): Promise<Link>
 }

@@ -1,19 +1,24 @@
 /**
- * The link supervisor: one data-plane link per member pair, built over a noise-authenticated signaling
- * stream (the lower PeerId initiates, so the two ends never both offer), wrapped so its bulk channels
- * can move to a direct path, rebuilt with capped backoff when it dies. Its tick also moves members
+ * The link supervisor: data-plane links between members, built over a noise-authenticated signaling
+ * stream, wrapped so their bulk channels can move to a direct path, rebuilt with capped backoff when
+ * they die. Not every pair keeps a link: each member keeps its `warmLinks` ring neighbours (members
+ * sorted by PeerId, half on each side; both ends compute the same pairs, and the lower PeerId
+ * initiates, so the two ends never both offer) and builds a link to anyone else on demand
+ * (Overlay.connect: the end that needs it initiates; on a collision the lower PeerId's attempt wins),
+ * closing it after `linkIdleMs` without traffic or demand. A mesh of at most warmLinks + 1 members is a
+ * full mesh. Its tick also moves members
  * between up / down / dropped, measures RTT where the link does not, keeps relay reservations on every
  * bootstrap, and now and then runs a full member-set exchange with one member (anti-entropy).
  */
 import type { Connection, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
-import { describeError } from '../../src/base/errors.ts'
+import { AbortError, describeError } from '../../src/base/errors.ts'
 import { ControlError, ControlTimeoutError } from '../control/errors.ts'
 import type { IceServer, LinkFactory, MemberState } from '../interfaces.ts'
 import { createPathLink } from '../link/direct/link.ts'
 import type { DirectInbox, DirectPaths } from '../link/direct/paths.ts'
-import type { Link, Overlay } from '../link/interfaces.ts'
+import { CHANNEL_NAMES, type Link, type Overlay } from '../link/interfaces.ts'
 import { NotMemberError } from '../membership/errors.ts'
 import {
   createStreamSignaling,
@@ -23,6 +28,7 @@ import {
 import { NodeStateError } from './errors.ts'
 import type { LinkSupervisor, NodeContext, PeerStatus } from './interfaces.ts'
 import { listenAfterStart } from './libp2p.ts'
+import { ringNeighbours } from './ring.ts'
 
 /** Opening the signaling stream of one link attempt (dial, relay included). */
 const SIGNAL_DIAL_MS = 15_000
@@ -34,6 +40,12 @@ const RESERVATION_RETRY_MS = 10_000
 const PING_EVERY_TICKS = 5
 /** Ticks between anti-entropy exchanges. */
 const ANTI_ENTROPY_EVERY_TICKS = 30
+/** Ring neighbours each member keeps a link to (see the header); meshes up to this + 1 are full. */
+export const DEFAULT_WARM_LINKS = 8
+/** An on-demand link with no message received and no demand for this long is closed. */
+export const DEFAULT_LINK_IDLE_MS = 120_000
+/** How long Overlay.connect waits for a link by default (the WebRTC link gives up after 30 s). */
+const CONNECT_TIMEOUT_MS = 35_000
 
 type RttLink = Link & { readonly rttMs?: number }
 
@@ -47,12 +59,26 @@ interface PeerState {
   nextAttemptAt: number
   linkOpenedAt?: number
   rttMs?: number
+  /** Unix ms until which a caller of connect() wants the link (0: never asked). */
+  wantedUntil: number
+  /** Unix ms of the last tick that saw a message received on the link (any channel). */
+  lastActivity: number
+  /** Messages received on the current link (a counter: cheaper than a clock read per message). */
+  received: number
+  /** `received` at the last tick. */
+  receivedSeen: number
+  /** This end built the current link (only that end closes it when idle: two members with different
+   *  warm-set sizes would otherwise close and rebuild each other's links forever). */
+  initiated: boolean
 }
 
 class NodeOverlay implements Overlay {
   private readonly linksByPeer = new Map<string, Link>()
   private readonly listeners = new Set<(link: Link) => void>()
-  constructor(private readonly selfId: () => string) {}
+  constructor(
+    private readonly selfId: () => string,
+    readonly connect: (peer: string, options?: { signal?: AbortSignal; timeoutMs?: number }) => Promise<Link>,
+  ) {}
   get self(): string {
     return this.selfId()
   }
@@ -96,12 +122,21 @@ export interface LinkSupervisorInit {
   ping(peer: string): Promise<number>
   /** One full member-set exchange with `peer` (anti-entropy). */
   antiEntropy(peer: string): Promise<void>
+  /** Ring neighbours kept linked (default DEFAULT_WARM_LINKS). */
+  warmLinks?: number
+  /** On-demand links close after this long without traffic or demand (default DEFAULT_LINK_IDLE_MS). */
+  linkIdleMs?: number
 }
 
 export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
   const { ctx } = init
   const state = ctx.state
-  const overlay = new NodeOverlay(() => ctx.self)
+  const warmLinks = Math.max(0, Math.floor(init.warmLinks ?? DEFAULT_WARM_LINKS))
+  const idleMs = init.linkIdleMs ?? DEFAULT_LINK_IDLE_MS
+  const overlay = new NodeOverlay(
+    () => ctx.self,
+    (peer, options) => connect(peer, options),
+  )
   const peers = new Map<string, PeerState>()
   const reservationAt = new Map<string, number>()
   let tickTimer: NodeJS.Timeout | undefined
@@ -110,14 +145,38 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
   const peerState = (peer: string): PeerState => {
     let st = peers.get(peer)
     if (st === undefined) {
-      st = { state: 'down', lastSeen: Date.now(), backoffMs: 0, nextAttemptAt: 0 }
+      const now = Date.now()
+      st = {
+        state: 'down',
+        lastSeen: now,
+        backoffMs: 0,
+        nextAttemptAt: 0,
+        wantedUntil: 0,
+        lastActivity: now,
+        received: 0,
+        receivedSeen: 0,
+        initiated: false,
+      }
       peers.set(peer, st)
     }
     return st
   }
 
-  /** The lower PeerId initiates each pair's link, so two ends never both offer (glare). */
+  /** The lower PeerId initiates each warm pair's link, so two ends never both offer (glare). */
   const isInitiator = (peer: string): boolean => ctx.self < peer
+
+  /** The warm set: this node's ring neighbours among the members sorted by PeerId (cached per member
+   *  list; both ends of a pair compute the same answer from the same member set). */
+  let ringOf = ''
+  let warm = new Set<string>()
+  const warmSet = (): Set<string> => {
+    const ids = (state.set?.members() ?? []).map((m) => m.peerId).sort()
+    const key = ids.join(',')
+    if (key === ringOf) return warm
+    ringOf = key
+    warm = ringNeighbours(ids, ctx.self, warmLinks)
+    return warm
+  }
 
   /** Moves a member between up / down / dropped (and emits the change). Called on every tick and at
    *  once when a link or connection to it opens or closes. */
@@ -125,12 +184,23 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     const node = ctx.libp2p
     if (node === undefined || !state.isMember(peer)) return
     const up = st.link?.state === 'open' || node.getConnections(peerIdFromString(peer)).length > 0
+    // The warm set as of the last tick (recomputing it per member would cost O(n log n) each).
+    const kept = warm.has(peer) || st.wantedUntil > now || st.connecting !== undefined
+    if (!up && !kept) {
+      // Outside the warm set and not wanted: nothing to watch here (its ring neighbours do).
+      if (st.state !== 'idle') st.state = 'idle'
+      return
+    }
     if (up) {
       st.lastSeen = now
       if (st.state !== 'up') {
         st.state = 'up'
         ctx.emit('member-up', { peer })
       }
+    } else if (st.state === 'idle') {
+      // Wanted again: the grace period counts from now.
+      st.lastSeen = now
+      st.state = 'down'
     } else if (st.state === 'up') {
       st.state = 'down'
       ctx.emit('member-down', { peer })
@@ -230,6 +300,17 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     st.link = link
     st.signaling = signaling
     st.linkOpenedAt = Date.now()
+    st.lastActivity = st.linkOpenedAt
+    st.initiated = initiator
+    // Passive listeners (channels deliver to every listener): traffic keeps an on-demand link open.
+    const offs = CHANNEL_NAMES.map((n) =>
+      link.channel(n).onMessage(() => {
+        st.received++
+      }),
+    )
+    link.onClose(() => {
+      for (const off of offs) off()
+    })
     overlay.attach(link)
     ctx.log(`link to ${peer} up (${link.path.type})`)
     ctx.emit('link-up', { peer, path: link.path.type })
@@ -316,6 +397,50 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     void run()
   }
 
+  /** The open link to `peer`, built now if there is none (on demand: this end initiates). */
+  const connect = async (
+    peer: string,
+    options: { signal?: AbortSignal; timeoutMs?: number } = {},
+  ): Promise<Link> => {
+    const now = Date.now()
+    const existing = overlay.link(peer)
+    const st = peers.get(peer)
+    if (st !== undefined) st.wantedUntil = now + idleMs
+    if (existing !== undefined && existing.state === 'open') return existing
+    if (peer === ctx.self) throw new ControlError('no link to oneself')
+    if (ctx.libp2p === undefined) throw new NodeStateError('not started')
+    if (!state.isMember(peer)) throw new NotMemberError(peer)
+    const s = peerState(peer)
+    s.wantedUntil = now + idleMs
+    if (s.link === undefined && s.connecting === undefined) {
+      s.nextAttemptAt = now + ctx.timing.reconnectMaxMs
+      startLinkAttempt(peer, s)
+    }
+    const timeoutMs = options.timeoutMs ?? CONNECT_TIMEOUT_MS
+    return new Promise<Link>((resolve, reject) => {
+      const cleanup = () => {
+        off()
+        clearTimeout(timer)
+        options.signal?.removeEventListener('abort', onAbort)
+      }
+      const off = overlay.onLink((l) => {
+        if (l.peer !== peer) return
+        cleanup()
+        resolve(l)
+      })
+      const timer = setTimeout(() => {
+        cleanup()
+        reject(new ControlTimeoutError(`link to ${peer} (${timeoutMs} ms)`))
+      }, timeoutMs)
+      const onAbort = () => {
+        cleanup()
+        reject(new AbortError(undefined, { cause: options.signal?.reason }))
+      }
+      if (options.signal?.aborted === true) onAbort()
+      else options.signal?.addEventListener('abort', onAbort, { once: true })
+    })
+  }
+
   /** Keeps a circuit-relay reservation on every bootstrap, so members behind NAT can be dialled. */
   const keepReservations = (now: number): void => {
     const node = ctx.libp2p
@@ -341,19 +466,39 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     if (node === undefined || set === undefined || init.selfRevoked()) return
     ticks++
     const now = Date.now()
+    const warmPeers = warmSet()
     for (const [peer, st] of peers) {
       if (!set.isMember(peer)) continue
       const conns = node.getConnections(peerIdFromString(peer))
       observe(peer, st, now)
+      const isWarm = warmPeers.has(peer)
+      const wanted = st.wantedUntil > now
       if (
         st.state !== 'dropped' &&
-        isInitiator(peer) &&
+        ((isWarm && isInitiator(peer)) || wanted) &&
         st.link === undefined &&
         st.connecting === undefined &&
         now >= st.nextAttemptAt
       ) {
         st.nextAttemptAt = now + ctx.timing.reconnectMaxMs
         startLinkAttempt(peer, st)
+      }
+      if (st.link !== undefined && st.received !== st.receivedSeen) {
+        st.receivedSeen = st.received
+        st.lastActivity = now
+      }
+      if (
+        st.link !== undefined &&
+        st.initiated &&
+        !isWarm &&
+        !wanted &&
+        now - st.lastActivity > idleMs &&
+        CHANNEL_NAMES.every((n) => st.link?.channel(n).bufferedAmount === 0)
+      ) {
+        ctx.log(
+          `link to ${peer} idle for ${Math.round((now - st.lastActivity) / 1000)} s (not in the warm set): closing`,
+        )
+        st.link.close(new ControlError('idle link outside the warm set'))
       }
       if (st.link?.rttMs !== undefined) st.rttMs = st.link.rttMs
       else if (conns.length > 0 && ticks % PING_EVERY_TICKS === 0) void init.ping(peer).catch(() => {})
@@ -439,13 +584,13 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
 
     async handleSignal(stream: Stream, conn: Connection) {
       const peer = conn.remotePeer.toString()
-      if (isInitiator(peer)) {
-        // The pair's initiator is us; an offer from the other end is a protocol violation (or an old
-        // version): refuse rather than build two links.
-        stream.abort(new ControlError(`${peer} must not initiate the link (lower PeerId initiates)`))
+      const st = peerState(peer)
+      if (isInitiator(peer) && st.connecting !== undefined) {
+        // Both ends offered at once (the other one wants a link on demand while ours is under way):
+        // the lower PeerId's attempt wins; the other end drops its own when ours reaches it.
+        stream.abort(new ControlError(`${peer}: link attempts crossed (lower PeerId's attempt wins)`))
         return
       }
-      const st = peerState(peer)
       // The initiator only opens a new attempt when its old link is gone: drop ours too.
       st.connecting?.abort()
       st.link?.close(new ControlError('peer started a new link'))

@@ -64,6 +64,8 @@ export interface AgentOptions {
   relayBulk?: boolean
   /** TCP congestion control of the agent's sockets (default 'bbr'; false: the kernel's default). */
   tcpCongestion?: string | false
+  /** Members kept linked at all times (ring neighbours); the others get links on demand (default 8). */
+  warmLinks?: number
   /** Host TAP port into the tunnel, so host processes reach guests (`--tap NAME --address CIDR`). */
   tap?: { name: string; address: string }
   /** Spot notices, labels and the room offered to VMs (`--spot`, `--label`, `--capacity`). */
@@ -184,6 +186,7 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     direct: opts.direct ?? true,
     relayBulk: opts.relayBulk ?? true,
     ...(opts.tcpCongestion === undefined ? {} : { tcpCongestion: opts.tcpCongestion }),
+    ...(opts.warmLinks === undefined ? {} : { links: { warm: opts.warmLinks } }),
     ...(opts.engine === undefined ? {} : { linkFactory: linkFactoryFor(opts.engine) }),
     log: log.child('net'),
   })

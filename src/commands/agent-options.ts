@@ -65,6 +65,10 @@ export function addAgentOptions(cmd: Command): Command {
       'bbr',
     )
     .option(
+      '--warm-links <n>',
+      'members (ring neighbours) to keep a link to at all times; links to the others are built on demand and closed when idle (default 8: up to 9 members, a full mesh)',
+    )
+    .option(
       '--spot <source>',
       'watch for spot notices and evacuate on one: aws (IMDSv2), gcp, azure (Scheduled Events), url:URL or file:PATH',
     )
@@ -111,6 +115,7 @@ export interface AgentCliOptions {
   direct: boolean
   relayBulk: boolean
   tcpCongestion: string
+  warmLinks?: string
   /** true: given without a value. */
   metrics?: string | true
   web?: string | true
@@ -161,6 +166,9 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     throw new UsageError(
       `--tcp-congestion '${o.tcpCongestion}' is not an algorithm name (bbr, cubic, default)`,
     )
+  const warmLinks = o.warmLinks === undefined ? undefined : Number(o.warmLinks)
+  if (warmLinks !== undefined && !(Number.isInteger(warmLinks) && warmLinks >= 0 && warmLinks <= 100_000))
+    throw new UsageError(`--warm-links '${o.warmLinks}' must be a whole number (0 or more)`)
   if (o.address !== undefined && !/^\d{1,3}(\.\d{1,3}){3}\/\d{1,2}$/.test(o.address)) {
     throw new UsageError(`--address '${o.address}' must be an IPv4 CIDR like 10.99.0.1/24`)
   }
@@ -179,6 +187,7 @@ export function toAgentOptions(o: AgentCliOptions, invite?: string): AgentOption
     direct: o.direct,
     relayBulk: o.relayBulk,
     tcpCongestion: o.tcpCongestion === 'default' ? false : o.tcpCongestion,
+    ...(warmLinks === undefined ? {} : { warmLinks }),
     ...(o.metrics === undefined ? {} : { metrics: o.metrics === true ? DEFAULT_METRICS_ADDR : o.metrics }),
     ...(o.web === undefined ? {} : { web: o.web === true ? DEFAULT_WEB_ADDR : o.web }),
     spot: spotOptions(o),

@@ -27,6 +27,9 @@ export interface MigrationNetwork {
   channels(): MigrationChannel[]
   /** Called for every channel that opens (also re-opened ones after a link failure). */
   onChannel(handler: (channel: MigrationChannel) => void): () => void
+  /** Builds the link to `peer` when the overlay keeps none (large meshes link members on demand);
+   *  resolves when there is one or it cannot be built (channel() then says which). */
+  connect?(peer: string, signal?: AbortSignal): Promise<void>
 }
 
 /**

@@ -3,6 +3,7 @@
  * each link. Only net/link's own interfaces are imported; nothing of libp2p or werift.
  */
 import type { Link, MessageChannel, Overlay } from '../../net/link/interfaces.ts'
+import { openLink } from '../../net/link/open.ts'
 import type { MigrationChannel, MigrationNetwork } from './interfaces.ts'
 
 const wrapped = new WeakMap<MessageChannel, MigrationChannel>()
@@ -46,5 +47,9 @@ export function overlayMigrationNetwork(overlay: Overlay | (() => Overlay)): Mig
         .filter((l) => l.state !== 'closed')
         .map(wrap),
     onChannel: (handler) => get().onLink((l) => handler(wrap(l))),
+    async connect(peer, signal) {
+      // A failure shows as channel(peer) === undefined, which the caller already reports.
+      await openLink(get(), peer, signal === undefined ? {} : { signal }).catch(() => undefined)
+    },
   }
 }

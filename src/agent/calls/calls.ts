@@ -1,4 +1,5 @@
 import type { Link, Overlay } from '../../../net/link/interfaces.ts'
+import { openLink } from '../../../net/link/open.ts'
 import { AbortError, describeError, MeshError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
 import type { AgentService } from '../interfaces.ts'
@@ -176,55 +177,76 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
     peers() {
       return (overlay?.links() ?? []).filter((l) => l.state === 'open').map((l) => l.peer)
     },
-    call(peer, method, params = {}, options = {}) {
-      const link = overlay?.link(peer)
+    async call(peer, method, params = {}, options = {}) {
+      let link: Link | undefined
+      try {
+        // Built on demand when the overlay keeps no link to this member (large meshes).
+        link =
+          overlay === undefined
+            ? undefined
+            : await openLink(overlay, peer, options.signal ? { signal: options.signal } : {})
+      } catch (err) {
+        if (err instanceof AbortError) throw err
+        throw new PeerCallError(`no open link to ${peer}: ${describeError(err)}`, {
+          code: 'E_NO_LINK',
+          cause: err,
+        })
+      }
       if (link === undefined || link.state !== 'open')
-        return Promise.reject(new PeerCallError(`no open link to ${peer}`, { code: 'E_NO_LINK' }))
-      const id = nextId++
-      const timeoutMs = options.timeoutMs ?? 5000
-      return new Promise<unknown>((resolve, reject) => {
-        const cleanup = () => {
-          clearTimeout(timer)
-          pending.delete(id)
-          options.signal?.removeEventListener('abort', onAbort)
-          offClose()
-        }
-        const onAbort = () => {
-          cleanup()
-          send(link, { t: 'cancel', id })
-          reject(new AbortError(`call ${method} to ${peer} cancelled`, { cause: options.signal?.reason }))
-        }
-        const timer = setTimeout(() => {
-          cleanup()
-          send(link, { t: 'cancel', id })
-          reject(
-            new PeerCallError(`${peer} did not answer ${method} within ${timeoutMs} ms`, {
-              code: 'E_TIMEOUT',
-            }),
-          )
-        }, timeoutMs)
-        const offClose = link.onClose(() => {
-          cleanup()
-          reject(new PeerCallError(`link to ${peer} closed during ${method}`, { code: 'E_NO_LINK' }))
-        })
-        options.signal?.addEventListener('abort', onAbort, { once: true })
-        pending.set(id, {
-          peer,
-          resolve: (v) => {
-            cleanup()
-            resolve(v)
-          },
-          reject: (e) => {
-            cleanup()
-            reject(e)
-          },
-        })
-        if (options.signal?.aborted === true) return onAbort()
-        if (!send(link, { t: 'req', id, method, params }))
-          pending
-            .get(id)
-            ?.reject(new PeerCallError(`cannot send ${method} to ${peer}`, { code: 'E_NO_LINK' }))
-      })
+        throw new PeerCallError(`no open link to ${peer}`, { code: 'E_NO_LINK' })
+      return callOver(link, peer, method, params, options)
     },
+  }
+
+  function callOver(
+    link: Link,
+    peer: string,
+    method: string,
+    params: unknown,
+    options: { signal?: AbortSignal; timeoutMs?: number },
+  ): Promise<unknown> {
+    const id = nextId++
+    const timeoutMs = options.timeoutMs ?? 5000
+    return new Promise<unknown>((resolve, reject) => {
+      const cleanup = () => {
+        clearTimeout(timer)
+        pending.delete(id)
+        options.signal?.removeEventListener('abort', onAbort)
+        offClose()
+      }
+      const onAbort = () => {
+        cleanup()
+        send(link, { t: 'cancel', id })
+        reject(new AbortError(`call ${method} to ${peer} cancelled`, { cause: options.signal?.reason }))
+      }
+      const timer = setTimeout(() => {
+        cleanup()
+        send(link, { t: 'cancel', id })
+        reject(
+          new PeerCallError(`${peer} did not answer ${method} within ${timeoutMs} ms`, {
+            code: 'E_TIMEOUT',
+          }),
+        )
+      }, timeoutMs)
+      const offClose = link.onClose(() => {
+        cleanup()
+        reject(new PeerCallError(`link to ${peer} closed during ${method}`, { code: 'E_NO_LINK' }))
+      })
+      options.signal?.addEventListener('abort', onAbort, { once: true })
+      pending.set(id, {
+        peer,
+        resolve: (v) => {
+          cleanup()
+          resolve(v)
+        },
+        reject: (e) => {
+          cleanup()
+          reject(e)
+        },
+      })
+      if (options.signal?.aborted === true) return onAbort()
+      if (!send(link, { t: 'req', id, method, params }))
+        pending.get(id)?.reject(new PeerCallError(`cannot send ${method} to ${peer}`, { code: 'E_NO_LINK' }))
+    })
   }
 }

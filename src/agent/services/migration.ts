@@ -558,6 +558,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     counters.out++
     const signal = options.signal === undefined ? ac.signal : AbortSignal.any([options.signal, ac.signal])
     try {
+      // A destination outside this member's warm set gets its link now (large meshes).
+      await network.connect?.(to, signal)
       const report = await migrateOut({
         network,
         register,

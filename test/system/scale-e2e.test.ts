@@ -1,0 +1,42 @@
+/**
+ * The reduced form of `npm run bench -- scale` (issue 19, "Scale"): 12 `mesh` agents in three NAT'd
+ * clouds plus a bootstrap, all joined at once, with `--warm-links 2` so that most member pairs have no
+ * standing link and every sampled ping needs a link built on demand. Asserts what an operator judges
+ * a fleet by: everyone joined and reachable within 60 s, each agent within 80 MB, links bounded by the
+ * warm set plus what was asked for (not a full mesh). Idle CPU is reported here and judged by the bench
+ * (a loaded CI box makes a 1 % bound a coin toss); a runaway loop (> 10 %) still fails.
+ */
+import assert from 'node:assert/strict'
+import { median, runScale } from '../helpers/scale-rig.ts'
+
+describe("scale: 12 agents in 3 NAT'd clouds, links on demand (reduced bench scale)", function () {
+  this.timeout(240_000)
+
+  it('all join and reach each other within 60 s, each ≤ 80 MB, links bounded by the warm set', async () => {
+    const pings = 2
+    const warm = 2
+    const r = await runScale({
+      agents: 12,
+      hostsPerCloud: 4,
+      settleS: 3,
+      idleS: 10,
+      pingsPerMember: pings,
+      reachTimeoutMs: 60_000,
+      agentArgs: ['--warm-links', String(warm)],
+      log: (l) => process.stderr.write(`[scale-e2e] ${l}\n`),
+    })
+    process.stderr.write(
+      `[scale-e2e] ${JSON.stringify({ joinMs: r.joinMs, reachMs: r.reachMs, pings: r.pings, rssMB: r.rssMB, cpuPct: r.cpuPct, linksOpen: r.linksOpen, boot: r.boot, gossip: r.gossip, load1: r.load1 })}\n`,
+    )
+    assert.ok(r.joinAllMs <= 60_000, `joined and reachable after ${r.joinAllMs} ms`)
+    assert.equal(r.pings.ok, 12 * pings, 'every planned ping answered')
+    assert.ok(Math.max(...r.rssMB) <= 80, `RSS per agent ${r.rssMB.join(', ')} MB`)
+    // warm neighbours + links this member asked for + links asked of it (the late member pings nobody)
+    // +1: the late member's arrival shifts one ring neighbour (the old link idles out after 120 s);
+    // +1: the bootstrap keeps its default 8 neighbours, so it may hold a link to this member too.
+    const bound = warm + 2 * pings + 2
+    assert.ok(Math.max(...r.linksOpen) <= bound, `links open ${r.linksOpen.join(', ')} (bound ${bound})`)
+    assert.ok(Math.max(...r.linksOpen) < 12, 'not a full mesh')
+    assert.ok(median(r.cpuPct) <= 10, `idle CPU ${r.cpuPct.join(', ')} %`)
+  })
+})
