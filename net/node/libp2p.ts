@@ -37,6 +37,11 @@ export interface MemberPlaneInit extends Common {
   relay: boolean
 }
 
+/** Inbound connections accepted per remote IP per second (libp2p's default: 5). */
+const INBOUND_PER_IP_PER_SECOND = 200
+/** Inbound connections in their handshake at once (libp2p's default: 10). */
+const MAX_PENDING_INBOUND = 128
+
 /** A dial-only node for admission: no listener, no services. Started at once. */
 export interface JoinerPlaneInit extends Common {
   kind: 'joiner'
@@ -66,6 +71,14 @@ export async function createControlPlane(init: MemberPlaneInit | JoinerPlaneInit
     // killed a healthy connection carrying direct-path streams mid-transfer. Liveness is the links'
     // heartbeat's job: the monitor only measures.
     connectionMonitor: { abortConnectionOnPingFailure: false },
+    // libp2p's defaults (5 inbound connections a second per remote IP, 10 pending) refused members
+    // joining at once: the members behind one NAT share its public IP, each join opens two
+    // connections (admission, then the member node), and a bootstrap takes a whole fleet's joins in a
+    // burst (50 agents: ECONNRESET). The member gate still refuses strangers after the handshake.
+    connectionManager: {
+      inboundConnectionThreshold: INBOUND_PER_IP_PER_SECOND,
+      maxIncomingPendingConnections: MAX_PENDING_INBOUND,
+    },
     services: {
       identify: identify(),
       ping: ping({ maxOutboundStreams: 4, maxInboundStreams: 4 }),

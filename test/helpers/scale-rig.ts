@@ -8,6 +8,8 @@
  *               pinged as often as it pings), over the data plane as `mesh ping` does
  *   joinAllMs   the later of the two
  *   rssMB, cpuPct  per agent after `settleS` s of quiet, CPU over an `idleS` s window (/proc)
+ *   pssMB       per agent: its proportional share (smaps_rollup Pss). RSS counts the ~35-50 MB of the
+ *               node binary's pages that every agent maps and the box holds once; PSS divides them.
  *   gossip      member-set messages and bytes (sum over all agents) for the whole join and for one
  *               more member joining the quiet mesh
  *
@@ -57,6 +59,7 @@ export interface ScaleResult {
   joinAllMs: number
   pings: { ok: number; failedAttempts: number; msMedian: number; msMax: number }
   rssMB: number[]
+  pssMB: number[]
   cpuPct: number[]
   boot: { rssMB: number; cpuPct: number }
   linksOpen: number[]
@@ -78,6 +81,12 @@ function cpuSeconds(pid: number): number {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
   return (Number(fields[11]) + Number(fields[12])) / CLK_TCK
+}
+
+function pssMB(pid: number): number {
+  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))
+  if (m === null) throw new Error(`no Pss for ${pid}`)
+  return Number(m[1]) / 1024
 }
 
 function rssMB(pid: number): number {
@@ -298,11 +307,12 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
     const cpuPct = pids.map((p, i) => Math.round(((cpuSeconds(p) - cpu0[i]!) / wall) * 1000) / 10)
     const bootCpu = Math.round(((cpuSeconds(bootPid) - boot0) / wall) * 1000) / 10
     const rss = pids.map((p) => Math.round(rssMB(p) * 10) / 10)
+    const pss = pids.map((p) => Math.round(pssMB(p) * 10) / 10)
     const linksOpen: number[] = []
     for (const c of clients) linksOpen.push(((await call(c, 'status')) as NetStatus).net.linksOpen)
     const load1 = loadavg()[0]!
     log(
-      `idle: rss median ${median(rss)} max ${Math.max(...rss)} MB, cpu median ${median(cpuPct)}% max ${Math.max(...cpuPct)}%, boot ${rssMB(bootPid).toFixed(1)} MB ${bootCpu}%, links open median ${median(linksOpen)} max ${Math.max(...linksOpen)}, load ${load1}`,
+      `idle: rss median ${median(rss)} max ${Math.max(...rss)} MB, pss median ${median(pss)} max ${Math.max(...pss)} MB, cpu median ${median(cpuPct)}% max ${Math.max(...cpuPct)}%, boot ${rssMB(bootPid).toFixed(1)} MB ${bootCpu}%, links open median ${median(linksOpen)} max ${Math.max(...linksOpen)}, load ${load1}`,
     )
     await opts.whileUp?.(net, procs)
     return {
@@ -318,6 +328,7 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
         msMax: Math.max(...pingMs),
       },
       rssMB: rss,
+      pssMB: pss,
       cpuPct,
       boot: { rssMB: Math.round(rssMB(bootPid) * 10) / 10, cpuPct: bootCpu },
       linksOpen,
