@@ -13,6 +13,9 @@ import {
 
 export class DiagError extends MeshError {}
 
+/** How long a ping or bench waits for a link built on demand (a few seconds through two NATs). */
+const LINK_BUILD_MS = 15_000
+
 export interface BenchResult {
   bytes: number
   seconds: number
@@ -79,7 +82,10 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
   const linkTo = async (peer: string, signal: AbortSignal | undefined): Promise<Link> => {
     let l: Link | undefined
     try {
-      l = await openLink(overlay, peer, signal === undefined ? {} : { signal })
+      l = await openLink(overlay, peer, {
+        timeoutMs: LINK_BUILD_MS,
+        ...(signal === undefined ? {} : { signal }),
+      })
     } catch (err) {
       if (err instanceof AbortError) throw err
       throw new DiagError(`no open link to ${peer}: ${describeError(err)}`, { code: 'E_NO_LINK', cause: err })

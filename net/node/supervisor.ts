@@ -410,6 +410,9 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     if (peer === ctx.self) throw new ControlError('no link to oneself')
     if (ctx.libp2p === undefined) throw new NodeStateError('not started')
     if (!state.isMember(peer)) throw new NotMemberError(peer)
+    // A warm member's link is kept by the tick: when it is down, the supervisor is already rebuilding
+    // it, and callers get the answer they always got (no link now) instead of a wait.
+    if (warm.has(peer)) throw new ControlError(`no open link to ${peer} (it is being rebuilt)`)
     const s = peerState(peer)
     s.wantedUntil = now + idleMs
     if (s.link === undefined && s.connecting === undefined) {

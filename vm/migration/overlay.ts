@@ -49,7 +49,9 @@ export function overlayMigrationNetwork(overlay: Overlay | (() => Overlay)): Mig
     onChannel: (handler) => get().onLink((l) => handler(wrap(l))),
     async connect(peer, signal) {
       // A failure shows as channel(peer) === undefined, which the caller already reports.
-      await openLink(get(), peer, signal === undefined ? {} : { signal }).catch(() => undefined)
+      await openLink(get(), peer, { timeoutMs: 15_000, ...(signal === undefined ? {} : { signal }) }).catch(
+        () => undefined,
+      )
     },
   }
 }

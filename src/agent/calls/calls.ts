@@ -184,7 +184,11 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
         link =
           overlay === undefined
             ? undefined
-            : await openLink(overlay, peer, options.signal ? { signal: options.signal } : {})
+            : await openLink(overlay, peer, {
+                // the link build gets the call's own time (a down member fails as fast as before)
+                timeoutMs: Math.max(options.timeoutMs ?? 5000, 10_000),
+                ...(options.signal ? { signal: options.signal } : {}),
+              })
       } catch (err) {
         if (err instanceof AbortError) throw err
         throw new PeerCallError(`no open link to ${peer}: ${describeError(err)}`, {

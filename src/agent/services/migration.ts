@@ -559,7 +559,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     const signal = options.signal === undefined ? ac.signal : AbortSignal.any([options.signal, ac.signal])
     try {
       // A destination outside this member's warm set gets its link now (large meshes).
-      await network.connect?.(to, signal)
+      if (network.channel(to) === undefined) await network.connect?.(to, signal)
       const report = await migrateOut({
         network,
         register,
