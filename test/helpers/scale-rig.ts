@@ -229,6 +229,7 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
         )
         if (seen.every(Boolean)) {
           joinMs = Date.now() - t0
+          log(`membership complete after ${joinMs} ms`)
           return
         }
         if (Date.now() > deadline) {
@@ -256,10 +257,18 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
               return
             } catch (err) {
               failedAttempts++
-              if (Date.now() > deadline)
+              if (Date.now() > deadline) {
+                const fromLog = agents
+                  .find((a) => a.name === from)
+                  ?.log()
+                  .split('\n')
+                  .filter((l) => /link|ping|fail|error/i.test(l))
+                  .slice(-8)
+                  .join('\n')
                 throw new Error(
-                  `${from} cannot ping ${to} within ${reachTimeoutMs} ms: ${(err as Error).message}`,
+                  `${from} cannot ping ${to} within ${reachTimeoutMs} ms: ${(err as Error).message}; membership ${joinMs < 0 ? 'not yet complete' : `complete after ${joinMs} ms`}; ${from}'s last link lines:\n${fromLog}`,
                 )
+              }
               await sleep(1000)
             }
           }
