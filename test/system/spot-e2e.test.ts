@@ -3,6 +3,8 @@
  * providers' metadata protocols served by strict fakes on 169.254.169.254 inside the doomed host's
  * namespace, everything driven through the CLI.
  *
+ * The clouds are on the `crosscloud` WAN profile (MESH_TEST_PROFILE overrides it).
+ *
  * 1. GCP: gcp1 runs two guests (g1 busy: memcheck churn; g2 with a warm standby) and watches
  *    instance/preempted. A 30 s notice: both guests must run elsewhere before t = 30 s, placed by room,
  *    standby and provider (aws1 has room for one guest, azure1 for more; cli1 offers none; the drained
@@ -27,6 +29,7 @@ import {
   runGuestVm,
   type Testnet,
 } from '../../fixtures/testnet/testnet.ts'
+import { profileFromEnv } from '../../fixtures/wan/profiles.ts'
 import { killHost, METADATA_IP, type NamespaceMetadata, startNamespaceMetadata } from '../helpers/spot-rig.ts'
 
 const SUBNET = '10.97.0'
@@ -82,6 +85,8 @@ describe("spot notices across NAT'd clouds (e2e: fake metadata servers, agents, 
     net = await createTestnet({
       clouds: [{ name: 'gcp' }, { name: 'aws' }, { name: 'azure' }, { name: 'cli' }],
       noJoin: true,
+      // Between providers: 30 ms, 1 Gbit/s, 0.05% loss (MESH_TEST_PROFILE picks another).
+      profile: profileFromEnv('crosscloud'),
     })
     const gcpMeta = await startNamespaceMetadata(net.topo.host('gcp1'), 'gcp')
     metas.set('gcp1', gcpMeta)
