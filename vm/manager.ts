@@ -204,6 +204,20 @@ export class VmManager extends EventEmitter<VmManagerEvents> implements VmContro
     return this.info(entry)
   }
 
+  /**
+   * Tries again to take control of a VM that init() found alive but could not reach (its QMP did not
+   * answer: e.g. a guest that waited on post-copy memory while the agent restarted). Resolves true
+   * once it is controlled here.
+   */
+  async readopt(name: string, signal?: AbortSignal): Promise<boolean> {
+    const e = this.entries.get(name)
+    if (e === undefined || !e.unreachable) return e?.vm !== undefined
+    const vm = await this.driver.adopt(e.record.handle, signal)
+    this.attach(e, vm)
+    this.emit('started', { name })
+    return true
+  }
+
   /** The live VM of that name (for migration and the agent). */
   get(name: string): Vm {
     const e = this.entry(name)

@@ -17,8 +17,10 @@ import type { RamCache } from '../../vm/migration/interfaces.ts'
 import { createManagerHost } from '../../vm/migration/manager-host.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
 import { sweepIncoming } from '../../vm/migration/sweep.ts'
+import { postcopySupport } from '../../vm/postcopy/pager.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import type { VmSpec } from '../../vm/spec.ts'
+import { createCgroupThrottle, sweepThrottles } from '../../vm/throttle/cgroup.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import { createLogger, type Logger } from '../base/log.ts'
 import { NETWORK_KEY_FILE, statePaths } from '../config.ts'
@@ -342,6 +344,9 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
       web?.observeReport(r)
     },
     nameOf: (peer) => net.node.members({ includeDropped: true }).find((m) => m.peerId === peer)?.name ?? peer,
+    // #15: vCPU throttling (cgroup CPU bandwidth) for pre-copy, post-copy paging (userfaultfd).
+    throttle: createCgroupThrottle(),
+    postcopy: async () => (await postcopySupport()).ok,
   })
   // After the VM manager re-adopted its VMs: kill incoming QEMUs a killed agent left behind, except
   // those of moves this host committed to (the migration service re-adopts them when it starts).
@@ -364,6 +369,10 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
       const pruned = await prunePreviousDisks(disks, await previousDisksBudget(disks))
       if (removedDisks.length + pruned.length > 0)
         log.info('swept disk leftovers', { removed: removedDisks, prunedPrevious: pruned.map((d) => d.path) })
+      // A guest must not stay throttled after the move that throttled it died with the agent.
+      const pids = new Set((await manager.list()).flatMap((v) => (v.pid === undefined ? [] : [v.pid])))
+      const lifted = await sweepThrottles(pids).catch(() => 0)
+      if (lifted > 0) log.info('lifted vCPU throttles a killed agent left', { count: lifted })
     },
     async stop() {},
     handlers: () => ({}),

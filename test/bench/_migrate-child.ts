@@ -14,7 +14,9 @@ import { createMigrationService } from '../../src/agent/services/migration.ts'
 import { createLogger } from '../../src/base/log.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import { createDriverHost } from '../../vm/migration/host.ts'
+import { postcopySupport } from '../../vm/postcopy/pager.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
+import { createCgroupThrottle } from '../../vm/throttle/cgroup.ts'
 import { socketNetwork } from './_migrate-socket.ts'
 
 const [sockPath, tag = 'migp', memPort = '0', counterPort = '0'] = process.argv.slice(2)
@@ -48,6 +50,8 @@ const service = createMigrationService({
   cache: createStoreRamCache(await openChunkStore({ dir: storeDir })),
   log: createLogger({ level: 'warn', component: 'B' }),
   isMember: (p) => p === 'A',
+  throttle: createCgroupThrottle(),
+  postcopy: async () => (await postcopySupport()).ok,
   tuning: { timeoutMs: 120_000 },
 })
 await service.start(new AbortController().signal)

@@ -21,8 +21,10 @@ import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
 import type { MigrationTuning } from '../../vm/migration/source.ts'
+import { postcopySupport } from '../../vm/postcopy/pager.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import { type VmSpec, validateVmSpec } from '../../vm/spec.ts'
+import { createCgroupThrottle } from '../../vm/throttle/cgroup.ts'
 import { freePort, waitConsole } from '../helpers/vm.ts'
 import { socketNetwork } from './_migrate-socket.ts'
 
@@ -163,6 +165,8 @@ export async function createTwoHosts(
       cache: createStoreRamCache(store),
       log: log.child(id),
       isMember: (p) => p === 'A' || p === 'B',
+      throttle: createCgroupThrottle(),
+      postcopy: async () => (await postcopySupport()).ok,
       tuning: { timeoutMs: 120_000, ...options.tuning },
     })
     await service.start(new AbortController().signal)

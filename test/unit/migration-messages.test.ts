@@ -80,6 +80,51 @@ const samples: Message[] = [
       { at: 2, token: 5, event: 'lost', peer: 'peerB', note: 'its QEMU died' },
     ],
   },
+  // Post-copy and the move options (#15).
+  {
+    type: 'prepare',
+    sid,
+    spec,
+    token: 4,
+    ramSize: 16 * 1024 * 1024,
+    chunkSize: 65536,
+    pageSize: 4096,
+    images: [],
+    postcopy: true,
+  },
+  { type: 'accept', sid, cachedChunks: 0, postcopy: true },
+  { type: 'final', sid, token: 4, round: 3, pausedAt: 1700000000000, postcopy: true },
+  { type: 'owed', sid, chunks: 256, bitmap: new Uint8Array(32).fill(0x81) },
+  { type: 'owed', sid, chunks: 13, bitmap: Uint8Array.from([0xff, 0x1f]) },
+  { type: 'pcwant', sid, indices: [7, 3, 200] },
+  {
+    type: 'pcdata',
+    sid,
+    chunks: [
+      {
+        index: 7,
+        deflated: false,
+        kinds: Uint8Array.from([0, 1, 1, 0]),
+        refs: [],
+        literal: new Uint8Array(8192).fill(3),
+      },
+    ],
+  },
+  { type: 'pcack', sid, placed: 12 },
+  { type: 'pcdone', sid, token: 4, faults: 10, maxWaitUs: 12345, zeroFaults: 2 },
+  { type: 'pcresume', sid, vm: 'g1', token: 4 },
+  { type: 'query-reply', sid, vm: 'g1', state: 'postcopy', token: 4 },
+  { type: 'query-reply', sid, vm: 'g1', state: 'lost', token: 4 },
+  {
+    type: 'request',
+    sid,
+    vm: 'g1',
+    to: 'peer',
+    deadlineMs: 60000,
+    maxPauseMs: 500,
+    bestEffort: true,
+    mode: 'postcopy',
+  },
 ]
 
 /** Typed arrays as plain arrays: the decoder may return Buffers where the sample has Uint8Arrays. */
@@ -118,6 +163,47 @@ describe('migration protocol v1', () => {
     assert.throws(() => decodeMessage(b.subarray(0, b.length - 1)), { name: 'MigrationDecodeError' })
     assert.throws(() => decodeMessage(Buffer.concat([b, Buffer.from([0])])), { name: 'MigrationDecodeError' })
     assert.throws(() => decodeMessage(b.subarray(0, HEADER_SIZE - 1)), { name: 'MigrationDecodeError' })
+  })
+
+  it('post-copy messages: pcdata carries zero and literal pages only, owed is bounded, options are checked', () => {
+    const withRef = {
+      type: 'pcdata',
+      sid,
+      chunks: [
+        { index: 1, deflated: false, kinds: Uint8Array.from([2]), refs: [5], literal: new Uint8Array(0) },
+      ],
+    } as Message
+    assert.throws(() => encodeMessage(withRef), RangeError)
+    // A 'data' body relabelled as pcdata (a KEEP page) is refused by the decoder.
+    const data = Buffer.from(
+      encodeMessage({
+        type: 'data',
+        sid,
+        round: 0,
+        chunks: [
+          {
+            index: 1,
+            deflated: false,
+            kinds: Uint8Array.from([3, 1]),
+            refs: [],
+            literal: new Uint8Array(4096),
+          },
+        ],
+      }),
+    )
+    data[1] = Buffer.from(encodeMessage(samples.find((m) => m.type === 'pcdata')!))[1]!
+    assert.throws(() => decodeMessage(data), { name: 'MigrationDecodeError', message: /pcdata: page kind 3/ })
+    const owed = Buffer.from(encodeMessage({ type: 'owed', sid, chunks: 8, bitmap: new Uint8Array(1) }))
+    owed.writeUInt32BE(0xffffffff, HEADER_SIZE)
+    assert.throws(() => decodeMessage(owed), { name: 'MigrationDecodeError', message: /owed/ })
+    assert.throws(
+      () => encodeMessage({ type: 'owed', sid, chunks: 9, bitmap: new Uint8Array(1) }),
+      RangeError,
+    )
+    const req = Buffer.from(encodeMessage({ type: 'request', sid, vm: 'g1', to: 'p' }))
+    const body = JSON.stringify({ vm: 'g1', to: 'p', mode: 'sideways' })
+    const bad = Buffer.concat([req.subarray(0, HEADER_SIZE), Buffer.from(body)])
+    assert.throws(() => decodeMessage(bad), { name: 'MigrationDecodeError', message: /mode/ })
   })
 
   it('refuses a prepare whose RAM size does not match the spec, and huge counts without allocating', () => {
@@ -238,6 +324,40 @@ describe('migration protocol v1', () => {
         kinds: Uint8Array.from(new Array(16).fill(PAGE_LITERAL)),
       }
       assert.throws(() => w.apply(broken), { name: 'MigrationDecodeError' })
+      enc.close()
+      w.close()
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('RAM codec: a chunk deferred out of the bulk copy is in the final delta even if unchanged since the scan; one filled from the cache after all is not', async () => {
+    const { mkdtemp, writeFile, readFile, rm } = await import('node:fs/promises')
+    const { tmpdir } = await import('node:os')
+    const { join } = await import('node:path')
+    const { randomBytes } = await import('node:crypto')
+    const dir = await mkdtemp(join(tmpdir(), 'mig-defer-'))
+    try {
+      const size = 8 * 65536
+      const src = randomBytes(size)
+      await writeFile(join(dir, 'src'), src)
+      await writeFile(join(dir, 'dst'), Buffer.alloc(size))
+      const enc = new RamEncoder(join(dir, 'src'), size, 65536, false, false)
+      const w = new RamWriter(join(dir, 'dst'), size, 65536)
+      const scan = await enc.scan()
+      assert.equal(scan.indices.length, 8)
+      // Chunk 3: deferred (the guest wrote it after the tracker's baseline, before the scan), never
+      // sent. Chunk 5: deferred, then the destination says it has it in its cache.
+      enc.deferUnsent(3)
+      enc.deferUnsent(5)
+      enc.markFilled(5)
+      w.fill(5, src.subarray(5 * 65536, 6 * 65536))
+      const sent = scan.indices.filter((i) => i !== 3 && i !== 5)
+      for (const c of await Promise.all(enc.encode(sent))) w.apply(c)
+      assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [3])
+      for (const c of await Promise.all(enc.encode([3]))) w.apply(c)
+      assert.ok((await readFile(join(dir, 'dst'))).equals(src))
+      assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [])
       enc.close()
       w.close()
     } finally {

@@ -64,11 +64,58 @@ describe('migration switch decision (pure, table)', () => {
       { nowMs: 50_000, deadline: { atMs: 40_000, ms: 30_000 } },
       'switch:deadline',
     ],
+    // With a bound on the pause (#15).
+    [
+      'pause bound, the rest fits it → switch',
+      { maxPauseMs: 1000, predictedPauseMs: 600 },
+      'switch:fits-pause',
+    ],
+    [
+      'pause bound, pre-copy cannot converge, post-copy allowed → postcopy',
+      { maxPauseMs: 1000, predictedPauseMs: 9000, postcopy: 'allowed', precopyConverges: false },
+      'postcopy:dirty-rate',
+    ],
+    [
+      'pause bound, converging, post-copy allowed → another round',
+      { maxPauseMs: 1000, predictedPauseMs: 9000, postcopy: 'allowed', precopyConverges: true },
+      'round',
+    ],
+    [
+      'pause bound, not shrinking, post-copy allowed → postcopy',
+      { round: 2, prevPendingBytes: 8 * MiB, maxPauseMs: 1000, postcopy: 'allowed', precopyConverges: true },
+      'postcopy:not-shrinking',
+    ],
+    [
+      'pause bound, no post-copy, not shrinking but the throttle can go up → round',
+      { round: 2, prevPendingBytes: 8 * MiB, maxPauseMs: 1000, postcopy: 'no', throttleHeadroom: true },
+      'round',
+    ],
+    [
+      'no post-copy, throttle exhausted, not shrinking → switch (the pause may exceed the bound)',
+      { round: 2, prevPendingBytes: 8 * MiB, maxPauseMs: 1000, postcopy: 'no', throttleHeadroom: false },
+      'switch:not-shrinking',
+    ],
+    [
+      'no bound: post-copy is never chosen by itself',
+      { round: 2, prevPendingBytes: 8 * MiB, postcopy: 'allowed', precopyConverges: false },
+      'switch:not-shrinking',
+    ],
+    ['post-copy asked for → at the first decision', { postcopy: 'requested' }, 'postcopy:requested'],
+    [
+      'post-copy asked for, but nothing left → plain switch',
+      { postcopy: 'requested', pendingBytes: 0 },
+      'switch:small',
+    ],
+    [
+      'pause bound, rounds used up, post-copy allowed → postcopy',
+      { round: 8, prevPendingBytes: 100 * MiB, maxPauseMs: 1000, postcopy: 'allowed' },
+      'postcopy:max-rounds',
+    ],
   ]
   for (const [what, over, expect] of rows) {
     it(what, () => {
       const d = decideSwitch({ ...base, ...over })
-      assert.equal(d.action === 'switch' ? `switch:${d.reason}` : d.action, expect)
+      assert.equal(d.action === 'round' ? d.action : `${d.action}:${d.reason}`, expect)
     })
   }
 
@@ -104,7 +151,7 @@ describe('migration state machines (tables)', () => {
     const states = Object.keys(SOURCE_TRANSITIONS) as SourceState[]
     assert.deepEqual([...reachable(SOURCE_TRANSITIONS, 'setup')].sort(), [...states].sort())
     const terminal = states.filter((s) => SOURCE_TRANSITIONS[s].length === 0).sort()
-    assert.deepEqual(terminal, ['completed', 'in-doubt', 'lost', 'rolled-back'])
+    assert.deepEqual(terminal, ['completed', 'in-doubt', 'lent', 'lost', 'rolled-back'])
     for (const s of states) {
       const ends = reachable(SOURCE_TRANSITIONS, s)
       assert.ok(
@@ -114,11 +161,12 @@ describe('migration state machines (tables)', () => {
     }
   })
 
-  it('every destination state is reachable from preparing; terminal ones are running, discarded, refused', () => {
+  it('every destination state is reachable from preparing; terminal ones are running, discarded, refused, lost', () => {
     const states = Object.keys(DESTINATION_TRANSITIONS) as DestinationState[]
     assert.deepEqual([...reachable(DESTINATION_TRANSITIONS, 'preparing')].sort(), [...states].sort())
     assert.deepEqual(states.filter((s) => DESTINATION_TRANSITIONS[s].length === 0).sort(), [
       'discarded',
+      'lost',
       'refused',
       'running',
     ])
@@ -134,6 +182,8 @@ describe('migration state machines (tables)', () => {
       switching: 'rollback',
       paused: 'rollback',
       committed: 'in-doubt',
+      postcopy: 'lent',
+      lent: 'lent',
       declined: 'rollback',
       handover: 'moved',
       'rolling-back': 'rollback',
@@ -150,6 +200,8 @@ describe('migration state machines (tables)', () => {
         assert.ok(SOURCE_TRANSITIONS[s].includes('rolling-back'), `${s} → rolling-back`)
     // Never back to running here after the commit without an answer: committed cannot roll back.
     assert.ok(!SOURCE_TRANSITIONS.committed.includes('rolling-back'))
+    // Post-copy: the guest runs there on memory lent from here; nothing leads back to running here.
+    assert.ok(!reachable(SOURCE_TRANSITIONS, 'postcopy').has('rolling-back'))
   })
 
   it('transitions check their from-state and the table', () => {

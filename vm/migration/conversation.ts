@@ -26,7 +26,10 @@ export class Conversation {
   receivedBytes = 0
   private readonly inbox: Message[] = []
   private waiter: Waiter | undefined
+  /** Message types handed to a handler as they come (post-copy traffic beside the main flow). */
+  private readonly routes = new Map<MessageType, (m: Message) => void>()
   private failure: Error | undefined
+  private readonly failWaiters: Array<(e: Error) => void> = []
   private readonly offClose: () => void
 
   /** How messages name the peer (its member name when the caller knows it; default its PeerId). */
@@ -62,6 +65,11 @@ export class Conversation {
       this.fail(new MigrationRefusedError(m.reason, { code: m.code }))
       return
     }
+    const route = this.routes.get(m.type)
+    if (route !== undefined) {
+      route(m)
+      return
+    }
     const w = this.waiter
     if (w?.types.includes(m.type)) {
       this.waiter = undefined
@@ -69,9 +77,35 @@ export class Conversation {
     } else this.inbox.push(m)
   }
 
+  /**
+   * Hands every message of these types to `handler` as it arrives, beside whatever next() waits for
+   * (post-copy: page requests and acknowledgements flow while the session waits for 'resumed').
+   * Messages of these types already queued are handed over at once. Returns the undo.
+   */
+  route(types: readonly MessageType[], handler: (m: Message) => void): () => void {
+    for (const t of types) this.routes.set(t, handler)
+    for (let i = 0; i < this.inbox.length; ) {
+      const m = this.inbox[i]!
+      if (types.includes(m.type)) {
+        this.inbox.splice(i, 1)
+        handler(m)
+      } else i++
+    }
+    return () => {
+      for (const t of types) if (this.routes.get(t) === handler) this.routes.delete(t)
+    }
+  }
+
+  /** Resolves (or rejects) when the conversation fails or closes. */
+  whenFailed(): Promise<Error> {
+    if (this.failure !== undefined) return Promise.resolve(this.failure)
+    return new Promise((resolve) => this.failWaiters.push(resolve))
+  }
+
   fail(err: Error): void {
     if (this.failure !== undefined) return
     this.failure = err
+    for (const f of this.failWaiters.splice(0)) f(err)
     const w = this.waiter
     this.waiter = undefined
     w?.reject(err)

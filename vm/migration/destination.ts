@@ -9,10 +9,18 @@ import type { Logger } from '../../src/base/log.ts'
 import { DiskReceiver } from '../disk/receiver.ts'
 import { checkBaseHere } from '../disk/volume.ts'
 import type { Vm } from '../driver/interfaces.ts'
+import { type Pager, PostcopyError, startPager } from '../postcopy/pager.ts'
 import type { Conversation } from './conversation.ts'
-import { MigrationDecodeError, MigrationError, MigrationRefusedError, StaleTokenError } from './errors.ts'
+import {
+  MigrationDecodeError,
+  MigrationError,
+  MigrationLostError,
+  MigrationRefusedError,
+  StaleTokenError,
+} from './errors.ts'
 import { faultPoint } from './fault-points.ts'
-import type { MigrationProgress, RamCache, VmHost } from './interfaces.ts'
+import type { MigrationNetwork, MigrationProgress, RamCache, VmHost } from './interfaces.ts'
+import { bitmapChunks, PostcopyReceiver, runPostcopy } from './postcopy-dest.ts'
 import { RamReceiver } from './ram-receiver.ts'
 import { DESTINATION_TRANSITIONS, type DestinationState, StateMachine, type Transition } from './state.ts'
 import type { DestinationContext, DestinationStream } from './stream.ts'
@@ -34,6 +42,13 @@ export interface DestinationInit {
   /** A member's name for messages (default: its PeerId), and this host's. */
   nameOf?: (peer: string) => string
   selfName?: string
+  /** Whether this host can page a post-copy move (vm/postcopy: root, gcc, userfaultfd). */
+  postcopy?: () => Promise<boolean>
+  /** For post-copy across a link cut: new sessions to the source (the service's network and routing). */
+  network?: MigrationNetwork
+  register?: (sid: string, conv: Conversation) => () => void
+  /** How long a post-copy waits for the source to come back before the VM counts as lost (10 min). */
+  postcopyResumeMs?: number
   signal?: AbortSignal
 }
 
@@ -86,6 +101,12 @@ export class DestinationSession {
   private streams: DestinationStream[] = []
   private round = 0
   private lastEmit = 0
+  private canPage = false
+  private owedBitmap: Uint8Array | undefined
+  private pager: Pager | undefined
+  private receiver: PostcopyReceiver | undefined
+  /** Sessions after a link cut in post-copy (closed at the end). */
+  private readonly extra: { conv: Conversation; unregister: () => void }[] = []
 
   constructor(private readonly init: DestinationInit) {
     this.name = init.prepare.spec.name
@@ -130,6 +151,9 @@ export class DestinationSession {
       dirtyRateBytesPerSec: 0,
       dirtyBytes: 0,
       elapsedMs: now - this.started,
+      ...(this.receiver === undefined
+        ? {}
+        : { postcopyRemainingBytes: this.receiver.remaining * this.init.prepare.chunkSize }),
     })
   }
 
@@ -148,6 +172,11 @@ export class DestinationSession {
     } finally {
       signal?.removeEventListener('abort', onAbort)
       for (const s of this.streams) s.close()
+      this.receiver?.close()
+      for (const x of this.extra) {
+        x.unregister()
+        x.conv.close()
+      }
     }
   }
 
@@ -222,7 +251,11 @@ export class DestinationSession {
     // Start the incoming VM now: it boots (and waits) while the RAM arrives, off the downtime.
     this.vmStart = host.startIncoming(spec, this.ramPath, this.startAbort.signal)
     this.vmStart.catch(() => {}) // observed at 'final'
-    await conv.send({ type: 'accept', sid: this.sid, cachedChunks: 0 }, signal)
+    this.canPage = prepare.postcopy === true && (await this.init.postcopy?.().catch(() => false)) === true
+    await conv.send(
+      { type: 'accept', sid: this.sid, cachedChunks: 0, ...(this.canPage ? { postcopy: true } : {}) },
+      signal,
+    )
     this.machine.set('preparing', 'receiving')
     log.info('receiving VM', { vm: this.name, from: conv.channel.peer, token: prepare.token })
   }
@@ -237,7 +270,16 @@ export class DestinationSession {
     /** The source's reference copy of the device state (stateref), which a zstate may be sent against. */
     const ref = new Pieces('reference device state')
     let zstate: Buffer | undefined
-    const types: MessageType[] = [...byType.keys(), 'round', 'state', 'stateref', 'zstate', 'final', 'ping']
+    const types: MessageType[] = [
+      ...byType.keys(),
+      'round',
+      'state',
+      'stateref',
+      'zstate',
+      'owed',
+      'final',
+      'ping',
+    ]
     for (;;) {
       const m = await conv.next(types, 'the source', this.timeoutMs, signal)
       const stream = byType.get(m.type)
@@ -269,13 +311,25 @@ export class DestinationSession {
           if (zstate !== undefined) throw new MigrationDecodeError('device state sent twice')
           state.add(m)
           break
+        case 'owed':
+          if (!this.canPage)
+            throw new MigrationDecodeError('owed chunks, but this host did not offer post-copy')
+          if (m.chunks !== prepare.ramSize / prepare.chunkSize)
+            throw new MigrationDecodeError(
+              `owed: ${m.chunks} chunks for ${prepare.ramSize / prepare.chunkSize}`,
+            )
+          this.owedBitmap = m.bitmap
+          break
         case 'final': {
           if (m.token !== prepare.token) throw new StaleTokenError(this.name, m.token, prepare.token)
           if (zstate === undefined && (!state.complete || state.total <= 0))
             throw new MigrationDecodeError('final before the whole device state')
+          if (m.postcopy === true && this.owedBitmap === undefined)
+            throw new MigrationDecodeError('post-copy final without the owed chunks')
           this.emit('switch', true)
           faultPoint('destination:final', this.name)
           this.vm = await this.vmStart!
+          if (m.postcopy === true) await this.startPaging(this.vm, this.owedBitmap!)
           await this.vm.loadState(zstate ?? state.concat(), signal)
           await conv.send({ type: 'ready', sid: this.sid, loadedAt: Date.now() }, signal)
           this.machine.set('receiving', 'loaded')
@@ -284,6 +338,74 @@ export class DestinationSession {
         default:
           throw new MigrationDecodeError(`unexpected '${m.type}' from the source`)
       }
+    }
+  }
+
+  /**
+   * Post-copy: the pager takes the guest's first touch of every owed chunk (they are punched out of the
+   * RAM file), and the receiver asks the source for them and places what arrives. From here on, before
+   * the device state is even loaded (loading it may touch owed chunks).
+   */
+  private async startPaging(vm: Vm, bitmap: Uint8Array): Promise<void> {
+    const { prepare, signal } = this.init
+    if (vm.pid === undefined) throw new PostcopyError(`VM '${this.name}' has no process to page for`)
+    const count = prepare.ramSize / prepare.chunkSize
+    this.pager = await startPager({
+      pid: vm.pid,
+      ramPath: vm.memory.path,
+      ramBytes: prepare.ramSize,
+      chunkBytes: prepare.chunkSize,
+      ...(signal === undefined ? {} : { signal }),
+    })
+    const { count: owed } = await this.pager.owe(bitmap)
+    this.receiver = new PostcopyReceiver(this.pager, bitmapChunks(bitmap, count), prepare.chunkSize, count)
+    this.receiver.attach(this.init.conv)
+    // Persisted before the guest may run: an agent killed during post-copy takes the pager back.
+    await this.init.host.beginPostcopy?.({
+      vm: this.name,
+      token: prepare.token,
+      from: this.init.conv.channel.peer,
+      pid: vm.pid,
+      ramPath: vm.memory.path,
+      ramSize: prepare.ramSize,
+      chunkSize: prepare.chunkSize,
+      qemuFd: this.pager.qemuFd,
+      owed: Buffer.from(bitmap).toString('base64'),
+      at: Date.now(),
+    })
+    this.init.log.info('post-copy: paging', { vm: this.name, owedBytes: owed * prepare.chunkSize })
+  }
+
+  /** postcopy → running: the guest runs here; wait until every owed chunk is placed (runPostcopy). */
+  private async awaitPostcopy(): Promise<void> {
+    const receiver = this.receiver!
+    const { conv, prepare, log, signal } = this.init
+    const progress = setInterval(() => this.emit('postcopy'), 500)
+    progress.unref()
+    try {
+      await runPostcopy({
+        receiver,
+        conv,
+        peer: conv.channel.peer,
+        vm: this.name,
+        token: prepare.token,
+        ramSize: prepare.ramSize,
+        chunkSize: prepare.chunkSize,
+        budgetMs: this.init.postcopyResumeMs ?? 600_000,
+        log,
+        ...(this.init.network === undefined ? {} : { network: this.init.network }),
+        ...(this.init.register === undefined ? {} : { register: this.init.register }),
+        ...(signal === undefined ? {} : { signal }),
+        onSession: (c, unregister) => this.extra.push({ conv: c, unregister }),
+      })
+      log.info('post-copy: all memory is here', {
+        vm: this.name,
+        faults: receiver.stats.faults,
+        maxFaultMs: Math.round(receiver.stats.maxFaultMs),
+      })
+      await this.init.host.endPostcopy?.(this.name)
+    } finally {
+      clearInterval(progress)
     }
   }
 
@@ -314,6 +436,8 @@ export class DestinationSession {
     const vm = this.vm!
     await vm.resume()
     this.machine.set('committed', 'resumed')
+    // Post-copy: from this very moment the source must keep its copy (a query answers 'postcopy').
+    if (this.receiver !== undefined) this.machine.set('resumed', 'postcopy')
     const resumedAt = Date.now()
     // The commit record already says the guest is ours: tell the source at once (its pause ends when
     // it hears this), then adopt and file the token.
@@ -324,7 +448,10 @@ export class DestinationSession {
     await this.init.cache?.forget(this.name).catch(() => {})
     for (const s of this.streams) s.close()
     this.emit('resumed', true)
-    this.machine.set('resumed', 'running')
+    if (this.receiver !== undefined) {
+      await this.awaitPostcopy()
+      this.machine.set('postcopy', 'running')
+    } else this.machine.set('resumed', 'running')
     log.info('VM resumed here', { vm: this.name, fence: prepare.token, from: conv.channel.peer })
     return 'running'
   }
@@ -333,6 +460,47 @@ export class DestinationSession {
   private async fail(err: unknown): Promise<DestinationOutcome> {
     const { conv, host, log } = this.init
     if (this.machine.is('refused')) throw err
+    if (this.machine.is('postcopy')) {
+      if (err instanceof AbortError) {
+        // The agent stops: the guest runs on here. Its pager goes, QEMU's own copy of the userfaultfd
+        // stays: what is still owed blocks the guest (never zeros) until an agent takes it back.
+        log.warn('post-copy interrupted: the guest waits for the rest of its memory', {
+          vm: this.name,
+          owedBytes: (this.receiver?.remaining ?? 0) * this.init.prepare.chunkSize,
+        })
+        await this.pager?.quit()
+        return 'running'
+      }
+      // The memory it lacks cannot come any more: running on would mean running on holes.
+      this.machine.set('postcopy', 'lost')
+      const owed = (this.receiver?.remaining ?? 0) * this.init.prepare.chunkSize
+      log.error('post-copy failed: the VM lost memory and is stopped here', {
+        vm: this.name,
+        owedBytes: owed,
+        error: describeError(err),
+      })
+      conv.trySend({
+        type: 'abort',
+        sid: this.sid,
+        code: 'E_MIGRATION_LOST',
+        reason: `VM '${this.name}' was lost on the destination: ${describeError(err)}`,
+      })
+      await this.pager?.quit()
+      await this.vm?.stop().catch(() => {})
+      await host.release(this.name).catch(() => {})
+      await host.endPostcopy?.(this.name).catch(() => {})
+      // The ledger says so (queries answer 'lost'; the source keeps its older copy paused for an operator).
+      await host.ledger
+        .markLost(
+          { vm: this.name, token: this.init.prepare.token, on: '', at: Date.now() },
+          describeError(err),
+        )
+        .catch(() => {})
+      throw new MigrationLostError(
+        `VM '${this.name}' was lost: ${(owed / (1024 * 1024)).toFixed(1)} MiB of its memory never arrived from ${conv.channel.peer} (${describeError(err)}); it was stopped here rather than run on missing memory`,
+        { cause: err },
+      )
+    }
     if (this.machine.is('resumed', 'running')) {
       // Already running here under the new token: never discard a running guest.
       log.error('after resume', { vm: this.name, error: describeError(err) })
@@ -351,6 +519,10 @@ export class DestinationSession {
     log.warn('incoming migration failed; discarding', { vm: this.name, error: describeError(err) })
     this.startAbort.abort(err)
     for (const s of this.streams) s.close()
+    if (this.pager !== undefined) {
+      await this.pager.quit()
+      await host.endPostcopy?.(this.name).catch(() => {})
+    }
     if (this.vm === undefined && this.vmStart !== undefined)
       this.vm = await this.vmStart.catch(() => undefined)
     if (this.vm !== undefined) await this.vm.stop().catch(() => {})

@@ -91,3 +91,13 @@ export class MigrationLostError extends MigrationError {
     super(message, { ...options, code: 'E_MIGRATION_LOST' })
   }
 }
+
+/**
+ * With --deadline: the estimate says no mode can finish the move in time (the message has the
+ * numbers). Raised within seconds, before the guest was ever paused; the VM keeps running where it was.
+ */
+export class MigrationInfeasibleError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_DEADLINE_INFEASIBLE' })
+  }
+}

@@ -40,6 +40,11 @@ export class HeldChunks {
     this.mask[index] = 1
   }
 
+  /** The destination holds zeros here (e.g. a chunk the bulk copy did not send after all). */
+  clear(index: number): void {
+    this.mask[index] = 0
+  }
+
   get(index: number): Buffer | undefined {
     return this.mask[index] === 1 ? this.view(index) : undefined
   }

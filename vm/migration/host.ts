@@ -3,7 +3,7 @@ import { mkdir, open, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmSpec } from '../spec.ts'
-import type { VmHost } from './interfaces.ts'
+import type { PostcopyRecord, VmHost } from './interfaces.ts'
 import { createMemoryLedger } from './ledger.ts'
 
 /**
@@ -37,11 +37,15 @@ export interface DriverHost extends VmHost {
   names(): string[]
   /** Stops every VM this host holds (test cleanup). */
   stopAll(): Promise<void>
+  beginPostcopy(record: PostcopyRecord): Promise<void>
+  endPostcopy(name: string): Promise<void>
+  postcopies(): PostcopyRecord[]
 }
 
 export function createDriverHost(init: DriverHostInit): DriverHost {
   const vms = new Map<string, Vm>()
   const ledger = createMemoryLedger()
+  const postcopies = new Map<string, PostcopyRecord>()
   const host: DriverHost = {
     ledger,
     handle: (vm) => init.driver.handle(vm),
@@ -76,6 +80,13 @@ export function createDriverHost(init: DriverHostInit): DriverHost {
     beginSwitch: (record) => ledger.beginSwitch(record),
     endSwitch: (name) => ledger.endSwitch(name),
     switches: () => ledger.switches(),
+    async beginPostcopy(record) {
+      postcopies.set(record.vm, { ...record })
+    },
+    async endPostcopy(name) {
+      postcopies.delete(name)
+    },
+    postcopies: () => [...postcopies.values()].map((r) => ({ ...r })),
     add(vm) {
       vms.set(vm.spec.name, vm)
     },

@@ -74,6 +74,32 @@ export interface VmHost {
   endSwitch(name: string): Promise<void>
   /** Switches begun and not ended (after an agent restart: the ones a killed agent left). */
   switches(): SwitchRecord[]
+  /**
+   * An incoming post-copy is paging (persisted before the guest runs): a destination agent killed
+   * before the last owed chunk arrived finds it when it restarts and takes the pager back. Optional.
+   */
+  beginPostcopy?(record: PostcopyRecord): Promise<void>
+  endPostcopy?(name: string): Promise<void>
+  postcopies?(): PostcopyRecord[]
+  /** Takes control again of a VM whose process lives but did not answer when the agent started. */
+  readopt?(name: string): Promise<void>
+}
+
+/** An incoming post-copy in progress, as the destination persists it. */
+export interface PostcopyRecord {
+  vm: string
+  token: number
+  /** The source's PeerId. */
+  from: string
+  /** The incoming QEMU's pid and RAM file, and the pager's uffd inside it (taken back after a restart). */
+  pid: number
+  ramPath: string
+  ramSize: number
+  chunkSize: number
+  qemuFd: number
+  /** Base64 of the owed bitmap at the switch (what is still owed are the chunks still holes). */
+  owed: string
+  at: number
 }
 
 /** An outgoing move that reached the switch (the guest here may be paused) and is not settled yet. */
@@ -85,6 +111,11 @@ export interface SwitchRecord {
   to: string
   /** When the switch began (ms since the epoch), for logs. */
   at: number
+  /**
+   * 'postcopy': the destination resumes before it holds all the memory; after its resume our paused
+   * copy must be kept (never resumed, never stopped) until it says every owed chunk arrived.
+   */
+  mode?: 'postcopy'
 }
 
 /**
@@ -125,9 +156,30 @@ export type MigrationPhase =
   | 'precopy'
   | 'switch'
   | 'resumed'
+  | 'postcopy'
   | 'done'
   | 'rollback'
   | 'failed'
+
+/** What the source estimates the move will take (vm/migration/estimate.ts), as events and reports carry it. */
+export interface MigrationEstimate {
+  /** The migrate channel's send rate, bytes/s. */
+  linkBytesPerSec: number
+  /** The guest's dirty rate, bytes/s. */
+  dirtyBytesPerSec: number
+  /** RAM still to cross the link at least once. */
+  outstandingBytes: number
+  /** Distinct RAM the guest wrote during the move so far. */
+  hotBytes: number
+  /** The least the whole move can take by any mode, ms from its start. */
+  minTotalMs: number
+  /** What the planned mode predicts: whole move (ms from its start) and pause. */
+  totalMs: number
+  pauseMs: number
+  mode: 'precopy' | 'postcopy'
+  /** Against --deadline, once measured well enough. */
+  feasible?: boolean
+}
 
 /** A progress event, emitted by both ends (the source's go to the CLI). */
 export interface MigrationProgress {
@@ -155,6 +207,12 @@ export interface MigrationProgress {
   /** The source and the destination, by member name (source events carry them). */
   from?: string
   to?: string
+  /** The source's current estimate (from the first seconds of the bulk copy on). */
+  estimate?: MigrationEstimate
+  /** The vCPU throttle now (0 = none; 0.9 = the guest's vCPUs get 10% of a CPU). */
+  throttle?: number
+  /** Post-copy: owed chunks not placed yet at the destination, bytes, and faults so far. */
+  postcopyRemainingBytes?: number
 }
 
 /** The result of a successful move, as reported to whoever triggered it. */
@@ -201,6 +259,34 @@ export interface MigrationReport {
   switchReason: string
   deadlineMs?: number
   /** Where the time went, ms by step (prepare, trackerStart, scan, bulk, rounds, pause, saveState,
-   *  finalSend, ready (destination wrote + loaded), resumed (commit → resumed)). */
+   *  finalSend, ready (destination wrote + loaded), resumed (commit → resumed), postcopy). */
   timings: Record<string, number>
+  /**
+   * How the move ended: 'precopy' (the guest resumed on the destination with all its memory there) or
+   * 'postcopy' (it resumed before the owed chunks arrived; they followed on first touch and in the
+   * background, the source keeping its paused copy until the last one was placed).
+   */
+  mode?: 'precopy' | 'postcopy'
+  /** The longest pause allowed (--max-pause; 1 s by default with --deadline). */
+  maxPauseMs?: number
+  /** The estimate the move was judged on (the first confident one). */
+  estimate?: MigrationEstimate
+  /** With --best-effort: by how much the move missed its deadline, ms (0 or absent: it made it). */
+  deadlineMissedByMs?: number
+  /** The vCPU throttle, if it was used: highest level, levels stepped through, the cgroup backend. */
+  throttle?: { maxLevel: number; steps: number; backend: string }
+  /** Post-copy's figures. */
+  postcopy?: {
+    owedBytes: number
+    /** Resumed on the destination → last owed chunk placed. */
+    ms: number
+    /** Owed chunks the guest touched before they arrived, the longest wait for one (ms), zero pages. */
+    faults: number
+    maxFaultWaitMs: number
+    zeroFaults: number
+    /** Chunks sent because the guest asked for them, in the background, and sessions (> 1: link cuts). */
+    urgentChunks: number
+    backgroundChunks: number
+    sessions: number
+  }
 }

@@ -267,7 +267,14 @@ export async function createFileLedger(stateDir: string): Promise<FencingLedger>
     if (isToken(v)) data.tokens.set(k, v)
   for (const [k, v] of Object.entries(await readJsonObject(path('switches'))))
     if (isSwitchRecord(v) && v.vm === k)
-      data.switches.set(k, { vm: v.vm, token: v.token, to: v.to, at: v.at })
+      data.switches.set(k, {
+        vm: v.vm,
+        token: v.token,
+        to: v.to,
+        at: v.at,
+        // A post-copy switch: the copy here must be kept until the destination has all its memory.
+        ...(v.mode === 'postcopy' ? { mode: 'postcopy' as const } : {}),
+      })
   const l = await readJsonObject(path('ledger'))
   for (const [k, v] of Object.entries(isObj(l.incoming) ? l.incoming : {}))
     if (isIncoming(v) && v.vm === k) data.incoming.set(k, v)

@@ -1,9 +1,11 @@
-import { rm } from 'node:fs/promises'
+import { mkdir, readFile, rm } from 'node:fs/promises'
+import { join } from 'node:path'
+import { writeFileDurable } from '../../src/base/fs.ts'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmManager } from '../manager.ts'
 import type { VmSpec } from '../spec.ts'
 import { allocateIncomingRam } from './host.ts'
-import type { VmHost } from './interfaces.ts'
+import type { PostcopyRecord, VmHost } from './interfaces.ts'
 import { createFileLedger } from './ledger.ts'
 
 export interface ManagerHostInit {
@@ -25,6 +27,21 @@ export interface ManagerHostInit {
  */
 export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> {
   const ledger = await createFileLedger(init.stateDir)
+  // Incoming post-copies still paging (#15): what a restarted agent needs to take the pager back.
+  const postcopyFile = join(init.stateDir, 'migration-postcopy.json')
+  const postcopies = new Map<string, PostcopyRecord>()
+  for (const [k, v] of Object.entries(await readJsonObject(postcopyFile)))
+    if (isPostcopyRecord(v) && v.vm === k) postcopies.set(k, v)
+  let writing: Promise<void> = Promise.resolve()
+  const persistPostcopies = () => {
+    // Serialised: a later state never lands before an earlier one.
+    const p = writing.then(async () => {
+      await mkdir(init.stateDir, { recursive: true, mode: 0o700 })
+      await writeFileDurable(postcopyFile, JSON.stringify(Object.fromEntries(postcopies)))
+    })
+    writing = p.catch(() => {})
+    return p
+  }
   return {
     ledger,
     handle: (vm) => init.driver.handle(vm),
@@ -58,5 +75,41 @@ export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> 
     beginSwitch: (record) => ledger.beginSwitch(record),
     endSwitch: (name) => ledger.endSwitch(name),
     switches: () => ledger.switches(),
+    async beginPostcopy(record) {
+      postcopies.set(record.vm, { ...record })
+      await persistPostcopies()
+    },
+    async endPostcopy(name) {
+      if (!postcopies.delete(name)) return
+      await persistPostcopies()
+    },
+    postcopies: () => [...postcopies.values()].map((r) => ({ ...r })),
+    async readopt(name) {
+      await init.manager.readopt(name)
+    },
   }
+}
+
+async function readJsonObject(file: string): Promise<Record<string, unknown>> {
+  try {
+    const parsed = JSON.parse(await readFile(file, 'utf8')) as unknown
+    if (typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed))
+      return parsed as Record<string, unknown>
+  } catch {
+    // first start: nothing yet
+  }
+  return {}
+}
+
+function isPostcopyRecord(v: unknown): v is PostcopyRecord {
+  const r = v as Partial<PostcopyRecord> | null
+  return (
+    typeof r === 'object' &&
+    r !== null &&
+    typeof r.vm === 'string' &&
+    typeof r.from === 'string' &&
+    typeof r.ramPath === 'string' &&
+    typeof r.owed === 'string' &&
+    [r.token, r.pid, r.ramSize, r.chunkSize, r.qemuFd].every((n) => Number.isSafeInteger(n))
+  )
 }

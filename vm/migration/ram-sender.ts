@@ -4,6 +4,7 @@
  * (RamEncoder.finalDelta). Encoded chunks travel in 'data' messages, deflated in the thread pool a batch
  * at a time, several batches in flight, sent in order.
  */
+import { throwIfAborted } from '../../src/base/errors.ts'
 import type { DirtyRound, DirtyTracker, Vm } from '../driver/interfaces.ts'
 import { MigrationLinkError } from './errors.ts'
 import { PAGE_SIZE, RamEncoder } from './ram.ts'
@@ -28,6 +29,13 @@ export interface RamSenderInit {
 /** Bytes a chunk takes in a 'data' body (index, flags, kinds, refs, literal). */
 const chunkWireSize = (c: EncodedChunk) => 10 + c.kinds.length + c.refs.length * 4 + c.literal.byteLength
 
+/** What one probe of the dirty tracker found. */
+export interface ProbeResult {
+  dirtyBytes: number
+  intervalMs: number
+  scanMs: number
+}
+
 export class RamSender implements SourceStream {
   readonly name = 'ram'
   private tracker: DirtyTracker | undefined
@@ -42,6 +50,14 @@ export class RamSender implements SourceStream {
   /** Batches in a row that did not compress, and how many more to send plain. */
   private zSkip = 0
   private zFails = 0
+  /** Chunks found dirty since the last round boundary by probes during the bulk copy. */
+  private readonly deferred = new Set<number>()
+  /** How often each chunk was found dirty during the move (post-copy's order). */
+  private readonly heat = new Map<number, number>()
+  private probing: Promise<ProbeResult | undefined> | undefined
+  private inBulk = false
+  /** Bytes the bulk copy still has to send (the destination lacked them), deferred ones excluded. */
+  bulkRemainingBytes = 0
 
   constructor(private readonly init: RamSenderInit) {}
 
@@ -49,6 +65,63 @@ export class RamSender implements SourceStream {
   get dupPageBytes(): number {
     return (this.encoder?.stats.dupPages ?? 0) * PAGE_SIZE
   }
+
+  /** Distinct RAM found dirty during the move so far (the guest's working set as far as seen). */
+  get hotBytes(): number {
+    return this.heat.size * this.init.chunkSize
+  }
+
+  /** Bytes found dirty and not sent since (deferred in the bulk copy, or dirty after it was sent). */
+  get deferredBytes(): number {
+    return this.deferred.size * this.init.chunkSize
+  }
+
+  /** The final scan's chunks (the rest, with the guest paused): post-copy owes these. */
+  get finalChunks(): readonly number[] {
+    return this.finalSet
+  }
+
+  /** Chunks in the order post-copy pushes them: hottest first (found dirty most often), then by index. */
+  hottestFirst(chunks: readonly number[]): number[] {
+    return [...chunks].sort((a, b) => (this.heat.get(b) ?? 0) - (this.heat.get(a) ?? 0) || a - b)
+  }
+
+  private noteDirty(chunks: readonly number[]): void {
+    for (const c of chunks) this.heat.set(c, (this.heat.get(c) ?? 0) + 1)
+  }
+
+  /**
+   * Measures what the guest dirtied since the last probe or round (during the bulk copy: the estimator's
+   * dirty rate) and defers those chunks out of the bulk copy. Undefined before the tracker started.
+   */
+  probe(signal?: AbortSignal): Promise<ProbeResult | undefined> {
+    const tracker = this.tracker
+    if (tracker === undefined || !this.inBulk) return Promise.resolve(undefined)
+    this.probing ??= tracker
+      .collect(signal)
+      .then((r) => {
+        this.noteDirty(r.chunks)
+        for (const c of r.chunks) {
+          // Only chunks the bulk copy still has to send are left out of it; one already sent or filled
+          // from the destination's cache is simply dirty again (the next pass sends it).
+          const unsent = this.scanIndex.has(c) && !this.sent.has(c)
+          if (unsent && !this.deferred.has(c)) {
+            this.bulkRemainingBytes -= this.init.chunkSize
+            this.encoder?.deferUnsent(c)
+          }
+          this.deferred.add(c)
+        }
+        return { dirtyBytes: r.dirtyBytes, intervalMs: r.intervalMs, scanMs: r.scanMs }
+      })
+      .finally(() => {
+        this.probing = undefined
+      })
+    return this.probing
+  }
+
+  /** Chunks the bulk copy still plans to send (wanted by the destination) and those it sent. */
+  private readonly scanIndex = new Set<number>()
+  private readonly sent = new Set<number>()
 
   private get enc(): RamEncoder {
     if (this.encoder === undefined) throw new Error('RamSender: bulk() has not run')
@@ -67,6 +140,10 @@ export class RamSender implements SourceStream {
     const scan = await enc.scan()
     ctx.lap('scan')
     this.ramAtStart = scan.nonZeroBytes
+    this.inBulk = true
+    this.bulkRemainingBytes = scan.nonZeroBytes
+    for (const i of scan.indices) this.scanIndex.add(i)
+    ctx.sending?.()
     ctx.beginPhase(scan.nonZeroBytes)
     const batches: number[][] = []
     for (let i = 0; i < scan.indices.length; i += MAX_OFFER_ENTRIES) {
@@ -94,6 +171,8 @@ export class RamSender implements SourceStream {
           enc.markFilled(i)
           this.dedupChunks++
           ctx.carried(chunkSize, true)
+          this.scanIndex.delete(i)
+          if (!this.deferred.has(i)) this.bulkRemainingBytes -= chunkSize
         }
       }
       await this.sendChunks(
@@ -102,16 +181,26 @@ export class RamSender implements SourceStream {
         ctx,
       )
     }
+    await this.probing
+    this.inBulk = false
+    this.bulkRemainingBytes = 0
     return { bytes: scan.nonZeroBytes, units: scan.indices.length }
   }
 
   async pending(ctx: SourceContext): Promise<PendingSet> {
     if (this.tracker === undefined) throw new Error('RamSender: bulk() has not run')
     const r = await this.tracker.collect(ctx.signal)
-    this.last = r
+    this.noteDirty(r.chunks)
+    // What probes deferred during the bulk copy goes with this round's set.
+    if (this.deferred.size > 0) {
+      for (const c of r.chunks) this.deferred.add(c)
+      const chunks = [...this.deferred].sort((a, b) => a - b)
+      this.deferred.clear()
+      this.last = { ...r, chunks, dirtyBytes: chunks.length * r.chunkSize }
+    } else this.last = r
     return {
-      bytes: r.dirtyBytes,
-      units: r.chunks.length,
+      bytes: this.last.dirtyBytes,
+      units: this.last.chunks.length,
       rateBytesPerSec: r.rateBytesPerSec,
       scanMs: r.scanMs,
     }
@@ -196,7 +285,18 @@ export class RamSender implements SourceStream {
     let batch: EncodedChunk[] = []
     let batchBytes = 0
     for (let g = 0; g < indices.length; g += GROUP) {
-      for (const p of enc.encode(indices.slice(g, g + GROUP))) {
+      throwIfAborted(signal)
+      // The bulk copy leaves out what the guest rewrites meanwhile (probe()): it goes in a later pass.
+      const group =
+        r === 0
+          ? indices.slice(g, g + GROUP).filter((i) => !this.deferred.has(i))
+          : indices.slice(g, g + GROUP)
+      if (r === 0)
+        for (const i of group) {
+          this.sent.add(i)
+          this.bulkRemainingBytes -= chunkSize
+        }
+      for (const p of enc.encode(group)) {
         const c = await p
         const sz = chunkWireSize(c)
         if (batch.length > 0 && (batchBytes + sz > rawBatch || batch.length >= MAX_CHUNKS_PER_DATA)) {

@@ -85,6 +85,8 @@ export class RamEncoder {
   private readonly held: HeldChunks
   /** Scans half of the RAM at the final delta (large guests only; see final-scan.ts). */
   private readonly worker: ScanWorker | undefined
+  /** Chunks deferred out of the bulk copy and not sent since (see deferUnsent). */
+  private readonly deferred = new Set<number>()
   /** Adaptive compression: after a run of chunks that did not compress, skip a stretch. */
   private compressFails = 0
   private compressSkip = 0
@@ -156,6 +158,9 @@ export class RamEncoder {
   /** The destination filled this offered chunk from its cache: its pages now hold the scanned bytes. */
   markFilled(index: number): void {
     const keys = this.offered.get(index)
+    const bytes = this.scanned.get(index)
+    // A deferred chunk it filled from its cache: it holds the scanned bytes after all.
+    if (this.deferred.delete(index) && bytes !== undefined) this.held.set(index, bytes)
     this.scanned.delete(index)
     if (keys === undefined) return
     this.offered.delete(index)
@@ -182,6 +187,11 @@ export class RamEncoder {
     const maxRun = Math.max(1, Math.floor((4 * 1024 * 1024) / this.chunkSize))
     let k = 0
     while (k < indices.length) {
+      // A deferred chunk goes with its current bytes (read below), not the scanned ones.
+      if (this.deferred.delete(indices[k]!)) {
+        this.scanned.delete(indices[k]!)
+        this.offered.delete(indices[k]!)
+      }
       const fromScan = this.scanned.get(indices[k]!)
       if (fromScan !== undefined) {
         const index = indices[k]!
@@ -208,6 +218,19 @@ export class RamEncoder {
       }
     }
     return out
+  }
+
+  /**
+   * A chunk deferred out of the bulk copy before it was sent (the guest rewrites it): it goes later with
+   * its bytes then, never the scanned ones. Until then the destination does not hold the scanned bytes
+   * (scan() assumed it would): its copy is zeros, so the final delta finds the chunk whatever the guest
+   * wrote into it meanwhile — unless the destination fills it from its cache after all (markFilled).
+   * (Without this, a chunk written between the tracker's baseline and the scan, and not again, was never
+   * sent: measured, a guest kernel panicked on the destination.)
+   */
+  deferUnsent(index: number): void {
+    this.deferred.add(index)
+    this.held.clear(index)
   }
 
   /** Drops what the scan kept for the bulk copy (after it). */

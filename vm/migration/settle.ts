@@ -16,8 +16,9 @@ import type { MigrationChannel, MigrationNetwork, SwitchRecord, VmHost } from '.
 import { newSessionId } from './v1/messages.ts'
 
 /** What the destination said about a VM under a token; undefined = no answer yet. 'lost': it ran the VM
- *  under that token and that copy is gone (ours is older). */
-export type DestinationState = 'running' | 'discarded' | 'absent' | 'lost'
+ *  under that token and that copy is gone (ours is older). 'postcopy': it runs there but still needs
+ *  memory only our copy holds (#15: keep ours, paused, and lend it). */
+export type DestinationState = 'running' | 'discarded' | 'absent' | 'lost' | 'postcopy'
 
 export interface AskInit {
   network: MigrationNetwork
@@ -47,6 +48,7 @@ export async function askDestination(
     await conv.send({ type: 'query', sid, vm, token }, init.signal)
     const r = await conv.next(['query-reply'], 'query-reply', timeoutMs, init.signal)
     if (r.state === 'running' && r.token >= token) return 'running'
+    if (r.state === 'postcopy' && r.token >= token) return 'postcopy'
     if (r.state === 'discarded' || r.state === 'absent' || r.state === 'lost') return r.state
     return undefined
   } catch (err) {
@@ -125,11 +127,15 @@ export async function recordLoss(
  *   still here) and forget it;
  * - 'discarded' / 'absent': the destination never resumed and never will: resume our copy;
  * - 'lost': the destination ran it and its copy is gone: ours is older; it stays paused and the loss is
- *   recorded (an operator resumes it with `mesh vm recover`).
+ *   recorded (an operator resumes it with `mesh vm recover`);
+ * - 'postcopy': it runs there and still needs memory from our copy: keep it (the record stays; the
+ *   service lends the rest when the destination comes back, then lets go).
  * Ends the switch record either way. Rejects only when the signal fires (the service stops; the record
  * stays for the next start).
  */
-export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed' | 'gone' | 'lost'> {
+export async function settleSwitch(
+  init: SettleInit,
+): Promise<'moved' | 'resumed' | 'gone' | 'lost' | 'lent'> {
   const { host, log, record } = init
   const name = record.vm
   const maxInterval = init.maxIntervalMs ?? 5000
@@ -149,6 +155,16 @@ export async function settleSwitch(init: SettleInit): Promise<'moved' | 'resumed
     interval = woken?.aborted === true ? 250 : Math.min(maxInterval, interval * 2)
   }
   const vm = host.get(name)
+  if (answer === 'postcopy') {
+    // It runs there on memory partly still here: keep our paused copy (and the record). The destination
+    // comes back for the rest ('pcresume'); the service lends it and lets go of our copy after.
+    log.warn('the VM runs on the destination, which still needs memory from the copy here: keeping it', {
+      vm: name,
+      to: record.to,
+      fence: record.token,
+    })
+    return 'lent'
+  }
   if (answer === 'running') {
     await host.setToken(name, record.token)
     await host.ledger.record(name, { token: record.token, event: 'out', peer: record.to, note: 'settled' })

@@ -11,10 +11,21 @@ import type { Logger } from '../../src/base/log.ts'
 import { DiskSender } from '../disk/sender.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import { parseImageRef } from '../spec.ts'
+import { ThrottleController } from '../throttle/controller.ts'
+import type { ThrottleProvider } from '../throttle/interfaces.ts'
 import { Conversation } from './conversation.ts'
-import { MigrationInDoubtError, MigrationLinkError, MigrationLostError } from './errors.ts'
+import {
+  MigrationAbortedError,
+  MigrationInDoubtError,
+  MigrationInfeasibleError,
+  MigrationLinkError,
+  MigrationLostError,
+  MigrationTimeoutError,
+} from './errors.ts'
+import { describeEstimate, type Estimate, estimate, RateMeter, switchCostMs, WindowRate } from './estimate.ts'
 import { faultPoint } from './fault-points.ts'
 import type {
+  MigrationEstimate,
   MigrationNetwork,
   MigrationPhase,
   MigrationProgress,
@@ -22,6 +33,7 @@ import type {
   RamCache,
   VmHost,
 } from './interfaces.ts'
+import { chunkBitmap, PostcopyLender } from './postcopy-source.ts'
 import { startProbe } from './probe.ts'
 import { PAGE_SIZE } from './ram.ts'
 import { RamSender } from './ram-sender.ts'
@@ -34,11 +46,12 @@ import {
   type Transition,
 } from './state.ts'
 import type { SourceContext, SourceStream } from './stream.ts'
-import { decideSwitch, type SwitchReason } from './switch-decision.ts'
+import { decideSwitch, type PostcopyReason, type SwitchReason } from './switch-decision.ts'
 import {
   encodeStateDelta,
   MAX_STATE_BYTES,
   type Message,
+  type MoveOptions,
   newSessionId,
   TARGET_MESSAGE_BYTES,
 } from './v1/messages.ts'
@@ -62,7 +75,15 @@ export interface MigrationTuning {
   probeIntervalMs?: number
   /** ...and call it dead after this long without an answer (default 1500 ms, at least 4 RTTs). */
   deadAfterMs?: number
+  /** Post-copy: how long the source waits for a destination whose link broke to come back (10 min). */
+  postcopyResumeMs?: number
 }
+
+/** The link's rate is measured from this long after the first send (the buffers fill at once). */
+const RATE_SKIP_MS = 250
+
+/** The pause bound a --deadline brings when --max-pause is not given. */
+export const DEFAULT_MAX_PAUSE_MS = 1000
 
 export interface SourceInit {
   network: MigrationNetwork
@@ -74,6 +95,21 @@ export interface SourceInit {
   vm: Vm
   to: string
   deadlineMs?: number
+  /** --max-pause, --best-effort, --mode (see MoveOptions). */
+  maxPauseMs?: number
+  bestEffort?: boolean
+  mode?: MoveOptions['mode']
+  /** Slows the guest's vCPUs while pre-copy catches up (absent: never throttled). */
+  throttle?: ThrottleProvider
+  /**
+   * Post-copy across a link cut: resolves when the destination comes back for this VM and token on a
+   * new session ('pcresume'), with that session and the owed bitmap it sent. Provided by the service.
+   */
+  awaitPostcopyResume?: (
+    vm: string,
+    token: number,
+    signal?: AbortSignal,
+  ) => Promise<{ conv: Conversation; bitmap: Uint8Array }>
   tuning?: MigrationTuning
   onProgress?: (p: MigrationProgress) => void
   /** Work that goes on after the move (keeping RAM chunks); the service waits for it on stop. */
@@ -95,6 +131,7 @@ const DEFAULTS: Required<MigrationTuning> = {
   rememberDelayMs: 2000,
   probeIntervalMs: 200,
   deadAfterMs: 1500,
+  postcopyResumeMs: 600_000,
 }
 
 /** The progress phase a state announces (states not listed keep the phase they found). */
@@ -103,9 +140,28 @@ const PHASE_OF: Partial<Record<SourceState, MigrationPhase>> = {
   bulk: 'bulk',
   precopy: 'precopy',
   switching: 'switch',
+  postcopy: 'postcopy',
   handover: 'resumed',
   completed: 'done',
   'rolling-back': 'rollback',
+}
+
+const fmtMs = (ms: number) => (ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`)
+const fmtBytes = (b: number) => `${(b / (1024 * 1024)).toFixed(1)} MiB`
+
+/** Rejects with MigrationTimeoutError when `p` takes longer than `ms`. */
+async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([
+      p,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new MigrationTimeoutError(what, ms)), ms)
+      }),
+    ])
+  } finally {
+    clearTimeout(timer)
+  }
 }
 
 /** Moves a running VM of this host to `to`. Resolves with the report once the destination runs it. */
@@ -151,7 +207,7 @@ export class SourceSession {
   private rttMs = Number.POSITIVE_INFINITY
   private offsetMs = 0
   private stateRef: Uint8Array | undefined
-  private switchReason: SwitchReason = 'max-rounds'
+  private switchReason: SwitchReason | PostcopyReason = 'max-rounds'
   private pausedAt = 0
   private pausedPerf = 0
   private finalDeltaBytes = 0
@@ -163,11 +219,42 @@ export class SourceSession {
   private resumedAt = 0
   private resumedSeenPerf = 0
 
+  // Know before you promise (estimate.ts): the link's send rate, the guest's dirty rate.
+  /** The session's own abort: an infeasible deadline stops the move from a timer. */
+  private readonly ac = new AbortController()
+  private readonly signal: AbortSignal
+  private readonly link = new WindowRate(3000)
+  private readonly dirty = new RateMeter(2000)
+  private sendingSince = 0
+  private ticker: NodeJS.Timeout | undefined
+  private lastProbeAt = 0
+  private lastEstimate: Estimate | undefined
+  private judged: MigrationEstimate | undefined
+  private infeasible: MigrationInfeasibleError | undefined
+  /** The pause bound (--max-pause, or the deadline's default), if any. */
+  private readonly maxPauseMs: number | undefined
+  /** The destination said it can page a post-copy move. */
+  private postcopyOk = false
+  private postcopyReason: PostcopyReason | undefined
+  private throttleCtl: ThrottleController | undefined
+  private throttleTried = false
+  private throttleBackend = ''
+  private lender: PostcopyLender | undefined
+  private postcopyStartedPerf = 0
+  private postcopyDone: Extract<Message, { type: 'pcdone' }> | undefined
+  private pumping: Promise<void> | undefined
+  /** Sessions the destination came back on after a link cut (closed with the session). */
+  private readonly resumedConvs: Conversation[] = []
+
   constructor(private readonly init: SourceInit) {
     this.t = { ...DEFAULTS, ...init.tuning }
     this.vm = init.vm
     this.name = init.vm.spec.name
     this.lastAt = this.started
+    this.signal = init.signal === undefined ? this.ac.signal : AbortSignal.any([init.signal, this.ac.signal])
+    this.maxPauseMs =
+      init.maxPauseMs ??
+      (init.deadlineMs !== undefined || init.mode === 'postcopy' ? DEFAULT_MAX_PAUSE_MS : undefined)
     const channel = init.network.channel(init.to)
     if (channel === undefined || !channel.open) throw new MigrationLinkError(`no link to ${init.to}`)
     this.sid = newSessionId()
@@ -200,7 +287,7 @@ export class SourceSession {
     this.ctx = {
       conv: this.conv,
       sid: this.sid,
-      signal: init.signal,
+      signal: this.signal,
       timeoutMs: this.t.timeoutMs,
       beginPhase: (bytes) => {
         this.phaseBytes = bytes
@@ -213,6 +300,7 @@ export class SourceSession {
         else this.emit()
       },
       lap: (step) => this.lap(step),
+      sending: () => this.startTicker(),
     }
   }
 
@@ -244,7 +332,176 @@ export class SourceSession {
     if (message !== undefined) p.message = message
     p.from = this.nameOf(this.init.network.self)
     p.to = this.nameOf(this.init.to)
+    if (this.lastEstimate !== undefined) p.estimate = this.summary(this.lastEstimate)
+    if (this.throttleCtl !== undefined) p.throttle = this.throttleCtl.level
+    if (this.lender !== undefined) {
+      const owed = this.lender.stats.owedChunks * this.t.chunkSize
+      p.postcopyRemainingBytes = this.lender.remaining * this.t.chunkSize
+      if (this.machine.is('postcopy')) {
+        p.phaseBytes = owed
+        p.phaseDoneBytes = owed - p.postcopyRemainingBytes
+      }
+    }
     this.init.onProgress?.(p)
+  }
+
+  private summary(e: Estimate): MigrationEstimate {
+    const out: MigrationEstimate = {
+      linkBytesPerSec: Math.round(e.linkBytesPerSec),
+      dirtyBytesPerSec: Math.round(e.dirtyBytesPerSec),
+      outstandingBytes: e.outstandingBytes,
+      hotBytes: this.ram.hotBytes,
+      minTotalMs: Math.round(e.minTotalMs),
+      totalMs: Math.round(e.totalMs),
+      pauseMs: Math.round(e.pauseMs),
+      mode: e.mode,
+    }
+    if (e.feasible !== undefined) out.feasible = e.feasible
+    return out
+  }
+
+  /** Post-copy can end this move: the user allows it (a pause bound, or asked) and the destination pages. */
+  private get postcopyPolicy(): 'no' | 'allowed' | 'requested' {
+    if (!this.postcopyOk || this.init.mode === 'precopy') return 'no'
+    if (this.init.mode === 'postcopy') return 'requested'
+    return this.maxPauseMs === undefined ? 'no' : 'allowed'
+  }
+
+  /** The estimate from what was measured so far. */
+  private estimateNow(): Estimate {
+    const now = performance.now()
+    if (!this.firstSample) this.link.sample(now, this.conv.sentBytes)
+    const inBulk = this.machine.is('bulk')
+    const e = estimate({
+      elapsedMs: now - this.started,
+      unsentBytes: inBulk ? Math.max(0, this.ram.bulkRemainingBytes) : 0,
+      dirtyBytes: inBulk ? this.ram.deferredBytes : this.dirtyBytes,
+      dirtyBytesPerSec: this.dirty.rate,
+      hotBytes: this.ram.hotBytes,
+      linkBytesPerSec: this.link.rate,
+      linkMeasuredMs: this.link.spanMs,
+      dirtyMeasuredMs: this.dirty.spanMs,
+      rttMs: Number.isFinite(this.rttMs) ? this.rttMs : 0,
+      scanMs: this.lastScanMs,
+      postcopy: this.postcopyPolicy !== 'no',
+      ...(this.init.deadlineMs === undefined ? {} : { deadlineMs: this.init.deadlineMs }),
+      ...(this.maxPauseMs === undefined ? {} : { maxPauseMs: this.maxPauseMs }),
+    })
+    this.lastEstimate = e
+    return e
+  }
+
+  private lastScanMs = 100
+
+  /**
+   * Every half second while the guest runs here: sample the link, probe the dirty rate during the bulk
+   * copy (about once a second), refresh the estimate, and judge the deadline once the numbers are good
+   * enough. A deadline no mode can meet stops the move at once (unless --best-effort): the guest was
+   * never paused, nothing of it runs elsewhere.
+   */
+  private async tick(): Promise<void> {
+    const now = performance.now()
+    if (this.sendingSince === 0) return
+    // The first moments fill the channel's buffers faster than the link drains them: not a rate.
+    if (now - this.sendingSince < RATE_SKIP_MS) return
+    if (this.link.spanMs === 0 && this.firstSample) {
+      this.firstSample = false
+      this.link.sample(now, this.conv.sentBytes)
+    }
+    if (this.machine.is('bulk') && now - this.lastProbeAt >= 1000) {
+      this.lastProbeAt = now
+      const r = await this.ram.probe(this.signal).catch(() => undefined)
+      if (r !== undefined) {
+        this.dirty.add(r.intervalMs, r.dirtyBytes)
+        this.lastScanMs = r.scanMs
+        this.dirtyRate = this.dirty.rate
+        await this.maybeThrottle()
+      }
+    }
+    const e = this.estimateNow()
+    this.emit()
+    if (this.judged === undefined && e.confident) {
+      this.judged = this.summary(e)
+      this.init.log.info('migration estimate', { vm: this.name, to: this.init.to, ...this.judged })
+      if (e.feasible === false && this.init.bestEffort !== true) {
+        this.infeasible = new MigrationInfeasibleError(
+          `VM '${this.name}' cannot move to ${this.init.to} within ${fmtMs(this.init.deadlineMs!)}: ${describeEstimate(e)}; the VM keeps running here untouched (--best-effort moves it anyway, as fast as it can)`,
+        )
+        this.ac.abort(this.infeasible)
+      }
+    }
+  }
+
+  private firstSample = true
+
+  private startTicker(): void {
+    if (this.ticker !== undefined) return
+    this.sendingSince = performance.now()
+    let busy = false
+    this.ticker = setInterval(() => {
+      if (busy) return
+      busy = true
+      void this.tick()
+        .catch((err: unknown) =>
+          this.init.log.debug('estimate tick failed', { vm: this.name, error: describeError(err) }),
+        )
+        .finally(() => {
+          busy = false
+        })
+    }, 250)
+    this.ticker.unref()
+  }
+
+  private stopTicker(): void {
+    if (this.ticker !== undefined) clearInterval(this.ticker)
+    this.ticker = undefined
+  }
+
+  /**
+   * Pre-copy that must converge (no post-copy here) throttles the guest's vCPUs while it dirties more
+   * than half of what the link carries (throttle/controller.ts), from the first measurement on.
+   */
+  private async maybeThrottle(): Promise<void> {
+    const provider = this.init.throttle
+    if (provider === undefined || this.postcopyPolicy !== 'no') return
+    if (this.throttleCtl === undefined) {
+      if (this.throttleTried || this.dirty.rate <= this.link.rate * 0.5 || this.link.spanMs < 500) return
+      this.throttleTried = true
+      const pid = this.vm.pid
+      if (pid === undefined) return
+      try {
+        const limiter = await provider.forProcess(pid, this.name)
+        this.throttleBackend = limiter.backend
+        this.throttleCtl = new ThrottleController(limiter)
+      } catch (err) {
+        this.init.log.warn('cannot throttle the guest; pre-copy goes on without', {
+          vm: this.name,
+          error: describeError(err),
+        })
+        return
+      }
+    }
+    try {
+      const before = this.throttleCtl.level
+      const level = await this.throttleCtl.observe(this.dirty.rate, this.link.rate)
+      if (level !== before)
+        this.init.log.info('throttling the guest', {
+          vm: this.name,
+          level,
+          dirtyBytesPerSec: Math.round(this.dirty.rate),
+        })
+    } catch (err) {
+      this.init.log.warn('throttle step failed', { vm: this.name, error: describeError(err) })
+    }
+  }
+
+  /** Ends the throttle (the guest is paused for the switch, or runs here again after a rollback). */
+  private async liftThrottle(): Promise<void> {
+    await this.throttleCtl
+      ?.lift()
+      .catch((err: unknown) =>
+        this.init.log.error('lifting the vCPU throttle failed', { vm: this.name, error: describeError(err) }),
+      )
   }
 
   /** The checked transition, and the progress event its state announces. */
@@ -277,13 +534,18 @@ export class SourceSession {
       await this.precopy()
       await this.pause()
       await this.commit()
+      await this.postcopy()
       return await this.handover()
     } catch (err) {
-      throw await this.fail(err)
+      throw await this.fail(this.infeasible ?? err)
     } finally {
       this.stopProbe()
+      this.stopTicker()
+      await this.liftThrottle()
+      this.lender?.close()
       this.unregister()
       this.conv.close()
+      for (const c of this.resumedConvs) c.close()
       for (const s of this.streams) await s.close()
     }
   }
@@ -291,7 +553,7 @@ export class SourceSession {
   /** setup: prepare → accept, then the clocks. */
   private async setup(): Promise<void> {
     const { vm, name, conv, sid, init } = this
-    const signal = init.signal
+    const signal = this.signal
     throwIfAborted(signal)
     if (vm.status() !== 'running') throw new MigrationLinkError(`VM '${name}' is ${vm.status()}, not running`)
     const images = [vm.spec.kernel, vm.spec.initrd, vm.spec.disk].filter(
@@ -309,8 +571,14 @@ export class SourceSession {
       images,
     }
     if (init.deadlineMs !== undefined) prep.deadlineMs = init.deadlineMs
+    // Ask whether the destination can page, whenever this move might end in post-copy.
+    if (init.mode !== 'precopy' && (this.maxPauseMs !== undefined || init.mode === 'postcopy'))
+      prep.postcopy = true
     await conv.send(prep, signal)
-    await conv.next(['accept'], 'accept', this.t.timeoutMs, signal)
+    const accept = await conv.next(['accept'], 'accept', this.t.timeoutMs, signal)
+    this.postcopyOk = prep.postcopy === true && accept.postcopy === true
+    if (init.mode === 'postcopy' && !this.postcopyOk)
+      throw new MigrationLinkError(`${init.to} cannot receive a post-copy move (no pager there)`)
 
     // Clocks and RTT: the best of three pings, to turn the destination's timestamps into ours.
     for (let i = 0; i < 3; i++) {
@@ -337,7 +605,7 @@ export class SourceSession {
       bytes += r.bytes
       units += r.units
     }
-    await this.conv.send({ type: 'round', sid: this.sid, round: 0, chunks: units, bytes }, this.init.signal)
+    await this.conv.send({ type: 'round', sid: this.sid, round: 0, chunks: units, bytes }, this.signal)
     this.lap('bulk')
   }
 
@@ -347,7 +615,7 @@ export class SourceSession {
       const piece = bytes.subarray(o, o + TARGET_MESSAGE_BYTES)
       await this.conv.send(
         { type, sid: this.sid, offset: o, total: bytes.byteLength, bytes: piece },
-        this.init.signal,
+        this.signal,
       )
       if (bytes.byteLength === 0) break
     }
@@ -363,7 +631,7 @@ export class SourceSession {
     const { vm, init } = this
     if (vm.snapshotState === undefined) return
     try {
-      this.stateRef = await vm.snapshotState(init.signal)
+      this.stateRef = await vm.snapshotState(this.signal)
     } catch (err) {
       if (err instanceof AbortError) throw err
       // Not fatal: the switch then sends the whole state, as it would without a snapshot.
@@ -400,21 +668,39 @@ export class SourceSession {
         rate += p.rateBytesPerSec
         scanMs += p.scanMs
       }
-      this.dirtyRate = rate
       this.dirtyBytes = bytes
+      if (rate > 0) this.dirty.add((bytes * 1000) / rate, bytes)
+      this.dirtyRate = this.dirty.rate
+      this.lastScanMs = scanMs
+      await this.maybeThrottle()
+      const e = this.estimateNow()
+      // The link as the channel's backpressure paces it; the last round's own rate before it is known.
+      const link = this.link.spanMs >= 500 ? this.link.rate : sendRate
       const decision = decideSwitch({
         round: this.round,
         pendingBytes: bytes,
         ...(prevPendingBytes === undefined ? {} : { prevPendingBytes }),
         scanMs,
-        sendRateBytesPerSec: sendRate,
+        sendRateBytesPerSec: link,
         nowMs: performance.now(),
         ...(deadline === undefined ? {} : { deadline }),
         switchBytes: this.t.switchBytes,
         maxRounds: this.t.maxRounds,
+        ...(this.maxPauseMs === undefined ? {} : { maxPauseMs: this.maxPauseMs }),
+        ...(link > 0
+          ? { predictedPauseMs: (bytes * 1000) / link + switchCostMs({ rttMs: this.rttMs, scanMs }) }
+          : {}),
+        postcopy: this.postcopyPolicy,
+        precopyConverges: e.precopyConverges,
+        throttleHeadroom: this.throttleCtl !== undefined && this.throttleCtl.level < 0.995,
       })
       switch (decision.action) {
         case 'switch':
+          this.switchReason = decision.reason
+          this.lap('rounds')
+          return
+        case 'postcopy':
+          this.postcopyReason = decision.reason
           this.switchReason = decision.reason
           this.lap('rounds')
           return
@@ -433,7 +719,7 @@ export class SourceSession {
       const w0 = conv.sentBytes
       const r0 = performance.now()
       for (const s of this.streams) await s.iterate(this.round, this.ctx)
-      await conv.send({ type: 'round', sid, round: this.round, chunks: units, bytes }, init.signal)
+      await conv.send({ type: 'round', sid, round: this.round, chunks: units, bytes }, this.signal)
       const ms = performance.now() - r0
       if (ms > 5) sendRate = ((conv.sentBytes - w0) * 1000) / ms
     }
@@ -442,16 +728,26 @@ export class SourceSession {
   /** switching → paused: record the switch, pause, send the rest and the device state, wait for 'ready'. */
   private async pause(): Promise<void> {
     const { vm, init, conv, sid, token } = this
-    const signal = init.signal
+    const signal = this.signal
     // Recorded (persisted) before the pause: an agent killed from here on leaves a paused QEMU that
     // the next agent must settle with the destination instead of resuming it blindly.
-    this.go('precopy', 'switching', this.switchReason)
-    await init.host.beginSwitch({ vm: this.name, token, to: init.to, at: Date.now() })
+    this.stopTicker()
+    const post = this.postcopyReason !== undefined
+    this.go('precopy', 'switching', post ? `post-copy (${this.switchReason})` : this.switchReason)
+    await init.host.beginSwitch({
+      vm: this.name,
+      token,
+      to: init.to,
+      at: Date.now(),
+      ...(post ? { mode: 'postcopy' as const } : {}),
+    })
     this.pausedAt = Date.now()
     this.pausedPerf = performance.now()
     // The state says paused before the call: a pause that fails half-way is still resumed on rollback.
     this.go('switching', 'paused')
     await vm.pause(signal)
+    // Paused: the throttle has done its work (after a rollback the guest runs here at full speed again).
+    await this.liftThrottle()
     this.lap('pause')
     // Every stream's exact rest is found while QEMU writes out the device state.
     const [state] = await Promise.all([
@@ -462,7 +758,26 @@ export class SourceSession {
     this.deviceStateBytes = state.byteLength
     const finalRound = this.round + 1
     const w0 = conv.sentBytes
-    for (const s of this.streams) await s.sendFinal(finalRound, this.ctx)
+    if (post) {
+      // Post-copy: the rest is owed, not sent. The lender answers page requests from now on (loading
+      // the device state may touch owed chunks); the background push starts once the guest runs there.
+      const count = vm.memory.size / this.t.chunkSize
+      const owed = this.ram.finalChunks
+      await conv.send({ type: 'owed', sid, chunks: count, bitmap: chunkBitmap(owed, count) }, signal)
+      const bdp = this.link.rate * ((Number.isFinite(this.rttMs) ? this.rttMs : 50) / 1000)
+      this.lender = new PostcopyLender({
+        ramPath: vm.memory.path,
+        ramSize: vm.memory.size,
+        chunkSize: this.t.chunkSize,
+        order: this.ram.hottestFirst(owed),
+        windowBytes: Math.max(512 * 1024, Math.round(2 * bdp)),
+        log: init.log,
+        ...(signal === undefined ? {} : { signal }),
+      })
+      this.lender.attach(conv)
+      this.pumping = this.lender.pump()
+      this.pumping.catch(() => {})
+    } else for (const s of this.streams) await s.sendFinal(finalRound, this.ctx)
     this.finalDeltaBytes = conv.sentBytes - w0
     const s0 = conv.sentBytes
     const zstate = await encodeStateDelta(sid, state, this.stateRef)
@@ -470,7 +785,17 @@ export class SourceSession {
     // Too big for one message even deflated (or empty): the plain pieces.
     else await this.sendPieces('state', state)
     this.deviceStateWireBytes = conv.sentBytes - s0
-    await conv.send({ type: 'final', sid, token, round: finalRound, pausedAt: this.pausedAt }, signal)
+    await conv.send(
+      {
+        type: 'final',
+        sid,
+        token,
+        round: finalRound,
+        pausedAt: this.pausedAt,
+        ...(post ? { postcopy: true } : {}),
+      },
+      signal,
+    )
     this.lap('finalSend')
     // From here we only wait: a destination that died must not keep the guest paused for the link's
     // dead timer (or our timeout). Nothing else is queued behind the pings now.
@@ -500,7 +825,7 @@ export class SourceSession {
   /** committed: the point of no return. Ends in handover, or declined / in doubt (both throw). */
   private async commit(): Promise<void> {
     const { init, conv, sid, token, name } = this
-    const signal = init.signal
+    const signal = this.signal
     // From here the source never resumes unless it learns that the destination did not (and never will).
     this.go('paused', 'committed')
     await conv.send({ type: 'commit', sid, token }, signal)
@@ -528,7 +853,7 @@ export class SourceSession {
           },
         )
       }
-      if (outcome !== 'running') {
+      if (outcome !== 'running' && outcome !== 'postcopy') {
         this.machine.set('committed', 'declined')
         throw new MigrationLinkError(`${this.nameOf(init.to)} did not resume it (${outcome})`, { cause: err })
       }
@@ -538,10 +863,67 @@ export class SourceSession {
   }
 
   /** handover: the destination runs the VM and holds the token; let go of ours. */
+  /**
+   * postcopy: the guest runs on the destination; lend it the owed chunks (urgent first, the rest
+   * hottest first) until it says all are placed. A broken link is waited out: the destination comes
+   * back with 'pcresume' on a new session and the lender goes on from what it still lacks.
+   */
+  private async postcopy(): Promise<void> {
+    const lender = this.lender
+    if (lender === undefined) return
+    const { init, name, token } = this
+    this.lap('resumed')
+    this.machine.set('committed', 'postcopy')
+    this.announce('postcopy')
+    this.postcopyStartedPerf = performance.now()
+    const progress = setInterval(() => this.emit(), 500)
+    progress.unref()
+    try {
+      lender.startBackground()
+      for (;;) {
+        try {
+          await (this.pumping ?? lender.pump())
+          this.pumping = undefined
+          this.postcopyDone = await lender.finished(this.t.timeoutMs * 4)
+          break
+        } catch (err) {
+          this.pumping = undefined
+          // Our own abort, the destination's (it lost the VM), or nobody to wait for: no going on.
+          if (
+            err instanceof AbortError ||
+            err instanceof MigrationAbortedError ||
+            init.awaitPostcopyResume === undefined
+          )
+            throw err
+          init.log.warn('post-copy: the link to the destination broke; waiting for it to come back', {
+            vm: name,
+            to: init.to,
+            owedBytes: lender.remaining * this.t.chunkSize,
+            error: describeError(err),
+          })
+          const back = await withTimeout(
+            init.awaitPostcopyResume(name, token, this.signal),
+            this.t.postcopyResumeMs,
+            `the destination ${init.to} to come back for the rest of its memory`,
+          )
+          this.resumedConvs.push(back.conv)
+          lender.attach(back.conv, back.bitmap)
+          init.log.info('post-copy: the destination is back', {
+            vm: name,
+            owedBytes: lender.remaining * this.t.chunkSize,
+          })
+        }
+      }
+    } finally {
+      clearInterval(progress)
+    }
+    this.lap('postcopy')
+  }
+
   private async handover(): Promise<MigrationReport> {
     const { vm, init, name, token } = this
-    this.machine.set('committed', 'handover')
-    this.lap('resumed')
+    if (this.lender === undefined) this.lap('resumed')
+    this.machine.to('handover')
     const downtimeSourceMs = Math.max(0, this.resumedSeenPerf - this.pausedPerf - this.rttMs / 2)
     const downtimeMs = Math.max(0, this.resumedAt - this.offsetMs - this.pausedAt)
     this.announce('handover')
@@ -572,8 +954,38 @@ export class SourceSession {
       stateRefBytes: this.stateRef?.byteLength ?? 0,
       switchReason: this.switchReason,
       timings: this.timings,
+      mode: this.lender === undefined ? 'precopy' : 'postcopy',
     }
-    if (init.deadlineMs !== undefined) report.deadlineMs = init.deadlineMs
+    if (init.deadlineMs !== undefined) {
+      report.deadlineMs = init.deadlineMs
+      const missed = report.totalMs - init.deadlineMs
+      if (missed > 0) report.deadlineMissedByMs = Math.round(missed)
+    }
+    if (this.maxPauseMs !== undefined) report.maxPauseMs = this.maxPauseMs
+    // The estimate the move was judged on; a move over before the rates were measured well enough keeps
+    // the last one (without a verdict).
+    const est = this.judged ?? (this.lastEstimate === undefined ? undefined : this.summary(this.lastEstimate))
+    if (est !== undefined) report.estimate = est
+    if (this.throttleCtl !== undefined)
+      report.throttle = {
+        maxLevel: this.throttleCtl.maxLevel,
+        steps: this.throttleCtl.steps.length,
+        backend: this.throttleBackend,
+      }
+    if (this.lender !== undefined) {
+      const d = this.postcopyDone
+      report.postcopy = {
+        owedBytes: this.lender.stats.owedChunks * this.t.chunkSize,
+        ms: Math.round(performance.now() - this.postcopyStartedPerf),
+        faults: d?.faults ?? 0,
+        maxFaultWaitMs: Math.round((d?.maxWaitUs ?? 0) / 1000),
+        zeroFaults: d?.zeroFaults ?? 0,
+        urgentChunks: this.lender.stats.urgentChunks,
+        backgroundChunks: this.lender.stats.backgroundChunks,
+        sessions: this.lender.stats.sessions,
+      }
+      report.wireBytes += this.resumedConvs.reduce((n, c) => n + c.wireBytes, 0)
+    }
     if (this.disk !== undefined) {
       report.diskWrittenBytes = this.disk.writtenAtStart
       report.diskSentBytes = this.disk.sentBytes
@@ -632,6 +1044,22 @@ export class SourceSession {
             )
       case 'lost':
         return err
+      case 'lent': {
+        // The guest runs there on memory partly still here: keep our paused copy and its switch record;
+        // the service lends the rest when the destination comes back (pcresume).
+        if (state === 'postcopy') this.machine.set('postcopy', 'lent')
+        const owed = (this.lender?.remaining ?? 0) * this.t.chunkSize
+        init.log.error('post-copy unfinished: the VM runs on the destination, part of its memory only here', {
+          vm: name,
+          to: init.to,
+          owedBytes: owed,
+          error: describeError(err),
+        })
+        return new MigrationLinkError(
+          `VM '${name}' runs on ${this.nameOf(init.to)} but ${fmtBytes(owed)} of its memory is still only here: ${describeError(err)}; this host keeps its paused copy and sends the rest when ${this.nameOf(init.to)} comes back (never resumed here)`,
+          { cause: err },
+        )
+      }
       case 'rollback':
         await this.rollback(err)
         return err
@@ -650,6 +1078,8 @@ export class SourceSession {
       code: (err as { code?: string }).code ?? 'E_MIGRATION',
       reason: describeError(err),
     })
+    this.stopTicker()
+    await this.liftThrottle()
     if (this.machine.reached('paused') && vm.status() === 'paused') {
       try {
         await vm.resume()

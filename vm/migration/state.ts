@@ -18,13 +18,16 @@ import { MigrationStateError } from './errors.ts'
  *  - switching  the switch record is being persisted; the guest still runs
  *  - paused     the guest is paused here: final delta, device state, waiting for 'ready'
  *  - committed  'commit' sent: point of no return; waiting for 'resumed' (or asking: resolveInDoubt)
+ *  - postcopy   the guest runs on the destination, which still lacks the owed chunks: our paused copy
+ *               lends them (postcopy-source.ts) until 'pcdone'; never resumed, never stopped meanwhile
  *  - declined   after the commit the destination answered that it never resumed and never will
  *  - lost       after the commit the destination answered that its copy ran and is gone: ours is older,
  *               stays paused, and only an operator's `mesh vm recover` resumes it
  *  - handover   the destination runs the VM: record the token, stop and forget our copy
  *  - rolling-back  before the commit something failed: abort sent, resume our copy, end the record
  * Terminal: completed (runs there), rolled-back (runs here), in-doubt (paused here; settle.ts takes over),
- * lost (paused here, older than what ran there).
+ * lost (paused here, older than what ran there), lent (post-copy unfinished: the guest runs there, our paused copy keeps the memory it still needs and
+ * the service goes on lending it when the destination comes back).
  */
 export type SourceState =
   | 'setup'
@@ -33,6 +36,7 @@ export type SourceState =
   | 'switching'
   | 'paused'
   | 'committed'
+  | 'postcopy'
   | 'declined'
   | 'handover'
   | 'rolling-back'
@@ -40,6 +44,7 @@ export type SourceState =
   | 'rolled-back'
   | 'in-doubt'
   | 'lost'
+  | 'lent'
 
 export const SOURCE_TRANSITIONS: Readonly<Record<SourceState, readonly SourceState[]>> = {
   setup: ['bulk', 'rolling-back'],
@@ -47,7 +52,9 @@ export const SOURCE_TRANSITIONS: Readonly<Record<SourceState, readonly SourceSta
   precopy: ['switching', 'rolling-back'],
   switching: ['paused', 'rolling-back'],
   paused: ['committed', 'rolling-back'],
-  committed: ['handover', 'declined', 'in-doubt', 'lost'],
+  committed: ['handover', 'postcopy', 'declined', 'in-doubt', 'lost'],
+  // Post-copy that the destination gives up on (its copy is lost) leaves ours, older: 'lost'.
+  postcopy: ['handover', 'lent', 'lost'],
   declined: ['rolling-back'],
   handover: ['completed'],
   'rolling-back': ['rolled-back'],
@@ -55,6 +62,7 @@ export const SOURCE_TRANSITIONS: Readonly<Record<SourceState, readonly SourceSta
   'rolled-back': [],
   'in-doubt': [],
   lost: [],
+  lent: [],
 }
 
 /** What a failure in each state leaves: the source's whole `catch`, as a table. */
@@ -67,6 +75,11 @@ export type SourceFailure =
   | 'moved'
   /** A newer copy ran elsewhere and is gone: ours stays paused until an operator decides. */
   | 'lost'
+  /**
+   * The destination runs the VM but still needs memory only our paused copy holds: keep the copy (never
+   * resume it, never stop it) and lend it when the destination comes back (post-copy).
+   */
+  | 'lent'
 
 export function sourceFailureOutcome(state: SourceState): SourceFailure {
   switch (state) {
@@ -87,6 +100,9 @@ export function sourceFailureOutcome(state: SourceState): SourceFailure {
       return 'moved'
     case 'lost':
       return 'lost'
+    case 'postcopy':
+    case 'lent':
+      return 'lent'
   }
 }
 
@@ -97,8 +113,11 @@ export function sourceFailureOutcome(state: SourceState): SourceFailure {
  *  - loaded      device state loaded into the (paused) incoming VM, 'ready' sent; waiting for 'commit'
  *  - committed   'commit' received: the token is recorded before the guest may run
  *  - resumed     the guest runs here (never discarded from now on); adopting it
+ *  - postcopy    it runs here while the owed chunks arrive (each one the guest touches first is fetched
+ *                at once, the rest in the background); the source keeps its paused copy meanwhile
  *  - discarding  before the resume something failed: abort sent, incoming VM stopped, RAM file removed
- * Terminal: running, discarded, refused (nothing was allocated).
+ * Terminal: running, discarded, refused (nothing was allocated), lost (post-copy could not finish: the
+ * source's copy is gone or the pager died; the VM was stopped here and the loss is reported).
  */
 export type DestinationState =
   | 'preparing'
@@ -106,21 +125,25 @@ export type DestinationState =
   | 'loaded'
   | 'committed'
   | 'resumed'
+  | 'postcopy'
   | 'discarding'
   | 'running'
   | 'discarded'
   | 'refused'
+  | 'lost'
 
 export const DESTINATION_TRANSITIONS: Readonly<Record<DestinationState, readonly DestinationState[]>> = {
   preparing: ['receiving', 'refused', 'discarding'],
   receiving: ['loaded', 'discarding'],
   loaded: ['committed', 'discarding'],
   committed: ['resumed', 'discarding'],
-  resumed: ['running'],
+  resumed: ['running', 'postcopy'],
+  postcopy: ['running', 'lost'],
   discarding: ['discarded'],
   running: [],
   discarded: [],
   refused: [],
+  lost: [],
 }
 
 /** A state change, as listeners (logs, progress, tests) see it. */

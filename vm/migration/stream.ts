@@ -24,6 +24,8 @@ export interface SourceContext {
   carried(bytes: number, deduped?: boolean): void
   /** Records the time since the last lap under `step` (the report's timings). */
   lap(step: string): void
+  /** The stream starts putting data on the channel (the link's rate is measured from here). */
+  sending?(): void
 }
 
 /** What a pass found to send. */

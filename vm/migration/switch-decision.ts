@@ -2,13 +2,18 @@
  * When pre-copy stops and the source pauses the guest: a pure function of what the last round saw, so
  * that the policy is tested as a table (test/unit/migration-switch.test.ts) and changed in one place.
  *
- * Extending it (deadline feasibility, throttling, post-copy): add fields to SwitchInput and a new
- * `action` to SwitchDecision; source.ts's pre-copy loop switches over `action` exhaustively, so a new
- * action does not compile until the loop handles it.
+ * Extending it: add fields to SwitchInput and, for a new way to end pre-copy, an `action` of
+ * SwitchDecision; source.ts's pre-copy loop switches over `action` exhaustively, so a new action does
+ * not compile until the loop handles it. With a bound on the pause (--max-pause, or --deadline's
+ * default of 1 s) a move that pre-copy cannot finish within it ends in post-copy when the destination
+ * can page (action 'postcopy'); without post-copy the vCPU throttle gets its rounds first.
  */
 
 /** Why pre-copy ended (the report's `switchReason`). */
-export type SwitchReason = 'small' | 'not-shrinking' | 'max-rounds' | 'deadline'
+export type SwitchReason = 'small' | 'not-shrinking' | 'max-rounds' | 'deadline' | 'fits-pause'
+
+/** Why pre-copy handed over to post-copy (the report's `switchReason` too). */
+export type PostcopyReason = 'requested' | 'dirty-rate' | 'not-shrinking' | 'max-rounds' | 'deadline'
 
 export interface SwitchInput {
   /** Pre-copy rounds sent after the bulk copy so far (0 = only the bulk copy). */
@@ -29,9 +34,22 @@ export interface SwitchInput {
   switchBytes: number
   /** At most this many pre-copy rounds (tuning.maxRounds). */
   maxRounds: number
+  /** The longest pause the user allows (--max-pause; 1 s by default with --deadline). */
+  maxPauseMs?: number
+  /** What switching now would pause the guest for: the pending set over the link, and the switch. */
+  predictedPauseMs?: number
+  /** Post-copy: not possible, possible when pre-copy cannot keep the pause bound, or asked for. */
+  postcopy?: 'no' | 'allowed' | 'requested'
+  /** The estimator's verdict: pre-copy can still reach a pause within maxPauseMs. */
+  precopyConverges?: boolean
+  /** The vCPU throttle can still go up: a round that did not shrink may shrink at the next level. */
+  throttleHeadroom?: boolean
 }
 
-export type SwitchDecision = { action: 'round' } | { action: 'switch'; reason: SwitchReason }
+export type SwitchDecision =
+  | { action: 'round' }
+  | { action: 'switch'; reason: SwitchReason }
+  | { action: 'postcopy'; reason: PostcopyReason }
 
 /** Assumed send rate before a round measured one (bytes/s). */
 export const DEFAULT_RATE_GUESS = 50 * 1024 * 1024
@@ -44,13 +62,25 @@ export const SHRINK_FACTOR = 0.9
 
 export function decideSwitch(i: SwitchInput): SwitchDecision {
   if (i.pendingBytes <= i.switchBytes) return { action: 'switch', reason: 'small' }
+  if (i.postcopy === 'requested') return { action: 'postcopy', reason: 'requested' }
+  const bound = i.maxPauseMs !== undefined
+  // With a bound on the pause, post-copy is how a move that pre-copy cannot finish in time ends.
+  const post = bound && i.postcopy === 'allowed'
+  const end = (reason: SwitchReason & PostcopyReason): SwitchDecision =>
+    post ? { action: 'postcopy', reason } : { action: 'switch', reason }
+  if (bound && i.predictedPauseMs !== undefined && i.predictedPauseMs <= i.maxPauseMs!)
+    return { action: 'switch', reason: 'fits-pause' }
+  if (post && i.precopyConverges === false) return { action: 'postcopy', reason: 'dirty-rate' }
   if (
     i.round >= 1 &&
     i.prevPendingBytes !== undefined &&
     i.pendingBytes >= i.prevPendingBytes * SHRINK_FACTOR
-  )
-    return { action: 'switch', reason: 'not-shrinking' }
-  if (i.round >= i.maxRounds) return { action: 'switch', reason: 'max-rounds' }
+  ) {
+    // Throttling takes a few levels to bite (see vm/throttle/controller.ts): give it those rounds.
+    if (!post && i.throttleHeadroom === true && i.round < i.maxRounds) return { action: 'round' }
+    return end('not-shrinking')
+  }
+  if (i.round >= i.maxRounds) return end('max-rounds')
   if (i.deadline !== undefined) {
     // Another round costs its send time plus a scan; the switch needs the final delta, the device state
     // and the resume. Keep a margin of a fifth of the deadline for what we cannot see.
@@ -58,7 +88,7 @@ export function decideSwitch(i: SwitchInput): SwitchDecision {
     const roundMs = (i.pendingBytes * 1000) / rate + i.scanMs
     const switchMs = SWITCH_OVERHEAD_MS + (i.pendingBytes * 1000) / rate
     if (i.nowMs + roundMs + switchMs > i.deadline.atMs - i.deadline.ms * DEADLINE_MARGIN)
-      return { action: 'switch', reason: 'deadline' }
+      return end('deadline')
   }
   return { action: 'round' }
 }

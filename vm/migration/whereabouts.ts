@@ -41,6 +41,12 @@ export function whereabouts(vm: string, last: MigrationProgress | undefined): Wh
     case 'resumed':
     case 'done':
       return { status: 'running', on: last.to, text: `VM '${vm}' was last seen running on ${to} (${at})` }
+    case 'postcopy':
+      return {
+        status: 'running',
+        on: last.to,
+        text: `VM '${vm}' was last seen running on ${to} in post-copy (${at}): part of its memory was still only on ${from}, whose paused copy sends it when the two agents reach each other again; see 'mesh vm tokens ${vm}'`,
+      }
     case 'rollback':
     case 'failed':
       return {

@@ -6,6 +6,7 @@ import {
   MigrationError,
   MigrationInDoubtError,
   MigrationLinkError,
+  MigrationLostError,
   MigrationRefusedError,
   MigrationTargetError,
   MigrationTimeoutError,
@@ -15,24 +16,32 @@ import type {
   MigrationNetwork,
   MigrationProgress,
   MigrationReport,
+  PostcopyRecord,
   RamCache,
   SwitchRecord,
   VmHost,
 } from '../../../vm/migration/interfaces.ts'
+import { PostcopyReceiver, runPostcopy } from '../../../vm/migration/postcopy-dest.ts'
+import { bitmapChunks, PostcopyLender } from '../../../vm/migration/postcopy-source.ts'
 import { lostMessage, settleSwitch } from '../../../vm/migration/settle.ts'
 import { type MigrationTuning, migrateOut } from '../../../vm/migration/source.ts'
 import type { DestinationState, SourceState } from '../../../vm/migration/state.ts'
 import {
   decodeMessage,
+  decodeMoveOptions,
   type HistoryEvent,
   MAX_HISTORY_EVENTS,
   type Message,
+  type MoveOptions,
   newSessionId,
   type QueryState,
 } from '../../../vm/migration/v1/messages.ts'
 import { whereabouts } from '../../../vm/migration/whereabouts.ts'
+import { type Pager, startPager } from '../../../vm/postcopy/pager.ts'
+import type { ThrottleProvider } from '../../../vm/throttle/interfaces.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
+import { processAlive } from '../../base/process.ts'
 import type { ControlHandlers } from '../../control/api.ts'
 import type { HandlerContext } from '../../control/server.ts'
 
@@ -55,6 +64,10 @@ export interface MigrationServiceInit {
   onProgress?: (p: MigrationProgress) => void
   /** Every completed move out of this host (metrics, the web view). */
   onReport?: (r: MigrationReport) => void
+  /** Slows a guest's vCPUs while pre-copy catches up with it (absent: never throttled). */
+  throttle?: ThrottleProvider
+  /** Whether this host can receive post-copy moves (vm/postcopy/pager.ts: postcopySupport). */
+  postcopy?: () => Promise<boolean>
   /** A member's name for messages and reports (default: its PeerId). */
   nameOf?: (peer: string) => string
   /** How long to wait for each member's answer when gathering token histories (default 3 s). */
@@ -97,10 +110,9 @@ export interface MigrationStateEvent {
   atMs: number
 }
 
-export interface MigrateParams {
+export interface MigrateParams extends MoveOptions {
   vm: string
   to: string
-  deadlineMs?: number
 }
 
 type Handler = (params: unknown, ctx: HandlerContext) => Promise<unknown>
@@ -144,12 +156,31 @@ export function parseMigrateParams(params: unknown): MigrateParams {
     throw new UsageError('migrate: vm must be a VM name')
   if (typeof p.to !== 'string' || p.to.length === 0 || p.to.length > 256)
     throw new UsageError('migrate: to must be a member name or PeerId')
-  const out: MigrateParams = { vm: p.vm, to: p.to }
   if (p.deadlineMs !== undefined && p.deadlineMs !== null) {
     if (typeof p.deadlineMs !== 'number' || !Number.isInteger(p.deadlineMs) || p.deadlineMs < 1000)
       throw new UsageError('migrate: deadlineMs must be an integer of at least 1000')
-    out.deadlineMs = p.deadlineMs
   }
+  if (p.maxPauseMs !== undefined && p.maxPauseMs !== null) {
+    if (typeof p.maxPauseMs !== 'number' || !Number.isInteger(p.maxPauseMs) || p.maxPauseMs < 1)
+      throw new UsageError('migrate: maxPauseMs must be a positive integer')
+  }
+  const options: Record<string, unknown> = {}
+  for (const k of ['deadlineMs', 'maxPauseMs', 'bestEffort', 'mode'])
+    if (p[k] !== undefined && p[k] !== null) options[k] = p[k]
+  try {
+    return { vm: p.vm, to: p.to, ...decodeMoveOptions(options) }
+  } catch (err) {
+    throw new UsageError(`migrate: ${describeError(err)}`, { cause: err })
+  }
+}
+
+/** The move options of params, as migrateOut() and a 'request' take them. */
+function moveOptions(p: MoveOptions): MoveOptions {
+  const out: MoveOptions = {}
+  if (p.deadlineMs !== undefined) out.deadlineMs = p.deadlineMs
+  if (p.maxPauseMs !== undefined) out.maxPauseMs = p.maxPauseMs
+  if (p.bestEffort !== undefined) out.bestEffort = p.bestEffort
+  if (p.mode !== undefined) out.mode = p.mode
   return out
 }
 
@@ -162,7 +193,13 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   const { network, host, log } = init
   const sessions = new Map<string, Conversation>()
   /** Outcome of recent incoming sessions by VM and token, for the source's 'query'. */
-  const outcomes = new Map<string, DestinationOutcome | 'pending'>()
+  const outcomes = new Map<string, DestinationOutcome | 'pending' | 'postcopy' | 'lost'>()
+  /** Moves out in post-copy whose link broke: waiting for the destination's 'pcresume', by vm#token. */
+  const resumeWaiters = new Map<string, (x: { conv: Conversation; bitmap: Uint8Array }) => void>()
+  /** A destination came back (pcresume) before its source session noticed the link broke, by vm#token. */
+  const pendingResumes = new Map<string, { conv: Conversation; bitmap: Uint8Array }>()
+  /** Post-copy lending a finished session left (the destination came back after it gave up), by VM. */
+  const lending = new Set<string>()
   const busy = new Set<string>()
   /** The state of each session running now, by VM name ('out:precopy', 'in:receiving'...). */
   const states = new Map<string, string>()
@@ -297,6 +334,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
    */
   const answerQuery = (vm: string, token: number): QueryState => {
     const outcome = outcomes.get(`${vm}#${token}`)
+    // It runs here but still lacks memory the source holds: the source must keep its copy (#15).
+    if (outcome === 'postcopy' && host.ledger.lost(vm) === undefined) return 'postcopy'
     if (outcome === 'running') return 'running'
     if (host.get(vm) !== undefined && host.token(vm) >= token && host.ledger.lost(vm) === undefined)
       return 'running'
@@ -417,16 +456,21 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
             nameOf,
             selfName: selfName(),
             onState: stateOf(name, 'in', ch.peer, (to) => {
-              // From the resume on the source must hear 'running', even before the session ends.
-              if (to === 'resumed') outcomes.set(key, 'running')
+              // From the resume on the source must hear 'running', even before the session ends; while
+              // the guest still pages (post-copy), 'postcopy': the source must keep its copy.
+              if (to === 'resumed' || to === 'running') outcomes.set(key, 'running')
+              if (to === 'postcopy') outcomes.set(key, 'postcopy')
             }),
+            network,
+            register,
+            ...(init.postcopy === undefined ? {} : { postcopy: init.postcopy }),
             ...(init.cache ? { cache: init.cache } : {}),
           })
             .then(
               (o) => outcomes.set(key, o),
               (err: unknown) => {
                 counters.failed++
-                outcomes.set(key, 'discarded')
+                outcomes.set(key, err instanceof MigrationLostError ? 'lost' : 'discarded')
                 if (!(err instanceof MigrationError) && !(err instanceof AbortError))
                   log.error('incoming migration failed', { vm: name, error: describeError(err) })
               },
@@ -438,6 +482,46 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
               conv.close()
               // Bounded memory: forget the oldest outcomes.
               while (outcomes.size > 1000) outcomes.delete(outcomes.keys().next().value!)
+            }),
+        )
+        return
+      }
+      case 'pcresume': {
+        // A destination comes back for the rest of a post-copy (link cut, or an agent restart).
+        if (!member) return
+        const conv = new Conversation(ch, m.sid)
+        conv.receivedBytes += size
+        const unregister = register(m.sid, conv)
+        void track(
+          conv
+            .next(['owed'], 'owed (pcresume)', 30_000, ac.signal)
+            .then((owed) => {
+              const key = `${m.vm}#${m.token}`
+              const waiter = resumeWaiters.get(key)
+              void conv.whenFailed().then(unregister)
+              if (waiter !== undefined) {
+                // The session that switched is waiting: it takes over this conversation.
+                resumeWaiters.delete(key)
+                conv.trySend({ type: 'accept', sid: conv.sid, cachedChunks: 0, postcopy: true })
+                waiter({ conv, bitmap: owed.bitmap })
+                return
+              }
+              if (states.get(m.vm) === 'out:postcopy') {
+                // The session has not noticed its link broke yet: it takes this one when it does.
+                pendingResumes.get(key)?.conv.close()
+                pendingResumes.set(key, { conv, bitmap: owed.bitmap })
+                return
+              }
+              return lendAgain(m.vm, m.token, ch.peer, conv, owed.bitmap).finally(() => {
+                unregister()
+                conv.close()
+              })
+            })
+            .catch((err: unknown) => {
+              unregister()
+              conv.close()
+              if (!(err instanceof AbortError))
+                log.warn('post-copy resume failed', { vm: m.vm, peer: ch.peer, error: describeError(err) })
             }),
         )
         return
@@ -490,8 +574,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
           conv.close()
           return
         }
-        const params: MigrateParams = { vm: m.vm, to: m.to }
-        if (m.deadlineMs !== undefined) params.deadlineMs = m.deadlineMs
+        const params: MigrateParams = { vm: m.vm, to: m.to, ...moveOptions(m) }
         void track(
           runLocal(params, {
             onProgress: (p) => conv.trySend({ type: 'request-event', sid: m.sid, event: { ...p } }),
@@ -520,6 +603,181 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         return
     }
   }
+
+  /**
+   * Post-copy whose session ended (its link broke for too long, or this agent restarted): the
+   * destination came back with what it still lacks. Lend it from our paused copy, then let the copy go.
+   */
+  const lendAgain = async (
+    name: string,
+    token: number,
+    peer: string,
+    conv: Conversation,
+    bitmap: Uint8Array,
+  ): Promise<void> => {
+    const record = host.switches?.().find((r) => r.vm === name && r.token === token && r.to === peer)
+    const vm = host.get(name)
+    if (record?.mode !== 'postcopy' || vm === undefined || vm.status() !== 'paused') {
+      conv.trySend({
+        type: 'abort',
+        sid: conv.sid,
+        code: 'E_POSTCOPY_SOURCE_GONE',
+        reason: `no paused copy of '${name}' under token ${token} here`,
+      })
+      return
+    }
+    if (lending.has(name)) return
+    lending.add(name)
+    conv.trySend({ type: 'accept', sid: conv.sid, cachedChunks: 0, postcopy: true })
+    try {
+      const chunkSize = init.tuning?.chunkSize ?? 64 * 1024
+      const lender = new PostcopyLender({
+        ramPath: vm.memory.path,
+        ramSize: vm.memory.size,
+        chunkSize,
+        order: bitmapChunks(bitmap, vm.memory.size / chunkSize),
+        windowBytes: 1024 * 1024,
+        log,
+        signal: ac.signal,
+      })
+      try {
+        log.info('post-copy: lending the rest of a VM again', {
+          vm: name,
+          to: peer,
+          chunks: lender.remaining,
+        })
+        lender.attach(conv)
+        lender.startBackground()
+        await lender.pump()
+        await lender.finished(120_000)
+      } finally {
+        lender.close()
+      }
+      // Every owed chunk is placed there: our copy is no longer needed.
+      await host.setToken(name, token)
+      await vm.stop()
+      await host.release(name)
+      await host.endSwitch?.(name)
+      log.info('post-copy finished after a break: the copy here is gone', { vm: name, to: peer })
+    } finally {
+      lending.delete(name)
+    }
+  }
+
+  /**
+   * A post-copy this host was receiving when its agent died (the record outlived it): take the pager
+   * back from the incoming QEMU (its uffd stayed registered: the guest waited, never read zeros) and
+   * fetch what is still owed from the source. If the QEMU is gone or the source cannot send the rest,
+   * the VM is lost: stopped, reported.
+   */
+  const resumePaging = async (rec: PostcopyRecord): Promise<void> => {
+    const key = `${rec.vm}#${rec.token}`
+    busy.add(rec.vm)
+    outcomes.set(key, 'postcopy')
+    const opened: { conv: Conversation; unregister: () => void }[] = []
+    let pager: Pager | undefined
+    try {
+      log.warn('taking up an unfinished post-copy', { vm: rec.vm, from: rec.from, token: rec.token })
+      if (!processAlive(rec.pid))
+        throw new MigrationLostError(`the incoming QEMU of VM '${rec.vm}' (pid ${rec.pid}) is gone`)
+      pager = await startPager({
+        pid: rec.pid,
+        ramPath: rec.ramPath,
+        ramBytes: rec.ramSize,
+        chunkBytes: rec.chunkSize,
+        regrabFd: rec.qemuFd,
+        signal: ac.signal,
+      })
+      const count = rec.ramSize / rec.chunkSize
+      const now = await pager.owe(Buffer.from(rec.owed, 'base64'))
+      const receiver = new PostcopyReceiver(pager, bitmapChunks(now.bitmap, count), rec.chunkSize, count)
+      try {
+        await runPostcopy({
+          receiver,
+          conv: undefined,
+          peer: rec.from,
+          vm: rec.vm,
+          token: rec.token,
+          ramSize: rec.ramSize,
+          chunkSize: rec.chunkSize,
+          network,
+          register,
+          budgetMs: 600_000,
+          log,
+          signal: ac.signal,
+          onSession: (conv, unregister) => opened.push({ conv, unregister }),
+        })
+      } finally {
+        receiver.close()
+      }
+      outcomes.set(key, 'running')
+      await host.endPostcopy?.(rec.vm)
+      // Its QMP may not have answered at start (a thread waited on memory): take control of it now.
+      if (host.get(rec.vm) === undefined && host.readopt !== undefined) {
+        try {
+          await host.readopt(rec.vm)
+        } catch (err) {
+          log.error('cannot take control of the VM after post-copy', {
+            vm: rec.vm,
+            error: describeError(err),
+          })
+        }
+      }
+      log.info('post-copy finished after a restart: all memory is here', { vm: rec.vm })
+    } catch (err) {
+      if (err instanceof AbortError) {
+        await pager?.quit()
+        return
+      }
+      outcomes.set(key, 'lost')
+      log.error('post-copy could not be finished: the VM is lost and stopped here', {
+        vm: rec.vm,
+        error: describeError(err),
+      })
+      await pager?.quit()
+      await host
+        .get(rec.vm)
+        ?.stop()
+        .catch(() => {})
+      if (host.get(rec.vm) === undefined && processAlive(rec.pid)) {
+        // Not adopted (its QMP did not answer while it waited): end the process itself.
+        try {
+          process.kill(rec.pid, 'SIGKILL')
+        } catch {
+          // gone
+        }
+      }
+      await host.release(rec.vm).catch(() => {})
+      await host.endPostcopy?.(rec.vm)
+    } finally {
+      busy.delete(rec.vm)
+      for (const o of opened) {
+        o.unregister()
+        o.conv.close()
+      }
+    }
+  }
+
+  const awaitPostcopyResume = (vm: string, token: number, signal?: AbortSignal) =>
+    new Promise<{ conv: Conversation; bitmap: Uint8Array }>((resolve, reject) => {
+      const key = `${vm}#${token}`
+      const early = pendingResumes.get(key)
+      if (early !== undefined && early.conv.failed === undefined) {
+        pendingResumes.delete(key)
+        early.conv.trySend({ type: 'accept', sid: early.conv.sid, cachedChunks: 0, postcopy: true })
+        resolve(early)
+        return
+      }
+      const onAbort = () => {
+        resumeWaiters.delete(key)
+        reject(new AbortError())
+      }
+      signal?.addEventListener('abort', onAbort, { once: true })
+      resumeWaiters.set(key, (x) => {
+        signal?.removeEventListener('abort', onAbort)
+        resolve(x)
+      })
+    })
 
   const runLocal = async (
     params: MigrateParams,
@@ -570,7 +828,9 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         signal,
         onState: stateOf(params.vm, 'out', to),
         nameOf,
-        ...(params.deadlineMs === undefined ? {} : { deadlineMs: params.deadlineMs }),
+        ...moveOptions(params),
+        ...(init.throttle === undefined ? {} : { throttle: init.throttle }),
+        awaitPostcopyResume,
         ...(init.cache === undefined ? {} : { cache: init.cache }),
         ...(init.tuning === undefined ? {} : { tuning: init.tuning }),
         ...(options.onProgress === undefined && init.onProgress === undefined
@@ -657,8 +917,7 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     const unregister = register(sid, conv)
     let last: MigrationProgress | undefined
     try {
-      const req: Message = { type: 'request', sid, vm: params.vm, to: params.to }
-      if (params.deadlineMs !== undefined) req.deadlineMs = params.deadlineMs
+      const req: Message = { type: 'request', sid, vm: params.vm, to: params.to, ...moveOptions(params) }
       await conv.send(req, signal)
       const idleMs = Math.max(120_000, (params.deadlineMs ?? 0) + 30_000)
       for (;;) {
@@ -798,6 +1057,10 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
       // Switches a killed agent left behind (its paused QEMU outlived it): settle them now.
       await restoreIncoming()
       for (const record of host.switches()) settle(record)
+      // The pager is built on first use (gcc, ~1 s): not while a source waits for our 'accept'.
+      void init.postcopy?.().catch(() => false)
+      // Post-copies a killed agent was receiving: take them up.
+      for (const record of host.postcopies?.() ?? []) void track(resumePaging(record))
     },
     async stop() {
       running = false

@@ -23,6 +23,21 @@
  * VM paused and asks D (query, on any later link) whether it resumed: D never resumes without commit,
  * and once it did, it answers 'running'; so at most one copy ever runs.
  *
+ * Post-copy (when pre-copy cannot converge within the pause the user allows): at the switch the source
+ * sends owed{bitmap} (the chunks the destination does not hold yet) instead of their bytes, and
+ * final{postcopy}. The destination punches those chunks out of its RAM file and has its pager
+ * (vm/postcopy) catch the guest's first touch of each; it resumes on commit as usual, then:
+ *   D→S pcwant{indices}   chunks the guest touched and waits for (from 'final' on: loading the device
+ *                         state may touch them too)
+ *   S→D pcdata{chunks}    urgent ones first, then the rest hottest first; zero and literal pages only
+ *   D→S pcack{placed}     flow control: the source keeps few background bytes in flight, so an urgent
+ *                         chunk never waits behind many
+ *   D→S pcdone{…}         every owed chunk is placed: the source may stop its (paused) copy
+ *   D→S pcresume{vm, token} owed{…}   after a link cut or a destination agent restart, on a new session:
+ *                         the source's lender for that VM and token goes on from what is still owed
+ * The source's copy stays paused, never resumed, and is kept until pcdone: it holds memory the running
+ * guest still needs (see ARCHITECTURE.md, "Post-copy").
+ *
  * Triggering from another member: request{vm, to} to the host running the VM (found by locate), which
  * streams request-event and ends with request-result.
  */
@@ -46,6 +61,8 @@ export const MAX_WANT_ENTRIES = 16384
 /** Pages per chunk the data encoding supports (chunks up to 128 KiB of 4 KiB pages). */
 export const MAX_PAGES_PER_CHUNK = 32
 export const MAX_CHUNKS_PER_DATA = 64
+/** Chunks an 'owed' bitmap may describe (128 GiB of RAM in 64 KiB chunks: a 256 KiB message). */
+export const MAX_OWED_CHUNKS = 2 * 1024 * 1024 - 64 * 8
 /** Device state above this is refused (QEMU's is a few hundred KB without RAM). */
 export const MAX_STATE_BYTES = 64 * 1024 * 1024
 /** The link's message size limit (net/link MAX_MESSAGE_SIZE). */
@@ -84,6 +101,12 @@ const TYPES = [
   'disk',
   'history',
   'history-reply',
+  'owed',
+  'pcwant',
+  'pcdata',
+  'pcack',
+  'pcdone',
+  'pcresume',
 ] as const
 export type MessageType = Exclude<(typeof TYPES)[number], 'zdata'>
 const CODE = Object.fromEntries(TYPES.map((t, i) => [t, i + 1])) as Record<(typeof TYPES)[number], number>
@@ -117,12 +140,11 @@ export interface PrepareBody {
   chunkSize: number
   pageSize: number
   deadlineMs?: number
+  /** The source may end this move in post-copy: the destination says in 'accept' whether it can. */
+  postcopy?: boolean
   /** Image names the spec refers to (the destination resolves them through the chunk layer). */
   images: string[]
 }
-
-/** 'lost': this host ran the VM under that token and that copy is gone (see ledger.ts). */
-export type QueryState = 'running' | 'absent' | 'discarded' | 'pending' | 'lost'
 
 /** One entry of a VM's token history (ledger.ts TokenEvent), as it travels. */
 export interface HistoryEvent {
@@ -135,6 +157,12 @@ export interface HistoryEvent {
 
 /** History entries a reply carries at most. */
 export const MAX_HISTORY_EVENTS = 32
+/**
+ * 'lost': this host ran the VM under that token and that copy is gone (see ledger.ts; also a post-copy
+ * that could not finish). 'postcopy': it runs here and still lacks memory held by the source, whose
+ * copy must stay.
+ */
+export type QueryState = 'running' | 'absent' | 'discarded' | 'pending' | 'lost' | 'postcopy'
 
 export interface ErrorInfo {
   code: string
@@ -143,7 +171,8 @@ export interface ErrorInfo {
 
 export type Message =
   | ({ type: 'prepare'; sid: string } & PrepareBody)
-  | { type: 'accept'; sid: string; cachedChunks: number }
+  /** `postcopy`: this destination can page a post-copy move (its answer to prepare.postcopy). */
+  | { type: 'accept'; sid: string; cachedChunks: number; postcopy?: boolean }
   | { type: 'refuse'; sid: string; code: string; reason: string }
   | { type: 'offer'; sid: string; batch: number; indices: number[]; hashes: Uint8Array }
   | { type: 'want'; sid: string; batch: number; indices: number[] }
@@ -156,7 +185,8 @@ export type Message =
   | { type: 'zstate'; sid: string; total: number; xor: boolean; hash: Uint8Array; bytes: Uint8Array }
   /** The disk stream's messages (vm/disk/v1/messages.ts decodes `body`; at most MAX_WIRE_MESSAGE). */
   | { type: 'disk'; sid: string; body: Uint8Array }
-  | { type: 'final'; sid: string; token: number; round: number; pausedAt: number }
+  /** `postcopy`: the chunks of the last 'owed' were not sent; the destination pages them in. */
+  | { type: 'final'; sid: string; token: number; round: number; pausedAt: number; postcopy?: boolean }
   | { type: 'ready'; sid: string; loadedAt: number }
   | { type: 'commit'; sid: string; token: number }
   | { type: 'resumed'; sid: string; token: number; resumedAt: number }
@@ -167,7 +197,7 @@ export type Message =
   | { type: 'pong'; sid: string; t0: number; t1: number }
   | { type: 'locate'; sid: string; vm: string }
   | { type: 'locate-reply'; sid: string; vm: string; here: boolean; token: number }
-  | { type: 'request'; sid: string; vm: string; to: string; deadlineMs?: number }
+  | ({ type: 'request'; sid: string; vm: string; to: string } & MoveOptions)
   | { type: 'request-event'; sid: string; event: Record<string, unknown> }
   | { type: 'history'; sid: string; vm: string }
   /** status: the VM's status on that member ('' = none); lost: its record of a lost newest copy. */
@@ -187,6 +217,38 @@ export type Message =
       report?: Record<string, unknown>
       error?: ErrorInfo
     }
+
+  /** The chunks (one bit each, of `chunks`) the destination does not hold at the switch. */
+  | { type: 'owed'; sid: string; chunks: number; bitmap: Uint8Array }
+  | { type: 'pcwant'; sid: string; indices: number[] }
+  /** Chunks of zero and literal pages only (no references: the guest runs and changes pages). */
+  | { type: 'pcdata'; sid: string; chunks: EncodedChunk[] }
+  | { type: 'pcack'; sid: string; placed: number }
+  | {
+      type: 'pcdone'
+      sid: string
+      token: number
+      /** Owed chunks the guest touched before they arrived, and the longest wait for one, µs. */
+      faults: number
+      maxWaitUs: number
+      zeroFaults: number
+    }
+  /**
+   * The destination, on a new link (or after its agent restarted), takes up an unfinished post-copy
+   * of `vm` under `token`; an 'owed' of what it still lacks follows on the same session.
+   */
+  | { type: 'pcresume'; sid: string; vm: string; token: number }
+
+/** How a move may go, as a member asks for it (the CLI's flags). */
+export interface MoveOptions {
+  deadlineMs?: number
+  /** The longest pause the guest may see (default with a deadline: 1 s). */
+  maxPauseMs?: number
+  /** With a deadline the estimate says cannot be met: move anyway, as fast as possible. */
+  bestEffort?: boolean
+  /** 'auto' (default): post-copy only when pre-copy cannot keep the pause bound; or force one. */
+  mode?: 'auto' | 'precopy' | 'postcopy'
+}
 
 type Body<T extends MessageType> = Omit<Extract<Message, { type: T }>, 'type' | 'sid'>
 
@@ -237,17 +299,21 @@ export function encodeMessage(m: Message): Uint8Array {
       })
       return b
     }
-    case 'data': {
+    case 'data':
+    case 'pcdata': {
       if (m.chunks.length > MAX_CHUNKS_PER_DATA) throw new RangeError('too many chunks in one data message')
       let len = 6
       for (const c of m.chunks)
         len += 4 + 1 + 1 + c.kinds.length + c.refs.length * 4 + 4 + c.literal.byteLength
-      const b = header('data', m.sid, len)
+      const b = header(m.type, m.sid, len)
       let o = HEADER_SIZE
-      b.writeUInt32BE(m.round, o)
+      // pcdata: the same body, round 0 (its chunks are placed as they come, in no round).
+      b.writeUInt32BE(m.type === 'data' ? m.round : 0, o)
       b.writeUInt16BE(m.chunks.length, o + 4)
       o += 6
       for (const c of m.chunks) {
+        if (m.type === 'pcdata' && c.refs.length > 0)
+          throw new RangeError('pcdata carries no page references')
         if (c.kinds.length === 0 || c.kinds.length > MAX_PAGES_PER_CHUNK)
           throw new RangeError('bad page count')
         b.writeUInt32BE(c.index, o)
@@ -263,6 +329,24 @@ export function encodeMessage(m: Message): Uint8Array {
         b.set(c.literal, o + 4)
         o += 4 + c.literal.byteLength
       }
+      return b
+    }
+    case 'owed': {
+      if (!Number.isSafeInteger(m.chunks) || m.chunks < 0 || m.chunks > MAX_OWED_CHUNKS)
+        throw new RangeError('bad owed chunk count')
+      if (m.bitmap.byteLength !== Math.ceil(m.chunks / 8)) throw new RangeError('owed bitmap size')
+      const b = header('owed', m.sid, 4 + m.bitmap.byteLength)
+      b.writeUInt32BE(m.chunks, HEADER_SIZE)
+      b.set(m.bitmap, HEADER_SIZE + 4)
+      return b
+    }
+    case 'pcwant': {
+      if (m.indices.length > MAX_WANT_ENTRIES) throw new RangeError('bad pcwant')
+      const b = header('pcwant', m.sid, 4 + m.indices.length * 4)
+      b.writeUInt32BE(m.indices.length, HEADER_SIZE)
+      m.indices.forEach((idx, i) => {
+        b.writeUInt32BE(idx, HEADER_SIZE + 4 + i * 4)
+      })
       return b
     }
     case 'zstate':
@@ -409,22 +493,42 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
         images: images as string[],
       }
       if (deadlineMs !== undefined) body.deadlineMs = deadlineMs
+      if (o.postcopy !== undefined) body.postcopy = bool(o, 'postcopy')
       return { type, sid, ...body }
     }
-    case 'accept':
-      return { type, sid, cachedChunks: int(o, 'cachedChunks') }
+    case 'accept': {
+      const m: Message = { type, sid, cachedChunks: int(o, 'cachedChunks') }
+      if (o.postcopy !== undefined) m.postcopy = bool(o, 'postcopy')
+      return m
+    }
     case 'refuse':
     case 'abort':
       return { type, sid, code: str(o, 'code', 64), reason: str(o, 'reason', 1024) }
     case 'round':
       return { type, sid, round: int(o, 'round', 0, 1e6), chunks: int(o, 'chunks'), bytes: int(o, 'bytes') }
-    case 'final':
-      return {
+    case 'final': {
+      const m: Message = {
         type,
         sid,
         token: int(o, 'token', 1),
         round: int(o, 'round', 0, 1e6),
         pausedAt: num(o, 'pausedAt'),
+      }
+      if (o.postcopy !== undefined) m.postcopy = bool(o, 'postcopy')
+      return m
+    }
+    case 'pcack':
+      return { type, sid, placed: int(o, 'placed') }
+    case 'pcresume':
+      return { type, sid, vm: str(o, 'vm', 63), token: int(o, 'token', 1) }
+    case 'pcdone':
+      return {
+        type,
+        sid,
+        token: int(o, 'token', 1),
+        faults: int(o, 'faults'),
+        maxWaitUs: int(o, 'maxWaitUs'),
+        zeroFaults: int(o, 'zeroFaults'),
       }
     case 'ready':
       return { type, sid, loadedAt: num(o, 'loadedAt') }
@@ -436,15 +540,9 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
       return { type, sid, vm: str(o, 'vm', 63), token: int(o, 'token') }
     case 'query-reply': {
       const state = str(o, 'state', 16)
-      if (
-        state !== 'running' &&
-        state !== 'absent' &&
-        state !== 'discarded' &&
-        state !== 'pending' &&
-        state !== 'lost'
-      )
+      if (!['running', 'absent', 'discarded', 'pending', 'lost', 'postcopy'].includes(state))
         throw new MigrationDecodeError(`query-reply: unknown state '${state}'`)
-      return { type, sid, vm: str(o, 'vm', 63), state, token: int(o, 'token') }
+      return { type, sid, vm: str(o, 'vm', 63), state: state as QueryState, token: int(o, 'token') }
     }
     case 'ping': {
       const t0 = num(o, 't0')
@@ -457,12 +555,8 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
       return { type, sid, vm: str(o, 'vm', 63) }
     case 'locate-reply':
       return { type, sid, vm: str(o, 'vm', 63), here: bool(o, 'here'), token: int(o, 'token') }
-    case 'request': {
-      const deadlineMs = optInt(o, 'deadlineMs', 1, 24 * 3600 * 1000)
-      const m: Message = { type, sid, vm: str(o, 'vm', 63), to: str(o, 'to', 256) }
-      if (deadlineMs !== undefined) m.deadlineMs = deadlineMs
-      return m
-    }
+    case 'request':
+      return { type, sid, vm: str(o, 'vm', 63), to: str(o, 'to', 256), ...decodeMoveOptions(o) }
     case 'request-event':
       return { type, sid, event: obj(o, 'event') }
     case 'history':
@@ -506,6 +600,23 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
     default:
       throw new MigrationDecodeError(`${type} has no JSON body`)
   }
+}
+
+/** The optional move options of a request (also checked by the control API's migrate params). */
+export function decodeMoveOptions(o: Obj): MoveOptions {
+  const out: MoveOptions = {}
+  const deadlineMs = optInt(o, 'deadlineMs', 1, 24 * 3600 * 1000)
+  if (deadlineMs !== undefined) out.deadlineMs = deadlineMs
+  const maxPauseMs = optInt(o, 'maxPauseMs', 1, 24 * 3600 * 1000)
+  if (maxPauseMs !== undefined) out.maxPauseMs = maxPauseMs
+  if (o.bestEffort !== undefined) out.bestEffort = bool(o, 'bestEffort')
+  if (o.mode !== undefined) {
+    const mode = str(o, 'mode', 16)
+    if (mode !== 'auto' && mode !== 'precopy' && mode !== 'postcopy')
+      throw new MigrationDecodeError(`field 'mode' must be auto, precopy or postcopy`)
+    out.mode = mode
+  }
+  return out
 }
 
 /** Decodes one message; MigrationDecodeError for anything malformed. */
@@ -561,7 +672,24 @@ export function decodeMessage(bytes: Uint8Array): Message {
       r.end(type)
       return { type, sid, batch, indices }
     }
-    case 'data': {
+    case 'owed': {
+      const chunks = r.u32('chunk count')
+      if (chunks > MAX_OWED_CHUNKS) throw new MigrationDecodeError(`owed: ${chunks} chunks`)
+      const bitmap = r.bytes(Math.ceil(chunks / 8), 'owed bitmap')
+      r.end(type)
+      return { type, sid, chunks, bitmap }
+    }
+    case 'pcwant': {
+      const n = r.u32('count')
+      if (n > MAX_WANT_ENTRIES) throw new MigrationDecodeError(`pcwant of ${n} entries`)
+      r.need(n * 4, 'pcwant entries')
+      const indices: number[] = []
+      for (let i = 0; i < n; i++) indices.push(r.u32('index'))
+      r.end(type)
+      return { type, sid, indices }
+    }
+    case 'data':
+    case 'pcdata': {
       const round = r.u32('round')
       const n = r.u16('count')
       if (n > MAX_CHUNKS_PER_DATA)
@@ -579,6 +707,8 @@ export function decodeMessage(bytes: Uint8Array): Message {
         let nlit = 0
         for (const k of kinds) {
           if (k > PAGE_KEEP) throw new MigrationDecodeError(`data: unknown page kind ${k}`)
+          if (type === 'pcdata' && k !== PAGE_ZERO && k !== PAGE_LITERAL)
+            throw new MigrationDecodeError(`pcdata: page kind ${k} (only zero and literal pages)`)
           if (k === PAGE_REF) nrefs++
           if (k === PAGE_LITERAL) nlit++
         }
@@ -593,6 +723,7 @@ export function decodeMessage(bytes: Uint8Array): Message {
         chunks.push({ index, deflated: (flags & 1) === 1, kinds, refs, literal })
       }
       r.end(type)
+      if (type === 'pcdata') return { type, sid, chunks }
       return { type, sid, round, chunks }
     }
     case 'zstate': {

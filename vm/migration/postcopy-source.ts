@@ -1,0 +1,253 @@
+/**
+ * The source's side of post-copy: the guest runs on the destination and its paused copy here holds the
+ * chunks it has not received yet (the owed set). The lender answers the destination's page requests
+ * (pcwant) first and pushes the rest in the background, hottest first, keeping only a small window of
+ * background bytes unacknowledged so that an urgent chunk never waits behind many (the migrate channel
+ * is one ordered stream).
+ *
+ * A lender outlives a link: when its conversation fails it waits for the destination to come back with
+ * 'pcresume' on a new session (attach()), and goes on from the owed bitmap the destination sends then.
+ * It reads the paused copy's RAM file, which never changes while the guest is paused here.
+ */
+import { closeSync, openSync, readSync } from 'node:fs'
+import { throwIfAborted } from '../../src/base/errors.ts'
+import type { Logger } from '../../src/base/log.ts'
+import type { Conversation } from './conversation.ts'
+import { MigrationDecodeError, MigrationTimeoutError } from './errors.ts'
+import { PAGE_SIZE } from './ram.ts'
+import { type EncodedChunk, encodeMessage, type Message, PAGE_LITERAL, PAGE_ZERO } from './v1/messages.ts'
+
+type PcDone = Extract<Message, { type: 'pcdone' }>
+
+export interface LenderInit {
+  ramPath: string
+  ramSize: number
+  chunkSize: number
+  /** Owed chunks in the order the background sends them (hottest first). */
+  order: number[]
+  /** Background bytes in flight at most (urgent chunks are never held back by it). */
+  windowBytes: number
+  log: Logger
+  signal?: AbortSignal
+}
+
+export interface LenderStats {
+  owedChunks: number
+  /** Chunks sent because the guest asked for them, and in the background. */
+  urgentChunks: number
+  backgroundChunks: number
+  bytes: number
+  /** Sessions the lender served on (more than one after a link cut). */
+  sessions: number
+}
+
+/** The bitmap (one bit per chunk) of a list of chunks. */
+export function chunkBitmap(chunks: Iterable<number>, count: number): Uint8Array {
+  const b = new Uint8Array(Math.ceil(count / 8))
+  for (const c of chunks) b[c >> 3]! |= 1 << (c & 7)
+  return b
+}
+
+/** The chunks a bitmap names. */
+export function bitmapChunks(bitmap: Uint8Array, count: number): number[] {
+  const out: number[] = []
+  for (let c = 0; c < count; c++) if ((bitmap[c >> 3]! >> (c & 7)) & 1) out.push(c)
+  return out
+}
+
+export class PostcopyLender {
+  readonly stats: LenderStats
+  private readonly chunkCount: number
+  /** Still owed (not placed as far as the destination last said), and the order to send them in. */
+  private owed: Set<number>
+  /** Every chunk owed at the switch (a destination coming back may still lack only these). */
+  private readonly everOwed: ReadonlySet<number>
+  private order: number[]
+  private next = 0
+  private readonly urgent: number[] = []
+  /** Sent on the current session, in order; `placed` of them acknowledged. */
+  private sentOnSession = 0
+  private placed = 0
+  private background = false
+  private conv: Conversation | undefined
+  private unroute: (() => void) | undefined
+  private wake: (() => void) | undefined
+  private readonly fd: number
+  private closed = false
+  readonly done: Promise<PcDone>
+  private resolveDone!: (m: PcDone) => void
+  private rejectDone!: (e: Error) => void
+
+  constructor(private readonly init: LenderInit) {
+    this.chunkCount = init.ramSize / init.chunkSize
+    this.owed = new Set(init.order)
+    this.everOwed = new Set(init.order)
+    this.order = [...init.order]
+    this.stats = { owedChunks: this.owed.size, urgentChunks: 0, backgroundChunks: 0, bytes: 0, sessions: 0 }
+    this.fd = openSync(init.ramPath, 'r')
+    this.done = new Promise<PcDone>((resolve, reject) => {
+      this.resolveDone = resolve
+      this.rejectDone = reject
+    })
+    this.done.catch(() => {})
+  }
+
+  get remaining(): number {
+    return this.owed.size
+  }
+
+  /**
+   * Serves on a conversation (the session's own, or a new one after 'pcresume' with the destination's
+   * current owed bitmap). The previous conversation, if any, is dropped.
+   */
+  attach(conv: Conversation, owedBitmap?: Uint8Array): void {
+    this.unroute?.()
+    this.conv = conv
+    this.stats.sessions++
+    this.sentOnSession = 0
+    this.placed = 0
+    this.urgent.length = 0
+    if (owedBitmap !== undefined) {
+      // What the destination still lacks is the truth now (chunks in flight on the dead link are lost).
+      const still = new Set(bitmapChunks(owedBitmap, this.chunkCount))
+      for (const c of still)
+        if (!this.everOwed.has(c)) throw new MigrationDecodeError(`pcresume: chunk ${c} was never owed`)
+      this.owed = still
+      // Chunks sent on the dead link but never placed are owed again, in their old place in the order.
+      this.order = [...this.everOwed].filter((c) => still.has(c))
+      const rank = new Map(this.init.order.map((c, i) => [c, i]))
+      this.order.sort((a, b) => rank.get(a)! - rank.get(b)!)
+      this.next = 0
+    }
+    this.unroute = conv.route(['pcwant', 'pcack', 'pcdone'], (m) => this.onMessage(m))
+    this.kick()
+  }
+
+  /** From now on the owed chunks nobody asked for go too (the guest runs on the destination). */
+  startBackground(): void {
+    this.background = true
+    this.kick()
+  }
+
+  private kick(): void {
+    const w = this.wake
+    this.wake = undefined
+    w?.()
+  }
+
+  private onMessage(m: Message): void {
+    if (m.type === 'pcwant') {
+      for (const c of m.indices) if (this.owed.has(c) && c >= 0 && c < this.chunkCount) this.urgent.push(c)
+    } else if (m.type === 'pcack') {
+      this.placed = Math.max(this.placed, m.placed)
+    } else if (m.type === 'pcdone') {
+      this.resolveDone(m)
+    }
+    this.kick()
+  }
+
+  /**
+   * Sends until every owed chunk went out on the current conversation; resolves then (pcdone may still
+   * be on its way: await `done`). Rejects when the conversation fails (attach a new one and call again).
+   */
+  async pump(): Promise<void> {
+    const conv = this.conv
+    if (conv === undefined) throw new Error('PostcopyLender.pump() before attach()')
+    const { signal, chunkSize, windowBytes } = this.init
+    const failed = conv.whenFailed()
+    for (;;) {
+      throwIfAborted(signal)
+      if (conv.failed !== undefined) throw conv.failed
+      let chunk: number | undefined
+      let urgent = false
+      while (this.urgent.length > 0) {
+        const c = this.urgent.shift()!
+        if (this.owed.has(c)) {
+          chunk = c
+          urgent = true
+          break
+        }
+      }
+      const inflight = (this.sentOnSession - this.placed) * chunkSize
+      if (chunk === undefined && this.background && inflight < windowBytes) {
+        while (this.next < this.order.length && !this.owed.has(this.order[this.next]!)) this.next++
+        chunk = this.order[this.next]
+      }
+      if (chunk === undefined) {
+        if (this.owed.size === 0) return
+        await Promise.race([new Promise<void>((r) => (this.wake = r)), failed])
+        continue
+      }
+      this.owed.delete(chunk)
+      const msg = encodeMessage({ type: 'pcdata', sid: conv.sid, chunks: [this.encode(chunk)] })
+      if (urgent) this.stats.urgentChunks++
+      else this.stats.backgroundChunks++
+      this.stats.bytes += msg.byteLength
+      this.sentOnSession++
+      await conv.sendRaw(msg, signal)
+    }
+  }
+
+  /** One chunk of the paused copy: zero pages as such, the rest literal. */
+  private encode(index: number): EncodedChunk {
+    const { chunkSize } = this.init
+    const buf = Buffer.allocUnsafe(chunkSize)
+    let got = 0
+    while (got < chunkSize) {
+      const n = readSync(this.fd, buf, got, chunkSize - got, index * chunkSize + got)
+      if (n === 0) {
+        buf.fill(0, got)
+        break
+      }
+      got += n
+    }
+    const pages = chunkSize / PAGE_SIZE
+    const kinds = new Uint8Array(pages)
+    const lits: Buffer[] = []
+    for (let p = 0; p < pages; p++) {
+      const page = buf.subarray(p * PAGE_SIZE, (p + 1) * PAGE_SIZE)
+      if (isZeroPage(page)) kinds[p] = PAGE_ZERO
+      else {
+        kinds[p] = PAGE_LITERAL
+        lits.push(page)
+      }
+    }
+    return {
+      index,
+      deflated: false,
+      kinds,
+      refs: [],
+      literal: lits.length === pages ? buf : Buffer.concat(lits),
+    }
+  }
+
+  /** Waits for the destination's pcdone (after pump() sent everything). */
+  async finished(timeoutMs: number): Promise<PcDone> {
+    const conv = this.conv
+    let timer: NodeJS.Timeout | undefined
+    try {
+      return await Promise.race([
+        this.done,
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new MigrationTimeoutError('pcdone', timeoutMs)), timeoutMs)
+        }),
+        ...(conv === undefined ? [] : [conv.whenFailed().then((e) => Promise.reject(e))]),
+      ])
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  close(err?: Error): void {
+    if (this.closed) return
+    this.closed = true
+    this.unroute?.()
+    closeSync(this.fd)
+    if (err !== undefined) this.rejectDone(err)
+  }
+}
+
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE)
+function isZeroPage(p: Buffer): boolean {
+  return p.equals(ZERO_PAGE)
+}
