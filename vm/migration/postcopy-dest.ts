@@ -104,6 +104,14 @@ export class PostcopyReceiver {
     return this.owed.size
   }
 
+  /** Owed chunks the guest waits for right now. */
+  get waitingCount(): number {
+    return this.waiting.size
+  }
+
+  /** When a chunk last arrived (performance.now()). */
+  lastDataAt = performance.now()
+
   /** The still-owed chunks as a bitmap (what 'owed' carries after 'pcresume'). */
   owedBitmap(): Uint8Array {
     return chunkBitmap(this.owed, this.chunkCount)
@@ -145,6 +153,7 @@ export class PostcopyReceiver {
 
   private onData(m: Message): void {
     if (m.type !== 'pcdata') return
+    this.lastDataAt = performance.now()
     try {
       for (const c of m.chunks) {
         if (!Number.isInteger(c.index) || c.index < 0 || c.index >= this.chunkCount)
@@ -221,6 +230,8 @@ export interface PostcopyRun {
   register?: (sid: string, conv: Conversation) => () => void
   /** How long to wait for the source to come back, each time the link breaks. */
   budgetMs: number
+  /** The guest waits for chunks and nothing arrived for this long: the session is broken (15 s). */
+  stallMs?: number
   log: Logger
   signal?: AbortSignal
   /** Every new session opened (the caller closes them at the end). */
@@ -237,11 +248,20 @@ export interface PostcopyRun {
 export async function runPostcopy(r: PostcopyRun): Promise<PagerStats> {
   const { receiver, log } = r
   let current = r.conv ?? (await reconnect(r))
+  const stallMs = r.stallMs ?? 15_000
   for (;;) {
+    // A session the source gave up on while the link stays up (it judged us dead) would leave the
+    // guest waiting for ever: a guest that waits while nothing arrives for stallMs means a new session.
+    const conv = current
+    const watchdog = setInterval(() => {
+      if (receiver.waitingCount > 0 && performance.now() - receiver.lastDataAt > stallMs)
+        conv.fail(new MigrationTimeoutError('post-copy chunks the guest waits for', stallMs))
+    }, 1000)
+    watchdog.unref()
     const res = await Promise.race([
       receiver.complete.then((s) => ({ done: s })),
       current.whenFailed().then((e) => ({ linkError: e })),
-    ])
+    ]).finally(() => clearInterval(watchdog))
     if ('done' in res) {
       receiver.sendDone(r.token, res.done)
       return res.done
@@ -252,7 +272,9 @@ export async function runPostcopy(r: PostcopyRun): Promise<PagerStats> {
       owedBytes: receiver.remaining * r.chunkSize,
       error: describeError(res.linkError),
     })
+    current.close()
     current = await reconnect(r)
+    receiver.lastDataAt = performance.now()
   }
 }
 

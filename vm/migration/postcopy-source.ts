@@ -96,6 +96,11 @@ export class PostcopyLender {
     return this.owed.size
   }
 
+  /** The conversation it serves on now. */
+  get current(): Conversation | undefined {
+    return this.conv
+  }
+
   /**
    * Serves on a conversation (the session's own, or a new one after 'pcresume' with the destination's
    * current owed bitmap). The previous conversation, if any, is dropped.

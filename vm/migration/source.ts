@@ -878,41 +878,64 @@ export class SourceSession {
     this.postcopyStartedPerf = performance.now()
     const progress = setInterval(() => this.emit(), 500)
     progress.unref()
+    const comeback = `the destination ${this.nameOf(init.to)} to come back for the rest of its memory`
     try {
       lender.startBackground()
       for (;;) {
-        try {
+        // The destination may come back on a new session at any time: after a link cut both ends see,
+        // or when it judged ours dead while we did not (then ours is dropped for the new one).
+        const stopWaiting = new AbortController()
+        const resume = init.awaitPostcopyResume?.(
+          name,
+          token,
+          AbortSignal.any([this.signal, stopWaiting.signal]),
+        )
+        resume?.catch(() => {})
+        const work = (async () => {
           await (this.pumping ?? lender.pump())
-          this.pumping = undefined
-          this.postcopyDone = await lender.finished(this.t.timeoutMs * 4)
+          return lender.finished(this.t.timeoutMs * 4)
+        })()
+        work.catch(() => {})
+        const r = await Promise.race([
+          work.then(
+            (done) => ({ done }),
+            (err: unknown) => ({ err }),
+          ),
+          ...(resume === undefined ? [] : [resume.then((back) => ({ back }))]),
+        ])
+        this.pumping = undefined
+        if ('done' in r) {
+          stopWaiting.abort()
+          this.postcopyDone = r.done
           break
-        } catch (err) {
-          this.pumping = undefined
+        }
+        let back: { conv: Conversation; bitmap: Uint8Array }
+        if ('back' in r) back = r.back
+        else {
+          const err = r.err
           // Our own abort, the destination's (it lost the VM), or nobody to wait for: no going on.
-          if (
-            err instanceof AbortError ||
-            err instanceof MigrationAbortedError ||
-            init.awaitPostcopyResume === undefined
-          )
+          if (err instanceof AbortError || err instanceof MigrationAbortedError || resume === undefined) {
+            stopWaiting.abort()
             throw err
+          }
           init.log.warn('post-copy: the link to the destination broke; waiting for it to come back', {
             vm: name,
             to: init.to,
             owedBytes: lender.remaining * this.t.chunkSize,
             error: describeError(err),
           })
-          const back = await withTimeout(
-            init.awaitPostcopyResume(name, token, this.signal),
-            this.t.postcopyResumeMs,
-            `the destination ${init.to} to come back for the rest of its memory`,
-          )
-          this.resumedConvs.push(back.conv)
-          lender.attach(back.conv, back.bitmap)
-          init.log.info('post-copy: the destination is back', {
-            vm: name,
-            owedBytes: lender.remaining * this.t.chunkSize,
+          back = await withTimeout(resume, this.t.postcopyResumeMs, comeback).catch((e: unknown) => {
+            stopWaiting.abort()
+            throw e
           })
         }
+        lender.current?.fail(new MigrationLinkError('post-copy went on on a new session'))
+        this.resumedConvs.push(back.conv)
+        lender.attach(back.conv, back.bitmap)
+        init.log.info('post-copy: the destination is back', {
+          vm: name,
+          owedBytes: lender.remaining * this.t.chunkSize,
+        })
       }
     } finally {
       clearInterval(progress)
