@@ -267,7 +267,9 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
         }
         return { ...v, diskBytes: gib * 2 ** 30 }
       }),
-    migrate: (p, o) => migration.migrate(p, o),
+    // An evacuation's deadline is the host's death: a move the estimate says will miss it still goes
+    // (#15's deadline refusal would leave the VM on a host that is about to disappear).
+    migrate: (p, o) => migration.migrate({ ...p, bestEffort: true }, o),
     labels: spotOpts.labels,
     offered: defaultOffered(spotOpts.offered, paths.dir),
     ...(spotOpts.source === undefined
