@@ -147,6 +147,13 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
         .at(-1)
         ?.slice(0, 300)}\n`,
     )
+    // Where the seconds before the verdict went (the source's estimate line has its steps).
+    const judged = agent('a1')
+      .log()
+      .split('\n')
+      .filter((l) => l.includes('migration estimate'))
+      .at(-1)
+    process.stdout.write(`      source: ${/afterMs=\S+ steps=\S+/.exec(judged ?? '')?.[0] ?? judged}\n`)
     assert.notEqual(mig.exitCode, 0, 'the move must be refused')
     assert.ok(ms < 5000, `refused after ${Math.round(ms)} ms`)
     assert.match(out, /E_DEADLINE_INFEASIBLE|cannot move/)

@@ -422,7 +422,14 @@ export class SourceSession {
     this.emit()
     if (this.judged === undefined && e.confident) {
       this.judged = this.summary(e)
-      this.init.log.info('migration estimate', { vm: this.name, to: this.init.to, ...this.judged })
+      // With the steps so far: where the seconds before a verdict went (a refusal must come early).
+      this.init.log.info('migration estimate', {
+        vm: this.name,
+        to: this.init.to,
+        ...this.judged,
+        afterMs: Math.round(now - this.started),
+        steps: JSON.stringify(this.timings),
+      })
       if (e.feasible === false && this.init.bestEffort !== true) {
         this.infeasible = new MigrationInfeasibleError(
           `VM '${this.name}' cannot move to ${this.init.to} within ${fmtMs(this.init.deadlineMs!)}: ${describeEstimate(e)}; the VM keeps running here untouched (--best-effort moves it anyway, as fast as it can)`,

@@ -396,7 +396,9 @@ int main(int argc, char **argv) {
   if (!buf) die("out of memory");
   int owed_seen = 0;
   for (;;) {
-    struct pollfd pf[2] = {{.fd = 0, .events = POLLIN}, {.fd = ufd, .events = POLLIN}};
+    /* Faults are served only once the owed set is known: before it, a fault on an owed chunk would look
+       like a zero page (taken back, the guest's threads have been waiting on owed chunks all along). */
+    struct pollfd pf[2] = {{.fd = 0, .events = POLLIN}, {.fd = ufd, .events = owed_seen ? POLLIN : 0}};
     if (poll(pf, 2, -1) < 0) {
       if (errno == EINTR) continue;
       die("poll: %s", strerror(errno));
@@ -441,7 +443,7 @@ int main(int argc, char **argv) {
         handle(type, buf + at + 5, len);
       }
       at += 5 + len;
-      drain_faults();
+      if (owed_seen) drain_faults();
     }
     memmove(buf, buf + at, have - at);
     have -= at;
