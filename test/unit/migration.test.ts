@@ -675,7 +675,10 @@ describe('migration (fake driver, memory links)', function () {
     const g = await bootGuest(A)
     g.fill(4)
     g.churn(256 * 1024, 1)
-    const r = await A.service.migrate({ vm: 'g1', to: 'B', deadlineMs: 4000 })
+    // --best-effort: with the default 1 s bound on the pause (and no post-copy or throttle on the fake
+    // driver) the estimator may call this move infeasible when the memory link is slow (a loaded box);
+    // what is tested here is the deadline's switch, which a best-effort move keeps.
+    const r = await A.service.migrate({ vm: 'g1', to: 'B', deadlineMs: 4000, bestEffort: true })
     assert.ok(r.totalMs < 4000, `total ${r.totalMs} ms within the deadline`)
     g.stop()
     g.assertIntact(nodes.get('B')!.host.get('g1')!)
