@@ -286,6 +286,8 @@ async function reconnect(r: PostcopyRun): Promise<Conversation> {
   const until = performance.now() + r.budgetMs
   for (;;) {
     if (signal?.aborted === true) throw new AbortError()
+    // A source outside this member's warm set of links (large meshes) gets its link back on demand.
+    if (network.channel(r.peer)?.open !== true) await network.connect?.(r.peer, signal)
     const ch = network.channel(r.peer)
     if (ch?.open === true) {
       const sid = newSessionId()
