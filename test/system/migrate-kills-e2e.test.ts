@@ -10,7 +10,7 @@
  *  3. a following clean move succeeds.
  * Targeted kills: the destination at its resume (before and after `vm.resume`), in the pause before the
  * commit (the source must roll back within ~2 s, not wait for the link's dead timer), and the source at
- * each phase. Then a randomized run: MESH_KILLS kills (CI: 3; `MESH_KILLS=24` for the full run) at
+ * each phase. Then a randomized run: MESH_KILLS kills (default 3; `npm run test:kills`, which CI runs: 24) at
  * random points or random times, seed printed (MESH_KILL_SEED=<seed> replays a run).
  */
 import assert from 'node:assert/strict'
