@@ -36,8 +36,12 @@ export async function retainVolume(path: string, diskDir: string, vm: string): P
 }
 
 export interface PreviousDisk {
-  /** The bytes of a chunk of the old disk with this SHA-256, if it held one. */
-  lookup(hash: Uint8Array): Promise<Buffer | undefined>
+  /**
+   * The bytes of the old disk's chunks with these SHA-256s (an offer's), undefined where it held none.
+   * Found chunks are read in runs of consecutive ones, a few runs in flight (one NBD round trip per
+   * chunk made a 1.3 GB return move take ~58 s in bench disk), each verified against its hash.
+   */
+  fill(hashes: readonly Uint8Array[]): Promise<Array<Buffer | undefined>>
   readonly chunks: number
   close(): Promise<void>
 }
@@ -95,14 +99,43 @@ export async function openPreviousDisk(
       }
       k += n
     }
+    const verified = (data: Buffer, hash: Uint8Array) =>
+      createHash('sha256').update(data).digest().equals(Buffer.from(hash))
     return {
       chunks: byHash.size,
-      async lookup(hash) {
-        const at = byHash.get(Buffer.from(hash).toString('hex'))
-        if (at === undefined) return undefined
-        const data = await c.read(at * chunkSize, Math.min(chunkSize, c.size - at * chunkSize))
-        // Verified like any chunk that goes into a guest: the file may have changed under us.
-        return createHash('sha256').update(data).digest().equals(Buffer.from(hash)) ? data : undefined
+      async fill(hashes) {
+        const out: Array<Buffer | undefined> = new Array(hashes.length).fill(undefined)
+        const found: Array<{ i: number; at: number }> = []
+        hashes.forEach((h, i) => {
+          const at = byHash.get(Buffer.from(h).toString('hex'))
+          if (at !== undefined) found.push({ i, at })
+        })
+        found.sort((x, y) => x.at - y.at)
+        // Runs of consecutive chunks (the same chunk offered twice joins its run), at most 64 chunks.
+        const runs: Array<typeof found> = []
+        for (const f of found) {
+          const run = runs.at(-1)
+          const last = run?.at(-1)
+          if (run !== undefined && last !== undefined && f.at - last.at <= 1 && f.at - run[0]!.at < 64)
+            run.push(f)
+          else runs.push([f])
+        }
+        let next = 0
+        const worker = async () => {
+          while (next < runs.length) {
+            const run = runs[next++]!
+            const first = run[0]!.at
+            const len = Math.min((run.at(-1)!.at - first + 1) * chunkSize, c.size - first * chunkSize)
+            const buf = await c.read(first * chunkSize, len)
+            for (const f of run) {
+              const data = buf.subarray((f.at - first) * chunkSize, (f.at - first + 1) * chunkSize)
+              // Verified like any chunk that goes into a guest: the file may have changed under us.
+              if (verified(data, hashes[f.i]!)) out[f.i] = data
+            }
+          }
+        }
+        await Promise.all(Array.from({ length: Math.min(4, runs.length) }, worker))
+        return out
       },
       close,
     }

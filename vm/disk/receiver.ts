@@ -82,13 +82,17 @@ export class DiskReceiver implements DestinationStream {
       case 'offer': {
         const want: number[] = []
         const writes: Promise<void>[] = []
+        if (this.previous === undefined)
+          this.previous = (await this.incoming?.previousDisk?.(this.chunkSize)) ?? null
+        const hashes = d.indices.map((_, i) =>
+          d.hashes.subarray(i * DISK_HASH_SIZE, (i + 1) * DISK_HASH_SIZE),
+        )
+        const fromPrevious = this.previous === null ? [] : await this.previous.fill(hashes)
         for (let i = 0; i < d.indices.length; i++) {
           const idx = d.indices[i]!
-          const hash = d.hashes.subarray(i * DISK_HASH_SIZE, (i + 1) * DISK_HASH_SIZE)
+          const hash = hashes[i]!
           let filled = false
-          if (this.previous === undefined)
-            this.previous = (await this.incoming?.previousDisk?.(this.chunkSize)) ?? null
-          const old = this.previous === null ? undefined : await this.previous.lookup(hash)
+          const old = fromPrevious[i]
           if (old !== undefined) {
             writes.push(w.write(this.check(idx, old.byteLength), old))
             this.cachedBytes += old.byteLength
