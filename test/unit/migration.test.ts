@@ -684,6 +684,27 @@ describe('migration (fake driver, memory links)', function () {
     g.assertIntact(nodes.get('B')!.host.get('g1')!)
   })
 
+  it('--best-effort past the deadline: the move completes and the report says by how much it missed', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(4)
+    // B is slow to get ready (its RAM file takes 1.2 s), before anything is paused.
+    const allocate = B.host.allocateRam.bind(B.host)
+    B.host.allocateRam = async (spec, signal) => {
+      await sleep(1200)
+      return allocate(spec, signal)
+    }
+    const r = await A.service.migrate({ vm: 'g1', to: 'B', deadlineMs: 1000, bestEffort: true })
+    assert.equal(r.deadlineMs, 1000)
+    assert.ok(r.totalMs > 1000, `total ${r.totalMs} ms`)
+    assert.ok(
+      r.deadlineMissedByMs !== undefined && Math.abs(r.deadlineMissedByMs - (r.totalMs - 1000)) <= 1,
+      `missed by ${r.deadlineMissedByMs} ms, total ${r.totalMs} ms`,
+    )
+    g.assertIntact(B.host.get('g1')!)
+  })
+
   it('cancel (AbortSignal) before the switch rolls back: the VM runs on A only', async () => {
     const A = nodes.get('A')!
     const B = nodes.get('B')!
