@@ -76,6 +76,8 @@ export interface ProfileResult {
   agentCc: string
   /** Emulator CPU, % of one core, median over the runs, per measurement. */
   emulatorCpuPct: Record<Kind, number>
+  /** The emulator's own fidelity over the whole run: queue overflows, release lateness (µs). */
+  emulator: { overflows: number; lateMaxUs: number; lateMeanUs: number }
   /** What the topology measured at start: RTT per pair, rate per profile, loss counted. */
   measured: unknown
   runs: Record<Kind, number[]>
@@ -300,12 +302,20 @@ async function benchProfile(
         log(`${profile} run ${run}: ${k} ${r2(v)} MB/s (emulator CPU ${cpu[k].at(-1)}% of a core)`)
       }
     }
-    const stats = await net.topo.wan?.stats()
-    if (stats !== undefined) {
-      const over = stats.reduce((s, x) => s + x.up.overflow + x.down.overflow, 0)
-      const late = Math.max(0, ...stats.map((x) => Math.max(x.up.lateMaxUs, x.down.lateMaxUs)))
-      log(`${profile}: emulator queue overflows ${over}, latest release ${late} µs behind`)
+    const stats = (await net.topo.wan?.stats()) ?? []
+    const qs = stats.flatMap((x) => [x.up, x.down])
+    const released = qs.reduce((s, q) => s + q.packets - q.lost, 0)
+    const emulator = {
+      overflows: qs.reduce((s, q) => s + q.overflow, 0),
+      lateMaxUs: r2(Math.max(0, ...qs.map((q) => q.lateMaxUs))),
+      // Mean over all queues, each weighted by the packets it kept (about what it released).
+      lateMeanUs: r2(
+        released > 0 ? qs.reduce((s, q) => s + q.lateMeanUs * (q.packets - q.lost), 0) / released : 0,
+      ),
     }
+    log(
+      `${profile}: emulator queue overflows ${emulator.overflows}, release late by ${emulator.lateMeanUs} µs on average, ${emulator.lateMaxUs} µs at most`,
+    )
     const rtt = net.topo.wan?.measured?.rtt.find((x) => x.from === 'a' && x.to === 'b')?.rttMs
     return {
       rttMs: rtt ?? 0,
@@ -322,6 +332,7 @@ async function benchProfile(
       tcpCc,
       agentCc: o.agentCc ?? 'agent default',
       emulatorCpuPct: Object.fromEntries(KINDS.map((k) => [k, r2(median(cpu[k]))])) as Record<Kind, number>,
+      emulator,
       measured: net.topo.wan?.measured,
       runs,
       mib,
