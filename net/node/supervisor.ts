@@ -463,6 +463,22 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     }
   }
 
+  /**
+   * Aborts connections whose muxer closed while the connection still says 'open' (libp2p 3.3.11 keeps
+   * them in its table, and every dial to that peer reuses one and fails with 'The connection muxer is
+   * "closed"'). Seen in a 50-agent join: members lost their bootstrap connection this way and could
+   * neither renew their relay reservation nor be reached; membership stalled at 13-21 of 50.
+   */
+  const reapZombies = (node: NonNullable<typeof ctx.libp2p>): void => {
+    for (const c of node.getConnections()) {
+      const muxer = (c as unknown as { muxer?: { status?: string } }).muxer
+      if (c.status === 'open' && muxer?.status !== undefined && muxer.status !== 'open') {
+        ctx.log(`connection to ${c.remotePeer.toString()} has a ${muxer.status} muxer: aborting it`)
+        c.abort(new ControlError(`muxer ${muxer.status}`))
+      }
+    }
+  }
+
   const tick = (): void => {
     const node = ctx.libp2p
     const set = state.set
@@ -506,6 +522,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       if (st.link?.rttMs !== undefined) st.rttMs = st.link.rttMs
       else if (conns.length > 0 && ticks % PING_EVERY_TICKS === 0) void init.ping(peer).catch(() => {})
     }
+    reapZombies(node)
     if (!init.relay) keepReservations(now)
     // Anti-entropy: now and then a full exchange with one connected member heals any missed gossip.
     if (ticks % ANTI_ENTROPY_EVERY_TICKS === 0) {

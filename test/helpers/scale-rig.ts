@@ -233,8 +233,24 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
           return
         }
         if (Date.now() > deadline) {
-          const missing = agents.filter((_, i) => !seen[i]).map((a) => a.name)
-          throw new Error(`membership not complete after ${reachTimeoutMs} ms: ${missing.join(',')}`)
+          const missing = agents.filter((_, i) => !seen[i])
+          const detail = await Promise.all(
+            missing.slice(0, 2).map(async (a) => {
+              const r = (await call(byName.get(a.name)!, 'peers').catch(() => ({ peers: [] }))) as {
+                peers: PeerRow[]
+              }
+              const lines = a
+                .log()
+                .split('\n')
+                .filter((l) => /member|gossip|admission|admit|fail|error|warn/i.test(l))
+                .slice(-15)
+                .join('\n')
+              return `--- ${a.name} lists ${r.peers.length} of ${others}:\n${lines}`
+            }),
+          )
+          throw new Error(
+            `membership not complete after ${reachTimeoutMs} ms: ${missing.map((a) => a.name).join(',')}\n${detail.join('\n')}`,
+          )
         }
         await sleep(500)
       }
