@@ -1,5 +1,5 @@
 import { Command, Option } from 'commander'
-import type { EvacuationEvent, EvacuationReport } from '../agent/spot/interfaces.ts'
+import type { EvacuationEvent, EvacuationReport, VmEvacuation } from '../agent/spot/interfaces.ts'
 import { MeshError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import type { EvacuateParams } from '../control/api.ts'
@@ -16,6 +16,19 @@ export class EvacuationIncompleteError extends MeshError {
 
 const secs = (ms: number | undefined) => (ms === undefined ? '-' : `${(ms / 1000).toFixed(1)} s`)
 
+/** How a move went: its switch, post-copy (ran there at …, memory complete at AT), throttle, lateness. */
+function movedNote(v: VmEvacuation): string {
+  const parts = [`switch: ${v.switchReason ?? '?'}`]
+  if (v.mode === 'postcopy')
+    parts.push(
+      `post-copy: ran there at ${secs(v.resumedAtMs)}, ${v.postcopyFaults ?? 0} faults, memory complete ${secs(v.postcopyMs)} later`,
+    )
+  if (v.throttleMax !== undefined && v.throttleMax > 0)
+    parts.push(`vCPUs throttled up to ${Math.round(v.throttleMax * 100)}%`)
+  if (v.deadlineMissedByMs !== undefined) parts.push(`${secs(v.deadlineMissedByMs)} over its time`)
+  return parts.join('; ')
+}
+
 export function formatEvacuationReport(r: EvacuationReport): string {
   const moved = r.vms.filter((v) => v.outcome === 'moved').length
   const head =
@@ -31,7 +44,7 @@ export function formatEvacuationReport(r: EvacuationReport): string {
     secs(v.atMs),
     v.downtimeMs === undefined ? '-' : `${v.downtimeMs} ms`,
     v.wireBytes === undefined ? '-' : formatBytes(v.wireBytes),
-    v.outcome === 'moved' ? `switch: ${v.switchReason ?? '?'}` : (v.error ?? ''),
+    v.outcome === 'moved' ? movedNote(v) : (v.error ?? ''),
   ])
   return `${head}\n${formatTable(['VM', 'OUTCOME', 'TO', 'AT', 'DOWNTIME', 'WIRE', 'NOTE'], rows)}`
 }
@@ -82,7 +95,7 @@ export function humanEvents(
           bars.delete(e.vm)
           out.write(
             e.event === 'moved'
-              ? `${e.vm}: runs on ${e.toName} at ${secs(e.atMs)} (down ${e.downtimeMs} ms)\n`
+              ? `${e.vm}: runs on ${e.toName} at ${secs(e.atMs)} (down ${e.downtimeMs} ms${e.mode === 'postcopy' ? `, post-copy: ran there at ${secs(e.resumedAtMs)}` : ''})\n`
               : `${e.vm}: moving to ${e.toName} failed: ${e.error}\n`,
           )
           break

@@ -11,7 +11,8 @@
  * `public` puts dst on a public address, as many cloud hosts are. With a standby, dst has been syncing the
  * guest's RAM (`mesh vm set --standby dst`) until two passes completed before the notice.
  *
- * Per run: doneMs (notice written → guest running on dst), maxPauseMs (the move's downtime),
+ * Per run: doneMs (notice written → guest running on dst with all its memory there; with post-copy
+ * runningMs is when it ran there, its last memory arriving later), maxPauseMs (the move's downtime),
  * wireBytesAfterNotice (the migration's bytes + the chunk traffic of the source after the notice:
  * standby syncs still in flight), memcheck intact on dst, the churn the guest achieved. Cold runs come
  * first (dst's store then holds nothing of earlier guests), standby runs after; medians of each. The
@@ -57,6 +58,12 @@ interface Run {
   standbyBytesAfterNotice: number
   dedupBytes: number
   switchReason: string
+  /** 'postcopy': the guest ran on dst (runningMs) before all its memory arrived (doneMs). */
+  moveMode: string
+  runningMs: number
+  postcopyMs?: number
+  postcopyFaults?: number
+  throttleMax?: number
   complete: boolean
   memcheck: string
   churnMiBps: number
@@ -207,6 +214,13 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
           wireBytesAfterNotice: (v?.wireBytes ?? 0) + standbyBytes,
           dedupBytes: v?.dedupBytes ?? 0,
           switchReason: v?.switchReason ?? v?.error ?? '?',
+          moveMode: v?.mode ?? 'precopy',
+          runningMs:
+            v?.resumedAtMs === undefined ? doneAt - t0 : Date.parse(report.startedAt) + v.resumedAtMs - t0,
+          ...(v?.postcopyMs === undefined
+            ? {}
+            : { postcopyMs: v.postcopyMs, postcopyFaults: v.postcopyFaults ?? 0 }),
+          ...(v?.throttleMax === undefined ? {} : { throttleMax: v.throttleMax }),
           complete: report.complete,
           memcheck: check.split(' ')[0] ?? '?',
           churnMiBps:
@@ -249,6 +263,10 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
         'withStandby.doneMs<=15000': withStandby.doneMs <= 15000,
         'withStandby.maxPauseMs<=1000': withStandby.maxPauseMs <= 1000,
         'cold.doneMs<=30000': cold.doneMs <= 30000,
+      },
+      runningMsMedian: {
+        withStandby: median(results.filter((r) => r.mode === 'standby').map((r) => r.runningMs)),
+        cold: median(results.filter((r) => r.mode === 'cold').map((r) => r.runningMs)),
       },
       linkMBps: Math.round(bench.mbps * 10) / 10,
       topology,

@@ -7,10 +7,11 @@ import type { MemberStatus } from '../../net/interfaces.ts'
 import { createMemoryNetwork, type MemoryNetwork } from '../../net/link/memory.ts'
 import { type AgentCalls, createAgentCalls } from '../../src/agent/calls/calls.ts'
 import { CallDecodeError, decodeCall, encodeCall } from '../../src/agent/calls/v1/messages.ts'
-import type { EvacuationEvent } from '../../src/agent/spot/interfaces.ts'
+import type { EvacuationEvent, VmEvacuation } from '../../src/agent/spot/interfaces.ts'
 import { createSpotService, type SpotService } from '../../src/agent/spot/service.ts'
 import { fileWatcher } from '../../src/agent/spot/watchers.ts'
 import { silentLogger } from '../../src/base/log.ts'
+import { formatEvacuationReport } from '../../src/commands/evacuate.ts'
 import type { VmInfo } from '../../vm/manager.ts'
 import type { MigrationReport } from '../../vm/migration/interfaces.ts'
 
@@ -44,7 +45,15 @@ const vmInfo = (name: string, memoryMiB: number): VmInfo => ({
 function fleet(
   net: MemoryNetwork,
   specs: { name: string; ramMiB: number; labels?: Record<string, string>; vms?: [string, number][] }[],
-  opts: { moveMs?: number; reportMs?: number; failTo?: string[]; dir: string; noticeFile?: string } = {
+  opts: {
+    moveMs?: number
+    reportMs?: number
+    failTo?: string[]
+    dir: string
+    noticeFile?: string
+    /** Fields the fake migration adds to its report (post-copy, throttle, lateness). */
+    report?: Partial<MigrationReport>
+  } = {
     dir: '',
   },
 ): Map<string, FakeAgent> {
@@ -104,6 +113,7 @@ function fleet(
           downtimeMs: 1,
           wireBytes: v!.memoryMiB * 2 ** 20,
           switchReason: 'small',
+          ...opts.report,
         } as MigrationReport
       },
     })
@@ -319,6 +329,64 @@ describe('spot service over agent calls (in-memory overlay, fake migration)', ()
         .slice(0, 2)
         .map((e) => (e as { vm: string }).vm)
       assert.ok(firstWave.includes('d'), `priority first: first wave ${firstWave.join(', ')}`)
+    } finally {
+      await stopAll(agents)
+    }
+  })
+
+  it('the per-VM report says how a move went: post-copy (when the guest ran there), throttle, lateness', async () => {
+    const net = createMemoryNetwork()
+    const agents = fleet(
+      net,
+      [
+        { name: 'src', ramMiB: 4096, vms: [['hot', 512]] },
+        { name: 'dst', ramMiB: 4096 },
+      ],
+      {
+        dir,
+        moveMs: 400,
+        report: {
+          mode: 'postcopy',
+          switchReason: 'postcopy-deadline',
+          throttle: { maxLevel: 0.5, steps: 3, backend: 'cgroup-v1' },
+          deadlineMissedByMs: 1234.4,
+          postcopy: {
+            owedBytes: 2 ** 27,
+            ms: 300,
+            faults: 17,
+            maxFaultWaitMs: 40,
+            zeroFaults: 0,
+            urgentChunks: 17,
+            backgroundChunks: 111,
+            sessions: 1,
+          },
+        },
+      },
+    )
+    await startAll(agents)
+    try {
+      const events: EvacuationEvent[] = []
+      const report = await agents
+        .get('src')!
+        .spot.evacuate({ reason: 'evacuate', onEvent: (e) => events.push(e) })
+      const v = report.vms[0]!
+      assert.equal(v.outcome, 'moved')
+      assert.equal(v.mode, 'postcopy')
+      assert.deepEqual(
+        [v.postcopyMs, v.postcopyFaults, v.throttleMax, v.deadlineMissedByMs],
+        [300, 17, 0.5, 1234],
+      )
+      // It ran there when post-copy began: the report's arrival less the post-copy's time.
+      assert.ok(v.resumedAtMs !== undefined && v.atMs !== undefined)
+      assert.equal(v.resumedAtMs, v.atMs - 300)
+      assert.ok(v.resumedAtMs >= 90, `ran there at ${v.resumedAtMs} ms (the move took 400)`)
+      const moved = events.find((e) => e.event === 'moved') as VmEvacuation
+      assert.equal(moved.mode, 'postcopy')
+      const text = formatEvacuationReport(report)
+      assert.match(
+        text,
+        /hot .*switch: postcopy-deadline; post-copy: ran there at \d+\.\d s, 17 faults, memory complete 0\.3 s later; vCPUs throttled up to 50%; 1\.2 s over its time/,
+      )
     } finally {
       await stopAll(agents)
     }

@@ -41,6 +41,19 @@ export interface VmEvacuation {
   ramBytes?: number
   dedupBytes?: number
   switchReason?: string
+  /**
+   * 'postcopy': the guest ran on its new host before all its memory was there (the host here kept
+   * lending the rest; atMs is when the last of it arrived, resumedAtMs when the guest ran there).
+   */
+  mode?: 'precopy' | 'postcopy'
+  resumedAtMs?: number
+  /** Post-copy: resume → last owed chunk placed, ms; the guest's page faults on missing memory. */
+  postcopyMs?: number
+  postcopyFaults?: number
+  /** The highest vCPU throttle the move used (0.9: the guest's vCPUs got a tenth of a CPU). */
+  throttleMax?: number
+  /** By how much the move missed the time the plan gave it, ms (absent: it made it). */
+  deadlineMissedByMs?: number
   /** Earlier tries on other members that failed, one line each. */
   tries?: string[]
   error?: string

@@ -581,19 +581,30 @@ export function createSpotService(init: SpotServiceInit): SpotService {
             },
           },
         )
+        const doneAt = at()
+        // With post-copy the guest ran there before its last memory arrived (the report comes after).
+        const resumedAtMs =
+          report.postcopy === undefined ? undefined : Math.max(0, doneAt - Math.round(report.postcopy.ms))
         const r: VmEvacuation = {
           vm: name,
           priority: pv.priority,
           outcome: 'moved',
           to: a.to,
           toName: a.toName,
-          atMs: at(),
+          atMs: doneAt,
           totalMs: Math.round(report.totalMs),
           downtimeMs: Math.round(report.downtimeMs),
           wireBytes: report.wireBytes,
           ramBytes: report.ramBytes,
           dedupBytes: report.dedupBytes,
           switchReason: report.switchReason,
+          ...(report.mode === undefined ? {} : { mode: report.mode }),
+          ...(resumedAtMs === undefined ? {} : { resumedAtMs }),
+          ...(report.postcopy === undefined
+            ? {}
+            : { postcopyMs: report.postcopy.ms, postcopyFaults: report.postcopy.faults }),
+          ...(report.throttle === undefined ? {} : { throttleMax: report.throttle.maxLevel }),
+          ...(report.deadlineMissedByMs ? { deadlineMissedByMs: Math.round(report.deadlineMissedByMs) } : {}),
           ...(tries.length > 0 ? { tries: [...tries] } : {}),
         }
         results.set(name, r)
@@ -931,7 +942,16 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         log.info('evacuating a VM', { vm: e.vm, to: e.toName, deadlineMs: e.deadlineMs, atMs: e.atMs })
         break
       case 'moved':
-        log.info('VM evacuated', { vm: e.vm, to: e.toName, atMs: e.atMs, downtimeMs: e.downtimeMs })
+        log.info('VM evacuated', {
+          vm: e.vm,
+          to: e.toName,
+          atMs: e.atMs,
+          downtimeMs: e.downtimeMs,
+          ...(e.mode === undefined ? {} : { mode: e.mode }),
+          ...(e.resumedAtMs === undefined ? {} : { resumedAtMs: e.resumedAtMs }),
+          ...(e.throttleMax === undefined ? {} : { throttleMax: e.throttleMax }),
+          ...(e.deadlineMissedByMs === undefined ? {} : { deadlineMissedByMs: e.deadlineMissedByMs }),
+        })
         break
       case 'failed':
         log.warn('evacuating a VM failed', { vm: e.vm, to: e.toName, error: e.error })
