@@ -12,8 +12,9 @@
  * itself may be lost on power failure; the whole procedure is these few lines.
  */
 import { randomBytes } from 'node:crypto'
-import { open, rename, rm } from 'node:fs/promises'
+import { open, readFile, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
+import { describeError, MeshError } from './errors.ts'
 
 export interface DurableWriteOptions {
   /** File mode of a new file (default 0o600: state files are private). */
@@ -52,4 +53,39 @@ export async function syncDir(dir: string): Promise<void> {
   } finally {
     await d.close()
   }
+}
+
+/** A state file exists but cannot be read as what it must be (a JSON object). */
+export class StateFileError extends MeshError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_STATE_FILE' })
+  }
+}
+
+/**
+ * Reads a state file holding one JSON object: {} when it does not exist yet (first start), a
+ * StateFileError naming the file otherwise. Never treats an unreadable or corrupt file as empty: for
+ * the fencing ledger that would forget which VMs this host committed to (writeFileDurable means a torn
+ * write cannot cause it; a disk fault or a hand edit can).
+ */
+export async function readJsonObjectFile(path: string): Promise<Record<string, unknown>> {
+  let text: string
+  try {
+    text = await readFile(path, 'utf8')
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {}
+    throw new StateFileError(`cannot read state file ${path}: ${describeError(err)}`, { cause: err })
+  }
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(text)
+  } catch (err) {
+    throw new StateFileError(
+      `state file ${path} is not valid JSON (${describeError(err)}); it records what this host owns: restore it, or move it aside to start without it`,
+      { cause: err },
+    )
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+    throw new StateFileError(`state file ${path} does not hold a JSON object`)
+  return parsed as Record<string, unknown>
 }

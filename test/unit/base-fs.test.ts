@@ -2,7 +2,8 @@ import assert from 'node:assert/strict'
 import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { writeFileDurable } from '../../src/base/fs.ts'
+import { readJsonObjectFile, writeFileDurable } from '../../src/base/fs.ts'
+import { createFileLedger } from '../../vm/migration/ledger.ts'
 
 describe('writeFileDurable (src/base/fs.ts)', () => {
   let dir: string
@@ -36,5 +37,26 @@ describe('writeFileDurable (src/base/fs.ts)', () => {
     await assert.rejects(writeFileDurable(join(dir, 'missing', 'x.json'), 'new'), { code: 'ENOENT' })
     assert.equal(await readFile(f, 'utf8'), 'old')
     assert.deepEqual(await readdir(dir), ['x.json'])
+  })
+
+  it('readJsonObjectFile: {} for a file not written yet; a corrupt or wrong file is an error naming it', async () => {
+    assert.deepEqual(await readJsonObjectFile(join(dir, 'none.json')), {})
+    await writeFileDurable(join(dir, 'ok.json'), '{"g1":3}')
+    assert.deepEqual(await readJsonObjectFile(join(dir, 'ok.json')), { g1: 3 })
+    await writeFile(join(dir, 'torn.json'), '{"g1":')
+    await assert.rejects(readJsonObjectFile(join(dir, 'torn.json')), {
+      name: 'StateFileError',
+      message: /torn\.json is not valid JSON/,
+    })
+    await writeFile(join(dir, 'list.json'), '[1]')
+    await assert.rejects(readJsonObjectFile(join(dir, 'list.json')), { name: 'StateFileError' })
+    await assert.rejects(readJsonObjectFile(dir), { name: 'StateFileError' }) // a directory: EISDIR
+  })
+
+  it('a corrupt fencing ledger stops the agent instead of forgetting its commits', async () => {
+    const ledger = await createFileLedger(dir) // first start: nothing recorded
+    assert.equal(ledger.token('g1'), 0)
+    await writeFile(join(dir, 'migration-ledger.json'), 'garbage')
+    await assert.rejects(createFileLedger(dir), { name: 'StateFileError', message: /migration-ledger\.json/ })
   })
 })

@@ -9,9 +9,9 @@
  *    answering a source that asks about an old token.
  * The file ledger writes each change durably (src/base/fs.ts) before the call returns.
  */
-import { mkdir, readFile } from 'node:fs/promises'
+import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
-import { writeFileDurable } from '../../src/base/fs.ts'
+import { readJsonObjectFile, writeFileDurable } from '../../src/base/fs.ts'
 import type { VmHandle } from '../driver/interfaces.ts'
 import type { SwitchRecord } from './interfaces.ts'
 
@@ -194,17 +194,6 @@ export function createMemoryLedger(): FencingLedger {
   return ledgerOver(emptyData(), async () => {})
 }
 
-async function readJsonObject(file: string): Promise<Record<string, unknown>> {
-  try {
-    const parsed = JSON.parse(await readFile(file, 'utf8')) as unknown
-    if (typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed))
-      return parsed as Record<string, unknown>
-  } catch {
-    // first start: nothing yet (a torn file cannot happen: every write is atomic)
-  }
-  return {}
-}
-
 const isObj = (v: unknown): v is Record<string, unknown> =>
   typeof v === 'object' && v !== null && !Array.isArray(v)
 const isToken = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0
@@ -263,9 +252,9 @@ export const LEDGER_FILES = {
 export async function createFileLedger(stateDir: string): Promise<FencingLedger> {
   const data = emptyData()
   const path = (k: keyof typeof LEDGER_FILES) => join(stateDir, LEDGER_FILES[k])
-  for (const [k, v] of Object.entries(await readJsonObject(path('tokens'))))
+  for (const [k, v] of Object.entries(await readJsonObjectFile(path('tokens'))))
     if (isToken(v)) data.tokens.set(k, v)
-  for (const [k, v] of Object.entries(await readJsonObject(path('switches'))))
+  for (const [k, v] of Object.entries(await readJsonObjectFile(path('switches'))))
     if (isSwitchRecord(v) && v.vm === k)
       data.switches.set(k, {
         vm: v.vm,
@@ -275,7 +264,7 @@ export async function createFileLedger(stateDir: string): Promise<FencingLedger>
         // A post-copy switch: the copy here must be kept until the destination has all its memory.
         ...(v.mode === 'postcopy' ? { mode: 'postcopy' as const } : {}),
       })
-  const l = await readJsonObject(path('ledger'))
+  const l = await readJsonObjectFile(path('ledger'))
   for (const [k, v] of Object.entries(isObj(l.incoming) ? l.incoming : {}))
     if (isIncoming(v) && v.vm === k) data.incoming.set(k, v)
   for (const [k, v] of Object.entries(isObj(l.lost) ? l.lost : {}))

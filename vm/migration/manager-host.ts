@@ -1,6 +1,6 @@
-import { mkdir, readFile, rm } from 'node:fs/promises'
+import { mkdir, rm } from 'node:fs/promises'
 import { join } from 'node:path'
-import { writeFileDurable } from '../../src/base/fs.ts'
+import { readJsonObjectFile, writeFileDurable } from '../../src/base/fs.ts'
 import type { StartOptions, Vm, VmDriver } from '../driver/interfaces.ts'
 import type { VmManager } from '../manager.ts'
 import type { VmSpec } from '../spec.ts'
@@ -30,7 +30,7 @@ export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> 
   // Incoming post-copies still paging (#15): what a restarted agent needs to take the pager back.
   const postcopyFile = join(init.stateDir, 'migration-postcopy.json')
   const postcopies = new Map<string, PostcopyRecord>()
-  for (const [k, v] of Object.entries(await readJsonObject(postcopyFile)))
+  for (const [k, v] of Object.entries(await readJsonObjectFile(postcopyFile)))
     if (isPostcopyRecord(v) && v.vm === k) postcopies.set(k, v)
   let writing: Promise<void> = Promise.resolve()
   const persistPostcopies = () => {
@@ -88,17 +88,6 @@ export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> 
       await init.manager.readopt(name)
     },
   }
-}
-
-async function readJsonObject(file: string): Promise<Record<string, unknown>> {
-  try {
-    const parsed = JSON.parse(await readFile(file, 'utf8')) as unknown
-    if (typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed))
-      return parsed as Record<string, unknown>
-  } catch {
-    // first start: nothing yet
-  }
-  return {}
 }
 
 function isPostcopyRecord(v: unknown): v is PostcopyRecord {
