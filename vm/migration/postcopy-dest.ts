@@ -7,7 +7,6 @@
  * It outlives a link too: when its conversation fails, attach() a new one (after 'pcresume' + 'owed'
  * went out on it) and every chunk the guest is waiting for is asked again.
  */
-import { inflateRawSync } from 'node:zlib'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import type { Pager, PagerStats } from '../postcopy/pager.ts'
@@ -20,7 +19,7 @@ import {
 } from './errors.ts'
 import type { MigrationNetwork } from './interfaces.ts'
 import { bitmapChunks, chunkBitmap } from './postcopy-source.ts'
-import { PAGE_SIZE } from './ram.ts'
+import { literalPages, PAGE_SIZE } from './ram.ts'
 import { type EncodedChunk, type Message, newSessionId, PAGE_LITERAL } from './v1/messages.ts'
 
 /** Placements between two acknowledgements (each one: a ~40-byte message per 64 KiB chunk, and the
@@ -30,21 +29,8 @@ const ACK_EVERY = 1
 /** One pcdata chunk as the bytes to place (zero pages zero). */
 export function decodePostcopyChunk(c: EncodedChunk, chunkSize: number): Buffer {
   const pages = chunkSize / PAGE_SIZE
-  if (c.kinds.length !== pages)
-    throw new MigrationDecodeError(`pcdata chunk has ${c.kinds.length} pages, expected ${pages}`)
-  let nlit = 0
-  for (const k of c.kinds) if (k === PAGE_LITERAL) nlit++
-  let literal: Buffer
-  if (c.deflated) {
-    try {
-      literal = inflateRawSync(c.literal, { maxOutputLength: Math.max(nlit * PAGE_SIZE, 1) })
-    } catch (cause) {
-      throw new MigrationDecodeError('pcdata literal block does not inflate', { cause })
-    }
-  } else literal = Buffer.from(c.literal.buffer, c.literal.byteOffset, c.literal.byteLength)
-  if (literal.byteLength !== nlit * PAGE_SIZE)
-    throw new MigrationDecodeError(`pcdata literal block of ${literal.byteLength} bytes for ${nlit} pages`)
-  if (nlit === pages) return Buffer.from(literal)
+  const literal = literalPages(c, pages, 'pcdata chunk')
+  if (literal.byteLength === chunkSize) return Buffer.from(literal)
   const out = Buffer.alloc(chunkSize)
   let l = 0
   for (let p = 0; p < pages; p++) {

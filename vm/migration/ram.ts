@@ -349,22 +349,7 @@ export class RamWriter {
   /** Applies one encoded chunk. */
   apply(c: EncodedChunk): void {
     this.checkIndex(c.index)
-    if (c.kinds.length !== this.pagesPerChunk)
-      throw new MigrationDecodeError(`chunk has ${c.kinds.length} pages, expected ${this.pagesPerChunk}`)
-    let nlit = 0
-    for (const k of c.kinds) if (k === PAGE_LITERAL) nlit++
-    let literal: Buffer
-    if (c.deflated) {
-      try {
-        literal = inflateRawSync(c.literal, { maxOutputLength: Math.max(nlit * PAGE_SIZE, 1) })
-      } catch (cause) {
-        throw new MigrationDecodeError('chunk literal block does not inflate', { cause })
-      }
-    } else literal = Buffer.from(c.literal.buffer, c.literal.byteOffset, c.literal.byteLength)
-    if (literal.byteLength !== nlit * PAGE_SIZE)
-      throw new MigrationDecodeError(
-        `chunk literal block holds ${literal.byteLength} bytes for ${nlit} pages`,
-      )
+    const literal = literalPages(c, this.pagesPerChunk, 'chunk')
     const base = c.index * this.chunkSize
     const buf = this.scratch
     const firstPage = c.index * this.pagesPerChunk
@@ -413,4 +398,28 @@ export class RamWriter {
     writeSync(this.fd, buf, 0, this.chunkSize, base)
     this.ramBytes += this.chunkSize
   }
+}
+
+/**
+ * The literal pages of an encoded chunk, inflated and checked against its page kinds (bulk/pre-copy
+ * chunks and post-copy 'pcdata' share the encoding): MigrationDecodeError names `what` on any mismatch.
+ */
+export function literalPages(c: EncodedChunk, pages: number, what: string): Buffer {
+  if (c.kinds.length !== pages)
+    throw new MigrationDecodeError(`${what} has ${c.kinds.length} pages, expected ${pages}`)
+  let nlit = 0
+  for (const k of c.kinds) if (k === PAGE_LITERAL) nlit++
+  let literal: Buffer
+  if (c.deflated) {
+    try {
+      literal = inflateRawSync(c.literal, { maxOutputLength: Math.max(nlit * PAGE_SIZE, 1) })
+    } catch (cause) {
+      throw new MigrationDecodeError(`${what} literal block does not inflate`, { cause })
+    }
+  } else literal = Buffer.from(c.literal.buffer, c.literal.byteOffset, c.literal.byteLength)
+  if (literal.byteLength !== nlit * PAGE_SIZE)
+    throw new MigrationDecodeError(
+      `${what} literal block holds ${literal.byteLength} bytes for ${nlit} pages`,
+    )
+  return literal
 }
