@@ -1,4 +1,5 @@
 import { type FileHandle, open, rename, rm } from 'node:fs/promises'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError, throwIfAborted } from '../../src/base/errors.ts'
 import { ChannelClosedError } from '../link/errors.ts'
 import type { Link, MessageChannel, Overlay } from '../link/interfaces.ts'
@@ -529,15 +530,15 @@ class Service implements ChunkService {
         () => finish(new ChunkFetchError(`peer ${conn.peer} did not answer in time`)),
         this.timeoutMs,
       )
-      const onAbort = () => finish(new AbortError(undefined, { cause: signal?.reason }))
+      const abortNow = () => finish(new AbortError(undefined, { cause: signal?.reason }))
       const finish = (err?: Error, value?: T) => {
         clearTimeout(timer)
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
         this.pending.delete(req)
         if (err !== undefined) reject(err)
         else resolve(value as T)
       }
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, abortNow)
       this.pending.set(req, {
         peer: conn.peer,
         onMessage: (msg) =>
@@ -982,14 +983,14 @@ class FetchJob {
       if (this.failure !== undefined) return reject(this.failure)
       if (signal?.aborted === true)
         return reject(new AbortError('chunk fetch aborted', { cause: signal.reason }))
-      const onAbort = () => this.fail(new AbortError('chunk fetch aborted', { cause: signal?.reason }))
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const abortNow = () => this.fail(new AbortError('chunk fetch aborted', { cause: signal?.reason }))
+      const offAbort = onAbort(signal, abortNow)
       this.resolve = () => {
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
         resolve()
       }
       this.reject = (e) => {
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
         reject(e)
       }
       const candidates = this.opts.peers ?? this.svc.peers()

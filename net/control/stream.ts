@@ -1,5 +1,6 @@
 import type { Stream } from '@libp2p/interface'
 import type { Uint8ArrayList } from 'uint8arraylist'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError } from '../../src/base/errors.ts'
 import { ControlTimeoutError, StreamEndedError } from './errors.ts'
 import { encodeFrame, FrameDecoder } from './framing.ts'
@@ -98,7 +99,7 @@ export class FramedStream {
       const cleanup = () => {
         this.waiters.delete(w)
         if (timer !== undefined) clearTimeout(timer)
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       const w = {
         resolve: (f: Uint8Array) => {
@@ -110,9 +111,9 @@ export class FramedStream {
           reject(e)
         },
       }
-      const onAbort = () => w.reject(new AbortError(undefined, { cause: signal?.reason }))
+      const abortNow = () => w.reject(new AbortError(undefined, { cause: signal?.reason }))
       this.waiters.add(w)
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, abortNow)
       if (timeoutMs !== undefined)
         timer = setTimeout(
           () => w.reject(new ControlTimeoutError(options.what ?? 'waiting for a message')),
@@ -135,7 +136,7 @@ export class FramedStream {
       const cleanup = () => {
         this.stream.removeEventListener('drain', onDrain)
         offEnd()
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       const onDrain = () => {
         cleanup()
@@ -145,12 +146,12 @@ export class FramedStream {
         cleanup()
         reject(e)
       })
-      const onAbort = () => {
+      const abortNow = () => {
         cleanup()
         reject(new AbortError(undefined, { cause: signal?.reason }))
       }
       this.stream.addEventListener('drain', onDrain)
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, abortNow)
     })
   }
 

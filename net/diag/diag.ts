@@ -1,3 +1,4 @@
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
 import { openLink } from '../link/open.ts'
@@ -108,20 +109,20 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
         done()
         reject(new DiagError(`no answer from ${peer} within ${timeoutMs} ms`, { code: 'E_TIMEOUT' }))
       }, timeoutMs)
-      const onAbort = () => {
+      const abortNow = () => {
         done()
         reject(new AbortError(undefined, { cause: signal?.reason }))
       }
       const done = () => {
         clearTimeout(timer)
         waiters.delete(key)
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       waiters.set(key, (p) => {
         done()
         resolve(p)
       })
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, abortNow)
     })
 
   return {

@@ -7,6 +7,7 @@
  * wait on a stream forever for more than it announced.
  */
 import type { Stream } from '@libp2p/interface'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { DiagError } from './diag.ts'
 
@@ -26,7 +27,7 @@ function waitDrain(stream: Stream, signal?: AbortSignal): Promise<void> {
     const done = () => {
       stream.removeEventListener('drain', onDrain)
       stream.removeEventListener('close', onClose)
-      signal?.removeEventListener('abort', onAbort)
+      offAbort()
     }
     const onDrain = () => {
       done()
@@ -36,13 +37,13 @@ function waitDrain(stream: Stream, signal?: AbortSignal): Promise<void> {
       done()
       reject(new DiagError('bench stream closed', { code: 'E_BENCH_CLOSED' }))
     }
-    const onAbort = () => {
+    const abortNow = () => {
       done()
       reject(new AbortError(undefined, { cause: signal?.reason }))
     }
     stream.addEventListener('drain', onDrain)
     stream.addEventListener('close', onClose)
-    signal?.addEventListener('abort', onAbort, { once: true })
+    const offAbort = onAbort(signal, abortNow)
   })
 }
 

@@ -4,6 +4,8 @@
  * not run g1, `mesh vm ls --all`, the web view. Nothing is cached: a VM that moved is found where it
  * runs now.
  */
+
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
 import {
@@ -93,9 +95,9 @@ export function createDirectory(init: DirectoryInit): Directory {
       const done = () => {
         waiters.delete(key)
         clearTimeout(timer)
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
-      const onAbort = () => {
+      const abortNow = () => {
         done()
         reject(new AbortError())
       }
@@ -103,7 +105,7 @@ export function createDirectory(init: DirectoryInit): Directory {
         done()
         reject(new Error(`no answer within ${timeoutMs} ms`))
       }, timeoutMs)
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, abortNow)
       waiters.set(key, (reply) => {
         done()
         const t1 = Date.now()

@@ -12,6 +12,14 @@ export interface PlugOptions {
   holdWhilePaused?: boolean
 }
 
+/** The tunnel side of a host's VMs: plug a VM's NIC in, and the VmHost hooks a migration calls. */
+export interface VmTunnelPlug {
+  /** Plugs a VM started outside migration (`mesh vm run`, a test's boot) and announces it if it runs. */
+  started(vm: Vm): void
+  /** The same host with the migration hooks wired to the switch (see plugVmsIntoTunnel). */
+  wrap<H extends VmHost>(host: H): H
+}
+
 /**
  * Plugs VMs' NICs into the tunnel switch. A VM started here (`mesh vm run`) is attached and announced
  * at once. A migration's incoming VM is attached when it is started, with its frames held, and
@@ -29,6 +37,29 @@ export function plugVmsIntoTunnel(
   tunnel: () => TunnelService,
   options: PlugOptions = {},
 ): VmHost {
+  const plug = createVmTunnelPlug(driver, tunnel, options)
+  manager.on('started', ({ name }) => {
+    let vm: Vm
+    try {
+      vm = manager.get(name)
+    } catch {
+      return // it ended already; nothing to plug
+    }
+    plug.started(vm)
+  })
+  return plug.wrap(host)
+}
+
+/**
+ * The plugging itself, without a VM manager: the agent composes it with one (plugVmsIntoTunnel), the
+ * in-process migration rig (test/helpers/tunnel-migration-rig.ts) with a bare driver host, so both
+ * run this code.
+ */
+export function createVmTunnelPlug(
+  driver: VmDriver,
+  tunnel: () => TunnelService,
+  options: PlugOptions = {},
+): VmTunnelPlug {
   const holdWhilePaused = options.holdWhilePaused ?? process.env.MESH_TUNNEL_HOLD !== '0'
   const attached = new Map<string, { vm: Vm; off: () => void }>()
   /** VMs whose MAC was announced since they last resumed (adopt must not announce it a second time). */
@@ -78,37 +109,33 @@ export function plugVmsIntoTunnel(
     vm.once('exited', unplug)
     return true
   }
-  manager.on('started', ({ name }) => {
-    let vm: Vm
-    try {
-      vm = manager.get(name)
-    } catch {
-      return // it ended already; nothing to plug
-    }
-    // An incoming VM was plugged by startIncoming and announced when it resumed (or by adopt below).
-    if (plug(vm) && vm.status() === 'running') announce(vm)
-  })
   return {
-    ...host,
-    get: (name) => host.get(name),
-    allocateRam: (spec, signal) => host.allocateRam(spec, signal),
-    discardRam: (path) => host.discardRam(path),
-    token: (name) => host.token(name),
-    setToken: (name, token) => host.setToken(name, token),
-    async startIncoming(spec, memoryPath, signal) {
-      const vm = await host.startIncoming(spec, memoryPath, signal)
-      plug(vm)
-      return vm
+    started(vm) {
+      // An incoming VM was plugged by startIncoming and announced when it resumed (or by adopt below).
+      if (plug(vm) && vm.status() === 'running') announce(vm)
     },
-    async adopt(vm) {
-      await host.adopt(vm)
-      plug(vm)
-      if (!announced.has(vm)) announce(vm)
-    },
-    async release(name) {
-      const mac = host.get(name)?.spec.mac
-      await host.release(name)
-      if (mac !== undefined && unplugNow(mac)) await tunnel().switch.detachVm(mac)
-    },
+    wrap: (host) => ({
+      ...host,
+      get: (name) => host.get(name),
+      allocateRam: (spec, signal) => host.allocateRam(spec, signal),
+      discardRam: (path) => host.discardRam(path),
+      token: (name) => host.token(name),
+      setToken: (name, token) => host.setToken(name, token),
+      async startIncoming(spec, memoryPath, signal) {
+        const vm = await host.startIncoming(spec, memoryPath, signal)
+        plug(vm)
+        return vm
+      },
+      async adopt(vm) {
+        await host.adopt(vm)
+        plug(vm)
+        if (!announced.has(vm)) announce(vm)
+      },
+      async release(name) {
+        const mac = host.get(name)?.spec.mac
+        await host.release(name)
+        if (mac !== undefined && unplugNow(mac)) await tunnel().switch.detachVm(mac)
+      },
+    }),
   }
 }

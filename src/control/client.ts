@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net'
+import { onAbort } from '../base/abort.ts'
 import { AbortError, MeshError } from '../base/errors.ts'
 import type { ControlEvent, ControlMethod, ControlParams, ControlResult } from './api.ts'
 import { decodeServerMessage, encode, LineSplitter, type ResponseMessage } from './v1/messages.ts'
@@ -49,14 +50,14 @@ export async function connectControl(
 ): Promise<ControlClient> {
   const socket: Socket = await new Promise((resolve, reject) => {
     const s = connect(path)
-    const onAbort = () => s.destroy(new AbortError())
-    options.signal?.addEventListener('abort', onAbort, { once: true })
+    const abortNow = () => s.destroy(new AbortError())
+    const offAbort = onAbort(options.signal, abortNow)
     s.once('connect', () => {
-      options.signal?.removeEventListener('abort', onAbort)
+      offAbort()
       resolve(s)
     })
     s.once('error', (err: NodeJS.ErrnoException) => {
-      options.signal?.removeEventListener('abort', onAbort)
+      offAbort()
       const why =
         err.code === 'ENOENT' || err.code === 'ECONNREFUSED'
           ? `no agent is running for this state dir (no socket at ${path}); start one with 'mesh join' or 'mesh agent'`
@@ -106,11 +107,11 @@ export async function connectControl(
     const id = nextId++
     return new Promise((resolve, reject) => {
       if (opts.signal?.aborted === true) return reject(new AbortError())
-      const onAbort = () => {
+      const abortNow = () => {
         if (!socket.destroyed) socket.write(encode({ v: 1, id, cancel: true }))
       }
-      opts.signal?.addEventListener('abort', onAbort, { once: true })
-      const done = () => opts.signal?.removeEventListener('abort', onAbort)
+      const offAbort = onAbort(opts.signal, abortNow)
+      const done = () => offAbort()
       pending.set(id, {
         resolve: (v) => {
           done()

@@ -4,10 +4,11 @@
  * joined by in-memory links; plus a client member `T` whose host TAP port sits in a private network
  * namespace, from where a test streams TCP data to the guest while it moves.
  *
- * The tunnel follows the VM through the VmHost hooks migration already calls, which is how the agent
- * should wire it too: startIncoming → attachVm(mac, the new QEMU's net socket) (frames can reach the
- * destination before it resumes); adopt (after resume) → announce(mac); release, or the VM stopping
- * for good → detachVm(mac) (the old host forwards stragglers for the grace period).
+ * The tunnel follows the VM through the VmHost hooks migration already calls, wired by the agent's own
+ * code (src/agent/vm-tunnel.ts createVmTunnelPlug, which the agent composes with its VM manager):
+ * startIncoming → attachVm(mac, the new QEMU's net socket) with frames held; the guest resuming →
+ * announce(mac); release, or the VM stopping for good → detachVm(mac) (the old host forwards
+ * stragglers for the grace period).
  */
 import { type ChildProcess, spawn } from 'node:child_process'
 import { mkdtemp, rm } from 'node:fs/promises'
@@ -23,11 +24,11 @@ import { createMemoryNetwork } from '../../net/link/memory.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
 import { createMigrationService, type MigrationService } from '../../src/agent/services/migration.ts'
 import { createTunnelService, type TunnelService } from '../../src/agent/services/tunnel.ts'
+import { createVmTunnelPlug } from '../../src/agent/vm-tunnel.ts'
 import { createLogger, type Logger } from '../../src/base/log.ts'
 import type { Vm, VmDriver } from '../../vm/driver/interfaces.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
-import type { VmHost } from '../../vm/migration/interfaces.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import { type VmSpec, validateVmSpec } from '../../vm/spec.ts'
@@ -52,60 +53,6 @@ export interface MigRig {
   streamEcho(ip: string, port: number): { stop(): Promise<StreamEchoResult> }
   ping(ip: string): Promise<string>
   destroy(): Promise<void>
-}
-
-/** The tunnel hooks on a VmHost (see the file comment). */
-function withTunnel(inner: DriverHost, driver: VmDriver, tunnel: TunnelService): DriverHost {
-  const attached = new Map<string, Vm>()
-  const announced = new WeakSet<Vm>()
-  const plug = (vm: Vm) => {
-    const mac = vm.spec.mac
-    attached.set(mac, vm)
-    // As src/agent/vm-tunnel.ts: frames wait in the switch while the guest does not run, and the MAC
-    // is announced the moment it resumes.
-    tunnel.switch.attachVm(mac, driver.handle(vm).paths.net!, { hold: vm.status() !== 'running' })
-    vm.on('paused', () => {
-      if (attached.get(mac) === vm) tunnel.switch.holdVm(mac)
-    })
-    vm.on('resumed', () => {
-      if (attached.get(mac) !== vm) return
-      tunnel.switch.resumeVm(mac)
-      announced.add(vm)
-      tunnel.switch.announce(mac)
-    })
-    const unplug = () => {
-      if (attached.get(mac) === vm) {
-        attached.delete(mac)
-        void tunnel.switch.detachVm(mac)
-      }
-    }
-    vm.once('stopped', unplug)
-    vm.once('exited', unplug)
-  }
-  return {
-    ...inner,
-    add(vm) {
-      inner.add(vm)
-      plug(vm)
-    },
-    async startIncoming(spec, memoryPath, signal) {
-      const vm = await inner.startIncoming(spec, memoryPath, signal)
-      plug(vm)
-      return vm
-    },
-    async adopt(vm) {
-      await inner.adopt(vm)
-      if (!announced.has(vm)) tunnel.switch.announce(vm.spec.mac)
-    },
-    async release(name) {
-      const mac = inner.get(name)?.spec.mac
-      await inner.release(name)
-      if (mac !== undefined && attached.has(mac)) {
-        attached.delete(mac)
-        await tunnel.switch.detachVm(mac)
-      }
-    },
-  } satisfies VmHost & DriverHost
 }
 
 export async function createMigRig(ids: string[], opts: { log?: Logger; subnet: string }): Promise<MigRig> {
@@ -160,7 +107,15 @@ export async function createMigRig(ids: string[], opts: { log?: Logger; subnet: 
       })
       const tunnel = createTunnelService({ overlay: net.node(id), log: log.child(`${id}/tunnel`) })
       await tunnel.start(new AbortController().signal)
-      const host = withTunnel(createDriverHost({ driver, ramDir }), driver, tunnel)
+      const plug = createVmTunnelPlug(driver, () => tunnel, { holdWhilePaused: true })
+      const inner = plug.wrap(createDriverHost({ driver, ramDir }))
+      const host: DriverHost = {
+        ...inner,
+        add(vm) {
+          inner.add(vm)
+          plug.started(vm)
+        },
+      }
       const storeDir = await mkdtemp(join(tmpdir(), `${tag}-store-${id}-`))
       dirs.push(storeDir)
       const store = await openChunkStore({ dir: storeDir })

@@ -4,6 +4,7 @@ import { ChunkVerifyError } from '../../net/chunks/errors.ts'
 import { hashEquals, sha256 } from '../../net/chunks/hash.ts'
 import type { ChunkStore } from '../../net/chunks/interfaces.ts'
 import { buildManifest } from '../../net/chunks/manifest.ts'
+import { onAbort } from '../../src/base/abort.ts'
 import type { RamCache, RememberOptions } from './interfaces.ts'
 
 const PIN = (vm: string) => `migration/ram/${vm}`
@@ -49,8 +50,8 @@ function rememberQueue(now: RememberNow): Pick<RamCache, 'remember' | 'settled'>
       })
       const timer = options.delayMs ? setTimeout(start, options.delayMs) : undefined
       if (timer === undefined) start()
-      const onAbort = () => start() // an aborted wait ends now; `now` then sees the aborted signal
-      options.signal?.addEventListener('abort', onAbort, { once: true })
+      const abortNow = () => start() // an aborted wait ends now; `now` then sees the aborted signal
+      const offAbort = onAbort(options.signal, abortNow)
       const done = gate
         .then(() => {
           options.signal?.throwIfAborted() // aborted during the delay: no work at all
@@ -58,7 +59,7 @@ function rememberQueue(now: RememberNow): Pick<RamCache, 'remember' | 'settled'>
         })
         .finally(() => {
           clearTimeout(timer)
-          options.signal?.removeEventListener('abort', onAbort)
+          offAbort()
           if (pending.get(vm)?.done === done) pending.delete(vm)
         })
       pending.set(vm, { start, done })

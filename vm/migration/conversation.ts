@@ -1,3 +1,4 @@
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError } from '../../src/base/errors.ts'
 import {
   MigrationAbortedError,
@@ -176,19 +177,19 @@ export class Conversation {
     return new Promise<Of<T>>((resolve, reject) => {
       const done = () => {
         clearTimeout(timer)
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       const timer = setTimeout(() => {
         this.waiter = undefined
         done()
         reject(new MigrationTimeoutError(what, timeoutMs))
       }, timeoutMs)
-      const onAbort = () => {
+      const abortNow = () => {
         this.waiter = undefined
         done()
         reject(new AbortError(undefined, { cause: signal?.reason }))
       }
-      signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, abortNow)
       this.waiter = {
         types,
         resolve: (m) => {

@@ -4,6 +4,8 @@
  * ram-receiver.ts); the device state (reference copy and final delta) is handled here because the VM
  * loads it once, at 'final'. The guest resumes only on the source's commit.
  */
+
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import { DiskReceiver } from '../disk/receiver.ts'
@@ -159,8 +161,8 @@ export class DestinationSession {
 
   async run(): Promise<DestinationOutcome> {
     const { signal } = this.init
-    const onAbort = () => this.startAbort.abort(signal?.reason)
-    signal?.addEventListener('abort', onAbort, { once: true })
+    const abortNow = () => this.startAbort.abort(signal?.reason)
+    const offAbort = onAbort(signal, abortNow)
     try {
       this.check()
       await this.prepare()
@@ -170,7 +172,7 @@ export class DestinationSession {
     } catch (err) {
       return await this.fail(err)
     } finally {
-      signal?.removeEventListener('abort', onAbort)
+      offAbort()
       for (const s of this.streams) s.close()
       this.receiver?.close()
       for (const x of this.extra) {

@@ -16,6 +16,7 @@ import { chmod, mkdir, rename, rm, writeFile } from 'node:fs/promises'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError, MeshError } from '../../src/base/errors.ts'
 import { UFFD_HELPER_SOURCE } from './uffd-helper-source.ts'
 
@@ -272,8 +273,8 @@ export async function startPager(o: PagerOptions): Promise<Pager> {
   if (o.regrabFd !== undefined) args.push('--fd', String(o.regrabFd))
   const child = spawn(bin, args, { stdio: ['pipe', 'pipe', 'pipe'] })
   const pager = new UffdPager(child)
-  const onAbort = () => void pager.quit()
-  o.signal?.addEventListener('abort', onAbort, { once: true })
+  const abortNow = () => void pager.quit()
+  const offAbort = onAbort(o.signal, abortNow)
   try {
     const hello = await Promise.race([pager.expect('H'), pager.failed])
     pager.qemuFd = hello.readUInt32LE(0)
@@ -283,6 +284,6 @@ export async function startPager(o: PagerOptions): Promise<Pager> {
     child.kill('SIGKILL')
     throw err instanceof MeshError ? err : new PostcopyError(describeError(err), { cause: err })
   } finally {
-    o.signal?.removeEventListener('abort', onAbort)
+    offAbort()
   }
 }

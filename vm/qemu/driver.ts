@@ -5,6 +5,7 @@ import { createConnection, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { basename, dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { processAlive } from '../../src/base/process.ts'
 import { createDirtyTracker } from '../dirty/index.ts'
@@ -604,8 +605,8 @@ class QemuVm extends VmEmitter implements Vm {
       server.once('error', reject)
       server.listen(sock, () => resolve())
     })
-    const onAbort = () => void this.qmpExecute('migrate_cancel').catch(() => {})
-    signal?.addEventListener('abort', onAbort, { once: true })
+    const abortNow = () => void this.qmpExecute('migrate_cancel').catch(() => {})
+    const offAbort = onAbort(signal, abortNow)
     try {
       const finished = this.waitMigration(signal)
       await this.qmpExecute('migrate', { uri: `unix:${sock}` }, signal)
@@ -624,7 +625,7 @@ class QemuVm extends VmEmitter implements Vm {
         { cause: err },
       )
     } finally {
-      signal?.removeEventListener('abort', onAbort)
+      offAbort()
       server.close()
       await rm(sock, { force: true })
     }

@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events'
 import { createConnection, type Socket } from 'node:net'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError } from '../../src/base/errors.ts'
 import { QmpError, QmpProtocolError } from '../errors.ts'
 
@@ -109,13 +110,13 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
         () => done(new QmpProtocolError(`QMP: no greeting on ${path} in ${timeoutMs} ms`)),
         timeoutMs,
       )
-      const onAbort = () => done(new AbortError('QMP connect aborted', { cause: options.signal?.reason }))
+      const abortNow = () => done(new AbortError('QMP connect aborted', { cause: options.signal?.reason }))
       const onError = (err: Error) =>
         done(new QmpProtocolError(`QMP: cannot connect to ${path}: ${err.message}`, { cause: err }))
       const onClose = () => done(new QmpProtocolError(`QMP: ${path} closed before the greeting`))
       const done = (err: Error | undefined, g?: QmpGreeting) => {
         clearTimeout(timer)
-        options.signal?.removeEventListener('abort', onAbort)
+        offAbort()
         socket.off('error', onError)
         socket.off('close', onClose)
         onGreeting = undefined
@@ -125,8 +126,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
           reject(err)
         } else resolve(g!)
       }
-      if (options.signal?.aborted === true) return onAbort()
-      options.signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(options.signal, abortNow) // an aborted signal ends it in a microtask
       socket.on('error', onError)
       socket.on('close', onClose)
       failGreeting = (err) => done(err)
@@ -180,7 +180,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
         cleanup()
         reject(new QmpProtocolError(`QMP ${command}: no answer in ${timeoutMs} ms`))
       }, timeoutMs)
-      const onAbort = () => {
+      const abortNow = () => {
         // QEMU will still answer; the answer is dropped because the id is no longer pending.
         this.pending.delete(id)
         cleanup()
@@ -188,9 +188,9 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
       }
       const cleanup = () => {
         clearTimeout(timer)
-        options.signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
-      options.signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(options.signal, abortNow)
       this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject, cleanup })
       const msg: Record<string, unknown> = { execute: command, id }
       if (args !== undefined) msg.arguments = args
@@ -222,20 +222,19 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
       }
       const onClose = (err: Error | undefined) =>
         done(new QmpProtocolError(`QMP: connection closed while waiting for ${name}`, { cause: err }))
-      const onAbort = () =>
+      const abortNow = () =>
         done(new AbortError(`waiting for ${name} aborted`, { cause: options.signal?.reason }))
       const done = (err: Error | undefined, e?: QmpEvent) => {
         clearTimeout(timer)
         this.off('event', onEvent)
         this.off('close', onClose)
-        options.signal?.removeEventListener('abort', onAbort)
+        offAbort()
         if (err !== undefined) reject(err)
         else resolve(e!)
       }
-      if (options.signal?.aborted === true) return onAbort()
+      const offAbort = onAbort(options.signal, abortNow) // an aborted signal ends it in a microtask
       this.on('event', onEvent)
       this.on('close', onClose)
-      options.signal?.addEventListener('abort', onAbort, { once: true })
     })
   }
 

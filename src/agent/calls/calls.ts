@@ -1,5 +1,6 @@
 import type { Link, Overlay } from '../../../net/link/interfaces.ts'
 import { openLink } from '../../../net/link/open.ts'
+import { linkedController, onAbort } from '../../base/abort.ts'
 import { AbortError, describeError, MeshError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
 import type { AgentService } from '../interfaces.ts'
@@ -86,8 +87,7 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
     const ctl = new AbortController()
     const key = `${link.peer}/${id}`
     serving.set(key, ctl)
-    const onStop = () => ctl.abort(new AbortError('agent stopping'))
-    ac.signal.addEventListener('abort', onStop, { once: true })
+    const offStop = onAbort(ac.signal, () => ctl.abort(new AbortError('agent stopping')))
     const offClose = link.onClose(() => ctl.abort(new AbortError('link closed')))
     h(params, { peer: link.peer, signal: ctl.signal })
       .then(
@@ -105,7 +105,7 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
       )
       .finally(() => {
         if (serving.get(key) === ctl) serving.delete(key)
-        ac.signal.removeEventListener('abort', onStop)
+        offStop()
         offClose()
       })
   }
@@ -161,8 +161,8 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
       }
     },
     async start(signal) {
-      ac = new AbortController()
-      signal.addEventListener('abort', () => ac.abort(signal.reason), { once: true })
+      // Follows the agent's lifetime; stop() aborts it, which also drops the listener on `signal`.
+      ac = linkedController(signal).controller
       overlay = init.overlay()
       for (const l of overlay.links()) attach(l)
       offs.push(overlay.onLink(attach))
@@ -215,13 +215,8 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
       const cleanup = () => {
         clearTimeout(timer)
         pending.delete(id)
-        options.signal?.removeEventListener('abort', onAbort)
+        offAbort()
         offClose()
-      }
-      const onAbort = () => {
-        cleanup()
-        send(link, { t: 'cancel', id })
-        reject(new AbortError(`call ${method} to ${peer} cancelled`, { cause: options.signal?.reason }))
       }
       const timer = setTimeout(() => {
         cleanup()
@@ -236,7 +231,11 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
         cleanup()
         reject(new PeerCallError(`link to ${peer} closed during ${method}`, { code: 'E_NO_LINK' }))
       })
-      options.signal?.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(options.signal, (reason) => {
+        cleanup()
+        send(link, { t: 'cancel', id })
+        reject(new AbortError(`call ${method} to ${peer} cancelled`, { cause: reason }))
+      })
       pending.set(id, {
         peer,
         resolve: (v) => {
@@ -248,7 +247,7 @@ export function createAgentCalls(init: AgentCallsInit): AgentCalls {
           reject(e)
         },
       })
-      if (options.signal?.aborted === true) return onAbort()
+      if (options.signal?.aborted === true) return // offAbort's callback rejects it
       if (!send(link, { t: 'req', id, method, params }))
         pending.get(id)?.reject(new PeerCallError(`cannot send ${method} to ${peer}`, { code: 'E_NO_LINK' }))
     })

@@ -39,6 +39,7 @@ import {
 import { whereabouts } from '../../../vm/migration/whereabouts.ts'
 import { type Pager, startPager } from '../../../vm/postcopy/pager.ts'
 import type { ThrottleProvider } from '../../../vm/throttle/interfaces.ts'
+import { linkedController, onAbort } from '../../base/abort.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
 import { processAlive } from '../../base/process.ts'
@@ -768,13 +769,12 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
         resolve(early)
         return
       }
-      const onAbort = () => {
+      const offAbort = onAbort(signal, () => {
         resumeWaiters.delete(key)
         reject(new AbortError())
-      }
-      signal?.addEventListener('abort', onAbort, { once: true })
+      })
       resumeWaiters.set(key, (x) => {
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
         resolve(x)
       })
     })
@@ -1048,8 +1048,8 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
   return {
     name: 'migration',
     async start(signal: AbortSignal) {
-      ac = new AbortController()
-      signal.addEventListener('abort', () => ac.abort(signal.reason), { once: true })
+      // Follows the agent's lifetime; stop() aborts it, which also drops the listener on `signal`.
+      ac = linkedController(signal).controller
       running = true
       counters = { in: 0, out: 0, refused: 0, failed: 0 }
       for (const ch of network.channels()) attach(ch)

@@ -19,6 +19,7 @@ import type { MemberStatus } from '../../../net/interfaces.ts'
 import type { VmInfo } from '../../../vm/manager.ts'
 import type { MigrationProgress, MigrationReport } from '../../../vm/migration/interfaces.ts'
 import type { VmSpec } from '../../../vm/spec.ts'
+import { linkedController } from '../../base/abort.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
 import type { ControlHandlers, StandbyRow } from '../../control/api.ts'
@@ -1009,8 +1010,8 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       await Promise.allSettled([...background])
     },
     async start(signal) {
-      ac = new AbortController()
-      signal.addEventListener('abort', () => ac.abort(signal.reason), { once: true })
+      // Follows the agent's lifetime; stop() aborts it, which also drops the listener on `signal`.
+      ac = linkedController(signal).controller
       try {
         const o = JSON.parse(await readFile(file, 'utf8')) as Partial<Persisted>
         state = {
