@@ -626,7 +626,14 @@ export function createSpotService(init: SpotServiceInit): SpotService {
           ...(report.throttle === undefined ? {} : { throttleMax: report.throttle.maxLevel }),
           ...(report.deadlineMissedByMs ? { deadlineMissedByMs: Math.round(report.deadlineMissedByMs) } : {}),
           ...(tries.length > 0 ? { tries: [...tries] } : {}),
-          timings: Object.fromEntries(Object.entries(report.timings).map(([k, v]) => [k, Math.round(v)])),
+          // (A report from an older agent may lack them.)
+          ...(typeof report.timings === 'object' && report.timings !== null
+            ? {
+                timings: Object.fromEntries(
+                  Object.entries(report.timings).map(([k, v]) => [k, Math.round(v)]),
+                ),
+              }
+            : {}),
         }
         results.set(name, r)
         observeRate(a.to, report.wireBytes, report.totalMs)
