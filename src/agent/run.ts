@@ -196,6 +196,9 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
   const directory = createDirectoryService({
     node: net.node,
     local: () => manager.list(),
+    // members' `mesh vm stop/console` for the VMs of this host (vm.stop-remote on their agent)
+    vms: { stop: (name) => manager.stop(name), console: (name, lines) => manager.console(name, lines) },
+    calls: () => calls,
     log: log.child('directory'),
   })
   // The chunk service also serves the RAM of VMs that have a warm standby (spot/standby.ts).
