@@ -2,6 +2,8 @@
  * The mesh node as the agent sees it: one object that owns this host's identity, its membership in one
  * network, the libp2p control plane and one data-plane Link per member (the Overlay).
  */
+
+import type { Logger } from '../src/base/log.ts'
 import type { BulkPath, Link, LinkState, Overlay, PathType } from './link/interfaces.ts'
 import type { NetworkKey } from './membership/network.ts'
 import type { CongestionStatus } from './node/congestion.ts'
@@ -122,7 +124,7 @@ export interface MeshNodeInit {
   links?: { warm?: number; idleMs?: number }
   /** Aborting it stops the node. */
   signal?: AbortSignal
-  log?: (line: string) => void
+  log?: Logger
 }
 
 export interface MeshNode {

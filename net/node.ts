@@ -8,6 +8,7 @@ import type { Connection, PeerId } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import type { Libp2p } from 'libp2p'
 import { describeError, throwIfAborted } from '../src/base/errors.ts'
+import { type Logger, silentLogger } from '../src/base/log.ts'
 import { ControlError } from './control/errors.ts'
 import { ADMIT_PROTOCOL, MEMBERS_PROTOCOL } from './control/protocols.ts'
 import {
@@ -86,7 +87,7 @@ export function createMeshNode(init: MeshNodeInit): MeshNode {
 
 class MeshNodeImpl implements MeshNode {
   private readonly timing: Required<MeshNodeTiming>
-  private readonly log: (line: string) => void
+  private readonly log: Logger
   private readonly handlers = new Map<string, Set<Handler<never>>>()
   private identity: Identity | undefined
   private libp2p: Libp2p | undefined
@@ -104,7 +105,7 @@ class MeshNodeImpl implements MeshNode {
   constructor(private readonly init: MeshNodeInit) {
     if (!isValidName(init.name)) throw new MembershipError(`invalid member name '${init.name}'`)
     this.timing = { ...DEFAULT_TIMING, ...init.timing }
-    this.log = init.log ?? (() => {})
+    this.log = init.log ?? silentLogger
     const linkFactory: LinkFactory = init.linkFactory ?? ((o) => createWebRtcLink({ ...init.webrtc, ...o }))
     const self = this
     this.ctx = {
@@ -199,7 +200,7 @@ class MeshNodeImpl implements MeshNode {
       try {
         ;(h as Handler<MeshNodeEvents[E]>)(detail)
       } catch (err) {
-        this.log(`event handler for ${event} failed: ${describeError(err)}`)
+        this.log.warn(`event handler for ${event} failed: ${describeError(err)}`)
       }
     }
   }
@@ -249,7 +250,7 @@ class MeshNodeImpl implements MeshNode {
       const stunPort = this.init.bootstrapRole?.stunPort
       if (stunPort !== undefined) {
         this.stun = await startStunServer({ port: stunPort, signal: this.ctl.signal })
-        this.log(`STUN responder up on UDP ${this.stun.port}`)
+        this.log.info(`STUN responder up on UDP ${this.stun.port}`)
       }
     } catch (err) {
       this.libp2p = undefined
@@ -261,7 +262,7 @@ class MeshNodeImpl implements MeshNode {
       })
     }
     this.links.trackMembers()
-    this.log(`mesh node ${this.peerId} (${this.init.name}) up on ${this.addresses().join(' ')}`)
+    this.log.info(`mesh node ${this.peerId} (${this.init.name}) up on ${this.addresses().join(' ')}`)
     for (const b of state.bootstrap) void this.links.dialBootstrap(b)
     this.links.start()
   }
@@ -307,7 +308,7 @@ class MeshNodeImpl implements MeshNode {
       this.links.observe(peer)
       void this.gossip
         .exchange(peer, 'all', { signal: AbortSignal.timeout(this.timing.requestTimeoutMs) })
-        .catch((err) => this.log(`member sync with ${peer} failed: ${describeError(err)}`))
+        .catch((err) => this.log.warn(`member sync with ${peer} failed: ${describeError(err)}`))
       return
     }
     // A stranger may connect to present an invite; it gets a bounded window to do so.

@@ -1,6 +1,7 @@
 import { type FileHandle, open, rename, rm } from 'node:fs/promises'
 import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError, throwIfAborted } from '../../src/base/errors.ts'
+import { type Fields, type Level, type Logger, silentLogger } from '../../src/base/log.ts'
 import { ChannelClosedError } from '../link/errors.ts'
 import type { Link, MessageChannel, Overlay } from '../link/interfaces.ts'
 import { MAX_MESSAGE_SIZE } from '../link/interfaces.ts'
@@ -20,14 +21,10 @@ import {
   MAX_HASHES,
 } from './v1/messages.ts'
 
-export type LogLevel = 'debug' | 'info' | 'warn' | 'error'
-/** The agent's Logger (src/base/log.ts) fits this shape. */
-export type ChunkLog = Record<LogLevel, (message: string, fields?: Record<string, unknown>) => void>
-
 export interface ChunkServiceOptions {
   overlay: Overlay
   store: ChunkStore
-  log?: ChunkLog
+  log?: Logger
   /** Extra membership check on every request (the overlay already only links members). */
   authorize?: (peer: string) => boolean
   /** Answers "who has image NAME:TAG" queries with an encoded image record. */
@@ -158,7 +155,7 @@ class Service implements ChunkService {
   private readonly pending = new Map<number, Pending>()
   private nextReq = 1
   private offLink: (() => void) | undefined
-  readonly log: (level: LogLevel, message: string, fields?: Record<string, unknown>) => void
+  readonly log: (level: Level, message: string, fields?: Fields) => void
   readonly windowBytes: number
   readonly timeoutMs: number
   readonly maxMessageBytes: number
@@ -175,7 +172,7 @@ class Service implements ChunkService {
   readonly distrusted = new Set<string>()
 
   constructor(readonly opts: ChunkServiceOptions) {
-    this.log = (level, message, fields) => opts.log?.[level](message, fields)
+    this.log = (level, message, fields) => (opts.log ?? silentLogger)[level](message, fields)
     this.windowBytes = opts.windowBytes ?? 8 * 1024 * 1024
     this.timeoutMs = opts.requestTimeoutMs ?? 30_000
     this.maxMessageBytes = Math.min(MAX_MESSAGE_SIZE, opts.maxMessageBytes ?? MAX_MESSAGE_SIZE)

@@ -1,5 +1,6 @@
 import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
+import { type Logger, silentLogger } from '../../src/base/log.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
 import { openLink } from '../link/open.ts'
 import {
@@ -35,7 +36,7 @@ export interface Diag {
 type Waiter = (payload: Uint8Array) => void
 
 /** Answers pings and bench transfers on every link, and measures them on request. */
-export function createDiag(overlay: Overlay, log: (line: string) => void = () => {}): Diag {
+export function createDiag(overlay: Overlay, log: Logger = silentLogger): Diag {
   const waiters = new Map<string, Waiter>() // `${peer}/${type}/${seq}`
   const received = new Map<string, number>() // bench bytes per peer
   const cleanups = new Set<() => void>()
@@ -51,7 +52,7 @@ export function createDiag(overlay: Overlay, log: (line: string) => void = () =>
       try {
         msg = decodeDiag(bytes)
       } catch (err) {
-        log(`diag: dropping bad message from ${link.peer}: ${(err as Error).message}`)
+        log.warn(`diag: dropping bad message from ${link.peer}: ${(err as Error).message}`)
         return
       }
       switch (msg.type) {

@@ -75,7 +75,7 @@ export function createAdmission(init: AdmissionInit): Admission {
       addedAt: Date.now(),
     })
     await set.add(record)
-    ctx.log(`admitted ${peer} (${name})`)
+    ctx.log.info(`admitted ${peer} (${name})`)
     ctx.emit('admitted', { peer, name })
     // Not back to the joiner: it gets the set in the admission reply (and its admission node serves
     // nothing else).
@@ -121,7 +121,7 @@ export function createAdmission(init: AdmissionInit): Admission {
           } catch (err) {
             if (signal?.aborted === true) throw err
             lastErr = err
-            ctx.log(`admission via ${addr} failed: ${describeError(err)}`)
+            ctx.log.warn(`admission via ${addr} failed: ${describeError(err)}`)
             continue
           }
           // A refusal is the network's answer (every member applies the same rules): do not shop around.
@@ -132,7 +132,7 @@ export function createAdmission(init: AdmissionInit): Admission {
           state.adopt(network, set)
           state.addBootstrap(inv.body.bootstrap)
           await state.persist()
-          ctx.log(
+          ctx.log.info(
             `joined network ${network.name} (${network.id}) via ${addr}; ${set.members().length} members`,
           )
           return
@@ -231,7 +231,7 @@ export function createAdmission(init: AdmissionInit): Admission {
       if (peer === ctx.self) throw new MembershipError('a node cannot revoke itself')
       if (set.isRevoked(peer)) return
       await set.add(await signRevocation(key, peer))
-      ctx.log(`revoked ${peer}`)
+      ctx.log.info(`revoked ${peer}`)
       init.changed(undefined)
     },
   }

@@ -14,6 +14,7 @@ import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import type { Connection } from '@libp2p/interface'
 import { describeError } from '../../src/base/errors.ts'
+import type { Logger } from '../../src/base/log.ts'
 
 const IPPROTO_TCP = 6
 const TCP_CONGESTION = 13
@@ -97,7 +98,7 @@ function readSysctl(name: string): string | undefined {
 export function createCongestionControl(init: {
   /** Algorithm to set (default 'bbr'); false: leave the kernel's default. */
   algorithm?: string | false
-  log: (line: string) => void
+  log: Logger
 }): CongestionControl {
   const wanted = init.algorithm === false ? undefined : (init.algorithm ?? 'bbr')
   let applied = 0
@@ -106,7 +107,7 @@ export function createCongestionControl(init: {
   const fail = (why: string) => {
     failed++
     if (lastError === undefined)
-      init.log(
+      init.log.warn(
         `cannot set TCP congestion control '${wanted}': ${why}; sockets keep the default (${readSysctl('tcp_congestion_control') ?? '?'})`,
       )
     lastError = why

@@ -30,7 +30,7 @@ export function createMemberGate({ ctx, pullSelf }: MemberGateInit): MemberGate 
 
   const refuse = (peer: string, protocol: string, err: Error): void => {
     const code = errorCode(err)
-    ctx.log(`refused ${peer} on ${protocol}: ${describeError(err)}`)
+    ctx.log.warn(`refused ${peer} on ${protocol}: ${describeError(err)}`)
     ctx.emit('refused', { peer, protocol, code, reason: describeError(err) })
   }
 
@@ -69,7 +69,7 @@ export function createMemberGate({ ctx, pullSelf }: MemberGateInit): MemberGate 
       try {
         await handler(stream, conn)
       } catch (err) {
-        ctx.log(`${protocol} from ${peer}: ${describeError(err)}`)
+        ctx.log.warn(`${protocol} from ${peer}: ${describeError(err)}`)
         stream.abort(err as Error)
       }
     }

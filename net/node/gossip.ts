@@ -93,7 +93,7 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     const resp = receive(await framed.read({ signal, what: 'member set' }))
     await framed.close()
     const { added, invalid } = await set.merge(resp.records)
-    if (invalid > 0) ctx.log(`member set from ${peer}: ${invalid} invalid records ignored`)
+    if (invalid > 0) ctx.log.warn(`member set from ${peer}: ${invalid} invalid records ignored`)
     learnHints(resp.addrs)
     if (added > 0) changed(peer)
   }
@@ -121,7 +121,7 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     ctx.emit('members-changed', { members: set.members().length })
     if (set.isRevoked(ctx.self) && !selfRevoked) {
       selfRevoked = true
-      ctx.log('this node has been revoked from the network; closing all links')
+      ctx.log.error('this node has been revoked from the network; closing all links')
       ctx.emit('self-revoked', { network: state.network?.id ?? '' })
     }
     const dropped = dropPeers(
@@ -139,7 +139,7 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     for (const peer of connected) {
       if (peer === source || !set.isMember(peer)) continue
       void exchange(peer, 'all', { signal: AbortSignal.timeout(ctx.timing.requestTimeoutMs) }).catch((err) =>
-        ctx.log(`gossip to ${peer} failed: ${describeError(err)}`),
+        ctx.log.warn(`gossip to ${peer} failed: ${describeError(err)}`),
       )
     }
   }
@@ -161,7 +161,7 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
       const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
       const req = receive(await framed.read({ timeoutMs: ctx.timing.requestTimeoutMs }))
       const { added, invalid } = await set.merge(req.records)
-      if (invalid > 0) ctx.log(`member set from ${peer}: ${invalid} invalid records ignored`)
+      if (invalid > 0) ctx.log.warn(`member set from ${peer}: ${invalid} invalid records ignored`)
       learnHints(req.addrs)
       const records = req.want === 'all' ? set.list() : req.want === 'self' ? recordsAbout(ctx.self) : []
       const resp: MembersMessage = { want: 'none', records, addrs: req.want === 'self' ? {} : addrHints() }

@@ -13,6 +13,7 @@
  */
 import type { Connection, ConnectionGater, Stream, StreamHandler } from '@libp2p/interface'
 import type { Libp2p } from 'libp2p'
+import type { Logger } from '../../src/base/log.ts'
 import type { MemberState, MeshNodeEvents, MeshNodeTiming } from '../interfaces.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
 import type { NetworkInfo, SignedRecord } from '../membership/interfaces.ts'
@@ -28,7 +29,7 @@ export interface NodeContext {
   readonly lifetime: AbortSignal | undefined
   readonly state: MemberStateStore
   readonly timing: Required<MeshNodeTiming>
-  readonly log: (line: string) => void
+  readonly log: Logger
   emit<E extends keyof MeshNodeEvents>(event: E, detail: MeshNodeEvents[E]): void
   /** This node's own multiaddrs (including relay circuits). */
   addresses(): string[]

@@ -10,6 +10,7 @@ import { mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { describeError } from '../../src/base/errors.ts'
 import { writeFileDurable } from '../../src/base/fs.ts'
+import type { Logger } from '../../src/base/log.ts'
 import { MembershipError } from '../membership/errors.ts'
 import type { NetworkInfo } from '../membership/interfaces.ts'
 import { decodeInvite } from '../membership/invite.ts'
@@ -85,7 +86,7 @@ export async function knownBootstrap(stateDir: string, invite?: string): Promise
 export function createMemberState(init: {
   stateDir: string
   bootstrap?: readonly string[]
-  log: (line: string) => void
+  log: Logger
 }): MemberStateStore {
   let network: NetworkInfo | undefined
   let set: MemberSet | undefined
@@ -137,7 +138,7 @@ export function createMemberState(init: {
         // The member set decides who may connect (revocations): durable, like every ownership record.
         await writeFileDurable(path, body, { mode: 0o600 })
       })
-      chain = next.catch((err) => init.log(`cannot save member set: ${describeError(err)}`))
+      chain = next.catch((err) => init.log.error(`cannot save member set: ${describeError(err)}`))
       return next
     },
     settled: () => chain.then(() => {}),

@@ -206,7 +206,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       ctx.emit('member-down', { peer })
     } else if (st.state === 'down' && now - st.lastSeen > ctx.timing.memberGraceMs) {
       st.state = 'dropped'
-      ctx.log(`member ${peer} gone for ${Math.round((now - st.lastSeen) / 1000)} s: dropped`)
+      ctx.log.info(`member ${peer} gone for ${Math.round((now - st.lastSeen) / 1000)} s: dropped`)
       ctx.emit('member-dropped', { peer })
     }
   }
@@ -246,7 +246,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
   const scheduleRetry = (st: PeerState, why: string): void => {
     st.backoffMs = Math.min(Math.max(250, st.backoffMs * 2), ctx.timing.reconnectMaxMs)
     st.nextAttemptAt = Date.now() + st.backoffMs
-    ctx.log(`${why}; retry in ${st.backoffMs} ms`)
+    ctx.log.info(`${why}; retry in ${st.backoffMs} ms`)
   }
 
   /** A child of the node's lifetime for one link attempt; `release` unhooks it from the parent. */
@@ -312,7 +312,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       for (const off of offs) off()
     })
     overlay.attach(link)
-    ctx.log(`link to ${peer} up (${link.path.type})`)
+    ctx.log.debug(`link to ${peer} up (${link.path.type})`)
     ctx.emit('link-up', { peer, path: link.path.type })
     observe(peer, st)
     link.onClose((reason) => {
@@ -326,7 +326,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       observe(peer, st)
       if (lived > STABLE_LINK_MS) st.backoffMs = 0
       st.nextAttemptAt = st.backoffMs === 0 ? 0 : Date.now() + st.backoffMs
-      ctx.log(`link to ${peer} down: ${reason === undefined ? 'closed' : describeError(reason)}`)
+      ctx.log.debug(`link to ${peer} down: ${reason === undefined ? 'closed' : describeError(reason)}`)
     })
     // In the background: the link is already usable; its bulk channels move if a direct path exists.
     const upgrade = new AbortController()
@@ -458,7 +458,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       const listening = listenAfterStart(node, [`${b}/p2p-circuit`])
       if (listening === false) return
       void listening.catch((err) => {
-        ctx.log(`relay reservation on ${b} failed: ${describeError(err)}`)
+        ctx.log.warn(`relay reservation on ${b} failed: ${describeError(err)}`)
       })
     }
   }
@@ -473,7 +473,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     for (const c of node.getConnections()) {
       const muxer = (c as unknown as { muxer?: { status?: string } }).muxer
       if (c.status === 'open' && muxer?.status !== undefined && muxer.status !== 'open') {
-        ctx.log(`connection to ${c.remotePeer.toString()} has a ${muxer.status} muxer: aborting it`)
+        ctx.log.info(`connection to ${c.remotePeer.toString()} has a ${muxer.status} muxer: aborting it`)
         c.abort(new ControlError(`muxer ${muxer.status}`))
       }
     }
@@ -514,7 +514,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
         now - st.lastActivity > idleMs &&
         CHANNEL_NAMES.every((n) => st.link?.channel(n).bufferedAmount === 0)
       ) {
-        ctx.log(
+        ctx.log.info(
           `link to ${peer} idle for ${Math.round((now - st.lastActivity) / 1000)} s (not in the warm set): closing`,
         )
         st.link.close(new ControlError('idle link outside the warm set'))
@@ -598,7 +598,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       try {
         await node.dial(multiaddr(addr), { signal: AbortSignal.timeout(ctx.timing.requestTimeoutMs) })
       } catch (err) {
-        ctx.log(`bootstrap ${addr} unreachable: ${describeError(err)}`)
+        ctx.log.warn(`bootstrap ${addr} unreachable: ${describeError(err)}`)
       }
     },
 
@@ -620,7 +620,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       try {
         await buildLink(peer, stream, false, a.ctl)
       } catch (err) {
-        if (!a.parent.aborted) ctx.log(`link from ${peer} failed: ${describeError(err)}`)
+        if (!a.parent.aborted) ctx.log.warn(`link from ${peer} failed: ${describeError(err)}`)
       } finally {
         a.release()
         if (st.connecting === a.ctl) st.connecting = undefined

@@ -1,4 +1,5 @@
 import type { Stream } from '@libp2p/interface'
+import { type Logger, silentLogger } from '../../src/base/log.ts'
 import { FramedStream } from '../control/stream.ts'
 import type { Signaling, SignalMessage } from '../webrtc/interfaces.ts'
 import { decodeSignal, encodeSignal, MAX_SIGNAL_BYTES } from '../webrtc/v1/messages.ts'
@@ -24,19 +25,16 @@ export interface StreamSignaling extends Signaling {
  * resets the stream (framing is lost). Per the Signaling contract, send() never throws for transport
  * errors: it drops, and the link attempt times out.
  */
-export function createStreamSignaling(
-  stream: Stream,
-  options: { log?: (msg: string) => void } = {},
-): StreamSignaling {
+export function createStreamSignaling(stream: Stream, options: { log?: Logger } = {}): StreamSignaling {
   const framed = new FramedStream(stream, MAX_SIGNAL_BYTES)
   const handlers = new Set<(msg: SignalMessage) => void>()
-  const log = options.log ?? (() => {})
+  const log = options.log ?? silentLogger
   framed.onFrame((frame) => {
     let msg: SignalMessage
     try {
       msg = decodeSignal(frame)
     } catch (err) {
-      log(`signaling: dropped a bad message: ${(err as Error).message}`)
+      log.warn(`signaling: dropped a bad message: ${(err as Error).message}`)
       return
     }
     for (const h of [...handlers]) h(msg)
@@ -53,7 +51,7 @@ export function createStreamSignaling(
         if (stream.writeBufferLength > MAX_SIGNAL_BACKLOG)
           framed.abort(new Error('signaling peer is not reading'))
       } catch (err) {
-        log(`signaling: send failed: ${(err as Error).message}`)
+        log.warn(`signaling: send failed: ${(err as Error).message}`)
       }
     },
     onMessage(handler) {

@@ -111,7 +111,7 @@ export function createAgent(init: AgentInit): Agent {
           await svc.start(ac.signal)
           started.push(svc)
         }
-        control = createControlServer({ path: paths.controlSocket, handlers, log: (l) => log.warn(l) })
+        control = createControlServer({ path: paths.controlSocket, handlers, log })
         await control.start()
       } catch (err) {
         log.error('agent failed to start', { error: describeError(err) })

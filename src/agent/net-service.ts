@@ -40,7 +40,7 @@ function asObject(params: unknown): Record<string, unknown> {
 /** The overlay node as an agent service: membership, links, and the operator's network methods. */
 export function createNetService(init: NetServiceInit): NetService {
   const log = init.log
-  const node = createMeshNode({ ...init, log: (line) => log.info(line) })
+  const node = createMeshNode({ ...init, log })
   let diag: Diag | undefined
 
   const resolvePeer = (ref: string): MemberStatus => {
@@ -72,7 +72,7 @@ export function createNetService(init: NetServiceInit): NetService {
     resolvePeer,
     async start() {
       await node.start()
-      diag = createDiag(node.overlay, (l) => log.warn(l))
+      diag = createDiag(node.overlay, log)
       node.on('link-up', (e) => log.info('link up', { peer: e.peer, path: e.path }))
       node.on('link-direct', (e) => log.info('bulk channels direct', { peer: e.peer, remote: e.remote }))
       node.on('link-down', (e) => log.info('link down', { peer: e.peer, reason: e.reason }))

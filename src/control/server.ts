@@ -2,6 +2,7 @@ import { chmodSync, mkdirSync, rmSync } from 'node:fs'
 import { createServer, type Server, type Socket } from 'node:net'
 import { dirname } from 'node:path'
 import { describeError, MeshError } from '../base/errors.ts'
+import { type Logger, silentLogger } from '../base/log.ts'
 import {
   type CancelMessage,
   ControlProtocolError,
@@ -35,7 +36,7 @@ export interface ControlServerInit {
   /** Unix socket path. Its directory is created 0700 and the socket chmod 0600: owner-only. */
   path: string
   handlers: Record<string, Handler>
-  log?: (line: string) => void
+  log?: Logger
 }
 
 export interface ControlServer {
@@ -50,7 +51,7 @@ function errorBody(err: unknown): ErrorBody {
 
 /** The agent's local control API (see v1/messages.ts for the wire format). */
 export function createControlServer(init: ControlServerInit): ControlServer {
-  const log = init.log ?? (() => {})
+  const log = init.log ?? silentLogger
   const sockets = new Set<Socket>()
   let server: Server | undefined
 
@@ -75,7 +76,7 @@ export function createControlServer(init: ControlServerInit): ControlServer {
         .then(
           (result) => write({ v: 1, id: req.id, result: result ?? null }),
           (err: unknown) => {
-            if (!(err instanceof MeshError)) log(`control: ${req.method} failed: ${describeError(err)}`)
+            if (!(err instanceof MeshError)) log.warn(`control: ${req.method} failed: ${describeError(err)}`)
             write({ v: 1, id: req.id, error: errorBody(err) })
           },
         )
@@ -90,7 +91,7 @@ export function createControlServer(init: ControlServerInit): ControlServer {
         })
       } catch (err) {
         // A malformed message ends this connection only; the agent keeps serving others.
-        log(`control: dropping client: ${describeError(err)}`)
+        log.warn(`control: dropping client: ${describeError(err)}`)
         write({
           v: 1,
           id: 0,

@@ -7,7 +7,15 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { MeshNode, MeshNodeInit } from '../../net/interfaces.ts'
 import { createMeshNode } from '../../net/node.ts'
+import type { Logger } from '../../src/base/log.ts'
 import { waitUntil } from './wait.ts'
+
+/** Records `message` alone (tests match `NAME: message`), every level. */
+function plainLog(push: (msg: string) => void): Logger {
+  const log: Logger = { debug: push, info: push, warn: push, error: push, child: () => log }
+  return log
+}
+
 
 export function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
   return waitUntil(what, cond, { timeoutMs, intervalMs: 50 })
@@ -41,7 +49,7 @@ export function useLoopbackNodes(): LoopbackNodes {
         listen: ['/ip4/127.0.0.1/tcp/0'],
         webrtc: { iceAdditionalHostAddresses: ['127.0.0.1'], iceInterfaceAddress: '127.0.0.1' },
         timing: { tickMs: 250 },
-        log: (l) => logs.push(`${name}: ${l}`),
+        log: plainLog((msg) => logs.push(`${name}: ${msg}`)),
         ...extra,
       })
       nodes.push(n)

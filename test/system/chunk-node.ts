@@ -23,6 +23,7 @@ import { openChunkStore } from '../../net/chunks/store.ts'
 import { createLinkSetOverlay, writeTestFile, writeVariant } from '../../net/chunks/testing.ts'
 import type { IceServer } from '../../net/webrtc/interfaces.ts'
 import { createWebRtcLink } from '../../net/webrtc/link.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { connectTcpSignaling, type TcpSignaling } from '../helpers/webrtc-signal-relay.ts'
 
 export interface ChunkNodeConfig {
@@ -48,12 +49,7 @@ const svc = createChunkService({
   overlay,
   store,
   ...(cfg.maxMessageBytes === undefined ? {} : { maxMessageBytes: cfg.maxMessageBytes }),
-  log: {
-    debug: () => {},
-    info: () => {},
-    warn: (m, f) => process.stderr.write(`warn ${m} ${JSON.stringify(f ?? {})}\n`),
-    error: (m, f) => process.stderr.write(`error ${m} ${JSON.stringify(f ?? {})}\n`),
-  },
+  log: createLogger({ level: 'warn', component: cfg.name }), // stderr
 })
 svc.start()
 const sigs: TcpSignaling[] = []

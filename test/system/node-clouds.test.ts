@@ -14,6 +14,7 @@ import { createInterface } from 'node:readline'
 import type { MeshNode } from '../../net/interfaces.ts'
 import { createNetwork, loadNetworkKey, saveNetworkKey } from '../../net/membership/network.ts'
 import { createMeshNode } from '../../net/node.ts'
+import { createLogger } from '../../src/base/log.ts'
 
 interface ChildConfig {
   stateDir: string
@@ -41,7 +42,7 @@ async function child(cfg: ChildConfig): Promise<void> {
       : {}),
     ...(cfg.stun ? { iceServers: [{ urls: cfg.stun }] } : {}),
     timing: { tickMs: 300 },
-    log: (l) => out(`LOG ${l}`),
+    log: createLogger({ level: 'debug', sink: (l) => out(`LOG ${l}`) }),
   })
   node.on('link-up', ({ peer, path }) => {
     out(`LINK-UP ${peer} ${path}`)

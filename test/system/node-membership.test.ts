@@ -17,6 +17,7 @@ import { createMemoryLinkPair } from '../../net/link/memory.ts'
 import { createInvite } from '../../net/membership/invite.ts'
 import { createNetwork, type NetworkKey } from '../../net/membership/network.ts'
 import { createMeshNode, MEMBERS_PROTOCOL, SIGNAL_PROTOCOL } from '../../net/node.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { waitUntil } from '../helpers/wait.ts'
 
 /**
@@ -109,7 +110,7 @@ describe('mesh node: membership, admission, links (loopback)', function () {
         memberGraceMs: 3000,
         linkAttemptTimeoutMs: 5000,
       },
-      log: (l) => logs.push(`${name}: ${l}`),
+      log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
       ...extra,
     })
     nodes.push(n)
@@ -371,7 +372,7 @@ describe('mesh node: members without a listen address reach each other through t
         name,
         linkFactory: signaledMemoryLinks(() => n.peerId),
         timing: { tickMs: 200, reconnectMaxMs: 1000 },
-        log: (l) => logs.push(`${name}: ${l}`),
+        log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
         ...extra,
       })
       nodes.push(n)

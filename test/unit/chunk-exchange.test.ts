@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
-import { type ChunkLog, type ChunkService, createChunkService } from '../../net/chunks/exchange.ts'
+import { type ChunkService, createChunkService } from '../../net/chunks/exchange.ts'
 import type { ChunkStore, Manifest } from '../../net/chunks/interfaces.ts'
 import { buildManifest } from '../../net/chunks/manifest.ts'
 import { openChunkStore } from '../../net/chunks/store.ts'
@@ -12,6 +12,7 @@ import { startForgingPeer, writeTestFile, writeVariant } from '../../net/chunks/
 import type { MessageChannel } from '../../net/link/interfaces.ts'
 import { MAX_MESSAGE_SIZE } from '../../net/link/interfaces.ts'
 import { createMemoryNetwork, type MemoryLinkOptions, type MemoryNetwork } from '../../net/link/memory.ts'
+import type { Logger } from '../../src/base/log.ts'
 
 const MiB = 1024 * 1024
 // The backpressure test measures live memory, so it needs gc() (allowed at runtime for this process).
@@ -53,7 +54,13 @@ describe('chunk exchange over the memory overlay', function () {
     const at = (level: string) => (msg: string) => {
       logs.push({ level, msg })
     }
-    const log: ChunkLog = { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error') }
+    const log: Logger = {
+      debug: at('debug'),
+      info: at('info'),
+      warn: at('warn'),
+      error: at('error'),
+      child: () => log,
+    }
     const svc = createChunkService({
       overlay: net.node(id),
       store: wrapStore?.(store) ?? store,

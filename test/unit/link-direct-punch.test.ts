@@ -9,6 +9,7 @@ import { bindingRequest, parseBindingResponse, probeTcpMapping } from '../../net
 import { buildBindingResponse, StunError, startStunServer } from '../../net/stun/server.ts'
 import { SignalDecodeError } from '../../net/webrtc/errors.ts'
 import { decodeSignal, encodeSignal } from '../../net/webrtc/v1/messages.ts'
+import { createLogger, silentLogger } from '../../src/base/log.ts'
 
 describe('direct path: TCP hole punching pieces', () => {
   it("'punch' signal messages round-trip; a bad address is refused", () => {
@@ -116,11 +117,17 @@ describe('TCP congestion control on the node’s sockets', () => {
     const conn = { maConn: { socket: sock } } as never
     const logs: string[] = []
     try {
-      const cc = createCongestionControl({ algorithm: algo, log: (l) => logs.push(l) })
+      const cc = createCongestionControl({
+        algorithm: algo,
+        log: createLogger({ sink: (l) => logs.push(l) }),
+      })
       cc.apply(conn)
       assert.equal(cc.current(conn), algo)
       assert.equal(cc.status().applied, 1)
-      const bad = createCongestionControl({ algorithm: 'no-such-cc', log: (l) => logs.push(l) })
+      const bad = createCongestionControl({
+        algorithm: 'no-such-cc',
+        log: createLogger({ sink: (l) => logs.push(l) }),
+      })
       bad.apply(conn)
       bad.apply(conn)
       assert.equal(bad.status().failed, 2)
@@ -130,7 +137,7 @@ describe('TCP congestion control on the node’s sockets', () => {
       // Relayed connections have no socket: nothing to do, nothing counted.
       cc.apply({ maConn: {} } as never)
       assert.equal(cc.status().applied + cc.status().failed, 1)
-      const off = createCongestionControl({ algorithm: false, log: () => {} })
+      const off = createCongestionControl({ algorithm: false, log: silentLogger })
       off.apply(conn)
       assert.equal(off.status().wanted, undefined)
       assert.equal(off.status().applied, 0)

@@ -12,6 +12,7 @@ import {
   NETWORK_STATE_FILE,
   readNetworkState,
 } from '../../net/node/state.ts'
+import { silentLogger } from '../../src/base/log.ts'
 
 describe('node member state file (net/node/state.ts)', () => {
   let dir: string
@@ -24,13 +25,13 @@ describe('node member state file (net/node/state.ts)', () => {
 
   it('saves owner-only and loads back the network and bootstrap addresses', async () => {
     const key = await createNetwork('statenet')
-    const a = createMemberState({ stateDir: dir, bootstrap: ['/ip4/1.2.3.4/tcp/1/p2p/x'], log: () => {} })
+    const a = createMemberState({ stateDir: dir, bootstrap: ['/ip4/1.2.3.4/tcp/1/p2p/x'], log: silentLogger })
     a.adopt(key.info, new MemberSet(key.info))
     a.addBootstrap(['/ip4/5.6.7.8/tcp/2/p2p/y', '/ip4/1.2.3.4/tcp/1/p2p/x'])
     await a.persist()
     await a.settled()
     assert.equal((await stat(join(dir, NETWORK_STATE_FILE))).mode & 0o777, 0o600)
-    const b = createMemberState({ stateDir: dir, log: () => {} })
+    const b = createMemberState({ stateDir: dir, log: silentLogger })
     await b.load()
     assert.equal(b.network?.id, key.info.id)
     assert.deepEqual(b.bootstrap, ['/ip4/1.2.3.4/tcp/1/p2p/x', '/ip4/5.6.7.8/tcp/2/p2p/y'])
@@ -53,7 +54,7 @@ describe('node member state file (net/node/state.ts)', () => {
     await writeFile(join(dir, NETWORK_STATE_FILE), '{broken')
     assert.deepEqual(await knownBootstrap(dir, 'mesh1:garbage'), [])
     await rm(join(dir, NETWORK_STATE_FILE))
-    const s = createMemberState({ stateDir: dir, bootstrap: ['/ip4/7.7.7.7/tcp/1/p2p/w'], log: () => {} })
+    const s = createMemberState({ stateDir: dir, bootstrap: ['/ip4/7.7.7.7/tcp/1/p2p/w'], log: silentLogger })
     s.adopt(key.info, new MemberSet(key.info))
     await s.persist()
     assert.deepEqual(await knownBootstrap(dir, ` ${inv.encoded}\n`), [

@@ -3,6 +3,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createLocalVmManager, createVmService, runDirFor } from '../../src/agent/services/vm.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { createFakeDriver } from '../../vm/fake/driver.ts'
 
 describe('VM agent service (fake driver)', () => {
@@ -17,7 +18,7 @@ describe('VM agent service (fake driver)', () => {
   it('answers vm.run / vm.ls / vm.console / vm.stop and validates input', async () => {
     const manager = createLocalVmManager(dir, createFakeDriver())
     const logs: string[] = []
-    const svc = createVmService({ manager, log: (m) => logs.push(m) })
+    const svc = createVmService({ manager, log: createLogger({ sink: (l) => logs.push(l) }) })
     const ac = new AbortController()
     await svc.start(ac.signal)
     const h = svc.handlers()

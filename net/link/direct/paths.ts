@@ -4,6 +4,7 @@ import { peerIdFromString } from '@libp2p/peer-id'
 import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import type { Libp2p } from 'libp2p'
 import { describeError } from '../../../src/base/errors.ts'
+import { type Logger, silentLogger } from '../../../src/base/log.ts'
 import { FramedStream } from '../../control/stream.ts'
 import type { TransportAddress } from '../../stun/client.ts'
 import type { Signaling, SignalMessage } from '../../webrtc/interfaces.ts'
@@ -43,7 +44,7 @@ export interface DirectPathsInit {
    *  (circuit relay through a bootstrap) instead of the WebRTC link. Default true. */
   relay?: boolean
   timing?: DirectTiming
-  log?: (line: string) => void
+  log?: Logger
 }
 
 /** Negotiation messages of one link, captured from the moment its signaling stream exists. */
@@ -97,7 +98,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
   const relayBulk = init.relay !== false
   /** Connections that came from a hole punch (for the path shown). */
   const punchedConns = new WeakSet<Connection>()
-  const log = init.log ?? (() => {})
+  const log = init.log ?? silentLogger
   // Inbound streams waiting to be claimed by their link's negotiation: `${peer} ${token}` → channel → stream.
   const pending = new Map<string, Map<ChannelName, FramedStream>>()
   const claimWaiters = new Map<string, () => void>()
@@ -142,7 +143,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
       })
       return conn.direct && conn.limits === undefined ? conn : undefined
     } catch (err) {
-      log(`direct path to ${peer}: no direct connection (${describeError(err)})`)
+      log.info(`direct path to ${peer}: no direct connection (${describeError(err)})`)
       return undefined
     }
   }
@@ -171,7 +172,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
       }
     } catch (err) {
       abortAll(err as Error)
-      log(`direct path to ${link.peer}: cannot open streams (${describeError(err)})`)
+      log.info(`direct path to ${link.peer}: cannot open streams (${describeError(err)})`)
       return false
     }
     signaling.send({ v: 1, session: SESSION, type: 'direct', token: tokenString(token) })
@@ -180,7 +181,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
       const reply = await inbox.next(signal, replyMs)
       accepted = reply.type === 'direct-ack' && reply.ok
     } catch (err) {
-      log(`direct path to ${link.peer}: no answer (${describeError(err)})`)
+      log.info(`direct path to ${link.peer}: no answer (${describeError(err)})`)
     }
     if (!accepted || link.state === 'closed') {
       abortAll(new Error('direct path refused'))
@@ -248,7 +249,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
     const remote = conn?.remoteAddr.toString() ?? 'direct'
     const via = bulkPathOf(conn, punched)
     link.upgrade(channels, { remote, via })
-    log(`direct path to ${link.peer}: bulk channels now on ${remote} (${via})`)
+    log.info(`direct path to ${link.peer}: bulk channels now on ${remote} (${via})`)
   }
 
   /** The relayed (circuit) connection to the peer, if it is unlimited: the last resort for bulk. */
@@ -262,7 +263,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
   const prepare = async (peer: string, signal: AbortSignal) => {
     const servers = init.stunServers?.() ?? []
     const prep = await preparePunch(servers, signal, stunMs)
-    if (!prep.ok) log(`direct path to ${peer}: no TCP punch from here (${prep.why})`)
+    if (!prep.ok) log.info(`direct path to ${peer}: no TCP punch from here (${prep.why})`)
     return prep.ok ? prep.plan : undefined
   }
 
@@ -289,7 +290,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
       punchedConns.add(conn)
       return conn
     } catch (err) {
-      if (!signal.aborted) log(`direct path to ${peer}: ${describeError(err)}`)
+      if (!signal.aborted) log.info(`direct path to ${peer}: ${describeError(err)}`)
       return undefined
     }
   }
@@ -306,7 +307,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
       try {
         hello = decodeHello(await framed.read({ timeoutMs: pendingMs, what: 'direct hello' }))
       } catch (err) {
-        log(`direct path from ${peer}: ${describeError(err)}`)
+        log.info(`direct path from ${peer}: ${describeError(err)}`)
         framed.abort(err as Error)
         return
       }
@@ -453,7 +454,7 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
         if (next.type === 'direct' && next.token !== undefined)
           await accept(link, next.token, signaling, signal, punching)
       } catch (err) {
-        if (!signal.aborted) log(`direct path to ${peer}: ${describeError(err)}; staying on WebRTC`)
+        if (!signal.aborted) log.info(`direct path to ${peer}: ${describeError(err)}; staying on WebRTC`)
       } finally {
         inbox.close()
       }

@@ -18,6 +18,7 @@ import type { Connection } from '@libp2p/interface'
 import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import type { Libp2p } from 'libp2p'
 import { AbortError, describeError } from '../../../src/base/errors.ts'
+import type { Logger } from '../../../src/base/log.ts'
 import { probeTcpMapping, type TransportAddress } from '../../stun/client.ts'
 import { DirectPathError } from './channels.ts'
 
@@ -139,7 +140,7 @@ export async function punchTcp(init: {
   /** The noise initiator (the link's initiator); the other end is the responder. */
   initiator: boolean
   signal: AbortSignal
-  log?: (line: string) => void
+  log?: Logger
 }): Promise<Connection> {
   const { node, signal } = init
   const target = multiaddr(`/ip4/${init.remote.address}/tcp/${init.remote.port}/p2p/${init.peer}`)
@@ -167,7 +168,7 @@ export async function punchTcp(init: {
       }
       if (!conn.direct || conn.limits !== undefined)
         throw new DirectPathError(`punched dial to ${init.peer} returned a relayed connection`)
-      init.log?.(
+      init.log?.info(
         `TCP punch to ${formatAddr(init.remote)} from :${init.localPort} up after ${attempts} attempt(s)`,
       )
       return conn

@@ -1,6 +1,6 @@
 import { join } from 'node:path'
 import { ChunkError } from '../../../net/chunks/errors.ts'
-import { type ChunkLog, type ChunkService, createChunkService } from '../../../net/chunks/exchange.ts'
+import { type ChunkService, createChunkService } from '../../../net/chunks/exchange.ts'
 import {
   type ImageHandlerContext,
   type ImageRegistry,
@@ -10,6 +10,7 @@ import {
 import type { ChunkStore } from '../../../net/chunks/interfaces.ts'
 import { type ChunkStoreOptions, openChunkStore } from '../../../net/chunks/store.ts'
 import type { Overlay } from '../../../net/link/interfaces.ts'
+import type { Logger } from '../../base/log.ts'
 import type { ControlMethod } from '../../control/api.ts'
 
 /**
@@ -25,7 +26,7 @@ import type { ControlMethod } from '../../control/api.ts'
 export interface ChunkAgentServiceInit {
   stateDir: string
   overlay: () => Overlay
-  log?: ChunkLog
+  log?: Logger
   authorize?: (peer: string) => boolean
   /** Store size limit in bytes (default unlimited). */
   maxBytes?: number

@@ -6,6 +6,7 @@ import { VmManager } from '../../../vm/manager.ts'
 import { createQemuDriver } from '../../../vm/qemu/driver.ts'
 import { validateVmSpec } from '../../../vm/spec.ts'
 import { UsageError } from '../../base/errors.ts'
+import type { Logger } from '../../base/log.ts'
 import type { ControlHandlers } from '../../control/api.ts'
 import type { AgentService } from '../interfaces.ts'
 
@@ -40,13 +41,10 @@ export interface VmService extends AgentService {
  * The agent service that hosts the VM manager: `vm.run`, `vm.ls`, `vm.stop`, `vm.console`. On agent
  * stop the VMs keep running (detached); the next agent re-adopts them in start().
  */
-export function createVmService(options: {
-  manager: VmManager
-  log?: (msg: string, fields?: Record<string, unknown>) => void
-}): VmService {
+export function createVmService(options: { manager: VmManager; log?: Logger }): VmService {
   const { manager } = options
   manager.on('exited', ({ name, exit }) =>
-    options.log?.('VM exited', {
+    options.log?.warn('VM exited', {
       vm: name,
       code: exit.code,
       signal: exit.signal,
