@@ -9,6 +9,7 @@ import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import { type Logger, silentLogger } from '../../src/base/log.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
+import { openLink } from '../link/open.ts'
 import {
   DIRECTORY_TAG,
   type DirectoryMessage,
@@ -30,10 +31,20 @@ export interface PeerVms {
   rttMs?: number
 }
 
+export interface ListOptions {
+  vm?: string
+  timeoutMs?: number
+  signal?: AbortSignal
+  /** Also ask the members this node keeps no link to (built on demand, a few at a time; large meshes
+   *  keep links to a bounded set only). Default: linked members only (cheap, for periodic views). */
+  everyone?: boolean
+}
+
 export interface Directory {
   /** Every linked member's VMs (the ones that answered within timeoutMs; others carry `error`). */
-  list(options?: { vm?: string; timeoutMs?: number; signal?: AbortSignal }): Promise<PeerVms[]>
-  /** The member running the named VM (running or paused wins over exited), if any answers. */
+  list(options?: ListOptions): Promise<PeerVms[]>
+  /** The member running the named VM (running or paused wins over exited), if any answers: the linked
+   *  members first, then (when `members` was given) every other member through on-demand links. */
   find(
     vm: string,
     options?: { timeoutMs?: number; signal?: AbortSignal },
@@ -45,8 +56,15 @@ export interface DirectoryInit {
   overlay: Overlay
   /** This host's VMs. */
   local(): Promise<VmEntry[]>
+  /** Every other member's PeerId: lets find() and list({everyone}) reach members with no link now. */
+  members?: () => string[]
   log?: Logger
 }
+
+/** On-demand links built at once by one list/find (each is a DTLS+SCTP handshake on a loaded host). */
+const OPEN_AT_ONCE = 8
+/** How long an on-demand link may take to come up before that member counts as not answering. */
+const OPEN_TIMEOUT_MS = 15_000
 
 const RANK: Record<string, number> = { running: 3, paused: 2 }
 
@@ -127,33 +145,80 @@ export function createDirectory(init: DirectoryInit): Directory {
       }
     })
 
+  const askLinked = (l: Link, options: ListOptions): Promise<PeerVms> =>
+    ask(l, options.vm, options.timeoutMs ?? 3000, options.signal).then(
+      (r) => ({ peer: l.peer, ...r }),
+      (err: unknown) => {
+        if (err instanceof AbortError) throw err
+        return { peer: l.peer, vms: [], error: describeError(err) }
+      },
+    )
+
+  const askUnlinked = async (peer: string, options: ListOptions): Promise<PeerVms> => {
+    let link: Link | undefined
+    try {
+      link = await openLink(init.overlay, peer, {
+        timeoutMs: OPEN_TIMEOUT_MS,
+        ...(options.signal === undefined ? {} : { signal: options.signal }),
+      })
+    } catch (err) {
+      if (err instanceof AbortError) throw err
+      return { peer, vms: [], error: `no link: ${describeError(err)}` }
+    }
+    if (link === undefined || link.state !== 'open') return { peer, vms: [], error: 'no link' }
+    // A link built just now: attach() ran from onLink, so replies find their waiter.
+    return askLinked(link, options)
+  }
+
+  /** The members with no open link, asked OPEN_AT_ONCE at a time; stops early once `enough` says so. */
+  const askRest = async (
+    skip: Set<string>,
+    options: ListOptions,
+    enough: (p: PeerVms) => boolean,
+  ): Promise<PeerVms[]> => {
+    const rest = (init.members?.() ?? []).filter((p) => p !== init.overlay.self && !skip.has(p))
+    const out: PeerVms[] = []
+    let next = 0
+    let done = false
+    const worker = async () => {
+      while (!done && next < rest.length) {
+        const p = await askUnlinked(rest[next++]!, options)
+        out.push(p)
+        if (enough(p)) done = true
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(OPEN_AT_ONCE, rest.length) }, worker))
+    return out
+  }
+
   const list: Directory['list'] = async (options = {}) => {
     const links = init.overlay.links().filter((l) => l.state === 'open')
-    return Promise.all(
-      links.map((l) =>
-        ask(l, options.vm, options.timeoutMs ?? 3000, options.signal).then(
-          (r) => ({ peer: l.peer, ...r }),
-          (err: unknown) => {
-            if (err instanceof AbortError) throw err
-            return { peer: l.peer, vms: [], error: describeError(err) }
-          },
-        ),
-      ),
-    )
+    const linked = await Promise.all(links.map((l) => askLinked(l, options)))
+    if (options.everyone !== true) return linked
+    return [...linked, ...(await askRest(new Set(links.map((l) => l.peer)), options, () => false))]
+  }
+
+  const best = (answers: PeerVms[], vm: string) => {
+    let b: { peer: string; vm: VmEntry } | undefined
+    for (const p of answers) {
+      for (const v of p.vms) {
+        if (v.name !== vm) continue
+        if (b === undefined || (RANK[v.status] ?? 0) > (RANK[b.vm.status] ?? 0)) b = { peer: p.peer, vm: v }
+      }
+    }
+    return b
   }
 
   return {
     list,
     async find(vm, options = {}) {
-      let best: { peer: string; vm: VmEntry } | undefined
-      for (const p of await list({ ...options, vm })) {
-        for (const v of p.vms) {
-          if (v.name !== vm) continue
-          if (best === undefined || (RANK[v.status] ?? 0) > (RANK[best.vm.status] ?? 0))
-            best = { peer: p.peer, vm: v }
-        }
-      }
-      return best
+      const linked = await list({ ...options, vm, everyone: false })
+      const found = best(linked, vm)
+      if (found !== undefined && (RANK[found.vm.status] ?? 0) > 0) return found
+      // Not on a linked member (or only an exited copy): ask the others, until one runs it.
+      const runs = (p: PeerVms) => p.vms.some((v) => v.name === vm && (RANK[v.status] ?? 0) > 0)
+      const rest = await askRest(new Set(linked.map((p) => p.peer)), { ...options, vm }, runs)
+      return best([...linked, ...rest], vm)
     },
     stop() {
       for (const off of offs) off()

@@ -12,6 +12,7 @@ import { STUN_DEFAULT_PORT } from '../../net/stun/server.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
 import { type LinkEngine, linkFactoryFor } from '../../net/webrtc/link.ts'
 import { previousDisksBudget, prunePreviousDisks, sweepIncomingDisks } from '../../vm/disk/housekeeping.ts'
+import { VmStateError } from '../../vm/errors.ts'
 import { createStoreRamCache } from '../../vm/migration/cache.ts'
 import type { RamCache } from '../../vm/migration/interfaces.ts'
 import { createManagerHost } from '../../vm/migration/manager-host.ts'
@@ -195,6 +196,9 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
   const directory = createDirectoryService({
     node: net.node,
     local: () => manager.list(),
+    // members' `mesh vm stop/console` for the VMs of this host (vm.stop-remote on their agent)
+    vms: { stop: (name) => manager.stop(name), console: (name, lines) => manager.console(name, lines) },
+    calls: () => calls,
     log: log.child('directory'),
   })
   // The chunk service also serves the RAM of VMs that have a warm standby (spot/standby.ts).
@@ -286,6 +290,16 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
       ramPath: async (vm) => {
         const v = (await manager.list()).find((x) => x.name === vm)
         return v !== undefined && (v.status === 'running' || v.status === 'paused') ? v.memoryPath : undefined
+      },
+      disk: (vm) => {
+        try {
+          // The migration's chunk size: the standby's disk chunks are the ones a move's DiskReceiver looks up.
+          return manager.get(vm).standbyDisk?.(64 * 1024)
+        } catch (err) {
+          // It stopped or left meanwhile: no disk to read.
+          if (err instanceof VmStateError) return undefined
+          throw err
+        }
       },
     },
     ...(spotOpts.marginMs === undefined ? {} : { marginMs: spotOpts.marginMs }),

@@ -1,5 +1,6 @@
 import { Command, InvalidArgumentError, Option } from 'commander'
 import type { VmControl, VmInfo } from '../../vm/manager.ts'
+import type { RemoteVmResult } from '../agent/services/directory.ts'
 import { MeshError, UsageError } from '../base/errors.ts'
 import type { CommandModule } from '../command.ts'
 import { statePaths } from '../config.ts'
@@ -51,28 +52,39 @@ export async function openVmControl(opts: StateOpts): Promise<VmControl> {
   return manager
 }
 
-/** A VM that runs on another member: say which, so the operator knows where to act. */
-export class VmElsewhereError extends MeshError {
-  constructor(vm: string, member: string, peer: string) {
-    super(`VM '${vm}' runs on member ${member} (${peer}), not here: run the command there`, {
-      code: 'E_VM_ELSEWHERE',
-    })
-  }
-}
-
-async function withVms<T>(opts: StateOpts, fn: (c: VmControl) => Promise<T>, vm?: string): Promise<T> {
+/** Runs fn on this host's VMs (through the agent, or a local manager when none runs). */
+async function withVms<T>(opts: StateOpts, fn: (c: VmControl) => Promise<T>): Promise<T> {
   const c = await openVmControl(opts)
   try {
     return await fn(c)
-  } catch (err) {
-    // Not on this host: ask the mesh where it runs (an agent with the directory service answers).
-    if (vm === undefined || !(err instanceof RemoteError || err instanceof MeshError)) throw err
-    if ((err as MeshError).code !== 'E_VM_NOT_FOUND') throw err
-    const w = await withAgent(opts, (a) => a.call('vm.where', { vm })).catch(() => undefined)
-    if (w === undefined || w.here === true || w.member === undefined) throw err
-    throw new VmElsewhereError(vm, w.member, w.peer ?? '?')
   } finally {
     await c.close()
+  }
+}
+
+const notHere = (err: unknown) =>
+  (err instanceof RemoteError || err instanceof MeshError) && (err as MeshError).code === 'E_VM_NOT_FOUND'
+
+/**
+ * Acts on a VM by name wherever it runs: here when this host has it, else (through the running agent)
+ * on the member that runs it now. Without an agent only this host's VMs can be named.
+ */
+async function onVmHost<T>(
+  opts: StateOpts,
+  here: (c: VmControl) => Promise<T>,
+  elsewhere: (a: ControlClient) => Promise<RemoteVmResult>,
+): Promise<{ result?: T; remote?: RemoteVmResult }> {
+  try {
+    return { result: await withVms(opts, here) }
+  } catch (err) {
+    if (!notHere(err)) throw err
+    const remote = await withAgent(opts, elsewhere).catch((e: unknown) => {
+      // No agent (or an older one): the local answer stands.
+      if (e instanceof AgentUnavailableError || (e instanceof RemoteError && e.code === 'E_UNKNOWN_METHOD'))
+        throw err
+      throw e
+    })
+    return { remote }
   }
 }
 
@@ -254,28 +266,47 @@ export const vm: CommandModule = {
       })
     cmd
       .command('stop')
-      .description('stop a VM (its RAM file and sockets are removed)')
+      .description('stop a VM, on whichever member runs it (its RAM file and sockets are removed)')
       .argument('<name>', 'VM name')
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (name: string, opts: StateOpts & { json: boolean }) => {
-        const info = await withVms(opts, (c) => c.stop(name), name)
-        if (opts.json) return printJson(info)
-        process.stdout.write(`${name} ${info.status}\n`)
+        const r = await onVmHost(
+          opts,
+          (c) => c.stop(name),
+          (a) => a.call('vm.stop-remote', { vm: name }),
+        )
+        const info = r.result ?? r.remote?.info
+        if (opts.json)
+          return printJson(
+            r.remote === undefined ? info : { ...info, member: r.remote.member, peer: r.remote.peer },
+          )
+        const on = r.remote === undefined || r.remote.here ? '' : ` (on ${r.remote.member})`
+        process.stdout.write(`${name} ${info?.status ?? 'stopped'}${on}\n`)
       })
     cmd
       .command('console')
-      .description("print the last lines of a VM's serial console")
+      .description("print the last lines of a VM's serial console, from whichever member runs it")
       .argument('<name>', 'VM name')
       .addOption(new Option('-n, --lines <n>', 'how many lines').default('50'))
       .addOption(stateOption())
       .addOption(jsonOption())
       .action(async (name: string, opts: StateOpts & { json: boolean; lines: string }) => {
         const n = Number(opts.lines)
-        if (!Number.isInteger(n) || n < 1)
-          throw new UsageError(`--lines must be a positive integer, got '${opts.lines}'`)
-        const lines = await withVms(opts, (c) => c.console(name, n), name)
-        if (opts.json) return printJson({ name, lines })
+        if (!Number.isInteger(n) || n < 1 || n > 10_000)
+          throw new UsageError(`--lines must be a whole number from 1 to 10000, got '${opts.lines}'`)
+        const r = await onVmHost(
+          opts,
+          (c) => c.console(name, n),
+          (a) => a.call('vm.console-remote', { vm: name, lines: n }),
+        )
+        const lines = r.result ?? r.remote?.lines ?? []
+        if (opts.json)
+          return printJson({
+            name,
+            lines,
+            ...(r.remote === undefined ? {} : { member: r.remote.member, peer: r.remote.peer }),
+          })
         process.stdout.write(lines.length > 0 ? `${lines.join('\n')}\n` : '')
       })
     addFencingCommands(cmd)

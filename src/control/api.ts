@@ -19,7 +19,7 @@ import type { SwitchStatus } from '../../net/tunnel/interfaces.ts'
 import type { VmInfo } from '../../vm/manager.ts'
 import type { MigrationProgress, MigrationReport } from '../../vm/migration/interfaces.ts'
 import type { VmSpec } from '../../vm/spec.ts'
-import type { MemberVms, VmLocation } from '../agent/services/directory.ts'
+import type { MemberVms, RemoteVmResult, VmLocation } from '../agent/services/directory.ts'
 import type { MigrateParams, RecoverResult, TokenHistoryRow } from '../agent/services/migration.ts'
 import type { ExposeInfo, ExposeParams } from '../agent/services/tunnel.ts'
 import type {
@@ -163,6 +163,8 @@ export interface ControlApi {
   // the VM directory (src/agent/services/directory.ts)
   'vm.where': { params: { vm: string }; result: VmLocation; event: never }
   'vm.ls-all': { params: Record<string, never>; result: { members: MemberVms[] }; event: never }
+  'vm.stop-remote': { params: { vm: string }; result: RemoteVmResult; event: never }
+  'vm.console-remote': { params: { vm: string; lines?: number }; result: RemoteVmResult; event: never }
   // migration and fencing (src/agent/services/migration.ts)
   migrate: { params: MigrateParams; result: MigrationReport; event: MigrationProgress }
   'vm.tokens': { params: { vm: string }; result: { vm: string; members: TokenHistoryRow[] }; event: never }
@@ -214,6 +216,8 @@ const METHODS: { readonly [M in ControlMethod]: true } = {
   'vm.console': true,
   'vm.where': true,
   'vm.ls-all': true,
+  'vm.stop-remote': true,
+  'vm.console-remote': true,
   migrate: true,
   'vm.tokens': true,
   'vm.recover': true,

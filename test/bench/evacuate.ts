@@ -64,6 +64,11 @@ interface Run {
   postcopyMs?: number
   postcopyFaults?: number
   throttleMax?: number
+  /** The evacuation's start (the agent saw the notice) after the notice was written, ms. */
+  noticeSeenMs: number
+  /** When the move began, ms after the evacuation started; the move's per-phase times. */
+  movingAtMs?: number
+  timings?: Record<string, number>
   complete: boolean
   memcheck: string
   churnMiBps: number
@@ -221,6 +226,9 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
             ? {}
             : { postcopyMs: v.postcopyMs, postcopyFaults: v.postcopyFaults ?? 0 }),
           ...(v?.throttleMax === undefined ? {} : { throttleMax: v.throttleMax }),
+          ...(v?.movingAtMs === undefined ? {} : { movingAtMs: v.movingAtMs }),
+          ...(v?.timings === undefined ? {} : { timings: v.timings }),
+          noticeSeenMs: Date.parse(report.startedAt) - t0,
           complete: report.complete,
           memcheck: check.split(' ')[0] ?? '?',
           churnMiBps:

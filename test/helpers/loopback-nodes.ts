@@ -16,7 +16,6 @@ function plainLog(push: (msg: string) => void): Logger {
   return log
 }
 
-
 export function waitFor(what: string, cond: () => boolean, timeoutMs = 60_000): Promise<void> {
   return waitUntil(what, cond, { timeoutMs, intervalMs: 50 })
 }

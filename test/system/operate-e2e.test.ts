@@ -1,8 +1,9 @@
 /**
  * Operating a mesh, end to end (#19): agents in three NAT'd clouds, a real QEMU guest g1 on a1.
  * - Names everywhere: c1 (host TAP, no g1) exposes g1:7 by name; the exposure is listed, carries a TCP
- *   echo, and still does after g1 moved; `mesh vm ls --all` shows where g1 runs; `vm console g1` on a
- *   member without it names the member that has it; `expose rm` removes the exposure.
+ *   echo, and still does after g1 moved; `mesh vm ls --all` shows where g1 runs; `vm console g1` and
+ *   `vm stop g1` on a member without it act on the member that runs it (before and after the move);
+ *   `expose rm` removes the exposure.
  * - The web view of a1 in a real headless Chromium (in a1's namespace) shows g1 on a1, the migration's
  *   phases while the test moves g1 to b1, and then g1 on b1.
  * - A real Prometheus in a1's namespace scrapes a1's metrics and answers for the move.
@@ -13,7 +14,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import puppeteer, { type Browser, type Page } from 'puppeteer-core'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
-import { ECHO_PORT } from '../../fixtures/guest/ports.ts'
+import { ECHO_PORT, READY_RE } from '../../fixtures/guest/ports.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { type AgentProc, createTestnet, runGuestVm, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import { PROMETHEUS, type PrometheusServer, startPrometheus } from '../helpers/prometheus.ts'
@@ -40,6 +41,7 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
   let prom: PrometheusServer | undefined
   let dir = ''
   let a1: AgentProc
+  let b1: AgentProc
   let c1: AgentProc
 
   before(async function () {
@@ -51,7 +53,7 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
     dir = mkdtempSync(join(tmpdir(), 'mesh-operate-'))
     net = await createTestnet({ clouds: [{ name: 'a' }, { name: 'b' }, { name: 'c' }], noJoin: true })
     a1 = await net.join('a1', { args: ['--web', WEB, '--metrics', METRICS] })
-    await net.join('b1')
+    b1 = await net.join('b1')
     c1 = await net.join('c1', { args: ['--tap', 'mesh0', '--address', '10.99.0.1/24'] })
     await net.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
     await runGuestVm(a1, image, { name: 'g1', ip: `${GUEST_IP}/24` })
@@ -94,6 +96,18 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
     const bad = await c1.mesh(['expose', 'nosuchvm:80', '--listen', '127.0.0.1:18081'])
     assert.equal(bad.code, 1)
     assert.match(bad.stderr, /no member runs a VM named 'nosuchvm'/)
+    // The console of g1, read on c1: the agent asks a1 (which runs it) for its serial console.
+    const con = await c1.json<{ member: string; lines: string[] }>(['vm', 'console', 'g1', '-n', '500'])
+    assert.equal(con.member, 'a1')
+    const ready = con.lines.map((l) => READY_RE.exec(l)).find((m) => m !== null)
+    assert.equal(
+      ready?.[1],
+      GUEST_IP,
+      `g1's ready line not in the console read through c1: ${con.lines.slice(-5)}`,
+    )
+    const none = await c1.mesh(['vm', 'stop', 'nosuchvm'])
+    assert.equal(none.code, 1)
+    assert.match(none.stderr, /no member runs a VM named 'nosuchvm'/)
   })
 
   it("shows g1 moving in a1's web view (Chromium) while it moves to b1; Prometheus sees the move", async () => {
@@ -185,16 +199,31 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
       assert.ok(names.includes(n), `no RTT for ${n}: ${JSON.stringify(names)}`)
   })
 
-  it('follows g1 after its move: the exposure still carries, console names its member, rm removes it', async () => {
+  it('follows g1 after its move: exposure, console and stop act on b1; rm removes the exposure', async () => {
     assert.equal(await echo(c1.host, EXPOSED, 'after the move'), 'after the move')
-    const con = await a1.mesh(['vm', 'console', 'g1'])
-    assert.equal(con.code, 1)
-    assert.match(con.stderr, /VM 'g1' runs on member b1/)
+    // a1 ran g1 before the move: the name now leads to b1.
+    const con = await a1.json<{ member: string; lines: unknown }>(['vm', 'console', 'g1'])
+    assert.equal(con.member, 'b1')
+    assert.ok(Array.isArray(con.lines))
     assert.equal((await c1.mesh(['expose', 'rm', EXPOSED])).code, 0)
     const ls = await c1.json<{ exposures: unknown[] }>(['expose', 'ls'])
     assert.deepEqual(ls.exposures, [])
     const again = await c1.mesh(['expose', 'rm', EXPOSED])
     assert.equal(again.code, 1)
     assert.match(again.stderr, /nothing is exposed on/)
+    // Stopped from c1, which never ran it: b1 stops it, and no member runs it any more.
+    const stopped = await c1.json<{ member: string; name: string }>(['vm', 'stop', 'g1'], {
+      timeoutMs: 90_000,
+    })
+    assert.equal(stopped.member, 'b1')
+    assert.equal(stopped.name, 'g1')
+    const onB1 = await b1.json<{ vms: Array<{ name: string }> }>(['vm', 'ls'])
+    assert.deepEqual(
+      onB1.vms.map((v) => v.name),
+      [],
+    )
+    const gone = await c1.mesh(['vm', 'console', 'g1'])
+    assert.equal(gone.code, 1)
+    assert.match(gone.stderr, /no member runs a VM named 'g1'/)
   })
 })

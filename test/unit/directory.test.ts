@@ -56,6 +56,57 @@ describe('VM directory (names from any member)', () => {
     }
   })
 
+  it('finds a VM on a member it keeps no link to, through a link built on demand', async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const vms: Record<string, VmEntry[]> = { a: [], b: [], c: [{ name: 'g3', status: 'running' }], d: [] }
+    const built: string[] = []
+    const node = net.node('a')
+    // A large mesh's overlay: a keeps a link to b only and builds others when asked.
+    const overlay = {
+      ...node,
+      self: node.self,
+      link: node.link.bind(node),
+      links: node.links.bind(node),
+      onLink: node.onLink.bind(node),
+      connect: async (peer: string) => {
+        if (node.link(peer) === undefined) {
+          built.push(peer)
+          net.connect('a', peer)
+        }
+        const l = node.link(peer)
+        if (l === undefined) throw new Error(`no link to ${peer}`)
+        return l
+      },
+    }
+    const dirs = [
+      createDirectory({ overlay, local: async () => vms.a!, members: () => ['a', 'b', 'c', 'd'] }),
+      ...['b', 'c', 'd'].map((n) => createDirectory({ overlay: net.node(n), local: async () => vms[n]! })),
+    ]
+    try {
+      // Periodic views ask the linked members only.
+      assert.deepEqual(
+        (await dirs[0]!.list()).map((p) => p.peer),
+        ['b'],
+      )
+      assert.deepEqual(built, [])
+      const found = await dirs[0]!.find('g3')
+      assert.equal(found?.peer, 'c')
+      assert.equal(found?.vm.status, 'running')
+      // Everyone, on request (`mesh vm ls --all`): c's link is there now, d's is built.
+      const all = await dirs[0]!.list({ everyone: true })
+      assert.deepEqual(all.map((p) => [p.peer, p.vms.map((v) => v.name)]).sort(), [
+        ['b', []],
+        ['c', ['g3']],
+        ['d', []],
+      ])
+      assert.deepEqual([...built].sort(), ['c', 'd'])
+      assert.equal(await dirs[0]!.find('nope'), undefined)
+    } finally {
+      for (const d of dirs) d.stop()
+    }
+  })
+
   it('reports a member that does not answer instead of waiting forever', async () => {
     const net = createMemoryNetwork()
     net.connect('a', 'b')

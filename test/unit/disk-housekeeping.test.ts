@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createMemoryNetwork } from '../../net/link/memory.ts'
@@ -18,6 +18,7 @@ import { createMemoryRamCache } from '../../vm/migration/cache.ts'
 import { createDriverHost } from '../../vm/migration/host.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const MiB = 1024 * 1024
 
@@ -39,7 +40,9 @@ describe('disk dir housekeeping (leftover incoming disks, previous disks budget,
     // A process with the disk on its command line, like a committed incoming QEMU the agent re-adopts.
     const holder = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 30000)', open], { stdio: 'ignore' })
     try {
-      await new Promise((r) => setTimeout(r, 200))
+      await waitUntil('the holder to show the disk on its command line', () =>
+        readFileSync(`/proc/${holder.pid}/cmdline`, 'utf8').includes(open),
+      )
       const removed = await sweepIncomingDisks(dir, new Set([ofVm]))
       assert.deepEqual(removed.sort(), [deadSock, orphan].sort())
       for (const f of [ofVm, open, own, prev]) assert.equal(existsSync(f), true, `${f} kept`)

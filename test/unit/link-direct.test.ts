@@ -20,15 +20,12 @@ import {
 } from '../../net/link/interfaces.ts'
 import { createMemoryLinkPair } from '../../net/link/memory.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
+/** Lets the memory links deliver what is queued (they run on setImmediate). */
 const tick = () => new Promise((r) => setTimeout(r, 5))
-async function until(cond: () => boolean, what: string): Promise<void> {
-  const end = Date.now() + 10_000
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out: ${what}`)
-    await tick()
-  }
-}
+const until = (cond: () => boolean, what: string) =>
+  waitUntil(what, cond, { timeoutMs: 10_000, intervalMs: 5 })
 const msg = (i: number) => {
   const m = new Uint8Array(8)
   new DataView(m.buffer).setUint32(0, i)

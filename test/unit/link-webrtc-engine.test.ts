@@ -7,6 +7,7 @@ import { LinkDeadError } from '../../net/webrtc/errors.ts'
 import { LINK_CHANNEL_SPECS, WebRtcLink } from '../../net/webrtc/link.ts'
 import { decodeHeartbeat, encodeHeartbeat } from '../../net/webrtc/v1/heartbeat.ts'
 import { type FakeConnection, fakeConnectionPair } from '../helpers/fake-engine.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const HB = LINK_CHANNEL_SPECS.findIndex((s) => s.label === 'heartbeat')
 
@@ -23,13 +24,8 @@ function pair(opts: { heartbeatMs?: number; deadAfterMs?: number } = {}) {
   return { a, b, ca, cb }
 }
 
-async function until(cond: () => boolean, ms = 5000): Promise<void> {
-  const t0 = Date.now()
-  while (!cond()) {
-    if (Date.now() - t0 > ms) throw new Error('timed out')
-    await new Promise((r) => setTimeout(r, 5))
-  }
-}
+const until = (cond: () => boolean, timeoutMs = 5000) =>
+  waitUntil(cond.toString(), cond, { timeoutMs, intervalMs: 5 })
 
 const heartbeatsSent = (c: FakeConnection) =>
   c.channels[HB]!.sent.map((m) => decodeHeartbeat(m as Uint8Array))

@@ -17,6 +17,7 @@ import type { MigrationChannel, MigrationNetwork, MigrationProgress } from '../.
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
 import { decodeMessage, type MessageType, newSessionId } from '../../vm/migration/v1/messages.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const MiB = 1024 * 1024
 const RAM_MIB = 16
@@ -28,6 +29,8 @@ interface Tap {
   cutOn?: MessageType
   /** Runs after this side sent a message of `type` (e.g. kill the other side). */
   after?: { type: MessageType; run: () => void }
+  /** Channel lookups so far: each question a settle loop asks starts with one (open link or not). */
+  lookups?: number
 }
 
 function tapped(net: MigrationNetwork, tap: Tap, cut: () => void): MigrationNetwork {
@@ -59,6 +62,7 @@ function tapped(net: MigrationNetwork, tap: Tap, cut: () => void): MigrationNetw
   return {
     self: net.self,
     channel: (p) => {
+      tap.lookups = (tap.lookups ?? 0) + 1
       const c = net.channel(p)
       return c === undefined ? undefined : wrap(c)
     },
@@ -80,6 +84,8 @@ interface Node {
 class Guest {
   readonly shadow: Buffer
   private timer: NodeJS.Timeout | undefined
+  /** Writes that reached the guest's memory (it only writes while it runs). */
+  writes = 0
   constructor(public vm: Vm) {
     this.shadow = Buffer.alloc(vm.memory.size)
   }
@@ -92,6 +98,7 @@ class Guest {
       closeSync(fd)
     }
     data.copy(this.shadow, offset)
+    this.writes++
     return true
   }
   /** Fills `mib` MiB with random data, plus duplicates and zero pages. */
@@ -171,12 +178,12 @@ describe('migration (fake driver, memory links)', function () {
     n.service = await startService(n.network, n.host, tuning)
   }
 
-  async function until(what: string, ok: () => boolean, ms = 10_000): Promise<void> {
-    const end = Date.now() + ms
-    while (!ok()) {
-      if (Date.now() > end) assert.fail(`timed out waiting for ${what}`)
-      await sleep(10)
-    }
+  const until = (what: string, ok: () => boolean, ms = 10_000) =>
+    waitUntil(what, ok, { timeoutMs: ms, intervalMs: 10 })
+  /** Waits for `more` questions from n's settle loop (the assertions after it have seen them unanswered). */
+  const questions = (n: Node, more: number) => {
+    const at = (n.tap.lookups ?? 0) + more
+    return until(`${more} more settle questions from ${n.id}`, () => (n.tap.lookups ?? 0) >= at)
   }
 
   async function bootGuest(on: Node, name = 'g1'): Promise<Guest> {
@@ -219,7 +226,7 @@ describe('migration (fake driver, memory links)', function () {
     const g = await bootGuest(A)
     g.fill(4)
     g.churn(4096)
-    await sleep(20)
+    await until('the guest to write', () => g.writes >= 8)
     const events: MigrationProgress[] = []
     const up0 = (g.vm as FakeVm).uptimeMs()
     const r1 = await A.service.migrate({ vm: 'g1', to: 'B' }, { onProgress: (e) => events.push(e) })
@@ -240,7 +247,8 @@ describe('migration (fake driver, memory links)', function () {
     assert.ok(events.some((e) => e.phase === 'bulk') && events.some((e) => e.phase === 'done'))
     await A.service.settled()
 
-    await sleep(30)
+    const writes = g.writes
+    await until('the guest to write on B', () => g.writes >= writes + 3)
     const r2 = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
     assert.ok(
       r2 instanceof Error,
@@ -348,8 +356,8 @@ describe('migration (fake driver, memory links)', function () {
       nodes.get(side)!.tap.cutOn = type
       // The link comes back a little later (what the source needs to learn the outcome).
       const p = A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
-      while (net.node('A').link('B') !== undefined) await sleep(5)
-      await sleep(100)
+      await until('the link to drop', () => net.node('A').link('B') === undefined)
+      await sleep(100) // deliberate: the link stays down for a while (no production timer depends on it)
       net.connect('A', 'B')
       const r = await p
       if (expect === 'B') assert.ok(!(r instanceof Error), `the move completes: ${String(r)}`)
@@ -403,7 +411,7 @@ describe('migration (fake driver, memory links)', function () {
       assert.equal(A.host.switches().length, 1)
       const again = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
       assert.ok(again instanceof Error && (again as { code?: string }).code === 'E_MIGRATION_IN_DOUBT')
-      await sleep(600)
+      await questions(A, 2)
       assert.equal(A.host.get('g1')?.status(), 'paused', 'still paused while nobody can answer')
       assert.deepEqual(
         running('g1').map((n) => n.id),
@@ -443,7 +451,7 @@ describe('migration (fake driver, memory links)', function () {
     assert.equal(A.host.token('g1'), 0)
     // The new agent starts while the destination is unreachable, and settles once it is back.
     A.service = await startService(A.network, A.host)
-    await sleep(300)
+    await questions(A, 2)
     assert.equal(A.host.get('g1')?.status(), 'paused')
     net.connect('A', 'B')
     await until('the switch to settle', () => A.host.switches().length === 0)
@@ -610,8 +618,11 @@ describe('migration (fake driver, memory links)', function () {
     // A kill -9 right after the switch record: the guest still runs, the record says "ask B".
     await A.host.beginSwitch({ vm: 'g1', token: 1, to: 'B', at: Date.now() })
     net.disconnect('A', 'B')
+    const asked = A.tap.lookups ?? 0
     await restart(A)
-    await sleep(600) // a few unanswered questions: the settle loop now waits between them
+    // Three unanswered questions: the settle loop now waits 1 s between them, longer than the move's
+    // settleWaitMs (300): only if the move wakes it does it go ahead (not 600 ms tied to its backoff).
+    await until('three unanswered settle questions', () => (A.tap.lookups ?? 0) >= asked + 3)
     assert.deepEqual(A.service.status().inDoubt, ['g1'])
     net.connect('A', 'B')
     const r = await A.service.migrate({ vm: 'g1', to: 'B' })
@@ -692,7 +703,7 @@ describe('migration (fake driver, memory links)', function () {
     // B is slow to get ready (its RAM file takes 1.2 s), before anything is paused.
     const allocate = B.host.allocateRam.bind(B.host)
     B.host.allocateRam = async (spec, signal) => {
-      await sleep(1200)
+      await sleep(1200) // deliberate: the slowness under test, past the 1 s deadline
       return allocate(spec, signal)
     }
     const r = await A.service.migrate({ vm: 'g1', to: 'B', deadlineMs: 1000, bestEffort: true })
@@ -800,7 +811,9 @@ describe('migration leftovers of a killed destination agent', () => {
     const child = spawn('sh', ['-c', 'sleep 30', orphan], { stdio: 'ignore' })
     const exited = new Promise<NodeJS.Signals | null>((r) => child.once('exit', (_c, s) => r(s)))
     try {
-      await sleep(100)
+      await waitUntil('the stand-in to show the file on its command line', () =>
+        readFileSync(`/proc/${child.pid}/cmdline`, 'utf8').includes(orphan),
+      )
       const r = await sweepIncoming(dir, new Set([kept]))
       assert.deepEqual(r.removedFiles, [orphan])
       assert.deepEqual(r.killedPids, [child.pid])

@@ -4,9 +4,9 @@ import { mkdtemp, open, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { type ChunkService, createChunkService } from '../../net/chunks/exchange.ts'
-import { toHex } from '../../net/chunks/hash.ts'
+import { HASH_SIZE, sha256, toHex } from '../../net/chunks/hash.ts'
 import type { ChunkStore } from '../../net/chunks/interfaces.ts'
-import { buildManifest, hashAt } from '../../net/chunks/manifest.ts'
+import { buildManifest, hashAt, makeManifest } from '../../net/chunks/manifest.ts'
 import { openChunkStore } from '../../net/chunks/store.ts'
 import { createMemoryNetwork } from '../../net/link/memory.ts'
 import {
@@ -15,9 +15,11 @@ import {
   type RamIndex,
   ramServingStore,
   runStandbySender,
+  STANDBY_DISK_PIN,
   STANDBY_PIN,
   type StandbyStatus,
 } from '../../src/agent/spot/standby.ts'
+import { createDiskArbiter } from '../../vm/disk/standby.ts'
 
 const MiB = 2 ** 20
 const CHUNK = 64 * 1024
@@ -187,5 +189,86 @@ describe('warm standby: RAM chunks served from the RAM file, pulled by the stand
     await done
     assert.equal(a.store.has(hashAt(m, 9)), false, 'the RAM index is dropped when the VM is gone')
     assert.ok(toHex(hashAt(m, 9)).length === 64)
+  })
+
+  it("a pass's disk chunks are served through its reader, pinned apart, found by hash; a rewritten one is missing", async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const a = await side(net, 'a')
+    const b = await side(net, 'b')
+    const ramPath = await ramFile(8)
+    const ram = await a.index.set(
+      'vm1',
+      ramPath,
+      (await buildManifest(ramPath, { chunkSize: CHUNK })).manifest,
+    )
+    // A 2 MiB "disk": chunks 0-9 written by the guest, the rest zero (not in the overlay).
+    const disk = Buffer.alloc(32 * CHUNK)
+    randomBytes(10 * CHUNK).copy(disk)
+    const hashes = Buffer.alloc(32 * HASH_SIZE)
+    for (let i = 0; i < 10; i++) sha256(disk.subarray(i * CHUNK, (i + 1) * CHUNK)).copy(hashes, i * HASH_SIZE)
+    const dm = makeManifest(disk.length, CHUNK, hashes)
+    let reads = 0
+    const diskId = a.index.setDisk('vm1', dm, async (index, target) => {
+      reads++
+      return disk.copy(target, 0, index * CHUNK, index * CHUNK + target.byteLength)
+    })
+    // The guest rewrites chunk 3 after the pass hashed it: served as missing, never stale.
+    const stale = Buffer.from(hashAt(dm, 3))
+    randomBytes(CHUNK).copy(disk, 3 * CHUNK)
+    const r = await pullStandby(
+      { service: b.svc, store: b.store },
+      'a',
+      { vm: 'vm1', manifest: ram, disk: diskId, rateBps: 64 * MiB },
+      new AbortController().signal,
+    )
+    assert.deepEqual(r.disk, { fetchedBytes: 9 * CHUNK, presentBytes: 0, missingChunks: 1 })
+    assert.equal(r.missingChunks, 1)
+    assert.equal(r.fetchedBytes, 6 * CHUNK + 9 * CHUNK)
+    assert.ok(reads >= 10)
+    // What a move's DiskReceiver asks its store: the sha256 of each chunk.
+    for (const i of [0, 1, 2, 4, 9]) assert.ok(b.raw.has(sha256(disk.subarray(i * CHUNK, (i + 1) * CHUNK))))
+    assert.ok(!b.raw.has(stale))
+    assert.equal(b.raw.pins().get(STANDBY_DISK_PIN('vm1')), diskId)
+    assert.equal(b.raw.pins().get(STANDBY_PIN('vm1')), ram)
+    // Once the pass ends, the host no longer serves its disk chunks (its NBD server is gone).
+    a.index.dropDisk('vm1')
+    assert.equal(a.store.has(hashAt(dm, 0)), false)
+  })
+
+  it('the disk arbiter: a move takes the disk from a standby pass at once; the next pass waits for the move', async () => {
+    const arb = createDiskArbiter()
+    const order: string[] = []
+    let releaseStandby: (() => void) | undefined
+    releaseStandby = await arb.shared(() => {
+      order.push('preempted')
+      // The pass lets go a moment later (its NBD server stops first).
+      setImmediate(() => {
+        order.push('standby released')
+        releaseStandby?.()
+      })
+    })
+    const releaseMove = await arb.exclusive()
+    order.push('move has it')
+    assert.deepEqual(order, ['preempted', 'standby released', 'move has it'])
+    let second = false
+    const next = arb
+      .shared(() => {})
+      .then((rel) => {
+        second = true
+        return rel
+      })
+    await new Promise((r) => setImmediate(r))
+    assert.equal(second, false, 'a standby pass never starts while a move holds the disk')
+    releaseMove()
+    ;(await next)()
+    assert.equal(second, true)
+    // A pass waiting for a move can be aborted.
+    const rel = await arb.exclusive()
+    const ac = new AbortController()
+    const waiting = arb.shared(() => {}, ac.signal)
+    ac.abort()
+    await assert.rejects(waiting, { name: 'AbortError' })
+    rel()
   })
 })

@@ -8,10 +8,11 @@ import { type PortKind, TUNNEL_MESSAGE_BUDGET, type TunnelSwitch } from '../../n
 import { encodeLengthPrefixed, LengthPrefixedReader } from '../../net/tunnel/stream-port.ts'
 import { createSwitch, type SwitchOptions } from '../../net/tunnel/switch.ts'
 import { encodeAnnounce, parseMac } from '../../net/tunnel/v1/frames.ts'
-import { waitUntil } from '../helpers/wait.ts'
+import { WaitTimeoutError, waitUntil } from '../helpers/wait.ts'
 
 const BCAST = 'ff:ff:ff:ff:ff:ff'
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+/** One turn of the event loop: the memory network and the switch's batching both run on setImmediate. */
+const turn = () => new Promise<void>((r) => setImmediate(r))
 
 /** An Ethernet frame with a test ethertype and a 4-byte sequence number as payload. */
 function frame(dst: string, src: string, seq = 0, size = 64): Uint8Array {
@@ -96,12 +97,36 @@ function mesh(names: string[], link: MemoryLinkOptions = {}, opts: Partial<Switc
   }
   for (let i = 0; i < names.length; i++)
     for (let j = i + 1; j < names.length; j++) net.connect(names[i]!, names[j]!, link)
+  /** Bytes queued on any tunnel channel right now. */
+  const inFlight = () =>
+    names.some((n) =>
+      names.some((p) => {
+        const l = net.node(n).link(p)
+        return l !== undefined && l.state === 'open' && l.channel('tunnel').bufferedAmount > 0
+      }),
+    )
   return {
     net,
     sw: (n: string) => sws.get(n)!,
     stop: () => Promise.all([...sws.values()].map((s) => s.stop())),
+    /**
+     * Resolves once nothing is in flight between the switches: no channel held a byte for 5 turns in a
+     * row (a switch's batch is sent the turn after it is made, a channel delivers the turn after it is
+     * sent). A "nothing else arrives" assertion needs this, not a sleep.
+     */
+    quiet: async () => {
+      const end = Date.now() + 5000
+      for (let idle = 0; idle < 5; ) {
+        if (Date.now() > end) throw new WaitTimeoutError('the switches never went quiet (frames loop?)')
+        await turn()
+        idle = inFlight() ? 0 : idle + 1
+      }
+    },
   }
 }
+
+/** The switch's vm port for a guest: connected to its QEMU socket, frames written to it. */
+const vmPort = (sw: TunnelSwitch) => sw.status().ports.find((p) => p.kind === 'vm')
 
 const X = '52:54:00:00:00:0a'
 const Y = '52:54:00:00:00:0b'
@@ -127,12 +152,12 @@ describe('tunnel switch (memory network)', function () {
     assert.equal(m.sw('b').lookup(X), 'peer:a')
     y.inject(frame(X, Y, 2)) // X learned at b: unicast to a only
     await until(() => x.got.length === 1, 5000, 'reply')
-    await sleep(50)
+    await m.quiet()
     assert.equal(z.got.length, 1, 'c saw only the first flood')
     assert.equal(m.sw('a').lookup(Y), 'peer:b')
     x.inject(frame(Y, X, 3))
     await until(() => y.got.length === 2)
-    await sleep(50)
+    await m.quiet()
     assert.equal(z.got.length, 1, 'learned unicast is not flooded')
     const st = m.sw('a').status()
     const pb = st.ports.find((p) => p.id === 'peer:b')!
@@ -193,7 +218,7 @@ describe('tunnel switch (memory network)', function () {
     cleanup.push(m.stop)
     const x = nic(m.sw('a'), 'x')
     for (let i = 0; i < 200; i++) x.inject(frame(BCAST, X, i, 100))
-    await sleep(50)
+    await m.quiet()
     const pa = m
       .sw('a')
       .status()
@@ -208,7 +233,7 @@ describe('tunnel switch (memory network)', function () {
     cleanup.push(m.stop)
     const nics = names.map((n) => [nic(m.sw(n), `${n}1`), nic(m.sw(n), `${n}2`)] as const)
     nics[0]![0].inject(frame(BCAST, X, 42))
-    await sleep(200)
+    await m.quiet()
     assert.equal(nics[0]![0].got.length, 0, 'not back to the sender')
     assert.equal(nics[0]![1].got.length, 1)
     for (let i = 1; i < 4; i++)
@@ -230,7 +255,7 @@ describe('tunnel switch (memory network)', function () {
         .reduce((s, p) => s + p.txFrames, 0)
     const before = ['a', 'c', 'd'].map(remoteTx)
     nics[1]![0].inject(frame(Z, Y, 43))
-    await sleep(200)
+    await m.quiet()
     assert.deepEqual(['a', 'c', 'd'].map(remoteTx), before)
     for (const i of [0, 2, 3]) for (const n of nics[i]!) assert.equal(n.got.at(-1)?.[0], 0x52)
     assert.equal(remoteTx('b'), 3, 'b flooded its own frame to each member once')
@@ -261,9 +286,9 @@ describe('tunnel switch (memory network)', function () {
     for (let round = 0; round < 12; round++) {
       for (let i = 0; i < 5000; i++) x.inject(frame(rnd(), rnd(), i, 1000))
       maxBuffered = Math.max(maxBuffered, ch.bufferedAmount)
-      await sleep(1)
+      await turn() // the channel drains between rounds, as a link would
     }
-    await sleep(100)
+    await m.quiet()
     const st = m.sw('a').status()
     assert.ok(st.macs <= 256, `table bounded (${st.macs})`)
     assert.ok((st.drops.evicted ?? 0) > 50_000, 'old entries were evicted')
@@ -288,7 +313,7 @@ describe('tunnel switch (memory network)', function () {
     ch.send(new Uint8Array([9, 9, 9]))
     ch.send(new Uint8Array([1, 7, 0, 0]))
     await until(() => y.got.length === 1)
-    await sleep(50)
+    await m.quiet()
     assert.equal(seqOf(y.got[0]!), 2)
     assert.equal(m.sw('a').status().drops.oversize, 1)
     assert.equal(m.sw('a').status().drops['decode-version'], 1)
@@ -333,7 +358,7 @@ describe('tunnel switch (memory network)', function () {
       await q.close()
       q = await fakeQemu(dir, 'vm')
       await q.connected()
-      await sleep(50)
+      await until(() => vmPort(m.sw('a'))?.connected === true, 5000, 'the vm port connected again')
       y.inject(frame(V, Y, 3))
       await until(() => q.got.length === 1, 5000, 'frame after reconnect')
       const st = m
@@ -364,7 +389,7 @@ describe('tunnel switch (memory network)', function () {
       // Migration: the source lets go of the NIC; c still sends to a; a holds those frames.
       await m.sw('a').detachVm(V)
       sendBurst(10)
-      await sleep(50)
+      await m.quiet()
       assert.equal(m.sw('a').lookup(V), 'held')
       // Destination plugs the NIC in and announces: a forwards what it held, c switches to b at once.
       m.sw('b').attachVm(V, qb.path)
@@ -397,7 +422,7 @@ describe('tunnel switch (memory network)', function () {
         .link('c')!
         .channel('tunnel')
         .send(new Uint8Array([1, 1, ...frame(BCAST, V, 999)]))
-      await sleep(100)
+      await m.quiet()
       assert.equal(m.sw('c').lookup(V), 'peer:b')
       assert.equal(m.sw('c').status().drops['stale-announce'], staleBefore + 1)
       // Forwarded frames are never relayed again (no loops even if two switches disagree).
@@ -425,7 +450,8 @@ describe('tunnel switch (memory network)', function () {
       m.sw('b').attachVm(V, qb.path)
       await qb.connected()
       m.sw('b').announce(V)
-      await sleep(900) // every repeat went out, to nobody
+      await until(() => m.sw('b').status().announcesPending === 0, 5000, 'every repeat went out, to nobody')
+      await m.quiet()
       assert.equal(m.sw('c').lookup(V), 'peer:a', 'c has not heard yet')
       m.net.connect('b', 'c')
       m.net.connect('a', 'b')
@@ -454,7 +480,7 @@ describe('tunnel switch (memory network)', function () {
       const m = mesh(['a', 'b', 'c'])
       cleanup.push(m.stop)
       const { qa, qb } = await guestOnA(m)
-      await sleep(50)
+      await until(() => vmPort(m.sw('a'))?.connected === true, 5000, "a's vm port connected")
       const x = nic(m.sw('c'), 'x') // a client in a third member
       const w = nic(m.sw('a'), 'w') // a host TAP next to the source
       x.inject(frame(BCAST, X, 0))
@@ -469,7 +495,7 @@ describe('tunnel switch (memory network)', function () {
       for (let i = 1; i <= 10; i++) x.inject(frame(V, X, i))
       w.inject(frame(V, Z, 11))
       await until(() => m.sw('a').status().held === 11, 5000, 'held at a')
-      await sleep(50)
+      await m.quiet() // (its socket is polled on each of those turns: a frame written to it would be here)
       assert.equal(qa.got.length, 2, 'nothing written into the paused QEMU')
       // The guest resumes on b and b announces: a sends what it held there at once.
       m.sw('b').resumeVm(V)
@@ -523,7 +549,7 @@ describe('tunnel switch (memory network)', function () {
       cleanup.push(() => q2.close())
       m2.sw('a').attachVm(V, q2.path, { hold: true })
       await q2.connected()
-      await sleep(50)
+      await until(() => vmPort(m2.sw('a'))?.connected === true, 5000, 'the vm port connected')
       const x2 = nic(m2.sw('a'), 'x2')
       for (let i = 1; i <= 5; i++) x2.inject(frame(V, X, i, 1000))
       assert.equal(m2.sw('a').status().held, 2)

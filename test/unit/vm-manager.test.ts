@@ -5,6 +5,7 @@ import { join } from 'node:path'
 import { createFakeDriver, FakeVm } from '../../vm/fake/driver.ts'
 import { VmManager } from '../../vm/manager.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 describe('VmManager (fake driver)', () => {
   let dir: string
@@ -78,7 +79,11 @@ describe('VmManager (fake driver)', () => {
     assert.equal(e.name, 'c')
     assert.equal(e.exit.code, 139)
     assert.ok(e.exit.lastLines.includes('kernel panic: boom'))
-    await new Promise((r) => setTimeout(r, 50)) // the record is written after the event
+    // The record is written after the event (durably, by rename): wait for it, not for a while.
+    await waitUntil('the exit in c.json', async () => {
+      const rec = JSON.parse(await readFile(join(dir, 'c.json'), 'utf8')) as { exit?: { code?: number } }
+      return rec.exit?.code === 139
+    })
     const m2 = manager()
     await m2.init()
     const [c] = await m2.list()

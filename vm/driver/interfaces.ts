@@ -15,6 +15,7 @@
  */
 
 import type { PreviousDisk } from '../disk/previous.ts'
+import type { StandbyDiskReader } from '../disk/standby.ts'
 import type { DiskTracker } from '../disk/tracker.ts'
 import type { DiskWriter } from '../disk/writer.ts'
 import type { VmExitInfo } from '../errors.ts'
@@ -162,6 +163,11 @@ export interface Vm {
    * undefined when it has none. One at a time per VM (it runs QEMU's one NBD server).
    */
   diskTracker?(options?: { chunkSize?: number }): DiskTracker | undefined
+  /**
+   * What a warm standby reads the writable disk with between moves (vm/disk/standby.ts): its own
+   * dirty bitmap, QEMU's NBD server only while a pass runs and never while a diskTracker holds it.
+   */
+  standbyDisk?(chunkSize: number): StandbyDiskReader | undefined
   /**
    * Writes into the writable disk of a VM started `incoming` (a migration's destination) through
    * QEMU's NBD server (vm/disk/writer.ts); undefined when it has no disk.

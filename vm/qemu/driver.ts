@@ -10,6 +10,12 @@ import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { processAlive } from '../../src/base/process.ts'
 import { createDirtyTracker } from '../dirty/index.ts'
 import { openPreviousDisk, type PreviousDisk, retainVolume } from '../disk/previous.ts'
+import {
+  createDiskArbiter,
+  createStandbyDiskReader,
+  type DiskArbiter,
+  type StandbyDiskReader,
+} from '../disk/standby.ts'
 import { createDiskTracker, type DiskTracker } from '../disk/tracker.ts'
 import { GiB, prepareVolume, removeVolume } from '../disk/volume.ts'
 import { type DiskWriter, openDiskWriter } from '../disk/writer.ts'
@@ -277,6 +283,7 @@ class QemuVm extends VmEmitter implements Vm {
   readonly volumePath: string | undefined
   /** stop() keeps the disk as the VM's previous disk here (a move out), see retainVolumeOnStop(). */
   private retainVolume = false
+  private readonly diskArbiter: DiskArbiter = createDiskArbiter()
   private qmp: QmpClient | undefined
   private _status: VmStatus = 'paused'
   private exitInfo: VmExitInfo | undefined
@@ -733,11 +740,46 @@ class QemuVm extends VmEmitter implements Vm {
 
   diskTracker(options: { chunkSize?: number } = {}): DiskTracker | undefined {
     if (this.volumePath === undefined) return undefined
-    return createDiskTracker({
+    const t = createDiskTracker({
       qmp: (command, args) => this.qmpExecute(command, args),
       node: VOLUME_NODE,
       dir: this.paths.dir,
       ...(options.chunkSize === undefined ? {} : { chunkSize: options.chunkSize }),
+    })
+    // A move takes QEMU's one NBD server from a warm standby's pass (vm/disk/standby.ts).
+    let release: (() => void) | undefined
+    const arbiter = this.diskArbiter
+    return Object.assign(Object.create(t) as DiskTracker, {
+      async open() {
+        release ??= await arbiter.exclusive()
+        try {
+          await t.open()
+        } catch (err) {
+          release()
+          release = undefined
+          throw err
+        }
+      },
+      async close() {
+        try {
+          await t.close()
+        } finally {
+          release?.()
+          release = undefined
+        }
+      },
+    })
+  }
+
+  /** What a warm standby reads the writable disk with (vm/disk/standby.ts). */
+  standbyDisk(chunkSize: number): StandbyDiskReader | undefined {
+    if (this.volumePath === undefined) return undefined
+    return createStandbyDiskReader({
+      qmp: (command, args) => this.qmpExecute(command, args),
+      node: VOLUME_NODE,
+      dir: this.paths.dir,
+      arbiter: this.diskArbiter,
+      chunkSize,
     })
   }
 

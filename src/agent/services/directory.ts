@@ -1,14 +1,17 @@
 /**
  * The VM directory as an agent service (net/directory): which member runs which VM, asked live.
  * Control API: `vm.where` ({ vm }) → where it runs ({ here } or the member), `vm.ls-all` → every member's
- * VMs, this host's first.
+ * VMs, this host's first; `vm.stop-remote` / `vm.console-remote` ({ vm }) act on the member that runs
+ * the VM now, through an agent call to it (`vm.stop` / `vm.console`, which this service serves for the
+ * VMs of this host).
  */
 import { createDirectory, type Directory, type VmEntry } from '../../../net/directory/directory.ts'
 import type { MeshNode } from '../../../net/interfaces.ts'
-import type { VmInfo } from '../../../vm/manager.ts'
+import type { VmControl, VmInfo } from '../../../vm/manager.ts'
 import { MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
 import type { ControlHandlers } from '../../control/api.ts'
+import type { AgentCalls } from '../calls/calls.ts'
 import type { AgentService } from '../interfaces.ts'
 
 export class VmNotInMeshError extends MeshError {
@@ -26,8 +29,22 @@ export interface VmLocation {
   entry: VmEntry
 }
 
+type Methods = 'vm.where' | 'vm.ls-all' | 'vm.stop-remote' | 'vm.console-remote'
+
+/** What `vm.stop-remote` / `vm.console-remote` did, and on which member. */
+export interface RemoteVmResult {
+  vm: string
+  peer: string
+  member: string
+  here: boolean
+  /** vm.stop-remote: the VM as its host reports it after the stop. */
+  info?: VmInfo
+  /** vm.console-remote: the last lines of its serial console. */
+  lines?: string[]
+}
+
 export interface DirectoryService extends AgentService {
-  handlers(): ControlHandlers<'vm.where' | 'vm.ls-all'>
+  handlers(): ControlHandlers<Methods>
   /** Where a VM runs now: this host first, else the member that answers with it running. */
   where(vm: string, signal?: AbortSignal): Promise<VmLocation | undefined>
   /** Every member's VMs, this host's first. */
@@ -63,12 +80,29 @@ const vmParam = (p: unknown): string => {
   return vm
 }
 
+/** A stop waits for QEMU to quit on the other member (it may be loaded). */
+const REMOTE_STOP_TIMEOUT_MS = 60_000
+const REMOTE_CONSOLE_TIMEOUT_MS = 15_000
+
+const linesParam = (p: unknown): number => {
+  const n = (p as { lines?: unknown } | null)?.lines
+  if (n === undefined) return 50
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < 1 || n > 10_000)
+    throw new UsageError('lines: a whole number from 1 to 10000')
+  return n
+}
+
 export function createDirectoryService(init: {
   node: MeshNode
   local(): Promise<VmInfo[]>
+  /** This host's VMs, for members' `vm.stop` / `vm.console` calls (absent: not served here). */
+  vms?: Pick<VmControl, 'stop' | 'console'>
+  /** Agent calls to other members (a getter: created after this service). */
+  calls?: () => AgentCalls
   log: Logger
 }): DirectoryService {
   let dir: Directory | undefined
+  let registered = false
   const memberName = (peer: string) => init.node.members().find((m) => m.peerId === peer)?.name ?? peer
   const local = async () => (await init.local()).map(toEntry)
 
@@ -81,9 +115,35 @@ export function createDirectoryService(init: {
     return { vm, here: false, peer: found.peer, member: memberName(found.peer), entry: found.vm }
   }
 
+  /**
+   * Runs `op` on the member that runs the VM now: here, or through an agent call to it. A VM that moved
+   * between the question and the call is looked up once more (names follow a VM that moves).
+   */
+  const onHost = async <T>(
+    vm: string,
+    signal: AbortSignal,
+    local: () => Promise<T>,
+    remote: (calls: AgentCalls, peer: string) => Promise<T>,
+  ): Promise<{ loc: VmLocation; result: T }> => {
+    for (let attempt = 1; ; attempt++) {
+      const loc = await where(vm, signal)
+      if (loc === undefined) throw new VmNotInMeshError(vm)
+      try {
+        if (loc.here) return { loc, result: await local() }
+        if (init.calls === undefined)
+          throw new MeshError('agent calls are not available', { code: 'E_NO_CALLS' })
+        return { loc, result: await remote(init.calls(), loc.peer) }
+      } catch (err) {
+        if (attempt < 2 && err instanceof MeshError && err.code === 'E_VM_NOT_FOUND') continue
+        throw err
+      }
+    }
+  }
+
   const all = async (signal?: AbortSignal): Promise<MemberVms[]> => {
     const self = init.node.peerId
-    const others = (await dir?.list(signal === undefined ? {} : { signal })) ?? []
+    const others =
+      (await dir?.list(signal === undefined ? { everyone: true } : { signal, everyone: true })) ?? []
     return [
       { peer: self, member: memberName(self), self: true, vms: await local() },
       ...others.map((o) => ({ ...o, member: memberName(o.peer), self: false })),
@@ -95,7 +155,26 @@ export function createDirectoryService(init: {
     where,
     all,
     async start() {
-      dir = createDirectory({ overlay: init.node.overlay, local, log: init.log })
+      dir = createDirectory({
+        overlay: init.node.overlay,
+        local,
+        // Members that are down would only cost a link timeout each.
+        members: () =>
+          init.node
+            .members()
+            .filter((m) => !m.self && m.state !== 'down')
+            .map((m) => m.peerId),
+        log: init.log,
+      })
+      const vms = init.vms
+      if (vms !== undefined && init.calls !== undefined && !registered) {
+        registered = true
+        // Members act on the VMs of this host by name (links exist only between members).
+        init.calls().register({
+          'vm.stop': async (p) => vms.stop(vmParam(p)),
+          'vm.console': async (p) => ({ lines: await vms.console(vmParam(p), linesParam(p)) }),
+        })
+      }
     },
     async stop() {
       dir?.stop()
@@ -110,6 +189,43 @@ export function createDirectoryService(init: {
           return loc
         },
         'vm.ls-all': async (_p, ctx) => ({ members: await all(ctx.signal) }),
-      }) satisfies ControlHandlers<'vm.where' | 'vm.ls-all'>,
+        'vm.stop-remote': async (p, ctx) => {
+          const vm = vmParam(p)
+          const { loc, result } = await onHost(
+            vm,
+            ctx.signal,
+            () => init.vms?.stop(vm) ?? Promise.reject(new VmNotInMeshError(vm)),
+            async (calls, peer) =>
+              (await calls.call(
+                peer,
+                'vm.stop',
+                { vm },
+                { timeoutMs: REMOTE_STOP_TIMEOUT_MS, signal: ctx.signal },
+              )) as VmInfo,
+          )
+          return { vm, peer: loc.peer, member: loc.member, here: loc.here, info: result }
+        },
+        'vm.console-remote': async (p, ctx) => {
+          const vm = vmParam(p)
+          const lines = linesParam(p)
+          const { loc, result } = await onHost(
+            vm,
+            ctx.signal,
+            () => init.vms?.console(vm, lines) ?? Promise.reject(new VmNotInMeshError(vm)),
+            async (calls, peer) => {
+              const r = (await calls.call(
+                peer,
+                'vm.console',
+                { vm, lines },
+                { timeoutMs: REMOTE_CONSOLE_TIMEOUT_MS, signal: ctx.signal },
+              )) as { lines?: unknown }
+              if (!Array.isArray(r?.lines) || !r.lines.every((l) => typeof l === 'string'))
+                throw new MeshError(`${peer} answered vm.console without lines`, { code: 'E_BAD_REPLY' })
+              return r.lines as string[]
+            },
+          )
+          return { vm, peer: loc.peer, member: loc.member, here: loc.here, lines: result }
+        },
+      }) satisfies ControlHandlers<Methods>,
   }
 }

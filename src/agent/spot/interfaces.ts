@@ -34,12 +34,19 @@ export interface VmEvacuation {
   toName?: string
   /** When it ran on its new host, ms since the evacuation started (the notice's receipt). */
   atMs?: number
+  /** When its move began (placement, reservation done), ms since the evacuation started. */
+  movingAtMs?: number
   totalMs?: number
   downtimeMs?: number
   wireBytes?: number
   /** Non-zero RAM of the guest; with dedupBytes, how much the destination already held. */
   ramBytes?: number
   dedupBytes?: number
+  /** The writable disk (a VM with one): what its overlay held, what went on the wire (after
+   *  compression), and what the destination held already (a warm standby's copy, the VM's last stay). */
+  diskWrittenBytes?: number
+  diskSentBytes?: number
+  diskDedupBytes?: number
   switchReason?: string
   /**
    * 'postcopy': the guest ran on its new host before all its memory was there (the host here kept
@@ -56,6 +63,8 @@ export interface VmEvacuation {
   deadlineMissedByMs?: number
   /** Earlier tries on other members that failed, one line each. */
   tries?: string[]
+  /** The move's own per-phase times (MigrationReport.timings), ms. */
+  timings?: Record<string, number>
   error?: string
   code?: string
 }

@@ -16,6 +16,7 @@ import { join } from 'node:path'
 import type { ChunkService } from '../../../net/chunks/exchange.ts'
 import type { ChunkStore } from '../../../net/chunks/interfaces.ts'
 import type { MemberStatus } from '../../../net/interfaces.ts'
+import type { StandbyDiskReader } from '../../../vm/disk/standby.ts'
 import type { VmInfo } from '../../../vm/manager.ts'
 import type { MigrationProgress, MigrationReport } from '../../../vm/migration/interfaces.ts'
 import type { VmSpec } from '../../../vm/spec.ts'
@@ -42,6 +43,7 @@ import {
   pullStandby,
   type RamIndex,
   runStandbySender,
+  STANDBY_DISK_PIN,
   STANDBY_PIN,
   type StandbyStatus,
   type SyncResult,
@@ -82,10 +84,18 @@ export interface SpotServiceInit {
     index: RamIndex
     chunks: () => { service: ChunkService; store: ChunkStore }
     ramPath: (vm: string) => Promise<string | undefined>
+    /** The writable disk of a VM running here, as a standby reads it (vm/disk/standby.ts). */
+    disk?: (vm: string) => StandbyDiskReader | undefined
     /** Least time between two passes of one VM (default 2 s). */
     minIntervalMs?: number
   }
   now?: () => number
+}
+
+/** Unpins what this host holds as a VM's standby (RAM and disk), as far as it is pinned. */
+async function unpinStandby(store: ChunkStore, vm: string): Promise<void> {
+  const pins = store.pins()
+  for (const pin of [STANDBY_PIN(vm), STANDBY_DISK_PIN(vm)]) if (pins.has(pin)) await store.unpin(pin)
 }
 
 export interface SpotService extends AgentService {
@@ -317,7 +327,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       const h = held.get(vm)
       if (h === undefined || h.from !== ctx.peer) return { dropped: false }
       held.delete(vm)
-      await init.standby?.chunks().store.unpin(STANDBY_PIN(vm))
+      if (init.standby !== undefined) await unpinStandby(init.standby.chunks().store, vm)
       return { dropped: true }
     },
   }
@@ -525,6 +535,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
         return
       }
       const deadlineMs = share(name)
+      const movingAtMs = at()
       emit({
         event: 'moving',
         vm: name,
@@ -593,11 +604,19 @@ export function createSpotService(init: SpotServiceInit): SpotService {
           to: a.to,
           toName: a.toName,
           atMs: doneAt,
+          movingAtMs,
           totalMs: Math.round(report.totalMs),
           downtimeMs: Math.round(report.downtimeMs),
           wireBytes: report.wireBytes,
           ramBytes: report.ramBytes,
           dedupBytes: report.dedupBytes,
+          ...(report.diskWrittenBytes === undefined
+            ? {}
+            : {
+                diskWrittenBytes: report.diskWrittenBytes,
+                diskSentBytes: report.diskSentBytes ?? 0,
+                diskDedupBytes: report.diskDedupBytes ?? 0,
+              }),
           switchReason: report.switchReason,
           ...(report.mode === undefined ? {} : { mode: report.mode }),
           ...(resumedAtMs === undefined ? {} : { resumedAtMs }),
@@ -607,6 +626,14 @@ export function createSpotService(init: SpotServiceInit): SpotService {
           ...(report.throttle === undefined ? {} : { throttleMax: report.throttle.maxLevel }),
           ...(report.deadlineMissedByMs ? { deadlineMissedByMs: Math.round(report.deadlineMissedByMs) } : {}),
           ...(tries.length > 0 ? { tries: [...tries] } : {}),
+          // (A report from an older agent may lack them.)
+          ...(typeof report.timings === 'object' && report.timings !== null
+            ? {
+                timings: Object.fromEntries(
+                  Object.entries(report.timings).map(([k, v]) => [k, Math.round(v)]),
+                ),
+              }
+            : {}),
         }
         results.set(name, r)
         observeRate(a.to, report.wireBytes, report.totalMs)
@@ -704,10 +731,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       if (!here.has(vm)) continue
       // It arrived (most likely by an evacuation to its standby): the copy is the VM's own RAM now.
       held.delete(vm)
-      await sb
-        .chunks()
-        .store.unpin(STANDBY_PIN(vm))
-        .catch(() => {})
+      await unpinStandby(sb.chunks().store, vm).catch(() => {})
     }
     for (const vm of here) {
       const m = state.vms[vm]
@@ -721,16 +745,17 @@ export function createSpotService(init: SpotServiceInit): SpotService {
           index: sb.index,
           ramPath: sb.ramPath,
           rateBps: (name) => state.vms[name]?.standbyRateBps ?? DEFAULT_STANDBY_RATE,
+          ...(sb.disk === undefined ? {} : { disk: sb.disk }),
           ...(sb.minIntervalMs === undefined ? {} : { minIntervalMs: sb.minIntervalMs }),
           warn: (msg, f) => log.warn(msg, f),
           choose: (name) => chooseStandby(name, signal),
           sync: async (peer, params, sig) => {
             const rate = params.rateBps
-            // A pass of the whole RAM at the standby rate, and then some.
-            const timeoutMs = Math.max(
-              60_000,
-              ((lastVms.find((v) => v.name === name)?.memoryMiB ?? 1024) * 2 ** 20 * 2000) / rate,
-            )
+            // A pass of the whole RAM (and what the disk's overlay holds) at the standby rate, and then some.
+            const v = lastVms.find((x) => x.name === name)
+            const bytes =
+              (v?.memoryMiB ?? 1024) * 2 ** 20 + (params.disk === undefined ? 0 : (v?.diskBytes ?? 0))
+            const timeoutMs = Math.max(60_000, (bytes * 2000) / rate)
             const r = (await calls.call(peer, 'standby.sync', params, {
               timeoutMs,
               signal: sig,

@@ -19,55 +19,88 @@ import { ChunkFetchError, ChunkNotFoundError } from '../../../net/chunks/errors.
 import type { ChunkService } from '../../../net/chunks/exchange.ts'
 import { HASH_SIZE, hashEquals, isZeroHash, sha256, toHex } from '../../../net/chunks/hash.ts'
 import type { ChunkStore, Manifest, ReadItem, StoreLease } from '../../../net/chunks/interfaces.ts'
-import { buildManifest, hashAt, makeManifest, manifestId } from '../../../net/chunks/manifest.ts'
+import { buildManifest, chunkLength, hashAt, makeManifest, manifestId } from '../../../net/chunks/manifest.ts'
+import type { StandbyDiskPass, StandbyDiskReader } from '../../../vm/disk/standby.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
 
 export class StandbyError extends MeshError {}
 
 export const STANDBY_PIN = (vm: string) => `standby/${vm}`
+/** The standby's copy of the VM's writable disk (chunks a move's DiskReceiver finds in the store). */
+export const STANDBY_DISK_PIN = (vm: string) => `standby/${vm}/disk`
 export const DEFAULT_STANDBY_RATE = 16 * 1024 * 1024
 const CHUNK = 64 * 1024
 /** Chunks per pull (each is one fetch: the pacing step). */
 const SLICE_CHUNKS = 256
 
 interface Indexed {
-  path: string
-  fh: FileHandle
+  /** The RAM file (a RAM entry), kept open between passes. */
+  path?: string
+  fh?: FileHandle
   manifest: Manifest
   id: string
-  /** hex → chunk index in the RAM file */
+  /** hex → chunk index in the RAM file or on the disk */
   byHex: Map<string, number>
+  /** Reads chunk `index` into `target`; resolves with the bytes read. */
+  read(index: number, target: Uint8Array): Promise<number>
 }
 
-/** The RAM of VMs with a standby, indexed by chunk name, for the chunk service to serve. */
+/** Reads a disk chunk for a standby's pull (the open pass of vm/disk/standby.ts). */
+export type ChunkReader = (index: number, target: Uint8Array) => Promise<number>
+
+/**
+ * The RAM (and, during a pass, the writable disk) of VMs with a standby, indexed by chunk name, for
+ * the chunk service to serve.
+ */
 export interface RamIndex {
   set(vm: string, path: string, manifest: Manifest): Promise<string>
+  /** Serves the disk chunks of `manifest` through `read` until dropDisk(vm) (or drop(vm)). */
+  setDisk(vm: string, manifest: Manifest, read: ChunkReader): string
+  dropDisk(vm: string): void
   drop(vm: string): Promise<void>
   lookup(hex: string): { entry: Indexed; index: number } | undefined
   manifest(id: string): Manifest | undefined
   close(): Promise<void>
 }
 
+function indexHashes(manifest: Manifest): Map<string, number> {
+  const byHex = new Map<string, number>()
+  for (let i = 0; i < manifest.count; i++) {
+    const h = hashAt(manifest, i)
+    if (!isZeroHash(h)) byHex.set(toHex(h), i)
+  }
+  return byHex
+}
+
+const DISK_KEY = (vm: string) => `${vm}/disk`
+
 export function createRamIndex(): RamIndex {
+  /** VM name (RAM) or `<vm>/disk` → entry (VM names have no '/'). */
   const byVm = new Map<string, Indexed>()
   const drop = async (vm: string) => {
     const e = byVm.get(vm)
     byVm.delete(vm)
-    await e?.fh.close().catch(() => {})
+    byVm.delete(DISK_KEY(vm))
+    await e?.fh?.close().catch(() => {})
   }
   return {
     async set(vm, path, manifest) {
       const old = byVm.get(vm)
-      const fh = old?.path === path ? old.fh : await open(path, 'r')
-      if (old !== undefined && old.fh !== fh) await old.fh.close().catch(() => {})
-      const byHex = new Map<string, number>()
-      for (let i = 0; i < manifest.count; i++) {
-        const h = hashAt(manifest, i)
-        if (!isZeroHash(h)) byHex.set(toHex(h), i)
-      }
+      const fh = old?.path === path && old.fh !== undefined ? old.fh : await open(path, 'r')
+      if (old?.fh !== undefined && old.fh !== fh) await old.fh.close().catch(() => {})
       const id = manifestId(manifest)
-      byVm.set(vm, { path, fh, manifest, id, byHex })
+      const read = async (index: number, target: Uint8Array) =>
+        (await fh.read(target, 0, target.byteLength, index * manifest.chunkSize)).bytesRead
+      byVm.set(vm, { path, fh, manifest, id, byHex: indexHashes(manifest), read })
       return id
+    },
+    setDisk(vm, manifest, read) {
+      const id = manifestId(manifest)
+      byVm.set(DISK_KEY(vm), { manifest, id, byHex: indexHashes(manifest), read })
+      return id
+    },
+    dropDisk(vm) {
+      byVm.delete(DISK_KEY(vm))
     },
     drop,
     lookup(hex) {
@@ -98,14 +131,10 @@ export function ramServingStore(inner: ChunkStore, index: RamIndex): ChunkStore 
     const at = index.lookup(hex)
     if (at === undefined) return new ChunkNotFoundError(`chunk ${hex} not found`)
     const len = item.target.byteLength
-    if (len !== at.entry.manifest.chunkSize) return new ChunkNotFoundError(`chunk ${hex}: bad size`)
+    if (len !== chunkLength(at.entry.manifest, at.index))
+      return new ChunkNotFoundError(`chunk ${hex}: bad size`)
     try {
-      const { bytesRead } = await at.entry.fh.read(
-        item.target,
-        0,
-        len,
-        at.index * at.entry.manifest.chunkSize,
-      )
+      const bytesRead = await at.entry.read(at.index, item.target)
       if (bytesRead !== len || !hashEquals(sha256(item.target), item.hash))
         return new ChunkNotFoundError(`chunk ${hex} changed in RAM since it was hashed`)
       return undefined
@@ -124,7 +153,8 @@ export function ramServingStore(inner: ChunkStore, index: RamIndex): ChunkStore 
     sizeOf(hash) {
       const n = inner.sizeOf(hash)
       if (n !== undefined) return n
-      return index.lookup(toHex(hash))?.entry.manifest.chunkSize
+      const at = index.lookup(toHex(hash))
+      return at === undefined ? undefined : chunkLength(at.entry.manifest, at.index)
     },
     async readInto(items) {
       const mine: number[] = []
@@ -152,7 +182,7 @@ export function ramServingStore(inner: ChunkStore, index: RamIndex): ChunkStore 
       if (inner.has(hash)) return inner.get(hash)
       const at = index.lookup(toHex(hash))
       if (at === undefined) return inner.get(hash)
-      const buf = Buffer.allocUnsafe(at.entry.manifest.chunkSize)
+      const buf = Buffer.allocUnsafe(chunkLength(at.entry.manifest, at.index))
       const err = await fromRam({ hash, target: buf })
       if (err !== undefined) throw err
       return buf
@@ -177,7 +207,10 @@ export function ramServingStore(inner: ChunkStore, index: RamIndex): ChunkStore 
 
 export interface SyncParams {
   vm: string
+  /** The RAM's manifest. */
   manifest: string
+  /** The writable disk's manifest, when the VM has one and this pass read it. */
+  disk?: string
   rateBps: number
 }
 
@@ -187,10 +220,17 @@ export function parseSyncParams(p: unknown): SyncParams {
     throw new UsageError('standby.sync: vm must be a VM name')
   if (typeof o.manifest !== 'string' || !/^[0-9a-f]{64}$/.test(o.manifest))
     throw new UsageError('standby.sync: manifest must be a manifest id')
+  if (o.disk !== undefined && (typeof o.disk !== 'string' || !/^[0-9a-f]{64}$/.test(o.disk)))
+    throw new UsageError('standby.sync: disk must be a manifest id')
   const rate = o.rateBps
   if (typeof rate !== 'number' || !Number.isFinite(rate) || rate < 64 * 1024 || rate > 2 ** 40)
     throw new UsageError('standby.sync: rateBps must be at least 64 KiB/s')
-  return { vm: o.vm, manifest: o.manifest, rateBps: rate }
+  return {
+    vm: o.vm,
+    manifest: o.manifest,
+    ...(o.disk === undefined ? {} : { disk: o.disk as string }),
+    rateBps: rate,
+  }
 }
 
 export interface SyncResult {
@@ -199,6 +239,8 @@ export interface SyncResult {
   presentBytes: number
   missingChunks: number
   ms: number
+  /** Of the above, the disk's (when the pass had one). */
+  disk?: { fetchedBytes: number; presentBytes: number; missingChunks: number }
 }
 
 /**
@@ -213,43 +255,72 @@ export async function pullStandby(
   signal: AbortSignal,
 ): Promise<SyncResult> {
   const t0 = performance.now()
-  const m = await deps.service.fetchManifest(p.manifest, { peers: [from], signal })
   let fetched = 0
-  let present = 0
-  let missing = 0
-  for (let first = 0; first < m.count; first += SLICE_CHUNKS) {
-    if (signal.aborted) throw new AbortError('standby sync aborted', { cause: signal.reason })
-    const n = Math.min(SLICE_CHUNKS, m.count - first)
-    const hashes = m.hashes.subarray(first * HASH_SIZE, (first + n) * HASH_SIZE)
-    let allThere = true
-    let nonZero = 0
-    for (let i = 0; i < n && allThere; i++) {
-      const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
-      if (isZeroHash(h)) continue
-      nonZero++
-      if (!deps.store.has(h)) allThere = false
-    }
-    if (allThere) {
-      present += nonZero * m.chunkSize
-      continue
-    }
-    const slice = makeManifest(n * m.chunkSize, m.chunkSize, hashes)
-    try {
-      const r = await deps.service.fetch(slice, { peers: [from], signal })
-      fetched += r.bytesFetched
-      present += r.bytesSkippedPresent
-    } catch (err) {
-      if (!(err instanceof ChunkFetchError)) throw err
-      // The chunks fetched before it gave up are stored; the rest changed on the host meanwhile.
-      const k = /(\d+) chunk\(s\)/.exec(err.message)
-      missing += k === null ? 1 : Number(k[1])
-    }
-    // Pacing: never above the rate on average since the pass began.
-    const aheadMs = (fetched * 1000) / p.rateBps - (performance.now() - t0)
-    if (aheadMs > 5) await sleep(aheadMs, undefined, { signal }).catch(() => {})
+  const ram = await pullManifest(p.manifest, STANDBY_PIN(p.vm))
+  if (p.disk === undefined) return { ...ram, missingChunks: ram.missing, ms: performance.now() - t0 }
+  const disk = await pullManifest(p.disk, STANDBY_DISK_PIN(p.vm))
+  return {
+    fetchedBytes: ram.fetchedBytes + disk.fetchedBytes,
+    presentBytes: ram.presentBytes + disk.presentBytes,
+    missingChunks: ram.missing + disk.missing,
+    ms: performance.now() - t0,
+    disk: { fetchedBytes: disk.fetchedBytes, presentBytes: disk.presentBytes, missingChunks: disk.missing },
   }
-  await deps.store.pin(STANDBY_PIN(p.vm), p.manifest)
-  return { fetchedBytes: fetched, presentBytes: present, missingChunks: missing, ms: performance.now() - t0 }
+
+  /** Non-zero chunks of a slice the store holds. */
+  function heldIn(hashes: Uint8Array, n: number): number {
+    let k = 0
+    for (let i = 0; i < n; i++) {
+      const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
+      if (!isZeroHash(h) && deps.store.has(h)) k++
+    }
+    return k
+  }
+
+  /** One manifest, paced with the pass's other (the rate is the pass's). */
+  async function pullManifest(id: string, pin: string) {
+    const m = await deps.service.fetchManifest(id, { peers: [from], signal })
+    const before = fetched
+    let present = 0
+    let missing = 0
+    for (let first = 0; first < m.count; first += SLICE_CHUNKS) {
+      if (signal.aborted) throw new AbortError('standby sync aborted', { cause: signal.reason })
+      const n = Math.min(SLICE_CHUNKS, m.count - first)
+      const hashes = m.hashes.subarray(first * HASH_SIZE, (first + n) * HASH_SIZE)
+      let allThere = true
+      let nonZero = 0
+      for (let i = 0; i < n && allThere; i++) {
+        const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
+        if (isZeroHash(h)) continue
+        nonZero++
+        if (!deps.store.has(h)) allThere = false
+      }
+      if (allThere) {
+        present += nonZero * m.chunkSize
+        continue
+      }
+      const slice = makeManifest(n * m.chunkSize, m.chunkSize, hashes)
+      const heldBefore = heldIn(hashes, n)
+      try {
+        const r = await deps.service.fetch(slice, { peers: [from], signal })
+        fetched += r.bytesFetched
+        present += r.bytesSkippedPresent
+      } catch (err) {
+        if (!(err instanceof ChunkFetchError)) throw err
+        // The chunks fetched before it gave up are stored; the rest changed on the host meanwhile.
+        const k = /(\d+) chunk\(s\)/.exec(err.message)
+        missing += k === null ? 1 : Number(k[1])
+        const after = heldIn(hashes, n)
+        fetched += (after - heldBefore) * m.chunkSize
+        present += heldBefore * m.chunkSize
+      }
+      // Pacing: never above the rate on average since the pass began.
+      const aheadMs = (fetched * 1000) / p.rateBps - (performance.now() - t0)
+      if (aheadMs > 5) await sleep(aheadMs, undefined, { signal }).catch(() => {})
+    }
+    await deps.store.pin(pin, id)
+    return { fetchedBytes: fetched - before, presentBytes: present, missing }
+  }
 }
 
 export interface StandbyStatus {
@@ -258,14 +329,19 @@ export interface StandbyStatus {
   peer?: string
   peerName?: string
   state: 'choosing' | 'syncing' | 'synced' | 'failed'
-  /** Bytes the standby lacked at the last look (the last pass's missing chunks, or what changed since). */
+  /**
+   * Bytes the standby lacked at the last look (the last pass's missing chunks, or what changed since),
+   * RAM and disk together.
+   */
   lagBytes?: number
+  /** The writable disk's part: what the overlay holds, what the standby lacks of it, its write rate. */
+  disk?: { heldBytes: number; lagBytes: number; dirtyRateBps?: number; error?: string }
   /** When the RAM the standby holds was hashed (ms since the epoch). */
   syncedAt?: number
   passes: number
   /** Bytes per second of RAM the guest changed between two passes (64 KiB chunks). */
   dirtyRateBps?: number
-  lastPass?: { fetchedBytes: number; ms: number; hashMs: number }
+  lastPass?: { fetchedBytes: number; ms: number; hashMs: number; diskFetchedBytes?: number }
   error?: string
 }
 
@@ -278,6 +354,8 @@ export interface SenderDeps {
   /** The VM's RAM file while it runs here, undefined once it left or stopped. */
   ramPath(vm: string): Promise<string | undefined>
   rateBps(vm: string): number
+  /** The VM's writable disk as the standby reads it, undefined when it has none. */
+  disk?(vm: string): StandbyDiskReader | undefined
   minIntervalMs?: number
   warn(msg: string, fields?: Record<string, unknown>): void
 }
@@ -293,7 +371,11 @@ export async function runStandbySender(
   let missedBytes = 0
   let lastScanAt: number | undefined
   let peer: { peer: string; name: string } | undefined
+  let diskReader: StandbyDiskReader | undefined
+  let diskMissed = 0
+  let diskScanAt: number | undefined
   try {
+    diskReader = deps.disk?.(vm)
     while (!signal.aborted) {
       const path = await deps.ramPath(vm)
       if (path === undefined) return
@@ -306,33 +388,63 @@ export async function runStandbySender(
           status.peer = peer.peer
           status.peerName = peer.name
           last = undefined
+          diskMissed = 0
         }
         const h0 = performance.now()
         const scanStart = h0
         const { manifest } = await buildManifest(path, { chunkSize: CHUNK, signal })
         const hashMs = performance.now() - h0
+        let ramLag: number | undefined
         if (last !== undefined && last.count === manifest.count) {
           let changed = 0
           for (let i = 0; i < manifest.count; i++)
             if (!hashEquals(hashAt(last, i), hashAt(manifest, i)) && !isZeroHash(hashAt(manifest, i)))
               changed++
           // What the standby lacks of this RAM: what changed since its copy, and what the last pass missed.
-          status.lagBytes = changed * CHUNK + missedBytes
+          ramLag = changed * CHUNK + missedBytes
+          status.lagBytes = ramLag + (status.disk?.lagBytes ?? 0)
           // The guest's write rate in 64 KiB chunks (a lower bound: a chunk rewritten twice counts once).
           if (lastScanAt !== undefined && h0 > lastScanAt)
             status.dirtyRateBps = Math.round((changed * CHUNK * 1000) / (h0 - lastScanAt))
         }
         const id = await deps.index.set(vm, path, manifest)
+        const disk = diskReader === undefined ? undefined : await diskPass(diskReader)
+        if (ramLag !== undefined) status.lagBytes = ramLag + (status.disk?.lagBytes ?? 0)
         if (status.state !== 'synced') status.state = 'syncing'
-        const r = await deps.sync(peer.peer, { vm, manifest: id, rateBps: deps.rateBps(vm) }, signal)
+        let r: SyncResult
+        try {
+          const diskId = disk === undefined ? undefined : deps.index.setDisk(vm, disk.manifest, disk.read)
+          r = await deps.sync(
+            peer.peer,
+            {
+              vm,
+              manifest: id,
+              ...(diskId === undefined ? {} : { disk: diskId }),
+              rateBps: deps.rateBps(vm),
+            },
+            signal,
+          )
+        } finally {
+          deps.index.dropDisk(vm)
+          await disk?.close()
+        }
+        if (disk !== undefined && status.disk !== undefined) {
+          diskMissed = (r.disk?.missingChunks ?? 0) * CHUNK
+          status.disk.lagBytes = diskMissed
+        }
         last = manifest
         lastScanAt = scanStart
         status.syncedAt = t0
-        missedBytes = r.missingChunks * CHUNK
-        status.lagBytes = missedBytes
+        missedBytes = (r.missingChunks - (r.disk?.missingChunks ?? 0)) * CHUNK
+        status.lagBytes = missedBytes + (status.disk?.lagBytes ?? 0)
         status.state = 'synced'
         status.passes++
-        status.lastPass = { fetchedBytes: r.fetchedBytes, ms: Math.round(r.ms), hashMs: Math.round(hashMs) }
+        status.lastPass = {
+          fetchedBytes: r.fetchedBytes,
+          ms: Math.round(r.ms),
+          hashMs: Math.round(hashMs),
+          ...(r.disk === undefined ? {} : { diskFetchedBytes: r.disk.fetchedBytes }),
+        }
         delete status.error
       } catch (err) {
         if (err instanceof AbortError || signal.aborted) return
@@ -349,5 +461,42 @@ export async function runStandbySender(
     }
   } finally {
     await deps.index.drop(vm)
+    await diskReader?.close().catch(() => {})
+  }
+
+  /**
+   * This pass's disk: the manifest (only what changed since the last pass is read again). Undefined
+   * when a move holds the disk, or the disk cannot be read (said in the status; RAM goes on alone).
+   */
+  async function diskPass(reader: StandbyDiskReader): Promise<StandbyDiskPass | undefined> {
+    const at = performance.now()
+    try {
+      const d = await reader.pass(signal)
+      const changed = d.changedBytes ?? d.heldBytes
+      const prev = status.disk
+      status.disk = {
+        heldBytes: d.heldBytes,
+        // Before the pull: what changed since the copy the standby holds, and what it missed last time.
+        lagBytes: changed + diskMissed,
+        ...(d.changedBytes !== undefined && diskScanAt !== undefined && at > diskScanAt
+          ? { dirtyRateBps: Math.round((d.changedBytes * 1000) / (at - diskScanAt)) }
+          : prev?.dirtyRateBps === undefined
+            ? {}
+            : { dirtyRateBps: prev.dirtyRateBps }),
+      }
+      diskScanAt = at
+      return d
+    } catch (err) {
+      if (signal.aborted) throw err
+      // A move took the disk (it may roll back: the bitmap kept counting), or the disk failed.
+      status.disk = {
+        heldBytes: status.disk?.heldBytes ?? 0,
+        lagBytes: status.disk?.lagBytes ?? 0,
+        ...(err instanceof AbortError ? {} : { error: describeError(err) }),
+      }
+      if (!(err instanceof AbortError))
+        deps.warn('standby disk pass failed', { vm, error: describeError(err) })
+      return undefined
+    }
   }
 }
