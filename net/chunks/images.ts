@@ -1,6 +1,7 @@
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises'
 import { basename, join, resolve } from 'node:path'
 import { throwIfAborted } from '../../src/base/errors.ts'
+import { writeFileDurable } from '../../src/base/fs.ts'
 import { ChunkError, ImageNotFoundError } from './errors.ts'
 import type { ChunkService, FetchProgress } from './exchange.ts'
 import type { ChunkStore } from './interfaces.ts'
@@ -177,9 +178,7 @@ export async function openImageRegistry(opts: { store: ChunkStore; dir?: string 
     const key = formatImageRef(r)
     const old = records.get(key)
     for (const f of r.files) await store.pin(pinName(r, f.name), f.manifest)
-    const tmp = `${recordPath(key)}.tmp-${process.pid}`
-    await writeFile(tmp, encodeImageRecord(r))
-    await rename(tmp, recordPath(key))
+    await writeFileDurable(recordPath(key), encodeImageRecord(r), { mode: 0o644 })
     records.set(key, r)
     for (const f of old?.files ?? []) {
       if (!r.files.some((n) => n.name === f.name)) await store.unpin(pinName(r, f.name))

@@ -1,9 +1,10 @@
-import { chmod, mkdir, open, readFile } from 'node:fs/promises'
+import { chmod, mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
 import type { PeerId, PrivateKey } from '@libp2p/interface'
 import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import { MeshError } from '../../src/base/errors.ts'
+import { writeFileDurable } from '../../src/base/fs.ts'
 
 /** The identity file exists but cannot be used (corrupt, wrong key type, unreadable). */
 export class IdentityError extends MeshError {
@@ -34,13 +35,7 @@ export async function loadOrCreateIdentity(stateDir: string): Promise<Identity> 
   }
   const key = await generateKeyPair('Ed25519')
   try {
-    const fh = await open(path, 'wx', 0o600)
-    try {
-      await fh.writeFile(privateKeyToProtobuf(key))
-      await fh.sync()
-    } finally {
-      await fh.close()
-    }
+    await writeFileDurable(path, privateKeyToProtobuf(key), { exclusive: true, mode: 0o600 })
   } catch (err) {
     // Lost a creation race: the other process's key is the identity.
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') return load(path)

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto'
-import { chmod, open, readFile, stat } from 'node:fs/promises'
+import { chmod, readFile, stat } from 'node:fs/promises'
 import {
   generateKeyPair,
   privateKeyFromProtobuf,
@@ -7,6 +7,7 @@ import {
   publicKeyFromRaw,
 } from '@libp2p/crypto/keys'
 import type { PrivateKey } from '@libp2p/interface'
+import { writeFileDurable } from '../../src/base/fs.ts'
 import { NetworkKeyError } from './errors.ts'
 import type { NetworkInfo } from './interfaces.ts'
 
@@ -101,18 +102,12 @@ export function decodeNetworkKey(text: string): NetworkKey {
 
 /** Writes the key file exclusively with mode 0600 (refuses to overwrite an existing network key). */
 export async function saveNetworkKey(path: string, key: NetworkKey): Promise<void> {
-  let fh: Awaited<ReturnType<typeof open>>
   try {
-    fh = await open(path, 'wx', 0o600)
+    await writeFileDurable(path, encodeNetworkKey(key), { exclusive: true, mode: 0o600 })
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST')
       throw new NetworkKeyError(`${path} already exists; refusing to overwrite a network key`, { cause: err })
     throw new NetworkKeyError(`cannot write ${path}: ${(err as Error).message}`, { cause: err })
-  }
-  try {
-    await fh.writeFile(encodeNetworkKey(key))
-  } finally {
-    await fh.close()
   }
   await chmod(path, 0o600)
 }

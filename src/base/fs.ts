@@ -1,24 +1,32 @@
 /**
- * Durable replacement of small state files.
+ * Durable replacement of small state files. THE fsync policy of mesh, in one place:
  *
- * fsync policy: every file whose content decides who owns what — fencing tokens, migration switch and
- * commit records, the VM manager's per-VM records — is written with writeFileDurable(): the new content
- * goes to a temporary file in the same directory, which is fsynced and closed, renamed over the target,
- * and then the directory is fsynced. After a crash or a power loss the target holds the old content or
- * the new one (never a torn mix), and once the call has returned the new content survives a power loss.
- * State that only saves work (caches, progress, logs) may use plain writes.
+ * - State that decides ownership or identity is written with writeFileDurable(): fencing tokens, switch,
+ *   commit and post-copy records (vm/migration/ledger.ts, manager-host.ts), the VM manager's per-VM
+ *   records (vm/manager.ts), the member state `network.json` (net/node/state.ts), the node identity and
+ *   the network key (created once: `exclusive`), the spot state (draining, per-VM priority/standby) and
+ *   image records (tag → manifests). The new content goes to a temporary file in the same directory,
+ *   which is fsynced and closed, renamed over the target (or, `exclusive`, hard-linked to a name that
+ *   must not exist yet), and then the directory is fsynced. After a crash or a power loss the target
+ *   holds the old content or the new one (never a torn mix), and once the call has returned the new
+ *   content survives a power loss.
+ * - Chunk data and manifests (net/chunks/store.ts) fsync themselves (content-addressed, verified).
+ * - What only saves work or is rebuilt on start may use plain writes: caches, progress, logs, the web
+ *   view's token (new each start), the agent's pid lock, cgroup/proc control files.
  *
  * Why not the `write-file-atomic` package: it fsyncs the file but not the directory, so the rename
  * itself may be lost on power failure; the whole procedure is these few lines.
  */
 import { randomBytes } from 'node:crypto'
-import { open, readFile, rename, rm } from 'node:fs/promises'
+import { link, open, readFile, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { describeError, MeshError } from './errors.ts'
 
 export interface DurableWriteOptions {
   /** File mode of a new file (default 0o600: state files are private). */
   mode?: number
+  /** Create only: fail with the EEXIST error when `path` exists (keys written once, never replaced). */
+  exclusive?: boolean
 }
 
 /** Writes `data` to `path` atomically and durably (see the policy above). */
@@ -37,7 +45,10 @@ export async function writeFileDurable(
     } finally {
       await fh.close()
     }
-    await rename(tmp, path)
+    if (options.exclusive === true) {
+      await link(tmp, path) // atomic create-if-absent: EEXIST when another writer got there first
+      await rm(tmp, { force: true })
+    } else await rename(tmp, path)
   } catch (err) {
     await rm(tmp, { force: true }).catch(() => {})
     throw err

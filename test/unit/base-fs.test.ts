@@ -24,6 +24,22 @@ describe('writeFileDurable (src/base/fs.ts)', () => {
     assert.deepEqual(await readdir(dir), ['state.json'])
   })
 
+  it('exclusive: creates once, then fails with EEXIST and keeps the first content (keys)', async () => {
+    const f = join(dir, 'identity.key')
+    const racers = await Promise.allSettled(
+      Array.from({ length: 8 }, (_, i) => writeFileDurable(f, `key-${i}`, { exclusive: true })),
+    )
+    const won = racers.filter((r) => r.status === 'fulfilled')
+    assert.equal(won.length, 1, 'exactly one creator wins')
+    for (const r of racers)
+      if (r.status === 'rejected') assert.equal((r.reason as NodeJS.ErrnoException).code, 'EEXIST')
+    const first = await readFile(f, 'utf8')
+    await assert.rejects(writeFileDurable(f, 'other', { exclusive: true }), { code: 'EEXIST' })
+    assert.equal(await readFile(f, 'utf8'), first)
+    assert.equal((await stat(f)).mode & 0o777, 0o600)
+    assert.deepEqual(await readdir(dir), ['identity.key'], 'no temporary file left')
+  })
+
   it('many writes in a row: the last one wins and nothing else is left', async () => {
     const f = join(dir, 'tokens.json')
     await Promise.all(Array.from({ length: 20 }, (_, i) => writeFileDurable(f, String(i))))

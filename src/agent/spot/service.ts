@@ -10,8 +10,7 @@
  * notice's deadline minus the margin), and on a failure try the next best member while time is left.
  * The report says per VM what happened and when.
  */
-import { randomBytes } from 'node:crypto'
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises'
+import { mkdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { ChunkService } from '../../../net/chunks/exchange.ts'
 import type { ChunkStore } from '../../../net/chunks/interfaces.ts'
@@ -22,6 +21,7 @@ import type { MigrationProgress, MigrationReport } from '../../../vm/migration/i
 import type { VmSpec } from '../../../vm/spec.ts'
 import { linkedController } from '../../base/abort.ts'
 import { AbortError, describeError, MeshError, UsageError } from '../../base/errors.ts'
+import { writeFileDurable } from '../../base/fs.ts'
 import type { Logger } from '../../base/log.ts'
 import type { ControlHandlers, StandbyRow } from '../../control/api.ts'
 import type { HandlerContext } from '../../control/server.ts'
@@ -193,9 +193,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
     const body = JSON.stringify(state)
     writing = writing.then(async () => {
       await mkdir(init.stateDir, { recursive: true, mode: 0o700 })
-      const tmp = `${file}.${randomBytes(4).toString('hex')}.tmp`
-      await writeFile(tmp, body, { mode: 0o600 })
-      await rename(tmp, file)
+      await writeFileDurable(file, body)
     })
     return writing
   }
