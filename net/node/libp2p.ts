@@ -66,11 +66,13 @@ export async function createControlPlane(init: MemberPlaneInit | JoinerPlaneInit
     },
     transports: [tcp(), circuitRelayTransport()],
     connectionGater: init.gater,
-    // libp2p's monitor pings every connection and, by default, aborts one whose ping fails. Its ping
-    // collided with our own (`mesh ping`, RTT ticks) on the ping protocol's one-stream limit and then
-    // killed a healthy connection carrying direct-path streams mid-transfer. Liveness is the links'
-    // heartbeat's job: the monitor only measures.
-    connectionMonitor: { abortConnectionOnPingFailure: false },
+    // libp2p's monitor pings every connection every 10 s and, by default, aborts one whose ping fails.
+    // Its ping collided with our own (`mesh ping`, RTT ticks) on the ping protocol's one-stream limit
+    // and then killed a healthy connection carrying direct-path streams mid-transfer. Liveness is the
+    // links' heartbeat's job, RTT the supervisor's (nothing reads the monitor's connection.rtt), and
+    // each of its pings is a new stream with a protocol negotiation and a peer-store write at both
+    // ends: most of an idle agent's CPU with a dozen connections. Off.
+    connectionMonitor: { enabled: false },
     // libp2p's defaults (5 inbound connections a second per remote IP, 10 pending) refused members
     // joining at once: the members behind one NAT share its public IP, each join opens two
     // connections (admission, then the member node), and a bootstrap takes a whole fleet's joins in a

@@ -10,7 +10,7 @@
  * between up / down / dropped, measures RTT where the link does not, keeps relay reservations on every
  * bootstrap, and now and then runs a full member-set exchange with one member (anti-entropy).
  */
-import type { Connection, Stream } from '@libp2p/interface'
+import type { Connection, PeerId, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
 import { AbortError, describeError } from '../../src/base/errors.ts'
@@ -36,8 +36,14 @@ const SIGNAL_DIAL_MS = 15_000
 const STABLE_LINK_MS = 10_000
 /** A failed relay reservation is retried after this long. */
 const RESERVATION_RETRY_MS = 10_000
-/** Ticks between libp2p pings of a member whose link does not measure RTT itself. */
+/** Ticks between libp2p pings of a warm or wanted member whose link does not measure RTT itself. */
 const PING_EVERY_TICKS = 5
+/** The same for a connected member outside the warm set (an idle agent's CPU went to such pings: each
+ *  is a new yamux stream, a multistream-select negotiation and a peer-store write at both ends). */
+const IDLE_PING_EVERY_TICKS = 60
+/** Ticks between checks of this node's relay reservations (each reads libp2p's listen addresses, which
+ *  expands 0.0.0.0 over the host's interfaces). */
+const RESERVATIONS_EVERY_TICKS = 5
 /** Ticks between anti-entropy exchanges. */
 const ANTI_ENTROPY_EVERY_TICKS = 30
 /** Ring neighbours each member keeps a link to (see the header); meshes up to this + 1 are full. */
@@ -50,6 +56,8 @@ const CONNECT_TIMEOUT_MS = 35_000
 type RttLink = Link & { readonly rttMs?: number }
 
 interface PeerState {
+  /** The parsed PeerId (parsed once: the tick asks libp2p about every member every second). */
+  id: PeerId
   state: MemberState
   lastSeen: number
   link?: RttLink
@@ -147,6 +155,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     if (st === undefined) {
       const now = Date.now()
       st = {
+        id: peerIdFromString(peer),
         state: 'down',
         lastSeen: now,
         backoffMs: 0,
@@ -183,7 +192,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
   const observe = (peer: string, st: PeerState, now = Date.now()): void => {
     const node = ctx.libp2p
     if (node === undefined || !state.isMember(peer)) return
-    const up = st.link?.state === 'open' || node.getConnections(peerIdFromString(peer)).length > 0
+    const up = st.link?.state === 'open' || node.getConnections(st.id).length > 0
     // The warm set as of the last tick (recomputing it per member would cost O(n log n) each).
     const kept = warm.has(peer) || st.wantedUntil > now || st.connecting !== undefined
     if (!up && !kept) {
@@ -488,7 +497,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     const warmPeers = warmSet()
     for (const [peer, st] of peers) {
       if (!set.isMember(peer)) continue
-      const conns = node.getConnections(peerIdFromString(peer))
+      const conns = node.getConnections(st.id)
       observe(peer, st, now)
       const isWarm = warmPeers.has(peer)
       const wanted = st.wantedUntil > now
@@ -520,10 +529,15 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
         st.link.close(new ControlError('idle link outside the warm set'))
       }
       if (st.link?.rttMs !== undefined) st.rttMs = st.link.rttMs
-      else if (conns.length > 0 && ticks % PING_EVERY_TICKS === 0) void init.ping(peer).catch(() => {})
+      else if (
+        conns.length > 0 &&
+        ticks % (isWarm || wanted ? PING_EVERY_TICKS : IDLE_PING_EVERY_TICKS) === 0
+      )
+        void init.ping(peer).catch(() => {})
     }
     reapZombies(node)
-    if (!init.relay) keepReservations(now)
+    if (!init.relay && (ticks <= RESERVATIONS_EVERY_TICKS || ticks % RESERVATIONS_EVERY_TICKS === 0))
+      keepReservations(now)
     // Anti-entropy: now and then a full exchange with one connected member heals any missed gossip.
     if (ticks % ANTI_ENTROPY_EVERY_TICKS === 0) {
       const conns = node.getConnections().filter((c) => set.isMember(c.remotePeer.toString()))
