@@ -10,7 +10,7 @@ import type { Libp2p } from 'libp2p'
 import { describeError, throwIfAborted } from '../src/base/errors.ts'
 import { type Logger, silentLogger } from '../src/base/log.ts'
 import { ControlError } from './control/errors.ts'
-import { ADMIT_PROTOCOL, MEMBERS_PROTOCOL } from './control/protocols.ts'
+import { ADMIT_PROTOCOL, MEMBERS_PROTOCOL, MEMBERS_PROTOCOL_V2 } from './control/protocols.ts'
 import {
   receiveStreamBench,
   STREAM_BENCH_PROTOCOL,
@@ -129,6 +129,8 @@ class MeshNodeImpl implements MeshNode {
       ctx,
       dropPeers: (drop, reason) => this.links.dropPeers(drop, reason),
       trackMembers: () => this.links.trackMembers(),
+      // Changes go to the members this node keeps links to; the ring carries them to everyone.
+      pushTo: (peer) => this.links.keeps(peer),
     })
     this.gate = createMemberGate({
       ctx,
@@ -158,7 +160,7 @@ class MeshNodeImpl implements MeshNode {
       ...(init.links?.warm === undefined ? {} : { warmLinks: init.links.warm }),
       ...(init.links?.idleMs === undefined ? {} : { linkIdleMs: init.links.idleMs }),
       antiEntropy: (peer) =>
-        this.gossip.exchange(peer, 'all', { signal: AbortSignal.timeout(this.timing.requestTimeoutMs) }),
+        this.gossip.sync(peer, [], { signal: AbortSignal.timeout(this.timing.requestTimeoutMs) }),
     })
     this.admission = createAdmission({
       ctx,
@@ -168,7 +170,7 @@ class MeshNodeImpl implements MeshNode {
       pnet: init.pnet === true,
       bootstrapRelay: init.bootstrapRole?.relay === true,
       gate: this.gate,
-      changed: (source) => this.gossip.changed(source),
+      changed: (source, added) => this.gossip.changed(source, added),
     })
   }
 
@@ -246,7 +248,12 @@ class MeshNodeImpl implements MeshNode {
       await node.start()
       // identify and ping register their handlers when they start: wrap them right after (a stranger's
       // stream in between would still find no mesh protocol open, only these two).
-      await this.gate.guardBuiltins(node, [ADMIT_PROTOCOL, MEMBERS_PROTOCOL, SIGNAL_PROTOCOL])
+      await this.gate.guardBuiltins(node, [
+        ADMIT_PROTOCOL,
+        MEMBERS_PROTOCOL,
+        MEMBERS_PROTOCOL_V2,
+        SIGNAL_PROTOCOL,
+      ])
       const stunPort = this.init.bootstrapRole?.stunPort
       if (stunPort !== undefined) {
         this.stun = await startStunServer({ port: stunPort, signal: this.ctl.signal })
@@ -280,6 +287,11 @@ class MeshNodeImpl implements MeshNode {
       opts,
     )
     await node.handle(
+      MEMBERS_PROTOCOL_V2,
+      gate.guard(MEMBERS_PROTOCOL_V2, (s, c) => this.gossip.handleSync(s, c)),
+      opts,
+    )
+    await node.handle(
       SIGNAL_PROTOCOL,
       gate.guard(SIGNAL_PROTOCOL, (s, c) => this.links.handleSignal(s, c)),
       opts,
@@ -306,8 +318,9 @@ class MeshNodeImpl implements MeshNode {
     const peer = conn.remotePeer.toString()
     if (this.ctx.state.isMember(peer)) {
       this.links.observe(peer)
+      // Digests first: a member that connects gets only what it lacks (usually nothing).
       void this.gossip
-        .exchange(peer, 'all', { signal: AbortSignal.timeout(this.timing.requestTimeoutMs) })
+        .sync(peer, [], { signal: AbortSignal.timeout(this.timing.requestTimeoutMs) })
         .catch((err) => this.log.warn(`member sync with ${peer} failed: ${describeError(err)}`))
       return
     }

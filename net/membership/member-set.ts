@@ -167,18 +167,40 @@ export class MemberSet {
   }
 
   /** Merges many records; invalid ones are skipped and counted, so one bad record cannot block the rest. */
-  async merge(raws: readonly unknown[]): Promise<{ added: number; invalid: number }> {
+  async merge(
+    raws: readonly unknown[],
+  ): Promise<{ added: number; invalid: number; records: SignedRecord[] }> {
     let added = 0
     let invalid = 0
+    const records: SignedRecord[] = []
     for (const raw of raws) {
       try {
-        if (await this.add(raw)) added++
+        if (await this.add(raw)) {
+          added++
+          const r = raw as SignedRecord
+          records.push({ body: r.body, sig: r.sig })
+        }
       } catch (err) {
         if (!(err instanceof MembershipError)) throw err
         invalid++
       }
     }
-    return { added, invalid }
+    return { added, invalid, records }
+  }
+
+  /** Every record id, sorted. */
+  ids(): string[] {
+    return [...this.records.keys()].sort()
+  }
+
+  /** The records this set holds among `ids` (unknown ids are skipped). */
+  byIds(ids: Iterable<string>): SignedRecord[] {
+    const out: SignedRecord[] = []
+    for (const id of ids) {
+      const v = this.records.get(id)
+      if (v !== undefined) out.push(v.record)
+    }
+    return out
   }
 
   /** All records, sorted by id (a canonical order, so equal sets serialise equally). */

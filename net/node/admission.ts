@@ -26,6 +26,7 @@ import {
   NetworkKeyError,
   PeerRevokedError,
 } from '../membership/errors.ts'
+import type { SignedRecord } from '../membership/interfaces.ts'
 import { createInvite, verifyInvite } from '../membership/invite.ts'
 import { MemberSet, signEntry, signRevocation } from '../membership/member-set.ts'
 import { type NetworkKey, networkInfoFromPublic } from '../membership/network.ts'
@@ -49,7 +50,7 @@ export interface AdmissionInit {
   bootstrapRelay: boolean
   gate: Pick<MemberGate, 'refuse'>
   /** The member set changed (gossip: save, push, enforce). */
-  changed(source: string | undefined): void
+  changed(source: string | undefined, added?: readonly SignedRecord[]): void
 }
 
 export function createAdmission(init: AdmissionInit): Admission {
@@ -79,7 +80,7 @@ export function createAdmission(init: AdmissionInit): Admission {
     ctx.emit('admitted', { peer, name })
     // Not back to the joiner: it gets the set in the admission reply (and its admission node serves
     // nothing else).
-    init.changed(peer)
+    init.changed(peer, [record])
   }
 
   return {
@@ -230,9 +231,10 @@ export function createAdmission(init: AdmissionInit): Admission {
       if (set === undefined) throw new NodeStateError('not started')
       if (peer === ctx.self) throw new MembershipError('a node cannot revoke itself')
       if (set.isRevoked(peer)) return
-      await set.add(await signRevocation(key, peer))
+      const revocation = await signRevocation(key, peer)
+      await set.add(revocation)
       ctx.log.info(`revoked ${peer}`)
-      init.changed(undefined)
+      init.changed(undefined, [revocation])
     },
   }
 }

@@ -1,17 +1,22 @@
 /**
- * Member-set replication: push-pull exchanges of signed records (and unsigned address hints) with
- * connected members, a full exchange with every member that connects, anti-entropy now and then, and
- * what follows a change: save, enforce revocations (close the revoked peer's links, tell it, hang up),
- * push to everyone else. Gossip stops by itself once an exchange adds nothing.
+ * Member-set replication: signed records (and unsigned address hints) reconciled between members by
+ * digest (`/mesh/members/2`, see net/control/protocols.ts): what changed is pushed to the connected
+ * members this node keeps links to (its warm ring neighbours and on-demand links), a member that
+ * connects and anti-entropy now and then compare digests and send only the difference. After a change:
+ * save, enforce revocations (close the revoked peer's links, tell it, hang up), push on. Gossip stops by
+ * itself once an exchange adds nothing. Members of an older version speak `/mesh/members/1` (whole sets).
  */
 import type { Connection, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { describeError } from '../../src/base/errors.ts'
 import {
   decodeMembersMessage,
+  decodeMembersSync,
   MAX_MEMBERS_FRAME,
   MEMBERS_PROTOCOL,
+  MEMBERS_PROTOCOL_V2,
   type MembersMessage,
+  type MembersSyncMessage,
 } from '../control/protocols.ts'
 import { FramedStream } from '../control/stream.ts'
 import { PeerRevokedError } from '../membership/errors.ts'
@@ -20,6 +25,16 @@ import { NodeStateError } from './errors.ts'
 import type { Gossip, GossipStats, NodeContext } from './interfaces.ts'
 
 const MAX_HINTS = 16
+
+/** The member a record is about (entries and revocations both name it), undefined for garbage. */
+function peerOf(r: SignedRecord): string | undefined {
+  try {
+    const body = JSON.parse(Buffer.from(r.body, 'base64url').toString('utf8')) as { peerId?: unknown }
+    return typeof body.peerId === 'string' ? body.peerId : undefined
+  } catch {
+    return undefined
+  }
+}
 /** A revoked peer gets this long to take its one-way notice before we hang up. */
 const NOTICE_TIMEOUT_MS = 2000
 
@@ -29,13 +44,16 @@ export interface GossipInit {
   dropPeers(drop: (peer: string) => boolean, reason: (peer: string) => Error): string[]
   /** Makes sure every current member is supervised. */
   trackMembers(): void
+  /** Whether a change is pushed to this connected member (default: every one). The node pushes to the
+   *  members it keeps links to: ring neighbours carry a change around the whole ring. */
+  pushTo?(peer: string): boolean
 }
 
-export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Gossip {
+export function createGossip({ ctx, dropPeers, trackMembers, pushTo }: GossipInit): Gossip {
   const hints = new Map<string, string[]>()
   let selfRevoked = false
   const counters: GossipStats = { sent: 0, received: 0, bytesOut: 0, bytesIn: 0 }
-  const send = (framed: FramedStream, msg: MembersMessage): void => {
+  const send = (framed: FramedStream, msg: MembersMessage | MembersSyncMessage): void => {
     const bytes = new TextEncoder().encode(JSON.stringify(msg))
     counters.sent++
     counters.bytesOut += bytes.byteLength
@@ -46,11 +64,30 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     counters.bytesIn += frame.byteLength
     return decodeMembersMessage(frame)
   }
+  const receiveSync = (frame: Uint8Array): MembersSyncMessage => {
+    counters.received++
+    counters.bytesIn += frame.byteLength
+    return decodeMembersSync(frame)
+  }
   const state = ctx.state
 
   const addrHints = (): Record<string, string[]> => {
     const out: Record<string, string[]> = {}
     for (const [p, list] of hints) if (state.isMember(p)) out[p] = list
+    const own = ctx.addresses().slice(0, MAX_HINTS)
+    if (own.length > 0) out[ctx.self] = own
+    return out
+  }
+
+  /** Own hints and those of the members the records are about (a new member's addresses travel with
+   *  its record). */
+  const hintsFor = (records: readonly SignedRecord[]): Record<string, string[]> => {
+    const out: Record<string, string[]> = {}
+    for (const r of records) {
+      const p = peerOf(r)
+      const h = p === undefined ? undefined : hints.get(p)
+      if (p !== undefined && h !== undefined && state.isMember(p)) out[p] = h
+    }
     const own = ctx.addresses().slice(0, MAX_HINTS)
     if (own.length > 0) out[ctx.self] = own
     return out
@@ -64,14 +101,46 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
   }
 
   const recordsAbout = (peer: string): SignedRecord[] =>
-    (state.set?.list() ?? []).filter((r) => {
-      try {
-        const body = JSON.parse(Buffer.from(r.body, 'base64url').toString('utf8')) as { peerId?: unknown }
-        return body.peerId === peer
-      } catch {
-        return false
-      }
+    (state.set?.list() ?? []).filter((r) => peerOf(r) === peer)
+
+  /**
+   * Reconciles with one member over /mesh/members/2 (frames in net/control/protocols.ts): `delta` is
+   * what changed here (empty: only compare digests). A member of an older version gets the v1 exchange.
+   */
+  const sync = async (peer: string, delta: readonly SignedRecord[], signal: AbortSignal): Promise<void> => {
+    const node = ctx.libp2p
+    const set = state.set
+    if (node === undefined || set === undefined || set.isRevoked(peer)) return
+    const stream = await node.dialProtocol(peerIdFromString(peer), [MEMBERS_PROTOCOL_V2, MEMBERS_PROTOCOL], {
+      signal,
+      runOnLimitedConnection: true,
     })
+    if (stream.protocol === MEMBERS_PROTOCOL) {
+      await exchangeOver(stream, peer, 'all', signal)
+      return
+    }
+    const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
+    try {
+      send(framed, { records: delta, digest: set.digest(), addrs: hintsFor(delta) })
+      const r2 = receiveSync(await framed.read({ signal, what: 'member digest' }))
+      learnHints(r2.addrs)
+      if (r2.ids === undefined) return // same set
+      const theirs = new Set(r2.ids)
+      const mine = set.ids()
+      const mineSet = new Set(mine)
+      send(framed, {
+        records: set.byIds(mine.filter((id) => !theirs.has(id))),
+        wantIds: r2.ids.filter((id) => !mineSet.has(id)),
+        addrs: {},
+      })
+      const r4 = receiveSync(await framed.read({ signal, what: 'member records' }))
+      const { added, invalid, records } = await set.merge(r4.records)
+      if (invalid > 0) ctx.log.warn(`member set from ${peer}: ${invalid} invalid records ignored`)
+      if (added > 0) changed(peer, records)
+    } finally {
+      await framed.close().catch(() => {})
+    }
+  }
 
   const exchange: Gossip['exchange'] = async (peer, want, { signal, notice = false }) => {
     const node = ctx.libp2p
@@ -83,6 +152,19 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
       signal,
       runOnLimitedConnection: true,
     })
+    await exchangeOver(stream, peer, want, signal, notice)
+  }
+
+  /** The v1 exchange on an open /mesh/members/1 stream. */
+  const exchangeOver = async (
+    stream: Stream,
+    peer: string,
+    want: 'all' | 'self',
+    signal: AbortSignal,
+    notice = false,
+  ): Promise<void> => {
+    const set = state.set
+    if (set === undefined) return
     const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
     const msg: MembersMessage = { want, records: want === 'all' ? set.list() : [], addrs: addrHints() }
     send(framed, msg)
@@ -92,10 +174,10 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     }
     const resp = receive(await framed.read({ signal, what: 'member set' }))
     await framed.close()
-    const { added, invalid } = await set.merge(resp.records)
+    const { added, invalid, records } = await set.merge(resp.records)
     if (invalid > 0) ctx.log.warn(`member set from ${peer}: ${invalid} invalid records ignored`)
     learnHints(resp.addrs)
-    if (added > 0) changed(peer)
+    if (added > 0) changed(peer, records)
   }
 
   /** Tells a revoked peer (it then stops knocking: `self-revoked`), then hangs up on it. */
@@ -111,9 +193,9 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     await node.hangUp(id).catch(() => {})
   }
 
-  /** After any change: save, enforce revocations, and push to every connected member (except the source:
-   *  it already has what we merged from it). */
-  const changed = (source: string | undefined): void => {
+  /** After any change: save, enforce revocations, and push what changed (`added`; unknown: digests only)
+   *  to the connected members we push to (except the source: it already has what we merged from it). */
+  const changed = (source: string | undefined, added: readonly SignedRecord[] = []): void => {
     const set = state.set
     const node = ctx.libp2p
     if (set === undefined) return
@@ -137,8 +219,8 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
     if (node === undefined) return
     const connected = new Set(node.getConnections().map((c) => c.remotePeer.toString()))
     for (const peer of connected) {
-      if (peer === source || !set.isMember(peer)) continue
-      void exchange(peer, 'all', { signal: AbortSignal.timeout(ctx.timing.requestTimeoutMs) }).catch((err) =>
+      if (peer === source || !set.isMember(peer) || (pushTo !== undefined && !pushTo(peer))) continue
+      void sync(peer, added, AbortSignal.timeout(ctx.timing.requestTimeoutMs)).catch((err) =>
         ctx.log.warn(`gossip to ${peer} failed: ${describeError(err)}`),
       )
     }
@@ -146,6 +228,7 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
 
   return {
     exchange,
+    sync: (peer, delta, { signal }) => sync(peer, delta, signal),
     changed,
     recordsAbout,
     hints: (peer) => hints.get(peer) ?? [],
@@ -160,14 +243,45 @@ export function createGossip({ ctx, dropPeers, trackMembers }: GossipInit): Goss
       if (set === undefined) throw new NodeStateError('not started')
       const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
       const req = receive(await framed.read({ timeoutMs: ctx.timing.requestTimeoutMs }))
-      const { added, invalid } = await set.merge(req.records)
+      const { added, invalid, records: fresh } = await set.merge(req.records)
       if (invalid > 0) ctx.log.warn(`member set from ${peer}: ${invalid} invalid records ignored`)
       learnHints(req.addrs)
       const records = req.want === 'all' ? set.list() : req.want === 'self' ? recordsAbout(ctx.self) : []
       const resp: MembersMessage = { want: 'none', records, addrs: req.want === 'self' ? {} : addrHints() }
       send(framed, resp)
       await framed.close()
-      if (added > 0) changed(peer)
+      if (added > 0) changed(peer, fresh)
+    },
+
+    async handleSync(stream: Stream, conn: Connection) {
+      const peer = conn.remotePeer.toString()
+      const set = state.set
+      if (set === undefined) throw new NodeStateError('not started')
+      const framed = new FramedStream(stream, MAX_MEMBERS_FRAME)
+      const timeoutMs = ctx.timing.requestTimeoutMs
+      const fresh: SignedRecord[] = []
+      const mergeFrom = async (recs: readonly unknown[]) => {
+        const r = await set.merge(recs)
+        if (r.invalid > 0) ctx.log.warn(`member set from ${peer}: ${r.invalid} invalid records ignored`)
+        fresh.push(...r.records)
+      }
+      try {
+        const r1 = receiveSync(await framed.read({ timeoutMs }))
+        await mergeFrom(r1.records)
+        learnHints(r1.addrs)
+        const digest = set.digest()
+        if (digest === r1.digest) {
+          send(framed, { records: [], digest, addrs: {} })
+          return
+        }
+        send(framed, { records: [], digest, ids: set.ids(), addrs: addrHints() })
+        const r3 = receiveSync(await framed.read({ timeoutMs }))
+        await mergeFrom(r3.records)
+        send(framed, { records: set.byIds(r3.wantIds ?? []), addrs: {} })
+      } finally {
+        await framed.close().catch(() => {})
+        if (fresh.length > 0) changed(peer, fresh)
+      }
     },
   }
 }

@@ -88,10 +88,15 @@ export interface Gossip {
     want: 'all' | 'self',
     options: { signal: AbortSignal; notice?: boolean },
   ): Promise<void>
+  /** Reconciles with one member (`/mesh/members/2`): pushes `delta`, then only what differs. */
+  sync(peer: string, delta: readonly SignedRecord[], options: { signal: AbortSignal }): Promise<void>
   /** The `/mesh/members/1` handler. */
   handle(stream: Stream, conn: Connection): Promise<void>
-  /** After any change to the set: save, enforce revocations, push to connected members. */
-  changed(source: string | undefined): void
+  /** The `/mesh/members/2` handler. */
+  handleSync(stream: Stream, conn: Connection): Promise<void>
+  /** After any change to the set: save, enforce revocations, push what changed (`added`) to the
+   *  connected members this node pushes to. */
+  changed(source: string | undefined, added?: readonly SignedRecord[]): void
   /** Addresses a member advertised. */
   hints(peer: string): readonly string[]
   /** Records about `peer` only: what `want: 'self'` returns. */
@@ -130,6 +135,8 @@ export interface LinkSupervisor {
   dropPeers(drop: (peer: string) => boolean, reason: (peer: string) => Error): string[]
   /** Re-evaluates a member's up/down state now (a connection opened or closed). */
   observe(peer: string): void
+  /** This node keeps (or is building) a link to the member: a warm ring neighbour, or one wanted now. */
+  keeps(peer: string): boolean
   status(peer: string): PeerStatus | undefined
   setRtt(peer: string, rttMs: number): void
   /** The `/mesh/signal/1` handler: the peer (the pair's initiator) starts a link attempt. */

@@ -589,6 +589,12 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       if (st !== undefined) observe(peer, st)
     },
 
+    keeps(peer) {
+      if (warmSet().has(peer)) return true
+      const st = peers.get(peer)
+      return st !== undefined && (st.link?.state === 'open' || st.wantedUntil > Date.now())
+    },
+
     status(peer): PeerStatus | undefined {
       const st = peers.get(peer)
       if (st === undefined) return undefined

@@ -5,6 +5,7 @@ import {
   decodeAdmitRequest,
   decodeAdmitResponse,
   decodeMembersMessage,
+  decodeMembersSync,
   MAX_ADMIT_FRAME,
 } from '../../net/control/protocols.ts'
 
@@ -51,7 +52,12 @@ describe('control-plane wire decoders', () => {
         try {
           for (const c of chunks) {
             for (const frame of dec.push(c)) {
-              for (const decode of [decodeAdmitRequest, decodeAdmitResponse, decodeMembersMessage]) {
+              for (const decode of [
+                decodeAdmitRequest,
+                decodeAdmitResponse,
+                decodeMembersMessage,
+                decodeMembersSync,
+              ]) {
                 try {
                   decode(frame)
                 } catch (err) {
@@ -72,7 +78,12 @@ describe('control-plane wire decoders', () => {
     fc.assert(
       fc.property(fc.jsonValue(), (v) => {
         const frame = new TextEncoder().encode(JSON.stringify(v))
-        for (const decode of [decodeAdmitRequest, decodeAdmitResponse, decodeMembersMessage]) {
+        for (const decode of [
+          decodeAdmitRequest,
+          decodeAdmitResponse,
+          decodeMembersMessage,
+          decodeMembersSync,
+        ]) {
           try {
             decode(frame)
           } catch (err) {
