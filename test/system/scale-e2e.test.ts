@@ -43,5 +43,9 @@ describe("scale: 12 agents in 3 NAT'd clouds, links on demand (reduced bench sca
     assert.ok(Math.max(...r.linksOpen) <= bound, `links open ${r.linksOpen.join(', ')} (bound ${bound})`)
     assert.ok(Math.max(...r.linksOpen) < 12, 'not a full mesh')
     assert.ok(median(r.cpuPct) <= 10, `idle CPU ${r.cpuPct.join(', ')} %`)
+    // Member-set gossip sends differences, not sets: one more member joining the 13 cost 3.1-3.4 MB
+    // mesh-wide with whole-set push-pull, ~0.1 MB with digests and deltas (/mesh/members/2).
+    const oneMore = r.gossip.oneMore.bytesOut
+    assert.ok(oneMore <= 1_000_000, `one more member's gossip: ${oneMore} bytes`)
   })
 })
