@@ -1,6 +1,6 @@
 /**
  * `npm run bench -- wan [--profile P[,P…]] [--runs N] [--cc cubic|bbr] [--seconds S] [--max-mib N]
- * [--engine werift|libdatachannel] [--tcp-congestion ALGO|default]`: the data plane on emulated WAN paths (fixtures/wan; default: all four
+ * [--engine werift|libdatachannel] [--tcp-congestion ALGO|default] [--kinds natNat,relay,…] [--cpu-prof DIR]`: the data plane on emulated WAN paths (fixtures/wan; default: all four
  * profiles, each in its own topology, one after the other).
  *
  * Per profile, one topology: NAT'd clouds a, b, d (cone) and s (symmetric) on that profile, bootstrap and
@@ -22,14 +22,18 @@
  * medians of `--runs` (default 3) and every run. rttMs is the path RTT measured at start (router a to
  * router b, ICMP). emulatorCpuPct is the emulator's CPU (% of one core) while each path was measured.
  * The agents set their own congestion control on the sockets they own (`--tcp-congestion`, default
- * theirs: bbr); `--tcp-congestion default` leaves them on the hosts' (`--cc`).
+ * theirs: bbr); `--tcp-congestion default` leaves them on the hosts' (`--cc`). `--kinds` measures only
+ * those. `--cpu-prof DIR` writes V8 CPU profiles of the first run's pulls to DIR (puller, holder, and the
+ * bootstrap for the relay): DIR/<pid>-<n>.cpuprofile, n in the order of --kinds.
  *
  * Last line: {"bench":"wan","profiles":{"crosscloud":{"rttMs":…,"natNatMBps":…,"relayMBps":…,
  * "directMBps":…,"tcpMBps":…,"tcpBbrMBps":…,"path":"…",…},…}}
  */
+import { readFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { type CongestionControl, waitForLine } from '../../fixtures/testnet/clouds.ts'
 import { type AgentProc, createTestnet, lastJson, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import { PROFILE_NAMES, type ProfileName, resolveProfile } from '../../fixtures/wan/profiles.ts'
@@ -39,6 +43,7 @@ const log = (s: string) => process.stderr.write(`[bench wan] ${s}\n`)
 const DIRECT_PORT = 4101
 const IPERF_PORT = 5201
 const MiB = 1024 * 1024
+const CPU_PROFILE_PRELOAD = fileURLToPath(new URL('./_cpu-profile.mjs', import.meta.url))
 
 function arg(args: string[], name: string): string | undefined {
   const i = args.indexOf(name)
@@ -81,9 +86,15 @@ export interface ProfileResult {
   /** What the topology measured at start: RTT per pair, rate per profile, loss counted. */
   measured: unknown
   runs: Record<Kind, number[]>
+  /** CPU ms per MB moved (user + system, median over the runs) of the puller, the holder and the
+   *  bootstrap (the relay) during each pull: load on the box changes MB/s far more than this. */
+  cpuMsPerMB: Partial<Record<Kind, { puller: number; holder: number; boot: number }>>
   /** MiB moved per transfer, per kind (chosen from the probe). */
   mib: Partial<Record<Kind, number>>
   setupSeconds: number
+  /** Seconds from `mesh join` to "agent ready" per member (one after the other), and then until all
+   *  four see open links to each other (fullMesh). */
+  joinSeconds: Record<string, number>
   load: number[]
 }
 
@@ -123,13 +134,27 @@ async function linkPathTo(from: AgentProc, to: string): Promise<string> {
   return r === undefined || r.link !== 'open' ? 'none' : (r.path ?? '?')
 }
 
+/** CPU seconds (user + system) a process has used so far; 0 when it is gone. */
+function cpuSecondsOf(pid: number | undefined): number {
+  if (pid === undefined) return 0
+  try {
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(f[11]) + Number(f[12])) / 100
+  } catch {
+    return 0
+  }
+}
+
 /** Pulls `mib` MiB of fresh random data that only `holder` has; returns MB/s as the agent timed it. */
-async function pull(c: Ctx, holder: AgentProc, mib: number): Promise<number> {
+async function pull(c: Ctx, holder: AgentProc, mib: number, beforePull?: () => void): Promise<number> {
   const name = `wan${c.seq++}`
   const file = join(c.dir, `${name}.bin`)
   await writeTestFile(file, Math.round(mib * MiB))
   await ok(holder, ['image', 'push', file, '--name', `${name}:v1`, '--json'])
   await rm(file, { force: true })
+  beforePull?.()
   const res = lastJson<{ bytesFetched: number; elapsedMs: number }>(
     await ok(c.puller, ['image', 'pull', `${name}:v1`, '--json']),
   )
@@ -194,6 +219,8 @@ async function benchProfile(
     maxMiB: number
     engine: string
     agentCc: string | undefined
+    kinds: Kind[]
+    cpuProfDir: string | undefined
   },
 ): Promise<ProfileResult> {
   const t0 = Date.now()
@@ -212,18 +239,38 @@ async function benchProfile(
     noJoin: true,
     profile,
     measureWan: 'full',
+    ...(o.cpuProfDir === undefined
+      ? {}
+      : {
+          env: {
+            NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --import=${CPU_PROFILE_PRELOAD}`.trim(),
+            MESH_CPU_PROFILE_DIR: o.cpuProfDir,
+          },
+        }),
     agentArgs: ['--engine', o.engine, ...(o.agentCc === undefined ? [] : ['--tcp-congestion', o.agentCc])],
     log: (l) => log(`${profile}: ${l}`),
   })
   try {
-    const a1 = await net.join('a1')
-    const b1 = await net.join('b1')
-    const s1 = await net.join('s1')
+    // Join time: `mesh join` (invite through the bootstrap) until the agent says it is ready, one member
+    // after the other; then until every member has an open link to every other.
+    const joinSeconds: Record<string, number> = {}
+    const timed = async (name: string, o?: { args: string[] }) => {
+      const j0 = Date.now()
+      const a = await net.join(name, o)
+      joinSeconds[name] = r2((Date.now() - j0) / 1000)
+      return a
+    }
+    const a1 = await timed('a1')
+    const b1 = await timed('b1')
+    const s1 = await timed('s1')
     const pub = await net.topo.cloud('d').forwardTcp(DIRECT_PORT)
-    const d1 = await net.join('d1', {
+    const d1 = await timed('d1', {
       args: ['--listen', `/ip4/0.0.0.0/tcp/${DIRECT_PORT}`, '--announce', pub],
     })
+    const m0 = Date.now()
     await net.waitForFullMesh(['a1', 'b1', 's1', 'd1'], 240_000)
+    joinSeconds.fullMesh = r2((Date.now() - m0) / 1000)
+    log(`${profile}: join ${JSON.stringify(joinSeconds)} s`)
     // TCP paths for the bulk channels (direct dial, hole punch, relay) are set up after the link is up:
     // give them 30 s; what is still on WebRTC then is what mesh picked.
     const readPaths = async () => ({
@@ -259,7 +306,9 @@ async function benchProfile(
     const mib: Partial<Record<Kind, number>> = {}
     const sizeFor = (rate: number) =>
       Math.max(1, Math.min(o.maxMiB, Math.round((rate * 1e6 * o.seconds) / MiB)))
-    for (const k of ['natNat', 'relay', 'direct', 'link', 'linkTurn'] as const) {
+    for (const k of (['natNat', 'relay', 'direct', 'link', 'linkTurn'] as const).filter((x) =>
+      o.kinds.includes(x),
+    )) {
       let size = 1
       for (let probe = 0; ; probe++) {
         const rate =
@@ -282,8 +331,18 @@ async function benchProfile(
     const runs = Object.fromEntries(KINDS.map((k) => [k, []])) as unknown as Record<Kind, number[]>
     const cpu = Object.fromEntries(KINDS.map((k) => [k, []])) as unknown as Record<Kind, number[]>
     let tcpCc = '?'
+    // --cpu-prof: the first run's pulls are profiled in the puller, the holder and (relay) the bootstrap.
+    const profiled = (k: Kind) =>
+      k === 'natNat' || k === 'direct' ? [b1, c.holders[k]] : k === 'relay' ? [b1, s1, net.boot] : []
+    const cpuRuns: Partial<Record<Kind, { puller: number[]; holder: number[]; boot: number[] }>> = {}
+    const roles = (k: 'natNat' | 'relay' | 'direct') => ({ puller: b1, holder: c.holders[k], boot: net.boot })
+    const toggleProfile = (k: Kind) => {
+      for (const a of profiled(k)) if (a.child.pid !== undefined) process.kill(a.child.pid, 'SIGUSR2')
+    }
     for (let run = 1; run <= o.runs; run++) {
-      for (const k of KINDS) {
+      for (const k of KINDS.filter((x) => o.kinds.includes(x))) {
+        const prof = o.cpuProfDir !== undefined && run === 1
+        if (prof) toggleProfile(k)
         const c0 = net.topo.wan?.cpuSeconds() ?? 0
         const w0 = Date.now()
         let v: number
@@ -294,9 +353,21 @@ async function benchProfile(
         } else if (k === 'link' || k === 'linkTurn') {
           v = await linkBench(c, mib[k]!, k === 'linkTurn')
         } else {
-          v = await pull(c, c.holders[k], mib[k]!)
+          const who = roles(k)
+          let before: number[] = []
+          v = await pull(c, c.holders[k], mib[k]!, () => {
+            before = Object.values(who).map((a) => cpuSecondsOf(a.child.pid))
+          })
+          const mb = (mib[k]! * MiB) / 1e6
+          const r = cpuRuns[k] ?? { puller: [], holder: [], boot: [] }
+          cpuRuns[k] = r
+          Object.values(who).forEach((a, j) => {
+            const role = (['puller', 'holder', 'boot'] as const)[j]!
+            r[role].push(r2(((cpuSecondsOf(a.child.pid) - before[j]!) * 1000) / mb))
+          })
         }
         const secs = (Date.now() - w0) / 1000
+        if (prof) toggleProfile(k)
         runs[k].push(r2(v))
         cpu[k].push(r2((((net.topo.wan?.cpuSeconds() ?? 0) - c0) / secs) * 100))
         log(`${profile} run ${run}: ${k} ${r2(v)} MB/s (emulator CPU ${cpu[k].at(-1)}% of a core)`)
@@ -335,8 +406,15 @@ async function benchProfile(
       emulator,
       measured: net.topo.wan?.measured,
       runs,
+      cpuMsPerMB: Object.fromEntries(
+        Object.entries(cpuRuns).map(([k, r]) => [
+          k,
+          { puller: r2(median(r.puller)), holder: r2(median(r.holder)), boot: r2(median(r.boot)) },
+        ]),
+      ),
       mib,
       setupSeconds: r2(setupSeconds),
+      joinSeconds,
       load: loadavg().map(r2),
     }
   } finally {
@@ -355,12 +433,24 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
   const maxMiB = Number(arg(args, '--max-mib') ?? 256)
   const engine = arg(args, '--engine') ?? 'werift'
   const agentCc = arg(args, '--tcp-congestion')
+  const kinds = (arg(args, '--kinds')?.split(',') ?? KINDS) as Kind[]
+  for (const k of kinds) if (!KINDS.includes(k)) throw new Error(`--kinds: ${KINDS.join(',')}, not ${k}`)
+  const cpuProfDir = arg(args, '--cpu-prof')
   if (!(runs >= 1 && seconds >= 1 && maxMiB >= 1))
     throw new Error('--runs, --seconds and --max-mib must be ≥ 1')
   const profiles: Record<string, ProfileResult> = {}
   for (const p of list) {
     log(`profile ${p}: load ${loadavg().map(r2).join(' ')}`)
-    profiles[p] = await benchProfile(p as ProfileName, { runs, cc, seconds, maxMiB, engine, agentCc })
+    profiles[p] = await benchProfile(p as ProfileName, {
+      runs,
+      cc,
+      seconds,
+      maxMiB,
+      engine,
+      agentCc,
+      kinds,
+      cpuProfDir,
+    })
     const r = profiles[p]!
     log(
       `profile ${p}: rtt ${r.rttMs} ms; natNat ${r.natNatMBps} (${r.path}), relay ${r.relayMBps}, direct ${r.directMBps}, link ${r.linkMBps} / TURN ${r.linkTurnMBps}; tcp ${r.tcpCc} ${r.tcpMBps}, bbr ${r.tcpBbrMBps} MB/s`,
