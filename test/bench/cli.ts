@@ -15,6 +15,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { waitUntil } from '../helpers/wait.ts'
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url))
 const BIN = join(ROOT, 'bin/mesh.js')
@@ -60,13 +61,8 @@ function rssMB(pid: number): number {
   return Number(m[1]) / 1024
 }
 
-async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<void> {
-  const until = Date.now() + timeoutMs
-  while (!cond()) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
-  }
-}
+const waitFor = (cond: () => boolean, timeoutMs: number, what: string) =>
+  waitUntil(what, cond, { timeoutMs, intervalMs: 50 })
 
 /** An agent with a fresh network and no links, on loopback; stopped by the returned function. */
 async function startAgent(

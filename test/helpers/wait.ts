@@ -29,3 +29,21 @@ export async function waitUntil(
     await new Promise((r) => setTimeout(r, intervalMs))
   }
 }
+
+/**
+ * As waitUntil, but resolves false when the time runs out: for checks that assert with their own
+ * message, or that only report how far something got (a lossy channel).
+ */
+export async function holdsWithin(
+  cond: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+  intervalMs = 20,
+): Promise<boolean> {
+  try {
+    await waitUntil('condition', cond, { timeoutMs, intervalMs })
+    return true
+  } catch (err) {
+    if (err instanceof WaitTimeoutError) return false
+    throw err
+  }
+}

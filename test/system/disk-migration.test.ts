@@ -16,6 +16,7 @@ import type { MigrationReport } from '../../vm/migration/interfaces.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
 import { createTwoHosts, type TestHost, type TwoHosts } from '../bench/_migrate-hosts.ts'
 import { LineClient } from '../helpers/vm.ts'
+import { holdsWithin } from '../helpers/wait.ts'
 
 const MiB = 1024 * 1024
 
@@ -105,7 +106,8 @@ describe('live migration of a writable disk (real QEMU, Debian guest, block chec
       (back.diskSentBytes ?? Number.POSITIVE_INFINITY) <= 0.05 * written,
       `the return move sent ${back.diskSentBytes} disk bytes of ${written} written (> 5%)`,
     )
-    await new Promise((r) => setTimeout(r, 500))
+    // A drops it as the VM runs there again, just after the move returns: wait for that (bounded).
+    await holdsWithin(() => !existsSync(prevA), 10_000)
     assert.equal(existsSync(prevA), false, 'A dropped its previous disk once the VM ran there again')
     const prevB = previousVolumePath(b.diskDir, 'dsk-g')
     assert.equal(existsSync(prevB), true, 'B now keeps the disk the VM left')

@@ -23,6 +23,7 @@ import {
 } from '../../fixtures/guest/ports.ts'
 import { type BootedGuest, bootGuest } from '../../fixtures/guest/qemu.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
+import { holdsWithin } from '../helpers/wait.ts'
 
 const run = promisify(execFile)
 const FIXTURE = new URL('../../fixtures/guest', import.meta.url).pathname
@@ -146,9 +147,17 @@ async function exerciseMemcheck(port: number, mib: number): Promise<void> {
 
     // churn: a background writer keeps rewriting; checks stay OK and the generation keeps growing.
     assert.match(await mc.send('churn 16'), /^OK churn=16 window=\d+$/)
-    await new Promise((r) => setTimeout(r, 600))
-    const during = await mc.send('check')
-    assert.match(during, /^OK /)
+    // Checks until one shows the churn's rewrites (each must be OK on the way), not a fixed 600 ms.
+    let during = ''
+    await holdsWithin(
+      async () => {
+        during = await mc.send('check')
+        assert.match(during, /^OK /)
+        return field(during, 'gen') > pages + 512
+      },
+      30_000,
+      100,
+    )
     assert.ok(field(during, 'gen') > pages + 512, `churn rewrote nothing: ${during}`)
     assert.match(await mc.send('churn 0'), /^OK churn=0 /)
     const stats = await mc.send('stats')
@@ -423,9 +432,16 @@ describe('guest fixture: build and boot under QEMU', function () {
       assert.equal(await mc.send('check'), `OK pages=${pages} bytes=67108864 gen=${pages}`)
       assert.match(await mc.send('churn 4'), /^OK churn=4 window=16384$/)
       assert.match(await mc.send('dirty 8'), /^OK dirtied=2048 gen=\d+$/)
-      await new Promise((r) => setTimeout(r, 1000))
-      const ok = await mc.send('check')
-      assert.match(ok, /^OK pages=16384 bytes=67108864 /)
+      let ok = ''
+      await holdsWithin(
+        async () => {
+          ok = await mc.send('check')
+          assert.match(ok, /^OK pages=16384 bytes=67108864 /)
+          return field(ok, 'gen') > pages + 2048
+        },
+        30_000,
+        100,
+      )
       assert.ok(field(ok, 'gen') > pages + 2048, `churn rewrote nothing: ${ok}`)
       assert.match(await mc.send('churn 0'), /^OK/)
       assert.match(await mc.send('corrupt 12345'), /^OK corrupted page=12345 /)

@@ -86,7 +86,7 @@ describe("live migration across NAT'd clouds (e2e, CLI, QEMU guest, tunnel)", fu
       String(ECHO_PORT),
       '600000',
     ])
-    await new Promise((r) => setTimeout(r, 3000))
+    await waitForLine(stream, /^connected/, 60_000) // the stream is up and echoing before the move
 
     // Triggered from a third member: the request is forwarded to the VM's host.
     const there = await migrate(client, 'g1', 'b1')

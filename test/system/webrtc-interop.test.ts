@@ -10,6 +10,7 @@ import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
 import type { WeriftConnection } from '../../net/webrtc/werift/engine.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
+import { holdsWithin } from '../helpers/wait.ts'
 
 type Engine = 'werift' | 'libdatachannel'
 type AnyLink = WebRtcLink
@@ -30,14 +31,7 @@ async function mixedPair(initiator: Engine): Promise<{ a: AnyLink; b: AnyLink }>
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
-async function until(cond: () => boolean, timeoutMs: number): Promise<boolean> {
-  const t0 = Date.now()
-  while (!cond()) {
-    if (Date.now() - t0 > timeoutMs) return false
-    await sleep(10)
-  }
-  return true
-}
+const until = (cond: () => boolean, timeoutMs: number) => holdsWithin(cond, timeoutMs, 10)
 
 function stamp(size: number, tag: number): Uint8Array {
   const m = new Uint8Array(size)

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
+import { holdsWithin, waitUntil } from '../helpers/wait.ts'
 
 /** Two werift links in this process over loopback, signaling in memory. */
 async function loopbackPair(extra: { deadAfterMs?: number } = {}): Promise<{ a: WebRtcLink; b: WebRtcLink }> {
@@ -44,12 +45,14 @@ describe('webrtc link (werift) specifics', function () {
     a.channel('control').send(new Uint8Array(1000))
     await Promise.all([a.destroy(), b.destroy()])
     // werift clears some timers a moment after close: allow a short settle time.
-    const t0 = Date.now()
-    while (Date.now() - t0 < 5000) {
-      const now = udpAndTimers()
-      if (now.udp === before.udp && now.timers <= before.timers) break
-      await new Promise((r) => setTimeout(r, 50))
-    }
+    await holdsWithin(
+      () => {
+        const now = udpAndTimers()
+        return now.udp === before.udp && now.timers <= before.timers
+      },
+      5000,
+      50,
+    )
     assert.deepEqual(udpAndTimers().udp, before.udp, 'no leaked UDP sockets')
     assert.ok(udpAndTimers().timers <= before.timers, `no leaked timers (${JSON.stringify(udpAndTimers())})`)
   })
@@ -57,7 +60,8 @@ describe('webrtc link (werift) specifics', function () {
   it('measures RTT and setup time', async () => {
     const { a, b } = await loopbackPair()
     try {
-      await new Promise((r) => setTimeout(r, 1500))
+      // The first pong measures it (not 1.5 s tied to the default heartbeat).
+      await waitUntil('a pong on each end', () => a.rttMs !== undefined && b.rttMs !== undefined)
       assert.ok(a.rttMs !== undefined && a.rttMs >= 0 && a.rttMs < 1000, `rtt ${a.rttMs}`)
       assert.ok(a.setupMs > 0 && a.setupMs < 30_000)
       assert.ok(['host', 'prflx'].includes(a.path.type), a.path.type)
@@ -75,8 +79,7 @@ describe('webrtc link (werift) specifics', function () {
       })
       // Simulate a dead path: b stops answering without saying bye (its pc vanishes abruptly).
       void b.connection.close()
-      const t0 = Date.now()
-      while (a.state !== 'closed' && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 50))
+      await holdsWithin(() => a.state === 'closed', 10_000, 50)
       assert.equal(a.state, 'closed')
       assert.equal(reason?.name, 'LinkDeadError')
     } finally {
@@ -91,7 +94,8 @@ describe('webrtc link (werift) specifics', function () {
       createWebRtcLink({ peer: 'nobody', initiator: true, signaling: sig.a, connectTimeoutMs: 1500 }),
       { name: 'LinkConnectError' },
     )
-    await new Promise((r) => setTimeout(r, 300))
+    // The sockets close as the attempt unwinds: wait for that (bounded), then check.
+    await holdsWithin(() => udpAndTimers().udp === before.udp, 5000)
     assert.equal(udpAndTimers().udp, before.udp)
   })
 

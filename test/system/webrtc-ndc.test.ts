@@ -18,6 +18,7 @@ type NdcLink = WebRtcLink
 const createNdcLink = (o: WebRtcLinkOptions) => createWebRtcLink({ ...o, engine: 'libdatachannel' })
 
 import { runLinkCompliance } from '../helpers/link-compliance.ts'
+import { holdsWithin, waitUntil } from '../helpers/wait.ts'
 
 async function ndcPair(extra: { deadAfterMs?: number } = {}): Promise<{ a: NdcLink; b: NdcLink }> {
   const sig = createMemorySignalingPair()
@@ -50,7 +51,8 @@ describe('webrtc link (libdatachannel) specifics', function () {
     const { a, b } = await ndcPair()
     try {
       assert.equal(a.engine, 'libdatachannel')
-      await new Promise((r) => setTimeout(r, 1500))
+      // The first pong measures it (not 1.5 s tied to the default heartbeat).
+      await waitUntil('a pong on each end', () => a.rttMs !== undefined && b.rttMs !== undefined)
       assert.ok(a.rttMs !== undefined && a.rttMs >= 0 && a.rttMs < 1000, `rtt ${a.rttMs}`)
       assert.ok(b.rttMs !== undefined, 'both ends ping')
       assert.ok(a.setupMs > 0 && a.setupMs < 30_000)
@@ -73,7 +75,7 @@ describe('webrtc link (libdatachannel) specifics', function () {
       clearInterval(inner.heartbeatTimer)
       inner.onHeartbeat = () => {}
       const t0 = Date.now()
-      while (a.state !== 'closed' && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 50))
+      await holdsWithin(() => a.state === 'closed', 10_000, 50)
       assert.equal(a.state, 'closed')
       assert.equal(reason?.name, 'LinkDeadError')
       assert.match(reason?.message ?? '', /nothing heard/)
@@ -90,8 +92,7 @@ describe('webrtc link (libdatachannel) specifics', function () {
       reason = r
     })
     await a.destroy()
-    const t0 = Date.now()
-    while (b.state !== 'closed' && Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 20))
+    await holdsWithin(() => b.state === 'closed', 5000)
     await b.destroy()
     assert.equal(reason?.name, 'LinkClosedByPeerError')
   })
@@ -163,15 +164,12 @@ describe('webrtc link (libdatachannel) specifics', function () {
       const got: number[] = []
       b.channel('control').onMessage((m) => got.push(m.byteLength))
       a.channel('control').send(new Uint8Array(1234))
-      const t0 = Date.now()
-      while (got.length < 1 && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 20))
+      await holdsWithin(() => got.length >= 1, 10_000)
       assert.deepEqual(got, [1234])
     } finally {
       // The factory's signal bounds the links' life.
       ac.abort()
-      const t0 = Date.now()
-      while ((a.state !== 'closed' || b.state !== 'closed') && Date.now() - t0 < 10_000)
-        await new Promise((r) => setTimeout(r, 20))
+      await holdsWithin(() => a.state === 'closed' && b.state === 'closed', 10_000)
       assert.equal(a.state, 'closed')
       assert.equal(b.state, 'closed')
       await (b as NdcLink).closed

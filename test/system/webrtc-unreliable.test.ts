@@ -9,6 +9,7 @@ import assert from 'node:assert/strict'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
 import type { WeriftConnection } from '../../net/webrtc/werift/engine.ts'
+import { holdsWithin } from '../helpers/wait.ts'
 
 interface LossInjector {
   rate: number
@@ -54,14 +55,7 @@ function prng(seed: number): () => number {
 const LOSS = 0.05
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
-async function until(cond: () => boolean, timeoutMs: number): Promise<boolean> {
-  const t0 = Date.now()
-  while (!cond()) {
-    if (Date.now() - t0 > timeoutMs) return false
-    await sleep(20)
-  }
-  return true
-}
+const until = (cond: () => boolean, timeoutMs: number) => holdsWithin(cond, timeoutMs, 20)
 
 describe('webrtc tunnel channel never retransmits (werift PR-SCTP)', function () {
   this.timeout(120_000)
