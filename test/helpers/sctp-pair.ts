@@ -207,7 +207,14 @@ export async function pushFor(
   sctp: WeriftSctp,
   peer: WeriftSctp,
   ms: number,
-  opts: { messageBytes?: number; sampleMs?: number; streamId?: number; drainMs?: number } = {},
+  opts: {
+    messageBytes?: number
+    sampleMs?: number
+    streamId?: number
+    drainMs?: number
+    /** Stop sending early once this holds (checked before each message). */
+    until?: () => boolean
+  } = {},
 ): Promise<{
   bytes: number
   mbps: number
@@ -245,7 +252,7 @@ export async function pushFor(
     const senders = Math.max(1, Math.ceil((2 * 1024 * 1024) / size))
     await Promise.all(
       Array.from({ length: senders }, async () => {
-        while (!stop) {
+        while (!stop && opts.until?.() !== true) {
           const msg = Buffer.alloc(size, sent & 0xff)
           msg.writeUInt32BE(sent, 0)
           sent++
