@@ -46,7 +46,7 @@ describe('link diagnostics (ping, bench)', () => {
     process.on('unhandledRejection', onUnhandled)
     try {
       await assert.rejects(a.ping('zz', { timeoutMs: 30 }), (e: Error) => /no open link/.test(e.message))
-      await new Promise((r) => setTimeout(r, 120))
+      await new Promise((r) => setTimeout(r, 120)) // deliberate: 4× the injected 30 ms timeout, nothing may surface
       assert.deepEqual(unhandled, [])
     } finally {
       process.off('unhandledRejection', onUnhandled)

@@ -4,7 +4,8 @@
  * (test/helpers/wait.ts, an event, a counter), inject the value small, or drive an injected clock.
  *
  * This scans every test source (test/, benchmarks excepted) for a sleep — `setTimeout(r, X)` inside a
- * promise, `sleep(X)`, `delay(X)` — whose duration names a value imported from src/, net/ or vm/, or a
+ * promise, `sleep(X)`, `delay(X)` — whose duration names a value imported from src/, net/, vm/ or
+ * fixtures/ (the guest's and the testnet's own timings), or a
  * local constant computed from one. Literal sleeps are out of its reach (reviewed by hand; see the
  * comments at each remaining one).
  */
@@ -13,7 +14,7 @@ import { readdirSync, readFileSync } from 'node:fs'
 import { dirname, join, relative, resolve } from 'node:path'
 
 const ROOT = resolve(import.meta.dirname, '../..')
-const PRODUCTION = ['src', 'net', 'vm'].map((d) => join(ROOT, d))
+const PRODUCTION = ['src', 'net', 'vm', 'fixtures'].map((d) => join(ROOT, d))
 
 /** Names a file imports as values from production modules (type-only imports cannot be slept on). */
 function productionImports(file: string, text: string): Set<string> {
@@ -43,6 +44,17 @@ function productionImports(file: string, text: string): Set<string> {
 const mentions = (expr: string, names: Set<string>) =>
   [...expr.matchAll(/[A-Za-z_$][\w$]*/g)].some((w) => names.has(w[0]))
 
+/** The call's argument text from `at` to its closing parenthesis (nested calls included). */
+function argument(text: string, at: number): string {
+  let depth = 0
+  for (let i = at; i < text.length; i++) {
+    const c = text[i]
+    if (c === '(') depth++
+    else if (c === ')' && depth-- === 0) return text.slice(at, i)
+  }
+  return text.slice(at)
+}
+
 /** `file:line: sleep(...)` for every sleep whose duration comes from a production value. */
 function sleepsOnProductionConstants(file: string, text: string): string[] {
   const tainted = productionImports(file, text)
@@ -57,12 +69,12 @@ function sleepsOnProductionConstants(file: string, text: string): string[] {
       }
   }
   const found: string[] = []
-  const sleeps = /setTimeout\(\s*(?:r|res|resolve)\s*,([^;\n]*)|\b(?:sleep|delay)\(([^;\n]*)/g
+  const sleeps = /setTimeout\(\s*(?:r|res|resolve)\s*,|\b(?:sleep|delay)\(/g
   for (const m of text.matchAll(sleeps)) {
-    const arg = m[1] ?? m[2]!
+    const arg = argument(text, m.index + m[0].length)
     if (!mentions(arg, tainted)) continue
     const line = text.slice(0, m.index).split('\n').length
-    found.push(`${relative(ROOT, file)}:${line}: ${m[0].trim()}`)
+    found.push(`${relative(ROOT, file)}:${line}: ${m[0]}${arg})`)
   }
   return found
 }
@@ -79,14 +91,14 @@ function testSources(dir: string): string[] {
 }
 
 describe('tests wait on outcomes, not on production constants (#18.6)', () => {
-  it('no test sleeps on a value imported from src/, net/ or vm/', () => {
+  it('no test sleeps on a value imported from src/, net/, vm/ or fixtures/', () => {
     const found = testSources(join(ROOT, 'test')).flatMap((f) =>
       sleepsOnProductionConstants(f, readFileSync(f, 'utf8')),
     )
     assert.deepEqual(found, [], 'wait on the outcome or inject the value instead')
   })
 
-  it('the check bites: direct, aliased, namespaced and derived constants', () => {
+  it('the check bites: direct, aliased, namespaced, derived and fixture constants, not comments', () => {
     const file = join(ROOT, 'test', 'unit', 'x.test.ts')
     const src = [
       "import { HEARTBEAT_MS, DEAD_MS as DEAD, type Opts } from '../../net/webrtc/link.ts'",
@@ -100,10 +112,13 @@ describe('tests wait on outcomes, not on production constants (#18.6)', () => {
       'await sleep(HELPER_MS)',
       'await sleep(50)',
       'await waitUntil("x", () => true)',
+      "import { COUNTER_INTERVAL_MS } from '../../fixtures/guest/ports.ts'",
+      'await sleep(Math.max(10, COUNTER_INTERVAL_MS * 3))',
+      'await sleep(5) // not HEARTBEAT_MS: a comment is no duration',
     ].join('\n')
     assert.deepEqual(
       sleepsOnProductionConstants(file, src).map((l) => l.split(': ')[0]),
-      ['test/unit/x.test.ts:6', 'test/unit/x.test.ts:7', 'test/unit/x.test.ts:8'],
+      ['test/unit/x.test.ts:6', 'test/unit/x.test.ts:7', 'test/unit/x.test.ts:8', 'test/unit/x.test.ts:13'],
     )
   })
 })

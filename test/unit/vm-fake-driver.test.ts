@@ -19,10 +19,10 @@ describe('fake driver extras', () => {
     const driver = createFakeDriver()
     const spec = validateVmSpec({ name: `fake-up-${process.pid}`, memoryMiB: 16, kernel: '/k' })
     const src = (await driver.start(spec)) as FakeVm
-    await new Promise((r) => setTimeout(r, 30))
+    await new Promise((r) => setTimeout(r, 30)) // deliberate: wall time passes (the fake's uptime is the clock's)
     await src.pause()
     const at = src.uptimeMs()
-    await new Promise((r) => setTimeout(r, 30))
+    await new Promise((r) => setTimeout(r, 30)) // deliberate: time passes while paused, uptime must not
     assert.equal(src.uptimeMs(), at, 'paused guests do not age')
     const state = await src.saveState()
     const { copyFile } = await import('node:fs/promises')
