@@ -1,12 +1,15 @@
 /**
- * Shared by the end-to-end migration fault suites (migrate-faults-e2e, migrate-kills-e2e): where a VM
- * runs, the migrate CLI as a child, and a client that reads the guest's memory checker all along.
+ * Shared by the end-to-end migration fault suites (migrate-faults-e2e, migrate-kills-e2e,
+ * disk-kills-e2e): where a VM runs, the migrate CLI as a child, a client that reads the guest's memory
+ * checker all along, and one move with an agent killed -9 in it (killDuringMove).
  */
 import assert from 'node:assert/strict'
 import type { ChildProcess } from 'node:child_process'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
+import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
 import { type AgentProc, MESH_BIN, REPO_ROOT } from '../../fixtures/testnet/testnet.ts'
 import { ramDirFor } from '../../src/agent/run.ts'
 
@@ -160,4 +163,75 @@ export function assertNeverBack(
     if (b.at >= from && a.at <= to) maxGap = Math.max(maxGap, b.at - a.at)
   }
   return maxGap
+}
+
+export type Victim = 'source' | 'destination'
+/** A named point (test/helpers/fault-hook.mjs kills the agent there) or a time after the move started. */
+export type KillWhen = { point: string } | { afterMs: number }
+
+export interface KilledMove {
+  /** The hook reached the point (always true for a timed kill). */
+  fired: boolean
+  killedAt: number
+  /** The `mesh migrate` child (its output: outputLines). */
+  mig: ChildProcess
+  /** What the CLI said: 'done', or its `mesh:` error line. */
+  said: string
+}
+
+/**
+ * One move src → dst with `victim`'s agent killed -9 at `when`, restarted `restartAfterMs` after it died
+ * (without waiting for the migrate command: a source in doubt waits for this very agent). Asserts the
+ * CLI ends with a clear outcome: a report, or an error that says where the VM is. The agents' NODE_OPTIONS
+ * must import the fault hook.
+ */
+export async function killDuringMove(o: {
+  src: AgentProc
+  dst: AgentProc
+  victim: Victim
+  when: KillWhen
+  vm: string
+  spawned: ChildProcess[]
+  restartAfterMs?: number
+}): Promise<KilledMove> {
+  const { when, vm } = o
+  const target = o.victim === 'source' ? o.src : o.dst
+  const fired = join(target.state, 'test-fault.fired')
+  const armed = join(target.state, 'test-fault.json')
+  if (existsSync(fired)) writeFileSync(fired, '')
+  if ('point' in when) writeFileSync(armed, JSON.stringify({ at: `${o.victim}:${when.point}`, vm }))
+  const mig = startMigrate(o.src, vm, o.dst.name, o.spawned)
+  const died = new Promise<void>((r) => target.child.once('exit', () => r()))
+  if ('point' in when) {
+    // The hook kills the agent at the point; a move that ends without reaching it leaves it alive:
+    // disarm, kill anyway (the caller then sees fired = false).
+    await Promise.race([died, waitForExit(mig, 300_000)])
+    if (target.child.exitCode === null && target.child.signalCode === null) {
+      writeFileSync(armed, '{}')
+      await target.kill()
+    }
+  } else {
+    await sleep(when.afterMs)
+    await target.kill()
+  }
+  const killedAt = Date.now()
+  await died
+  const wasFired = 'point' in when ? existsSync(fired) && readFileSync(fired, 'utf8').trim() !== '' : true
+  await sleep(o.restartAfterMs ?? 0)
+  await target.restart()
+  assert.ok(await waitForExit(mig, 240_000), 'mesh migrate did not end')
+  const out = outputLines(mig)
+  const said =
+    out.find((l) => l.startsWith('mesh:')) ??
+    (out.some((l) => l.startsWith('{"event":"done"')) ? 'done' : out.slice(-1).join(''))
+  if (mig.exitCode === 0) assert.equal(said, 'done', `exit 0 without a report: ${out.slice(-3).join(' | ')}`)
+  else
+    assert.match(
+      said,
+      new RegExp(
+        `rolled back: VM '${vm}' is running on|last seen|stays paused here|stopped answering|agent stopped`,
+      ),
+      `unclear outcome: ${out.slice(-4).join(' | ')}`,
+    )
+  return { fired: wasFired, killedAt, mig, said }
 }

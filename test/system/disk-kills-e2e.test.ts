@@ -15,13 +15,13 @@
  */
 import assert from 'node:assert/strict'
 import type { ChildProcess } from 'node:child_process'
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { DEBIAN_CMDLINE, ensureDebianGuest } from '../../fixtures/guest-debian/build.ts'
 import { BLKCHECK_PORT } from '../../fixtures/guest-debian/ports.ts'
-import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
+import { outputLines } from '../../fixtures/testnet/clouds.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { type AgentProc, createTestnet, REPO_ROOT, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import {
@@ -29,16 +29,15 @@ import {
   GEN_READER,
   genSamples,
   guestCommand,
+  killDuringMove,
   LINE_CLIENT,
   oneCopy,
-  startMigrate,
+  type Victim,
 } from '../helpers/migration-e2e.ts'
 
 const GUEST_IP = '10.99.0.20'
 const VM = 'pg1'
 const HOOK = join(REPO_ROOT, 'test/helpers/fault-hook.mjs')
-
-type Victim = 'source' | 'destination'
 
 interface KillResult {
   victim: Victim
@@ -157,35 +156,19 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
     const on = await oneCopy(pair(), VM, 180_000)
     const [src, dst] = on === 'a1' ? [agent('a1'), agent('b1')] : [agent('b1'), agent('a1')]
     await net!.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
-    const target = victim === 'source' ? src : dst
-    const fired = join(target.state, 'test-fault.fired')
-    if (existsSync(fired)) writeFileSync(fired, '')
-    writeFileSync(join(target.state, 'test-fault.json'), JSON.stringify({ at: `${victim}:${point}`, vm: VM }))
-    const mig = startMigrate(src, VM, dst.name, spawned)
-    const died = new Promise<void>((r) => target.child.once('exit', () => r()))
-    await Promise.race([died, waitForExit(mig, 300_000)])
-    if (target.child.exitCode === null && target.child.signalCode === null) {
-      // The move ended without reaching the point: disarm, kill anyway (the test then says 'not reached').
-      writeFileSync(join(target.state, 'test-fault.json'), '{}')
-      await target.kill()
-    }
-    const killedAt = Date.now()
-    await died
-    const wasFired = existsSync(fired) && readFileSync(fired, 'utf8').trim() !== ''
-    await target.restart()
-    assert.ok(await waitForExit(mig, 240_000), 'mesh migrate did not end')
-    const out = outputLines(mig)
-    const said =
-      out.find((l) => l.startsWith('mesh:')) ??
-      (out.some((l) => l.startsWith('{"event":"done"')) ? 'done' : out.slice(-1).join(''))
-    if (mig.exitCode === 0)
-      assert.equal(said, 'done', `exit 0 without a report: ${out.slice(-3).join(' | ')}`)
-    else
-      assert.match(
-        said,
-        /rolled back: VM 'pg1' is running on|last seen|stays paused here|stopped answering|agent stopped/,
-        `unclear outcome: ${out.slice(-4).join(' | ')}`,
-      )
+    const {
+      fired: wasFired,
+      killedAt,
+      mig,
+      said,
+    } = await killDuringMove({
+      src,
+      dst,
+      victim,
+      when: { point },
+      vm: VM,
+      spawned,
+    })
     // 1. exactly one copy, and one live disk: on the member that runs it (a discarded incoming disk is
     // removed by its session, or by the restarted agent's sweep).
     const runsOn = await oneCopy(pair(), VM, 180_000)

@@ -15,12 +15,11 @@
  */
 import assert from 'node:assert/strict'
 import type { ChildProcess } from 'node:child_process'
-import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
-import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
+import { outputLines } from '../../fixtures/testnet/clouds.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import {
   type AgentProc,
@@ -34,8 +33,10 @@ import {
   GEN_READER,
   genSamples,
   guestCommand,
+  type KillWhen,
+  killDuringMove,
   oneCopy,
-  startMigrate,
+  type Victim,
 } from '../helpers/migration-e2e.ts'
 
 const GUEST_IP = '10.99.0.10'
@@ -54,9 +55,7 @@ function prng(seed: number): () => number {
   }
 }
 
-type Victim = 'source' | 'destination'
-/** A named point (the hook kills there) or a time after the move started (the test kills then). */
-type When = { point: string } | { afterMs: number }
+type When = KillWhen
 
 interface KillResult {
   victim: Victim
@@ -142,50 +141,20 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
   async function killedMove(victim: Victim, when: When, restartAfterMs = 0): Promise<KillResult> {
     const [src, dst] = await ends()
     await net!.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
-    const target = victim === 'source' ? src : dst
-    const fired = join(target.state, 'test-fault.fired')
-    if (existsSync(fired)) writeFileSync(fired, '')
-    if ('point' in when)
-      writeFileSync(
-        join(target.state, 'test-fault.json'),
-        JSON.stringify({ at: `${victim}:${when.point}`, vm: VM }),
-      )
-    const mig = startMigrate(src, VM, dst.name, spawned)
-    const died = new Promise<void>((r) => target.child.once('exit', () => r()))
-    let killedAt: number
-    if ('point' in when) {
-      // The hook kills the agent at the point; a move that ends without reaching it leaves it alive.
-      const ended = waitForExit(mig, 300_000)
-      await Promise.race([died, ended])
-      if (target.child.exitCode === null && target.child.signalCode === null) {
-        writeFileSync(join(target.state, 'test-fault.json'), '{}')
-        await target.kill()
-      }
-      killedAt = Date.now()
-    } else {
-      await sleep(when.afterMs)
-      await target.kill()
-      killedAt = Date.now()
-    }
-    await died
-    const wasFired = existsSync(fired) && readFileSync(fired, 'utf8').trim() !== ''
-    // Restart without waiting for the migrate command: a source in doubt waits for this very agent.
-    await sleep(restartAfterMs)
-    await target.restart()
-    assert.ok(await waitForExit(mig, 240_000), 'mesh migrate did not end')
-    const out = outputLines(mig)
-    const said =
-      out.find((l) => l.startsWith('mesh:')) ??
-      (out.some((l) => l.startsWith('{"event":"done"')) ? 'done' : out.slice(-1).join(''))
-    // A clear outcome from the CLI: a report, or an error that says where the VM is.
-    if (mig.exitCode === 0)
-      assert.ok(said === 'done', `exit 0 without a report: ${out.slice(-3).join(' | ')}`)
-    else
-      assert.match(
-        said,
-        /rolled back: VM 'g1' is running on|last seen|stays paused here|stopped answering|agent stopped/,
-        `unclear outcome: ${out.slice(-4).join(' | ')}`,
-      )
+    const {
+      fired: wasFired,
+      killedAt,
+      mig,
+      said,
+    } = await killDuringMove({
+      src,
+      dst,
+      victim,
+      when,
+      vm: VM,
+      spawned,
+      restartAfterMs,
+    })
     // 1. exactly one copy runs.
     const runsOn = await oneCopy(pair(), VM, 180_000)
     const settledMs = Date.now() - killedAt
@@ -209,7 +178,7 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
     const r: KillResult = {
       victim,
       when: 'point' in when ? when.point : `${when.afterMs}ms`,
-      fired: 'point' in when ? wasFired : true,
+      fired: wasFired,
       migrateExit: mig.exitCode,
       migrateSaid: said,
       runsOn,
