@@ -7,7 +7,8 @@
  *   the agents' default link engine, between two processes), the baseline the tunnel rides on.
  * - the survival network (test/helpers/tunnel-survival.ts): `mesh` agents as processes in clouds a, b,
  *   c (VM hosts) and d (client with a host TAP port), b1 also with a TAP port, a QEMU guest on a1.
- * - rttMs: ping from d1's TAP to the guest on a1 through the tunnel (average of 10).
+ * - rttMs: ping from d1's TAP to the guest on a1 through the tunnel (average of 10); on a WAN profile
+ *   (`--profile P`) pathRttMs is the d↔a path's own RTT and rttAddedMs what the tunnel adds to it.
  * - iperfMBps: iperf3 TAP(d1) → TAP(b1) through the agents' tunnel (the guest image has no iperf3,
  *   and a TCG guest would measure QEMU's emulation rather than the tunnel).
  * - guestMBps: the guest's chargen service read from d1 (guest → tunnel → host TCP).
@@ -207,7 +208,14 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
   })
   try {
     const rttMs = await rtt(s)
-    log(`rtt ${rttMs} ms`)
+    // On a WAN profile: the path's own RTT between the client's and the guest's clouds (router to
+    // router, measured by the fixture at start), so what the tunnel adds is rttMs minus it.
+    const m = s.net.topo.wan?.measured?.rtt.find(
+      (x) => (x.from === 'd' && x.to === 'a') || (x.from === 'a' && x.to === 'd'),
+    )
+    const pathRttMs = m === undefined ? null : m.rttMs
+    const rttAddedMs = rttMs === null || pathRttMs === null ? null : round2(rttMs - pathRttMs)
+    log(`rtt ${rttMs} ms${pathRttMs === null ? '' : ` (path ${pathRttMs} ms, tunnel adds ${rttAddedMs} ms)`}`)
     log(`iperf3 TAP(d1) → TAP(b1), ${seconds} s`)
     const statusBefore = diag
       ? {
@@ -245,6 +253,8 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
         iperfMBps,
         linkMBps,
         rttMs,
+        pathRttMs,
+        rttAddedMs,
         iperfRetransmits: ip.retransmits,
         ratio: linkMBps === null || iperfMBps === null ? null : round2(iperfMBps / linkMBps),
         cpu,
@@ -277,6 +287,8 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
       iperfMBps,
       linkMBps,
       rttMs,
+      pathRttMs,
+      rttAddedMs,
       survival,
       guestMBps,
       memoryMiB,
