@@ -25,6 +25,9 @@ import { NodeStateError } from './errors.ts'
 import type { Gossip, GossipStats, NodeContext } from './interfaces.ts'
 
 const MAX_HINTS = 16
+/** A change goes to at least this many connected members (the kept ones first): an epidemic with fan-out
+ *  8 reaches 50 members in about two rounds. */
+const PUSH_FANOUT = 8
 
 /** The member a record is about (entries and revocations both name it), undefined for garbage. */
 function peerOf(r: SignedRecord): string | undefined {
@@ -217,9 +220,21 @@ export function createGossip({ ctx, dropPeers, trackMembers, pushTo }: GossipIni
     }
     trackMembers()
     if (node === undefined) return
-    const connected = new Set(node.getConnections().map((c) => c.remotePeer.toString()))
-    for (const peer of connected) {
-      if (peer === source || !set.isMember(peer) || (pushTo !== undefined && !pushTo(peer))) continue
+    const connected = [...new Set(node.getConnections().map((c) => c.remotePeer.toString()))].filter(
+      (peer) => peer !== source && set.isMember(peer),
+    )
+    const targets = pushTo === undefined ? connected : connected.filter((peer) => pushTo(peer))
+    // While links are still coming up (a join storm) few kept members are connected yet: fill up to
+    // PUSH_FANOUT with other connected members, so a change never waits for anti-entropy to spread.
+    if (targets.length < PUSH_FANOUT) {
+      const others = connected.filter((peer) => !targets.includes(peer))
+      for (let i = others.length - 1; i > 0; i--) {
+        const j = Math.floor(Math.random() * (i + 1))
+        ;[others[i], others[j]] = [others[j]!, others[i]!]
+      }
+      targets.push(...others.slice(0, PUSH_FANOUT - targets.length))
+    }
+    for (const peer of targets) {
       void sync(peer, added, AbortSignal.timeout(ctx.timing.requestTimeoutMs)).catch((err) =>
         ctx.log.warn(`gossip to ${peer} failed: ${describeError(err)}`),
       )
