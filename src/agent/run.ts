@@ -4,6 +4,7 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import type { ChunkService } from '../../net/chunks/exchange.ts'
 import type { ImageRegistry } from '../../net/chunks/images.ts'
+import type { ChunkStore } from '../../net/chunks/interfaces.ts'
 import { openChunkStore } from '../../net/chunks/store.ts'
 import type { IceServer } from '../../net/interfaces.ts'
 import { loadNetworkKey, type NetworkKey } from '../../net/membership/network.ts'
@@ -153,8 +154,21 @@ function iceServers(opts: AgentOptions, bootstrapAddrs: string[]): IceServer[] {
   return servers
 }
 
+/**
+ * Parts a caller may swap in the agent's composition. Tests run the real agent with one part changed
+ * (test/helpers/forger-agent.ts: a store whose reads are forged) instead of composing a copy of it.
+ */
+export interface AgentParts {
+  /** Wraps the chunk store the chunk service opens (below the standby RAM index's wrapper). */
+  wrapChunkStore?: (store: ChunkStore) => ChunkStore
+}
+
 /** Builds the agent for a state dir: the overlay node plus every service hosted next to it. */
-export async function buildAgent(opts: AgentOptions, log: Logger = createLogger()): Promise<Agent> {
+export async function buildAgent(
+  opts: AgentOptions,
+  log: Logger = createLogger(),
+  parts: AgentParts = {},
+): Promise<Agent> {
   const paths = statePaths(opts.state)
   const keyFile = join(paths.dir, NETWORK_KEY_FILE)
   let networkKey: NetworkKey | undefined
@@ -207,7 +221,10 @@ export async function buildAgent(opts: AgentOptions, log: Logger = createLogger(
     stateDir: paths.dir,
     overlay: () => net.node.overlay,
     log: log.child('chunks'),
-    openStore: async (o) => ramServingStore(await openChunkStore(o), ramIndex),
+    openStore: async (o) => {
+      const store = await openChunkStore(o)
+      return ramServingStore(parts.wrapChunkStore?.(store) ?? store, ramIndex)
+    },
   })
   const tunnel = createTunnelService({
     overlay: net.node.overlay,

@@ -1,21 +1,18 @@
 /**
  * A member agent that FORGES chunks: `node --import tsx test/helpers/forger-agent.ts --state DIR --name NAME`.
  *
- * It is a real member (the state dir of a node that joined with an invite), built from the same
- * factories as `mesh agent` (createNetService + createChunkAgentService + createAgent), so it links,
- * answers `mesh status/peers/image ...` on its control socket and answers have/image queries honestly.
- * Only its store is wrapped (through the chunk service's `openStore` option): every chunk it READS
- * comes back with one byte flipped, so every block it serves is forged while its own pushes (which only
- * write) stay correct; the hash of every chunk it reads goes to STATE/forged-reads.log. Used by test/system/chunks-e2e.test.ts; no test hook lives in production code.
+ * It is a real member (the state dir of a node that joined with an invite), the very agent `mesh agent`
+ * builds (buildAgent), so it links, answers `mesh status/peers/image ...` on its control socket and
+ * answers have/image queries honestly. Only its store is wrapped (buildAgent's `wrapChunkStore` part,
+ * an injection point, not a test hook): every chunk it READS comes back with one byte flipped, so every
+ * block it serves is forged while its own pushes (which only write) stay correct; the hash of every
+ * chunk it reads goes to STATE/forged-reads.log. Used by test/system/chunks-e2e.test.ts.
  */
-import { appendFileSync, existsSync, readFileSync } from 'node:fs'
+import { appendFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { ChunkHash, ChunkStore } from '../../net/chunks/interfaces.ts'
-import { openChunkStore } from '../../net/chunks/store.ts'
-import { createAgent } from '../../src/agent/agent.ts'
-import { createNetService, stunFromBootstrap } from '../../src/agent/net-service.ts'
-import { createChunkAgentService } from '../../src/agent/services/chunks.ts'
+import { buildAgent } from '../../src/agent/run.ts'
 import { createLogger } from '../../src/base/log.ts'
 import { statePaths } from '../../src/config.ts'
 
@@ -77,30 +74,16 @@ async function main(): Promise<void> {
   const dir = statePaths(arg('--state')).dir
   const name = arg('--name')
   if (!existsSync(join(dir, 'network.json'))) throw new Error(`${dir} is not a member's state (join first)`)
-  const { bootstrap } = JSON.parse(readFileSync(join(dir, 'network.json'), 'utf8')) as {
-    bootstrap?: string[]
-  }
   const log = createLogger()
-  const net = createNetService({
-    stateDir: dir,
-    name,
-    listen: ['/ip4/0.0.0.0/tcp/0'],
-    iceServers: stunFromBootstrap(bootstrap ?? []),
-    pnet: false,
-    log: log.child('net'),
-  })
-  const chunks = createChunkAgentService({
-    stateDir: dir,
-    overlay: () => net.node.overlay,
-    log: log.child('chunks'),
-    // Every chunk it reads to serve is named in STATE/forged-reads.log (hex, one per line), so a test can
-    // tell which resources' chunks the forger was asked for, whatever was still queued from before.
-    openStore: async (o) =>
-      forgingStore(await openChunkStore(o), (h) =>
+  // The agent `mesh agent` runs, with one part swapped: its chunk store. Every chunk it reads to serve
+  // is named in STATE/forged-reads.log (hex, one per line), so a test can tell which resources' chunks
+  // the forger was asked for, whatever was still queued from before.
+  const agent = await buildAgent({ state: dir, name }, log, {
+    wrapChunkStore: (store) =>
+      forgingStore(store, (h) =>
         appendFileSync(join(dir, 'forged-reads.log'), `${Buffer.from(h).toString('hex')}\n`),
       ),
   })
-  const agent = createAgent({ stateDir: dir, services: [net, chunks], log })
   const stop = () => void agent.stop()
   process.once('SIGINT', stop)
   process.once('SIGTERM', stop)
