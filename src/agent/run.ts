@@ -366,6 +366,11 @@ export async function buildAgent(
     log: log.child('migrate'),
     isMember: (peer) => net.node.members().some((m) => m.peerId === peer),
     resolvePeer: (ref) => net.resolvePeer(ref).peerId,
+    // `mesh migrate VM` from a member with no link to the VM's host (meshes beyond the warm set)
+    findHost: async (vm, signal) => {
+      const loc = await directory.where(vm, signal)
+      return loc === undefined || loc.here ? undefined : loc.peer
+    },
     onState: (e) => {
       metrics?.observeState(e)
       web?.observeState(e)

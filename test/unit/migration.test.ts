@@ -12,6 +12,7 @@ import type { Vm } from '../../vm/driver/interfaces.ts'
 import { createFakeDriver, type FakeVm } from '../../vm/fake/driver.ts'
 import { createMemoryRamCache } from '../../vm/migration/cache.ts'
 import { Conversation } from '../../vm/migration/conversation.ts'
+import { MigrationTargetError } from '../../vm/migration/errors.ts'
 import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
 import type { MigrationChannel, MigrationNetwork, MigrationProgress } from '../../vm/migration/interfaces.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
@@ -317,6 +318,49 @@ describe('migration (fake driver, memory links)', function () {
     assert.ok(events.length > 0, 'progress streamed back to the requester')
     g.vm = B.host.get('g1')!
     g.assertIntact(g.vm)
+  })
+
+  it('a request from a member with no link to the VM’s host finds it through the directory, linked on demand', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    await bootGuest(A)
+    members.add('C')
+    const host = createDriverHost({ driver: createFakeDriver({ ramDir: root }), ramDir: join(root, 'C') })
+    const base = overlayMigrationNetwork(net.node('C'))
+    const linked: string[] = []
+    // C keeps no link to anyone (a member outside A's warm set); connect() builds one, as the agent's does.
+    const network: MigrationNetwork = {
+      self: 'C',
+      channel: (p) => base.channel(p),
+      channels: () => base.channels(),
+      onChannel: (h) => base.onChannel(h),
+      async connect(peer) {
+        linked.push(peer)
+        if (net.node('C').link(peer) === undefined)
+          net.connect(peer < 'C' ? peer : 'C', peer < 'C' ? 'C' : peer)
+      },
+    }
+    const asked: string[] = []
+    const service = createMigrationService({
+      network,
+      host,
+      cache: createMemoryRamCache(),
+      log,
+      isMember: (p) => members.has(p),
+      findHost: async (vm) => {
+        asked.push(vm)
+        return vm === 'g1' ? 'A' : undefined
+      },
+      tuning: { timeoutMs: 3000, switchBytes: 256 * 1024, rememberDelayMs: 0 },
+    })
+    await service.start(new AbortController().signal)
+    nodes.set('C', { id: 'C', host, service, network, ramDir: join(root, 'C'), tap: {} })
+    const r = await service.migrate({ vm: 'g1', to: 'B' })
+    assert.equal(r.to, 'B')
+    assert.equal(B.host.get('g1')?.status(), 'running')
+    assert.deepEqual(linked, ['A'])
+    await assert.rejects(service.migrate({ vm: 'nope', to: 'B' }), MigrationTargetError)
+    assert.deepEqual(asked, ['g1', 'nope'])
   })
 
   it('destination dies during pre-copy → the VM keeps running on A; B has no VM and no RAM file', async () => {

@@ -59,6 +59,10 @@ export interface MigrationServiceInit {
   resolvePeer?: (ref: string) => string
   /** How long to wait for members to say where a VM runs (default 3 s). */
   locateTimeoutMs?: number
+  /** The member that runs a VM when no linked member says it does (the agent's VM directory, which also
+   *  asks the members this host keeps no link to: large meshes link a warm set only); the request then
+   *  goes over a link built on demand (network.connect). */
+  findHost?: (vm: string, signal: AbortSignal) => Promise<string | undefined>
   /** Every state change of every session (see vm/migration/state.ts): metrics, logs, tests. */
   onState?: (e: MigrationStateEvent) => void
   /** Progress of every move out of this host, whoever asked for it (metrics, the web view). */
@@ -866,7 +870,24 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
     }
   }
 
-  /** Asks every linked member whether it runs the VM; the first 'here' wins. */
+  /** The channel to the member the directory names for the VM, linked now if it was not. */
+  const locateUnlinked = async (vm: string, signal: AbortSignal): Promise<MigrationChannel | undefined> => {
+    if (init.findHost === undefined || network.connect === undefined) return undefined
+    let peer: string | undefined
+    try {
+      peer = await init.findHost(vm, signal)
+    } catch (err) {
+      if (err instanceof AbortError) throw err
+      log.warn('cannot ask the directory where a VM runs', { vm, error: describeError(err) })
+      return undefined
+    }
+    if (peer === undefined || !init.isMember(peer)) return undefined
+    await network.connect(peer, signal)
+    const ch = network.channel(peer)
+    return ch?.open === true ? ch : undefined
+  }
+
+  /** Asks every linked member whether it runs the VM; the first 'here' wins (then the directory). */
   const locate = async (vm: string, signal: AbortSignal): Promise<MigrationChannel> => {
     const chans = network.channels().filter((c) => c.open && init.isMember(c.peer))
     const timeoutMs = init.locateTimeoutMs ?? 3000
@@ -893,11 +914,13 @@ export function createMigrationService(init: MigrationServiceInit): MigrationSer
           )
         }
       })
-      if (found === undefined)
+      if (found !== undefined) return found
+      const onDemand = await locateUnlinked(vm, signal)
+      if (onDemand === undefined)
         throw new MigrationTargetError(
           `no reachable member runs a VM named '${vm}' (see 'mesh vm ls' on each host)`,
         )
-      return found
+      return onDemand
     } finally {
       for (const { conv, unregister } of convs) {
         unregister()
