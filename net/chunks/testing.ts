@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { copyFile, open } from 'node:fs/promises'
-import type { Link, Overlay } from '../link/interfaces.ts'
+import type { Overlay } from '../link/interfaces.ts'
 import { toHex } from './hash.ts'
 import { decode, encode } from './v1/messages.ts'
 
@@ -97,31 +97,3 @@ export function startForgingPeer(overlay: Overlay): { stop(): void; stats: { for
 
 /** Hex of a buffer's SHA-256, for comparing files in tests. */
 export { toHex }
-
-/**
- * An Overlay over links the caller made itself (a chunk node in its own process, a test): `add` a
- * link and services see it appear; it disappears when it closes.
- */
-export function createLinkSetOverlay(self: string): { overlay: Overlay; add(link: Link): void } {
-  const links = new Map<string, Link>()
-  const handlers = new Set<(l: Link) => void>()
-  const overlay: Overlay = {
-    self,
-    link: (peer) => links.get(peer),
-    links: () => [...links.values()],
-    onLink: (h) => {
-      handlers.add(h)
-      return () => handlers.delete(h)
-    },
-  }
-  return {
-    overlay,
-    add(link) {
-      links.set(link.peer, link)
-      link.onClose(() => {
-        if (links.get(link.peer) === link) links.delete(link.peer)
-      })
-      for (const h of [...handlers]) h(link)
-    },
-  }
-}

@@ -168,25 +168,28 @@ export function createMemoryLinkPair(
   return { a, b }
 }
 
-class MemoryOverlay implements Overlay {
-  readonly linksByPeer = new Map<string, Link>()
-  private readonly linkListeners = new Listeners<[Link]>()
-  constructor(readonly self: string) {}
-  link(peer: string): Link | undefined {
-    return this.linksByPeer.get(peer)
+/**
+ * An Overlay over links the caller made itself (the in-memory network below, a chunk or tunnel node in
+ * its own process, a test rig): `add` a link and services see it appear; it disappears when it closes.
+ */
+export function createLinkSetOverlay(self: string): { overlay: Overlay; add(link: Link): void } {
+  const links = new Map<string, Link>()
+  const listeners = new Listeners<[Link]>()
+  const overlay: Overlay = {
+    self,
+    link: (peer) => links.get(peer),
+    links: () => [...links.values()],
+    onLink: (h) => listeners.add(h),
   }
-  links(): Link[] {
-    return [...this.linksByPeer.values()]
-  }
-  onLink(handler: (link: Link) => void): () => void {
-    return this.linkListeners.add(handler)
-  }
-  attach(link: Link): void {
-    this.linksByPeer.set(link.peer, link)
-    link.onClose(() => {
-      if (this.linksByPeer.get(link.peer) === link) this.linksByPeer.delete(link.peer)
-    })
-    this.linkListeners.emit(link)
+  return {
+    overlay,
+    add(link) {
+      links.set(link.peer, link)
+      link.onClose(() => {
+        if (links.get(link.peer) === link) links.delete(link.peer)
+      })
+      listeners.emit(link)
+    },
   }
 }
 
@@ -198,25 +201,25 @@ export interface MemoryNetwork {
 }
 
 export function createMemoryNetwork(): MemoryNetwork {
-  const nodes = new Map<string, MemoryOverlay>()
-  const get = (id: string): MemoryOverlay => {
+  const nodes = new Map<string, ReturnType<typeof createLinkSetOverlay>>()
+  const get = (id: string) => {
     let n = nodes.get(id)
     if (n === undefined) {
-      n = new MemoryOverlay(id)
+      n = createLinkSetOverlay(id)
       nodes.set(id, n)
     }
     return n
   }
   return {
-    node: get,
+    node: (id) => get(id).overlay,
     connect(a, b, options) {
       const pair = createMemoryLinkPair(a, b, options)
-      get(a).attach(pair.a)
-      get(b).attach(pair.b)
+      get(a).add(pair.a)
+      get(b).add(pair.b)
     },
     disconnect(a, b) {
       get(a)
-        .link(b)
+        .overlay.link(b)
         ?.close(new ChannelClosedError(`link ${a} <-> ${b} cut`))
     },
   }

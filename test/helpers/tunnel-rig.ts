@@ -20,7 +20,7 @@ import {
 } from '../../fixtures/testnet/netns.ts'
 import type { StreamEchoResult } from '../../fixtures/testnet/stream-client.ts'
 import type { Link, Overlay } from '../../net/link/interfaces.ts'
-import { createMemoryLinkPair, type MemoryLinkOptions } from '../../net/link/memory.ts'
+import { createLinkSetOverlay, createMemoryLinkPair, type MemoryLinkOptions } from '../../net/link/memory.ts'
 import { TUNNEL_MTU } from '../../net/tunnel/interfaces.ts'
 import { createWebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
@@ -49,30 +49,6 @@ export interface RigOptions {
   /** Nodes that get a host TAP port, each in its own namespace (default: the first node). */
   tapNodes?: string[]
   debug?: boolean
-}
-
-/** An Overlay over links the rig hands it. */
-class RigOverlay implements Overlay {
-  private readonly byPeer = new Map<string, Link>()
-  private readonly handlers = new Set<(l: Link) => void>()
-  constructor(readonly self: string) {}
-  link(peer: string) {
-    return this.byPeer.get(peer)
-  }
-  links() {
-    return [...this.byPeer.values()]
-  }
-  onLink(h: (l: Link) => void) {
-    this.handlers.add(h)
-    return () => this.handlers.delete(h)
-  }
-  attach(l: Link) {
-    this.byPeer.set(l.peer, l)
-    l.onClose(() => {
-      if (this.byPeer.get(l.peer) === l) this.byPeer.delete(l.peer)
-    })
-    for (const h of [...this.handlers]) h(l)
-  }
 }
 
 export interface Rig {
@@ -111,7 +87,7 @@ export async function createRig(o: RigOptions): Promise<Rig> {
   const sockets = new Map<string, string>()
   const location = new Map<string, string>()
   const dir = mkdtempSync(join(tmpdir(), 'mesh-tunrig-'))
-  const overlays = new Map(o.nodes.map((n) => [n, new RigOverlay(n)]))
+  const overlays = new Map(o.nodes.map((n) => [n, createLinkSetOverlay(n)]))
   const closers: Array<() => Promise<void> | void> = []
   const services = new Map<string, TunnelService>()
   const guests = new Map<string, BootedGuest>()
@@ -140,7 +116,7 @@ export async function createRig(o: RigOptions): Promise<Rig> {
     for (const n of o.nodes) {
       const t = taps.get(n)
       const svc = createTunnelService({
-        overlay: overlays.get(n)!,
+        overlay: overlays.get(n)!.overlay,
         log: log.child(n),
         ...(t !== undefined
           ? { tap: { name: `mt${id}${n}`.slice(0, 15), address: `${t.ip}/24`, netns: t.netns } }
@@ -169,8 +145,8 @@ export async function createRig(o: RigOptions): Promise<Rig> {
           pair = createMemoryLinkPair(na, nb, o.link)
           closers.push(() => pair.a.close())
         }
-        overlays.get(na)!.attach(pair.a)
-        overlays.get(nb)!.attach(pair.b)
+        overlays.get(na)!.add(pair.a)
+        overlays.get(nb)!.add(pair.b)
       }
     }
     for (const g of o.guests) {
@@ -223,7 +199,7 @@ export async function createRig(o: RigOptions): Promise<Rig> {
   const macOf = new Map(o.guests.map((g) => [g.name, g.mac]))
 
   return {
-    overlay: (n) => overlays.get(n)!,
+    overlay: (n) => overlays.get(n)!.overlay,
     netns,
     tapIp: taps.get(tapNodes[0]!)!.ip,
     taps,
