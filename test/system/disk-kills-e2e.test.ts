@@ -34,6 +34,7 @@ import {
   oneCopy,
   type Victim,
 } from '../helpers/migration-e2e.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const GUEST_IP = '10.99.0.20'
 const VM = 'pg1'
@@ -185,7 +186,16 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
     // 2. its disk matches its memory, and no older copy ran.
     assert.match(await blk('check'), /^OK blocks=16384 /)
     assert.match(await guestCommand(client, GUEST_IP, 'check'), /^OK/)
-    await sleep(500)
+    // A few answers read after the check, so the samples below cover the surviving copy (not 500 ms).
+    const answered = genSamples(outputLines(reader)).length
+    await waitUntil(
+      '3 more answers from the guest',
+      () => genSamples(outputLines(reader)).length >= answered + 3,
+      {
+        timeoutMs: 30_000,
+        intervalMs: 50,
+      },
+    )
     const stallMs = assertNeverBack(
       genSamples(outputLines(reader)),
       `${victim}@${point}`,
