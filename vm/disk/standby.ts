@@ -14,13 +14,12 @@
  * (different name), so a move that rolls back does not cost the standby a full pass.
  */
 import { join } from 'node:path'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { HASH_SIZE, sha256 } from '../../net/chunks/hash.ts'
 import type { Manifest } from '../../net/chunks/interfaces.ts'
 import { makeManifest } from '../../net/chunks/manifest.ts'
 import { AbortError, describeError, MeshError } from '../../src/base/errors.ts'
 import { NbdClient } from './nbd.ts'
-import { extentsToChunks, type QmpExec } from './tracker.ts'
+import { extentsToChunks, type QmpExec, removeBitmap, rotateBitmap, takeDirtyChunks } from './tracker.ts'
 
 export class StandbyDiskError extends MeshError {
   constructor(message: string, options: { cause?: unknown } = {}) {
@@ -137,17 +136,7 @@ export function createStandbyDiskReader(init: StandbyDiskInit): StandbyDiskReade
   let size = 0
   let closed = false
   const bitmapName = () => `mesh-standby-${process.pid}-${++seq}`
-  const removeBitmap = async (name: string) => {
-    for (let i = 0; ; i++) {
-      try {
-        await qmp('block-dirty-bitmap-remove', { node, name })
-        return
-      } catch (err) {
-        if (i >= 50) throw err
-        await sleep(20)
-      }
-    }
-  }
+  const dropBitmap = (name: string) => removeBitmap(qmp, node, name)
   /** Bitmaps of an earlier standby (a restarted agent's): they would count writes for nobody. */
   const clearOldBitmaps = async () => {
     const nodes = (await qmp('query-named-block-nodes', { flat: true })) as Array<{
@@ -155,7 +144,7 @@ export function createStandbyDiskReader(init: StandbyDiskInit): StandbyDiskReade
       'dirty-bitmaps'?: Array<{ name: string }>
     }>
     for (const n of nodes.filter((x) => x['node-name'] === node))
-      for (const b of n['dirty-bitmaps'] ?? []) if (BITMAP.test(b.name)) await removeBitmap(b.name)
+      for (const b of n['dirty-bitmaps'] ?? []) if (BITMAP.test(b.name)) await dropBitmap(b.name)
   }
   return {
     chunkSize,
@@ -218,40 +207,9 @@ export function createStandbyDiskReader(init: StandbyDiskInit): StandbyDiskReade
         } else {
           const done = current
           const next = bitmapName()
-          await qmp('transaction', {
-            actions: [
-              {
-                type: 'block-dirty-bitmap-add',
-                data: { node, name: next, granularity: chunkSize, persistent: false },
-              },
-              { type: 'block-dirty-bitmap-disable', data: { node, name: done } },
-            ],
-          })
+          await rotateBitmap(qmp, node, chunkSize, done, next)
           current = next
-          const id = `x-${done}`
-          try {
-            await qmp('block-export-add', {
-              type: 'nbd',
-              id,
-              'node-name': node,
-              name: done,
-              writable: false,
-              bitmaps: [done],
-            })
-            const c = await NbdClient.connect(sock, done, [`qemu:dirty-bitmap:${done}`])
-            try {
-              toRead = extentsToChunks(
-                await c.blockStatus(`qemu:dirty-bitmap:${done}`),
-                chunkSize,
-                (f) => (f & 1) !== 0,
-              )
-            } finally {
-              c.close()
-            }
-          } finally {
-            await qmp('block-export-del', { id, mode: 'hard' }).catch(() => {})
-            await removeBitmap(done).catch(() => {})
-          }
+          toRead = await takeDirtyChunks(qmp, sock, node, done, chunkSize)
           changedBytes = toRead.length * chunkSize
         }
         const h = hashes
@@ -311,7 +269,7 @@ export function createStandbyDiskReader(init: StandbyDiskInit): StandbyDiskReade
       const c = current
       current = undefined
       hashes = undefined
-      if (c !== undefined) await removeBitmap(c).catch(() => {})
+      if (c !== undefined) await dropBitmap(c).catch(() => {})
     },
   }
 }

@@ -70,6 +70,78 @@ const DEPTH = 'qemu:allocation-depth'
 const OUR_EXPORT = /^(x-)?mesh-/
 const OUR_BITMAP = /^mesh-dirty-/
 
+/** Removes a dirty bitmap, waiting for an export that still holds it (its deletion is asynchronous). */
+export async function removeBitmap(qmp: QmpExec, node: string, name: string): Promise<void> {
+  for (let i = 0; ; i++) {
+    try {
+      await qmp('block-dirty-bitmap-remove', { node, name })
+      return
+    } catch (err) {
+      if (i >= 50) throw err
+      await sleep(20)
+    }
+  }
+}
+
+/**
+ * Starts counting in bitmap `next` and stops `done`, in one transaction: every write lands in exactly one
+ * of the two.
+ */
+export async function rotateBitmap(
+  qmp: QmpExec,
+  node: string,
+  chunkSize: number,
+  done: string,
+  next: string,
+): Promise<void> {
+  await qmp('transaction', {
+    actions: [
+      {
+        type: 'block-dirty-bitmap-add',
+        data: { node, name: next, granularity: chunkSize, persistent: false },
+      },
+      { type: 'block-dirty-bitmap-disable', data: { node, name: done } },
+    ],
+  })
+}
+
+/**
+ * The chunks a (disabled) bitmap marks dirty, read through a temporary NBD export of the node with the
+ * `qemu:dirty-bitmap` context on the server at `sock`; the export and the bitmap are removed afterwards.
+ */
+export async function takeDirtyChunks(
+  qmp: QmpExec,
+  sock: string,
+  node: string,
+  bitmap: string,
+  chunkSize: number,
+): Promise<number[]> {
+  const id = `x-${bitmap}`
+  try {
+    await qmp('block-export-add', {
+      type: 'nbd',
+      id,
+      'node-name': node,
+      name: bitmap,
+      writable: false,
+      bitmaps: [bitmap],
+    })
+    const c = await NbdClient.connect(sock, bitmap, [`qemu:dirty-bitmap:${bitmap}`])
+    try {
+      return extentsToChunks(
+        await c.blockStatus(`qemu:dirty-bitmap:${bitmap}`),
+        chunkSize,
+        (f) => (f & 1) !== 0,
+      )
+    } finally {
+      c.close()
+    }
+  } finally {
+    await qmp('block-export-del', { id, mode: 'hard' }).catch(() => {})
+    await removeBitmap(qmp, node, bitmap).catch(() => {})
+  }
+}
+
 /**
  * Removes what an agent that died during a move left in this VM's QEMU: our NBD exports, the NBD
  * server, our dirty bitmaps (which would keep counting writes for nobody). The restarted agent
@@ -150,18 +222,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
     if (data === undefined) throw new DiskTrackerError('disk tracker is not open')
     return data
   }
-  /** Removes a bitmap, waiting for an export that still holds it (its deletion is asynchronous). */
-  const removeBitmap = async (name: string) => {
-    for (let i = 0; ; i++) {
-      try {
-        await qmp('block-dirty-bitmap-remove', { node, name })
-        return
-      } catch (err) {
-        if (i >= 50) throw err
-        await sleep(20)
-      }
-    }
-  }
+  const dropBitmap = (name: string) => removeBitmap(qmp, node, name)
   return {
     method: 'qemu-dirty-bitmap',
     chunkSize,
@@ -200,7 +261,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       need()
       const name = bitmap()
       await qmp('block-dirty-bitmap-add', { node, name, granularity: chunkSize, persistent: false })
-      if (current !== undefined) await removeBitmap(current).catch(() => {})
+      if (current !== undefined) await dropBitmap(current).catch(() => {})
       current = name
       since = performance.now()
     },
@@ -210,44 +271,11 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       const t0 = performance.now()
       const done = current
       const next = bitmap()
-      // One transaction: every write lands in exactly one of the two bitmaps.
-      await qmp('transaction', {
-        actions: [
-          {
-            type: 'block-dirty-bitmap-add',
-            data: { node, name: next, granularity: chunkSize, persistent: false },
-          },
-          { type: 'block-dirty-bitmap-disable', data: { node, name: done } },
-        ],
-      })
+      await rotateBitmap(qmp, node, chunkSize, done, next)
       current = next
       const interval = t0 - since
       since = t0
-      const id = `x-${done}`
-      let chunks: number[]
-      try {
-        await qmp('block-export-add', {
-          type: 'nbd',
-          id,
-          'node-name': node,
-          name: done,
-          writable: false,
-          bitmaps: [done],
-        })
-        const c = await NbdClient.connect(sock, done, [`qemu:dirty-bitmap:${done}`])
-        try {
-          chunks = extentsToChunks(
-            await c.blockStatus(`qemu:dirty-bitmap:${done}`),
-            chunkSize,
-            (f) => (f & 1) !== 0,
-          )
-        } finally {
-          c.close()
-        }
-      } finally {
-        await qmp('block-export-del', { id, mode: 'hard' }).catch(() => {})
-        await removeBitmap(done).catch(() => {})
-      }
+      const chunks = await takeDirtyChunks(qmp, sock, node, done, chunkSize)
       const dirtyBytes = chunks.length * chunkSize
       return {
         chunks,
@@ -271,7 +299,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       if (current !== undefined) {
         const c = current
         current = undefined
-        await removeBitmap(c).catch(() => {})
+        await dropBitmap(c).catch(() => {})
       }
       if (exported) {
         exported = false
