@@ -16,7 +16,6 @@
 import assert from 'node:assert/strict'
 import type { ChildProcess } from 'node:child_process'
 import { join } from 'node:path'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines } from '../../fixtures/testnet/clouds.ts'
@@ -38,6 +37,7 @@ import {
   oneCopy,
   type Victim,
 } from '../helpers/migration-e2e.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const GUEST_IP = '10.99.0.10'
 const VM = 'g1'
@@ -160,7 +160,13 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
     const settledMs = Date.now() - killedAt
     // 2. the newest state survives.
     assert.match(await guestCommand(client, GUEST_IP, 'check'), /^OK/)
-    await sleep(500)
+    // A few answers read after the check, so the samples below cover the surviving copy (not 500 ms).
+    const answered = genSamples(outputLines(reader)).length
+    await waitUntil(
+      '3 more answers from the guest',
+      () => genSamples(outputLines(reader)).length >= answered + 3,
+      { timeoutMs: 30_000, intervalMs: 50 },
+    )
     const samples = genSamples(outputLines(reader))
     const stallMs = assertNeverBack(
       samples,
