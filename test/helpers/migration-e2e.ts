@@ -229,7 +229,7 @@ export async function killDuringMove(o: {
     assert.match(
       said,
       new RegExp(
-        `rolled back: VM '${vm}' is running on|last seen|stays paused here|stopped answering|agent stopped`,
+        `rolled back: VM '${vm}' is running on|not moved: VM '${vm}' is running on|last seen|stays paused here|stopped answering|agent stopped`,
       ),
       `unclear outcome: ${out.slice(-4).join(' | ')}`,
     )

@@ -363,6 +363,25 @@ describe('migration (fake driver, memory links)', function () {
     assert.deepEqual(asked, ['g1', 'nope'])
   })
 
+  it('destination gone before the move starts → refused at once, saying the VM was not moved and runs on A', async () => {
+    const A = nodes.get('A')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    // B's agent died just before the request (a kill 10 ms into a move did this): A's channel to B is
+    // still listed but already closed.
+    const channel = A.network.channel.bind(A.network)
+    ;(A.network as { channel: MigrationNetwork['channel'] }).channel = (p) => {
+      const c = channel(p)
+      return c === undefined || p !== 'B' ? c : Object.create(c, { open: { value: false } })
+    }
+    const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(err instanceof Error && err.name === 'MigrationLinkError', String(err))
+    assert.match(err.message, /^no link to B; not moved: VM 'g1' is running on A$/)
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    g.stop()
+    g.assertIntact(A.host.get('g1')!)
+  })
+
   it('destination dies during pre-copy → the VM keeps running on A; B has no VM and no RAM file', async () => {
     const A = nodes.get('A')!
     const B = nodes.get('B')!

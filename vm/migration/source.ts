@@ -256,7 +256,11 @@ export class SourceSession {
       init.maxPauseMs ??
       (init.deadlineMs !== undefined || init.mode === 'postcopy' ? DEFAULT_MAX_PAUSE_MS : undefined)
     const channel = init.network.channel(init.to)
-    if (channel === undefined || !channel.open) throw new MigrationLinkError(`no link to ${init.to}`)
+    if (channel === undefined || !channel.open)
+      // Nothing was sent, nothing paused (e.g. the destination's agent died just now): say where the VM is.
+      throw new MigrationLinkError(
+        `no link to ${this.nameOf(init.to)}; not moved: VM '${init.vm.spec.name}' is ${init.vm.status()} on ${this.nameOf(init.network.self)}`,
+      )
     this.sid = newSessionId()
     this.conv = new Conversation(channel, this.sid, init.nameOf?.(init.to))
     this.unregister = init.register(this.sid, this.conv)
