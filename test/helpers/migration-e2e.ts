@@ -12,6 +12,7 @@ import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
 import { type AgentProc, MESH_BIN, REPO_ROOT } from '../../fixtures/testnet/testnet.ts'
 import { ramDirFor } from '../../src/agent/run.ts'
+import { waitUntil } from './wait.ts'
 
 export const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
 
@@ -138,6 +139,20 @@ export function genSamples(lines: string[]): GenSample[] {
       const [at, gen, up] = l.split(' ').map(Number) as [number, number, number]
       return { at, gen, uptimeMs: up }
     })
+}
+
+/**
+ * The reader's samples once it has `more` answers beyond what it has now: read after a check, they cover
+ * the copy that survived (waiting on answers, not on a fixed time).
+ */
+export async function samplesAfter(reader: ChildProcess, more: number): Promise<GenSample[]> {
+  const answered = genSamples(outputLines(reader)).length
+  await waitUntil(
+    `${more} more answers from the guest`,
+    () => genSamples(outputLines(reader)).length >= answered + more,
+    { timeoutMs: 30_000, intervalMs: 50 },
+  )
+  return genSamples(outputLines(reader))
 }
 
 /**

@@ -21,20 +21,18 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { DEBIAN_CMDLINE, ensureDebianGuest } from '../../fixtures/guest-debian/build.ts'
 import { BLKCHECK_PORT } from '../../fixtures/guest-debian/ports.ts'
-import { outputLines } from '../../fixtures/testnet/clouds.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { type AgentProc, createTestnet, REPO_ROOT, type Testnet } from '../../fixtures/testnet/testnet.ts'
 import {
   assertNeverBack,
   GEN_READER,
-  genSamples,
   guestCommand,
   killDuringMove,
   LINE_CLIENT,
   oneCopy,
+  samplesAfter,
   type Victim,
 } from '../helpers/migration-e2e.ts'
-import { waitUntil } from '../helpers/wait.ts'
 
 const GUEST_IP = '10.99.0.20'
 const VM = 'pg1'
@@ -186,18 +184,8 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
     // 2. its disk matches its memory, and no older copy ran.
     assert.match(await blk('check'), /^OK blocks=16384 /)
     assert.match(await guestCommand(client, GUEST_IP, 'check'), /^OK/)
-    // A few answers read after the check, so the samples below cover the surviving copy (not 500 ms).
-    const answered = genSamples(outputLines(reader)).length
-    await waitUntil(
-      '3 more answers from the guest',
-      () => genSamples(outputLines(reader)).length >= answered + 3,
-      {
-        timeoutMs: 30_000,
-        intervalMs: 50,
-      },
-    )
     const stallMs = assertNeverBack(
-      genSamples(outputLines(reader)),
+      await samplesAfter(reader, 3),
       `${victim}@${point}`,
       killedAt - 30_000,
       Date.now(),

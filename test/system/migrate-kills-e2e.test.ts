@@ -35,9 +35,9 @@ import {
   type KillWhen,
   killDuringMove,
   oneCopy,
+  samplesAfter,
   type Victim,
 } from '../helpers/migration-e2e.ts'
-import { waitUntil } from '../helpers/wait.ts'
 
 const GUEST_IP = '10.99.0.10'
 const VM = 'g1'
@@ -160,14 +160,7 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
     const settledMs = Date.now() - killedAt
     // 2. the newest state survives.
     assert.match(await guestCommand(client, GUEST_IP, 'check'), /^OK/)
-    // A few answers read after the check, so the samples below cover the surviving copy (not 500 ms).
-    const answered = genSamples(outputLines(reader)).length
-    await waitUntil(
-      '3 more answers from the guest',
-      () => genSamples(outputLines(reader)).length >= answered + 3,
-      { timeoutMs: 30_000, intervalMs: 50 },
-    )
-    const samples = genSamples(outputLines(reader))
+    const samples = await samplesAfter(reader, 3)
     const stallMs = assertNeverBack(
       samples,
       `${victim}@${JSON.stringify(when)}`,
