@@ -213,6 +213,8 @@ export async function buildAgent(
     // members' `mesh vm stop/console` for the VMs of this host (vm.stop-remote on their agent)
     vms: { stop: (name) => manager.stop(name), console: (name, lines) => manager.console(name, lines) },
     calls: () => calls,
+    // members' `mesh vm set` for the VMs of this host (vm.set-remote on their agent)
+    spotSet: (p) => spot.handlers()['spot.set'](p, { emit: () => {}, signal: new AbortController().signal }),
     log: log.child('directory'),
   })
   // The chunk service also serves the RAM of VMs that have a warm standby (spot/standby.ts).

@@ -193,7 +193,9 @@ export const vm: CommandModule = {
       })
     cmd
       .command('set')
-      .description("change a VM's spot settings on this host: its warm standby and its evacuation priority")
+      .description(
+        "change a VM's spot settings (its warm standby, its evacuation priority) on whichever member runs it",
+      )
       .argument('<name>', 'VM name')
       .option(
         '--standby <peer>',
@@ -211,9 +213,23 @@ export const vm: CommandModule = {
         const meta = spotMeta(opts)
         if (Object.keys(meta).length === 0)
           throw new UsageError('say what to set: --standby, --standby-rate or --priority')
-        const r = await withAgent(opts, (c) => c.call('spot.set', { vm: name, meta }))
-        if (opts.json) return printJson(r)
-        process.stdout.write(`${JSON.stringify(r)}\n`)
+        // On the member that runs the VM (an older agent: this host's settings, as before).
+        const r = await withAgent(opts, async (c) => {
+          try {
+            return await c.call('vm.set-remote', { vm: name, meta })
+          } catch (err) {
+            if (!(err instanceof RemoteError && err.code === 'E_UNKNOWN_METHOD')) throw err
+            return {
+              vm: name,
+              peer: '',
+              member: '',
+              here: true,
+              spot: await c.call('spot.set', { vm: name, meta }),
+            }
+          }
+        })
+        if (opts.json) return printJson({ ...r.spot, ...(r.here ? {} : { member: r.member, peer: r.peer }) })
+        process.stdout.write(`${JSON.stringify(r.spot)}${r.here ? '' : ` (on ${r.member})`}\n`)
       })
     cmd
       .command('ls')

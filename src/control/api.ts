@@ -165,6 +165,8 @@ export interface ControlApi {
   'vm.ls-all': { params: Record<string, never>; result: { members: MemberVms[] }; event: never }
   'vm.stop-remote': { params: { vm: string }; result: RemoteVmResult; event: never }
   'vm.console-remote': { params: { vm: string; lines?: number }; result: RemoteVmResult; event: never }
+  /** spot.set on the member that runs the VM. */
+  'vm.set-remote': { params: { vm: string; meta: VmSpotMeta }; result: RemoteVmResult; event: never }
   // migration and fencing (src/agent/services/migration.ts)
   migrate: { params: MigrateParams; result: MigrationReport; event: MigrationProgress }
   'vm.tokens': { params: { vm: string }; result: { vm: string; members: TokenHistoryRow[] }; event: never }
@@ -218,6 +220,7 @@ const METHODS: { readonly [M in ControlMethod]: true } = {
   'vm.ls-all': true,
   'vm.stop-remote': true,
   'vm.console-remote': true,
+  'vm.set-remote': true,
   migrate: true,
   'vm.tokens': true,
   'vm.recover': true,

@@ -2,7 +2,7 @@
  * Operating a mesh, end to end (#19): agents in three NAT'd clouds, a real QEMU guest g1 on a1.
  * - Names everywhere: c1 (host TAP, no g1) exposes g1:7 by name; the exposure is listed, carries a TCP
  *   echo, and still does after g1 moved; `mesh vm ls --all` shows where g1 runs; `vm console g1` and
- *   `vm stop g1` on a member without it act on the member that runs it (before and after the move);
+ *   `vm stop g1` and `vm set g1` on a member without it act on the member that runs it (before and after the move);
  *   `expose rm` removes the exposure.
  * - The web view of a1 in a real headless Chromium (in a1's namespace) shows g1 on a1, the migration's
  *   phases while the test moves g1 to b1, and then g1 on b1.
@@ -211,6 +211,20 @@ describe('operating a mesh (e2e): names everywhere, live web view in Chromium, P
     const again = await c1.mesh(['expose', 'rm', EXPOSED])
     assert.equal(again.code, 1)
     assert.match(again.stderr, /nothing is exposed on/)
+    // Its spot settings, changed from c1: they are b1's now (b1 runs it), not c1's.
+    const set = await c1.json<{ member: string; vm: string; priority: number }>([
+      'vm',
+      'set',
+      'g1',
+      '--priority',
+      '7',
+    ])
+    assert.deepEqual([set.member, set.vm, set.priority], ['b1', 'g1', 7])
+    const prio = await b1.json<{ vms: Array<{ name: string; priority?: number }> }>(['vm', 'ls'])
+    assert.equal(prio.vms.find((v) => v.name === 'g1')?.priority, 7)
+    const noSet = await c1.mesh(['vm', 'set', 'nosuchvm', '--priority', '1'])
+    assert.equal(noSet.code, 1)
+    assert.match(noSet.stderr, /no member runs a VM named 'nosuchvm'/)
     // Stopped from c1, which never ran it: b1 stops it, and no member runs it any more.
     const stopped = await c1.json<{ member: string; name: string }>(['vm', 'stop', 'g1'], {
       timeoutMs: 90_000,

@@ -3,14 +3,15 @@
  * Control API: `vm.where` ({ vm }) → where it runs ({ here } or the member), `vm.ls-all` → every member's
  * VMs, this host's first; `vm.stop-remote` / `vm.console-remote` ({ vm }) act on the member that runs
  * the VM now, through an agent call to it (`vm.stop` / `vm.console`, which this service serves for the
- * VMs of this host).
+ * VMs of this host). `vm.set-remote` ({ vm, meta }) changes a VM's spot settings (standby, priority) on
+ * the member that runs it (agent call `vm.set`, served with this host's `spot.set`).
  */
 import { createDirectory, type Directory, type VmEntry } from '../../../net/directory/directory.ts'
 import type { MeshNode } from '../../../net/interfaces.ts'
 import type { VmControl, VmInfo } from '../../../vm/manager.ts'
 import { MeshError, UsageError } from '../../base/errors.ts'
 import type { Logger } from '../../base/log.ts'
-import type { ControlHandlers } from '../../control/api.ts'
+import type { ControlHandlers, ControlResult } from '../../control/api.ts'
 import type { AgentCalls } from '../calls/calls.ts'
 import type { AgentService } from '../interfaces.ts'
 
@@ -29,7 +30,10 @@ export interface VmLocation {
   entry: VmEntry
 }
 
-type Methods = 'vm.where' | 'vm.ls-all' | 'vm.stop-remote' | 'vm.console-remote'
+type Methods = 'vm.where' | 'vm.ls-all' | 'vm.stop-remote' | 'vm.console-remote' | 'vm.set-remote'
+
+/** A VM's spot settings as `spot.set` answers them. */
+export type SpotSetResult = ControlResult<'spot.set'>
 
 /** What `vm.stop-remote` / `vm.console-remote` did, and on which member. */
 export interface RemoteVmResult {
@@ -41,6 +45,8 @@ export interface RemoteVmResult {
   info?: VmInfo
   /** vm.console-remote: the last lines of its serial console. */
   lines?: string[]
+  /** vm.set-remote: the VM's spot settings on its host after the change. */
+  spot?: SpotSetResult
 }
 
 export interface DirectoryService extends AgentService {
@@ -83,6 +89,7 @@ const vmParam = (p: unknown): string => {
 /** A stop waits for QEMU to quit on the other member (it may be loaded). */
 const REMOTE_STOP_TIMEOUT_MS = 60_000
 const REMOTE_CONSOLE_TIMEOUT_MS = 15_000
+const REMOTE_SET_TIMEOUT_MS = 15_000
 
 const linesParam = (p: unknown): number => {
   const n = (p as { lines?: unknown } | null)?.lines
@@ -99,12 +106,17 @@ export function createDirectoryService(init: {
   vms?: Pick<VmControl, 'stop' | 'console'>
   /** Agent calls to other members (a getter: created after this service). */
   calls?: () => AgentCalls
+  /** This host's `spot.set` (its spot service), for `vm.set-remote` and members' `vm.set` calls. */
+  spotSet?: (params: { vm: string; meta: unknown }) => Promise<SpotSetResult>
   log: Logger
 }): DirectoryService {
   let dir: Directory | undefined
   let registered = false
+  let registeredSet = false
   const memberName = (peer: string) => init.node.members().find((m) => m.peerId === peer)?.name ?? peer
   const local = async () => (await init.local()).map(toEntry)
+  const runsHere = async (vm: string) =>
+    (await init.local()).some((v) => v.name === vm && v.status !== 'exited')
 
   const where = async (vm: string, signal?: AbortSignal): Promise<VmLocation | undefined> => {
     const mine = (await local()).find((v) => v.name === vm && v.status !== 'exited')
@@ -175,6 +187,18 @@ export function createDirectoryService(init: {
           'vm.console': async (p) => ({ lines: await vms.console(vmParam(p), linesParam(p)) }),
         })
       }
+      const spotSet = init.spotSet
+      if (spotSet !== undefined && init.calls !== undefined && !registeredSet) {
+        registeredSet = true
+        init.calls().register({
+          // Only for a VM this host runs: a VM that moved away meanwhile is looked up again by the caller.
+          'vm.set': async (p) => {
+            const vm = vmParam(p)
+            if (!(await runsHere(vm))) throw new VmNotInMeshError(vm)
+            return spotSet({ vm, meta: (p as { meta?: unknown }).meta })
+          },
+        })
+      }
     },
     async stop() {
       dir?.stop()
@@ -225,6 +249,32 @@ export function createDirectoryService(init: {
             },
           )
           return { vm, peer: loc.peer, member: loc.member, here: loc.here, lines: result }
+        },
+        'vm.set-remote': async (p, ctx) => {
+          const vm = vmParam(p)
+          const meta = (p as { meta?: unknown }).meta
+          const spotSet = init.spotSet
+          if (spotSet === undefined)
+            throw new MeshError('this agent has no spot service', { code: 'E_NO_SPOT' })
+          const { loc, result } = await onHost(
+            vm,
+            ctx.signal,
+            () => spotSet({ vm, meta }),
+            async (calls, peer) => {
+              const r = (await calls.call(
+                peer,
+                'vm.set',
+                { vm, meta },
+                { timeoutMs: REMOTE_SET_TIMEOUT_MS, signal: ctx.signal },
+              )) as SpotSetResult | null
+              if (r === null || typeof r !== 'object' || r.vm !== vm)
+                throw new MeshError(`${peer} answered vm.set without the VM's settings`, {
+                  code: 'E_BAD_REPLY',
+                })
+              return r
+            },
+          )
+          return { vm, peer: loc.peer, member: loc.member, here: loc.here, spot: result }
         },
       }) satisfies ControlHandlers<Methods>,
   }
