@@ -22,6 +22,8 @@ export interface WeriftSctp {
   peerAdvertisedRwnd: number
   advertisedRwnd: number
   outboundQueue: unknown[]
+  /** DATA chunks sent and not yet acknowledged cumulatively. */
+  sentQueue: unknown[]
   associationState: number
   isServer: boolean
   start(remotePort?: number): Promise<void>
@@ -48,6 +50,8 @@ export interface PathSpec {
   queuePackets?: number
   /** PRNG seed for the loss (default 1). */
   seed?: number
+  /** Drops exactly the packets this returns true for (deterministic loss; `loss` still applies). */
+  drop?: (packet: Buffer) => boolean
 }
 
 /** mulberry32: deterministic, so a failing run can be replayed. */
@@ -80,7 +84,7 @@ class Direction {
     if (this.closed) return
     this.stats.packets++
     this.stats.bytes += data.byteLength
-    if ((this.spec.loss ?? 0) > 0 && this.random() < this.spec.loss!) {
+    if (this.spec.drop?.(data) === true || ((this.spec.loss ?? 0) > 0 && this.random() < this.spec.loss!)) {
       this.stats.dropped++
       return
     }
@@ -141,6 +145,7 @@ function makeSctp(out: Direction, isServer: boolean): WeriftSctp {
     'flightSize',
     'rto',
     'outboundQueue',
+    'sentQueue',
     'advertisedRwnd',
     'congestionControl',
   ] as const)

@@ -100,6 +100,17 @@ describe('webrtc tunnel channel never retransmits (werift PR-SCTP)', function ()
   for (const seed of [1, 2, 3]) {
     it(`drops tunnel messages under ${LOSS * 100}% loss and keeps every reliable message (seed ${seed})`, async () => {
       const rnd = prng(seed)
+      // If anything closes under loss, say what (a bare 'channel is closed' from send() says nothing).
+      const closes: string[] = []
+      const why = (what: string) => (reason?: Error) => {
+        closes.push(
+          `${what}: ${reason?.name ?? 'no reason'} ${reason?.message ?? ''} ${String((reason?.cause as Error | undefined)?.stack ?? '')}`,
+        )
+      }
+      a!.onClose(why('link a'))
+      b!.onClose(why('link b'))
+      a!.channel('tunnel').onClose(why('a tunnel'))
+      a!.channel('control').onClose(why('a control'))
       const lossA = injectLoss(a!, LOSS, rnd)
       const lossB = injectLoss(b!, LOSS, rnd)
       const N = 1500
@@ -122,6 +133,7 @@ describe('webrtc tunnel channel never retransmits (werift PR-SCTP)', function ()
         if (a!.channel('tunnel').bufferedAmount > 256 * 1024)
           await until(() => a!.channel('tunnel').bufferedAmount < 64 * 1024, 30_000)
         assert.ok(a!.channel('tunnel').bufferedAmount + frame.byteLength <= 1024 * 1024)
+        assert.deepEqual(closes, [], `closed under loss at message ${i}`)
         a!.channel('tunnel').send(frame)
         // Interleave reliable traffic: it shares the SCTP association (and its send queue).
         if (i % 15 === 0) a!.channel('control').send(frame)
