@@ -14,6 +14,7 @@ import { silentLogger } from '../../src/base/log.ts'
 import { formatEvacuationReport } from '../../src/commands/evacuate.ts'
 import type { VmInfo } from '../../vm/manager.ts'
 import type { MigrationReport } from '../../vm/migration/interfaces.ts'
+import { holdsWithin } from '../helpers/wait.ts'
 
 interface FakeAgent {
   name: string
@@ -47,6 +48,12 @@ function fleet(
   specs: { name: string; ramMiB: number; labels?: Record<string, string>; vms?: [string, number][] }[],
   opts: {
     moveMs?: number
+    /**
+     * A move completes only once this many moves were asked of its agent (at most 5 s later): tests of
+     * parallel moves then see the order they assert whatever the load (a 5 ms move could otherwise end
+     * before a slow reservation let the next one start). A sequential evacuation still fails them.
+     */
+    together?: number
     reportMs?: number
     failTo?: string[]
     dir: string
@@ -98,6 +105,7 @@ function fleet(
         : {}),
       migrate: async (p) => {
         a.moves.push([p.vm, p.to, p.deadlineMs])
+        if (opts.together !== undefined) await holdsWithin(() => a.moves.length >= opts.together!, 5000, 5)
         await new Promise((r) => setTimeout(r, opts.moveMs ?? 5))
         if (opts.failTo?.includes(p.to))
           throw Object.assign(new Error(`${p.to} refused to load`), { code: 'E_TEST' })
@@ -160,7 +168,7 @@ describe('spot service over agent calls (in-memory overlay, fake migration)', ()
         { name: 'same', ramMiB: 4096, labels: { provider: 'gcp' } },
         { name: 'other', ramMiB: 700, labels: { provider: 'aws' } },
       ],
-      { dir },
+      { dir, together: 2 },
     )
     await startAll(agents)
     try {
