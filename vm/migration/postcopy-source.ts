@@ -10,10 +10,16 @@
  * It reads the paused copy's RAM file, which never changes while the guest is paused here.
  */
 import { closeSync, openSync, readSync } from 'node:fs'
-import { throwIfAborted } from '../../src/base/errors.ts'
+import { AbortError, describeError, throwIfAborted } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import type { Conversation } from './conversation.ts'
-import { MigrationDecodeError, MigrationTimeoutError } from './errors.ts'
+import {
+  MigrationAbortedError,
+  MigrationDecodeError,
+  MigrationLinkError,
+  MigrationTimeoutError,
+} from './errors.ts'
+import type { MigrationReport } from './interfaces.ts'
 import { PAGE_SIZE } from './ram.ts'
 import { type EncodedChunk, encodeMessage, type Message, PAGE_LITERAL, PAGE_ZERO } from './v1/messages.ts'
 
@@ -255,4 +261,125 @@ export class PostcopyLender {
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE)
 function isZeroPage(p: Buffer): boolean {
   return p.equals(ZERO_PAGE)
+}
+
+/** Rejects with MigrationTimeoutError when `p` takes longer than `ms`. */
+async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([
+      p,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new MigrationTimeoutError(what, ms)), ms)
+      }),
+    ])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+export interface LendInit {
+  vm: string
+  token: number
+  to: string
+  /** The destination's name for messages. */
+  toName: string
+  /** The pump started at the switch (the first session's), if any. */
+  pumping?: Promise<void>
+  /** Resolves when the destination comes back for this VM and token on a new session (the service's). */
+  awaitResume?: (
+    vm: string,
+    token: number,
+    signal?: AbortSignal,
+  ) => Promise<{ conv: Conversation; bitmap: Uint8Array }>
+  /** Each session the destination came back on (the caller closes them). */
+  onResumed(conv: Conversation): void
+  /** How long to wait for pcdone once everything went out. */
+  finishMs: number
+  /** How long to wait for a destination whose link broke to come back. */
+  resumeMs: number
+  chunkSize: number
+  log: Logger
+  signal: AbortSignal
+}
+
+/**
+ * The source's post-copy phase (moved out of source.ts): lends until the destination says every owed
+ * chunk is placed, and returns its pcdone. A broken link is waited out: the destination comes back with
+ * 'pcresume' on a new session and the lender goes on from what it still lacks.
+ */
+export async function lendUntilPlaced(lender: PostcopyLender, o: LendInit): Promise<PcDone> {
+  const comeback = `the destination ${o.toName} to come back for the rest of its memory`
+  let pumping = o.pumping
+  lender.startBackground()
+  for (;;) {
+    // The destination may come back on a new session at any time: after a link cut both ends see,
+    // or when it judged ours dead while we did not (then ours is dropped for the new one).
+    const stopWaiting = new AbortController()
+    const resume = o.awaitResume?.(o.vm, o.token, AbortSignal.any([o.signal, stopWaiting.signal]))
+    resume?.catch(() => {})
+    const work = (async () => {
+      await (pumping ?? lender.pump())
+      return lender.finished(o.finishMs)
+    })()
+    work.catch(() => {})
+    const r = await Promise.race([
+      work.then(
+        (done) => ({ done }),
+        (err: unknown) => ({ err }),
+      ),
+      ...(resume === undefined ? [] : [resume.then((back) => ({ back }))]),
+    ])
+    pumping = undefined
+    if ('done' in r) {
+      stopWaiting.abort()
+      return r.done
+    }
+    let back: { conv: Conversation; bitmap: Uint8Array }
+    if ('back' in r) back = r.back
+    else {
+      const err = r.err
+      // Our own abort, the destination's (it lost the VM), or nobody to wait for: no going on.
+      if (err instanceof AbortError || err instanceof MigrationAbortedError || resume === undefined) {
+        stopWaiting.abort()
+        throw err
+      }
+      o.log.warn('post-copy: the link to the destination broke; waiting for it to come back', {
+        vm: o.vm,
+        to: o.to,
+        owedBytes: lender.remaining * o.chunkSize,
+        error: describeError(err),
+      })
+      back = await withTimeout(resume, o.resumeMs, comeback).catch((e: unknown) => {
+        stopWaiting.abort()
+        throw e
+      })
+    }
+    lender.current?.fail(new MigrationLinkError('post-copy went on on a new session'))
+    o.onResumed(back.conv)
+    lender.attach(back.conv, back.bitmap)
+    o.log.info('post-copy: the destination is back', {
+      vm: o.vm,
+      owedBytes: lender.remaining * o.chunkSize,
+    })
+  }
+}
+
+/** The report's post-copy part: what was owed, how long lending took, what the destination counted. */
+export function postcopyReport(
+  lender: PostcopyLender,
+  done: PcDone | undefined,
+  startedPerf: number,
+  chunkSize: number,
+): NonNullable<MigrationReport['postcopy']> {
+  return {
+    owedBytes: lender.stats.owedChunks * chunkSize,
+    ms: Math.round(performance.now() - startedPerf),
+    faults: done?.faults ?? 0,
+    maxFaultWaitMs: Math.round((done?.maxWaitUs ?? 0) / 1000),
+    zeroFaults: done?.zeroFaults ?? 0,
+    urgentChunks: lender.stats.urgentChunks,
+    backgroundChunks: lender.stats.backgroundChunks,
+    sessions: lender.stats.sessions,
+  }
 }
