@@ -12,6 +12,10 @@ import type {
   StoreStats,
 } from './interfaces.ts'
 import { checkChunkSize, DEFAULT_CHUNK_SIZE, decodeManifest, encodeManifest, hashAt } from './manifest.ts'
+import { MAGIC, MAX_STORED_CHUNK, REC_HDR, scanPack } from './pack.ts'
+
+// The pack format lives in pack.ts; callers (tests) keep importing scanPack from here.
+export { type PackRecord, type PackScan, scanPack } from './pack.ts'
 
 /**
  * Chunks on disk, in append-only pack files `DIR/packs/NNNNNNNN.pack`; manifests in `DIR/manifests/<id>`,
@@ -47,10 +51,6 @@ export interface ChunkStoreOptions {
 }
 
 const TMP = '.tmp-'
-/** Stored chunks may exceed the wire limit (manifests cap chunk size at MAX_CHUNK_SIZE for the wire). */
-const MAX_STORED_CHUNK = 64 * 1024 * 1024
-const MAGIC = 0x4d434b31
-const REC_HDR = 8 + HASH_SIZE
 const BATCH_BYTES = 8 * 1024 * 1024
 /** Records per readv (2 iovecs each, under IOV_MAX = 1024). */
 const MAX_RUN = 500
@@ -69,49 +69,6 @@ export async function openChunkStore(opts: ChunkStoreOptions): Promise<ChunkStor
   )
   await store.load()
   return store
-}
-
-export interface PackRecord {
-  hex: string
-  /** Offset of the chunk bytes (after the record header). */
-  offset: number
-  length: number
-}
-
-export interface PackScan {
-  records: PackRecord[]
-  /** End of the last complete record: anything after it is a torn tail. */
-  validEnd: number
-  size: number
-  /** Name in the header of the incomplete tail record, if its header was complete. */
-  tornHex?: string
-}
-
-/** Walks a pack's record headers (without reading chunk bytes). */
-export async function scanPack(path: string): Promise<PackScan> {
-  const fh = await open(path, 'r')
-  try {
-    const size = (await fh.stat()).size
-    const hdr = Buffer.alloc(REC_HDR)
-    const records: PackRecord[] = []
-    let pos = 0
-    let tornHex: string | undefined
-    while (pos < size) {
-      const { bytesRead } = await fh.read(hdr, 0, REC_HDR, pos)
-      if (bytesRead < REC_HDR || hdr.readUInt32BE(0) !== MAGIC) break
-      const length = hdr.readUInt32BE(4)
-      const hex = hdr.toString('hex', 8, 8 + HASH_SIZE)
-      if (length > MAX_STORED_CHUNK || pos + REC_HDR + length > size) {
-        tornHex = hex
-        break
-      }
-      records.push({ hex, offset: pos + REC_HDR, length })
-      pos += REC_HDR + length
-    }
-    return { records, validEnd: pos, size, ...(tornHex === undefined ? {} : { tornHex }) }
-  } finally {
-    await fh.close()
-  }
 }
 
 interface Pack {
