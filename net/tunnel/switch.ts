@@ -35,6 +35,13 @@
  * is dropped, counted as `hold-full`: tail drop keeps what is held in order, and TCP recovers a lost
  * tail by fast retransmit once the held head arrives), and every port's send queue (the driver or
  * channel drops when full; never grows).
+ *
+ * Why one file of ~750 lines (#18: files over ~600 lines say why): createSwitch is one closure over one
+ * piece of state — the MAC table, the hold queues, the moved-MAC records, the ports — that every rule
+ * above reads and changes while it handles one frame, synchronously and in order. Cut into files, the
+ * rules would pass that state around and the invariants (split horizon, epochs, held order) would no
+ * longer be readable in one place. What has a life of its own is already apart: the wire format
+ * (v1/frames.ts), the port model (interfaces.ts), the QEMU stream port (stream-port.ts).
  */
 
 import type { Logger } from '../../src/base/log.ts'
