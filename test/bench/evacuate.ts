@@ -75,6 +75,8 @@ interface Run {
   standbyLagBytes?: number
   standbyLagMs?: number
   plan?: string
+  /** The source's account of the post-copy push (owed bytes, rate, window, round trips). */
+  postcopyPush?: string
 }
 
 interface Status {
@@ -204,6 +206,9 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
           .slice(from)
           .filter((l) => /spot: (evacuation plan|shortfall)/.test(l))
           .join(' | ')
+        const push = outputLines(src.child)
+          .slice(from)
+          .find((l) => /post-copy: every owed chunk sent/.test(l))
         const doneAt = v?.atMs === undefined ? Number.NaN : Date.parse(report.startedAt) + v.atMs
         const check = v?.outcome === 'moved' ? await memcheck(ip, 'check') : 'not moved'
         const s1 = v?.outcome === 'moved' ? await memcheck(ip, 'stats') : s0
@@ -239,6 +244,7 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
             ? { standbyLagBytes: lag.lagBytes ?? -1, standbyLagMs: lag.lagMs ?? -1 }
             : {}),
           plan,
+          ...(push === undefined ? {} : { postcopyPush: push.replace(/^.*every owed chunk sent ?/, '') }),
         }
         log(`  ${JSON.stringify(run)}`)
         results.push(run)

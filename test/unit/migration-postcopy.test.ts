@@ -176,6 +176,40 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
     receiver.close()
   })
 
+  it('the background window grows from its start while acknowledgements show no queue, up to its cap', async () => {
+    const net = createMemoryNetwork()
+    net.connect('A', 'B')
+    const a = overlayMigrationNetwork(net.node('A')).channel('B')!
+    const b = overlayMigrationNetwork(net.node('B')).channel('A')!
+    const { src, dst } = pair(a, b)
+    const owed = [...Array(COUNT).keys()]
+    // A start of one chunk kept the push at one chunk per round trip (~15 MB/s at 30 ms): it must grow.
+    const lender = new PostcopyLender({
+      ramPath: ram,
+      ramSize: COUNT * CHUNK,
+      chunkSize: CHUNK,
+      order: owed,
+      windowBytes: CHUNK,
+      maxWindowBytes: 8 * CHUNK,
+      queueTargetMs: 10_000,
+      log,
+    })
+    const pager = new FakePager()
+    const receiver = new PostcopyReceiver(pager, owed, CHUNK, COUNT)
+    lender.attach(src)
+    receiver.attach(dst)
+    lender.startBackground()
+    await lender.pump()
+    const stats = await receiver.complete
+    receiver.sendDone(4, stats)
+    await lender.finished(5000)
+    assert.equal(pager.placed.size, COUNT)
+    assert.equal(lender.stats.maxWindowBytes, 8 * CHUNK, 'grew to its cap, no further')
+    assert.ok(lender.stats.minAckRttMs >= 0)
+    lender.close()
+    receiver.close()
+  })
+
   it('a pcresume may not claim chunks that were never owed', () => {
     const lender = new PostcopyLender({
       ramPath: ram,

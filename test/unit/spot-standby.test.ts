@@ -18,6 +18,7 @@ import {
   STANDBY_DISK_PIN,
   STANDBY_PIN,
   type StandbyStatus,
+  standbyBytesToSend,
 } from '../../src/agent/spot/standby.ts'
 import { createDiskArbiter } from '../../vm/disk/standby.ts'
 
@@ -143,6 +144,25 @@ describe('warm standby: RAM chunks served from the RAM file, pulled by the stand
     await a.index.drop('vm1')
     assert.equal(a.store.has(hashAt(m2, 6)), false)
     await assert.rejects(a.store.get(hashAt(m2, 6)), { name: 'ChunkNotFoundError' })
+  })
+
+  it('what a move to the standby must carry: the last pass missed + what the guest wrote since, at most all', () => {
+    const MB = 1_000_000
+    const st = { vm: 'g', state: 'synced' as const, passes: 3, lagBytes: 2 * MB, syncedAt: 10_000 }
+    // Right after the pass: only what it missed.
+    assert.equal(standbyBytesToSend({ ...st, dirtyRateBps: 32 * MB }, 10_000, 1024 * MB), 2 * MB)
+    // 7 s later at 32 MB/s (RAM) + 1 MB/s (disk): 2 + 231 MB.
+    assert.equal(
+      standbyBytesToSend(
+        { ...st, dirtyRateBps: 32 * MB, disk: { heldBytes: 0, lagBytes: 0, dirtyRateBps: MB } },
+        17_000,
+        1024 * MB,
+      ),
+      233 * MB,
+    )
+    // Never more than the VM holds; no pass yet: all of it.
+    assert.equal(standbyBytesToSend({ ...st, dirtyRateBps: 32 * MB }, 100_000, 512 * MB), 512 * MB)
+    assert.equal(standbyBytesToSend({ vm: 'g', state: 'syncing', passes: 0 }, 17_000, 512 * MB), 512 * MB)
   })
 
   it("the sender loop syncs pass after pass and reports the standby's lag", async () => {

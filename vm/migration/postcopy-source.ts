@@ -1,9 +1,17 @@
 /**
  * The source's side of post-copy: the guest runs on the destination and its paused copy here holds the
  * chunks it has not received yet (the owed set). The lender answers the destination's page requests
- * (pcwant) first and pushes the rest in the background, hottest first, keeping only a small window of
- * background bytes unacknowledged so that an urgent chunk never waits behind many (the migrate channel
- * is one ordered stream).
+ * (pcwant) first and pushes the rest in the background, hottest first, keeping a window of background
+ * bytes unacknowledged so that an urgent chunk never waits behind many (the migrate channel is one
+ * ordered stream).
+ *
+ * The window is sized from the acknowledgements, delay-based: it starts at `windowBytes` and grows by
+ * what each acknowledgement releases (doubling per round trip) while the round trip of a chunk stays
+ * within `queueTargetMs` of the lowest seen (the link is not full yet), and shrinks by an eighth per round
+ * trip when the queue behind it costs an urgent chunk more than three times that. A window fixed at the
+ * start (2 × the bulk copy's bandwidth-delay product) capped the background push far below the link when
+ * the bulk copy had measured a low rate (a standby move sends little; the link sat idle while scanning):
+ * 512 KiB per 30 ms round trip is ~15 MB/s, and a 300 MB owed set then took 15 s, past a spot notice.
  *
  * A lender outlives a link: when its conversation fails it waits for the destination to come back with
  * 'pcresume' on a new session (attach()), and goes on from the owed bitmap the destination sends then.
@@ -31,8 +39,12 @@ export interface LenderInit {
   chunkSize: number
   /** Owed chunks in the order the background sends them (hottest first). */
   order: number[]
-  /** Background bytes in flight at most (urgent chunks are never held back by it). */
+  /** Background bytes in flight at the start and at least (urgent chunks are never held back by it). */
   windowBytes: number
+  /** The window grows no further (default 64 MiB). */
+  maxWindowBytes?: number
+  /** Queueing delay the window may add to an urgent chunk's round trip before it stops growing (40 ms). */
+  queueTargetMs?: number
   log: Logger
   signal?: AbortSignal
 }
@@ -45,6 +57,14 @@ export interface LenderStats {
   bytes: number
   /** Sessions the lender served on (more than one after a link cut). */
   sessions: number
+  /** The window at the end and its largest, bytes. */
+  windowBytes: number
+  maxWindowBytes: number
+  /** Round trip of a chunk (sent → acknowledged placed): lowest and last seen, ms. */
+  minAckRttMs: number
+  lastAckRttMs: number
+  /** Time the background push waited on a full window while owed chunks were left, ms. */
+  windowWaitMs: number
 }
 
 /** The bitmap (one bit per chunk) of a list of chunks. */
@@ -74,6 +94,12 @@ export class PostcopyLender {
   /** Sent on the current session, in order; `placed` of them acknowledged. */
   private sentOnSession = 0
   private placed = 0
+  /** When each chunk of the session went out (performance.now(), by its number on the session). */
+  private sentAt: number[] = []
+  private window: number
+  private minRtt = Number.POSITIVE_INFINITY
+  private lastShrink = 0
+  private backgroundSince = 0
   private background = false
   private conv: Conversation | undefined
   private unroute: (() => void) | undefined
@@ -89,7 +115,19 @@ export class PostcopyLender {
     this.owed = new Set(init.order)
     this.everOwed = new Set(init.order)
     this.order = [...init.order]
-    this.stats = { owedChunks: this.owed.size, urgentChunks: 0, backgroundChunks: 0, bytes: 0, sessions: 0 }
+    this.window = init.windowBytes
+    this.stats = {
+      owedChunks: this.owed.size,
+      urgentChunks: 0,
+      backgroundChunks: 0,
+      bytes: 0,
+      sessions: 0,
+      windowBytes: init.windowBytes,
+      maxWindowBytes: init.windowBytes,
+      minAckRttMs: 0,
+      lastAckRttMs: 0,
+      windowWaitMs: 0,
+    }
     this.fd = openSync(init.ramPath, 'r')
     this.done = new Promise<PcDone>((resolve, reject) => {
       this.resolveDone = resolve
@@ -117,6 +155,7 @@ export class PostcopyLender {
     this.stats.sessions++
     this.sentOnSession = 0
     this.placed = 0
+    this.sentAt = []
     this.urgent.length = 0
     if (owedBitmap !== undefined) {
       // What the destination still lacks is the truth now (chunks in flight on the dead link are lost).
@@ -137,6 +176,7 @@ export class PostcopyLender {
   /** From now on the owed chunks nobody asked for go too (the guest runs on the destination). */
   startBackground(): void {
     this.background = true
+    this.backgroundSince = performance.now()
     this.kick()
   }
 
@@ -150,11 +190,34 @@ export class PostcopyLender {
     if (m.type === 'pcwant') {
       for (const c of m.indices) if (this.owed.has(c) && c >= 0 && c < this.chunkCount) this.urgent.push(c)
     } else if (m.type === 'pcack') {
-      this.placed = Math.max(this.placed, m.placed)
+      if (m.placed > this.placed) {
+        const released = m.placed - this.placed
+        this.placed = m.placed
+        const sent = this.sentAt[m.placed - 1]
+        if (sent !== undefined) this.sizeWindow(performance.now() - sent, released)
+      }
     } else if (m.type === 'pcdone') {
       this.resolveDone(m)
     }
     this.kick()
+  }
+
+  /** Delay-based window: grow while the round trip shows no queue, shrink when the queue is long. */
+  private sizeWindow(rttMs: number, releasedChunks: number): void {
+    const { chunkSize, windowBytes } = this.init
+    const max = this.init.maxWindowBytes ?? 64 * 1024 * 1024
+    const target = this.init.queueTargetMs ?? 40
+    const now = performance.now()
+    this.minRtt = Math.min(this.minRtt, rttMs)
+    this.stats.minAckRttMs = Math.round(this.minRtt * 10) / 10
+    this.stats.lastAckRttMs = Math.round(rttMs * 10) / 10
+    if (rttMs <= this.minRtt + target) this.window = Math.min(max, this.window + releasedChunks * chunkSize)
+    else if (rttMs > this.minRtt + 3 * target && now - this.lastShrink > rttMs) {
+      this.lastShrink = now
+      this.window = Math.max(windowBytes, Math.round((this.window * 7) / 8))
+    }
+    this.stats.windowBytes = this.window
+    this.stats.maxWindowBytes = Math.max(this.stats.maxWindowBytes, this.window)
   }
 
   /**
@@ -164,7 +227,7 @@ export class PostcopyLender {
   async pump(): Promise<void> {
     const conv = this.conv
     if (conv === undefined) throw new Error('PostcopyLender.pump() before attach()')
-    const { signal, chunkSize, windowBytes } = this.init
+    const { signal, chunkSize } = this.init
     const failed = conv.whenFailed()
     for (;;) {
       throwIfAborted(signal)
@@ -180,13 +243,19 @@ export class PostcopyLender {
         }
       }
       const inflight = (this.sentOnSession - this.placed) * chunkSize
-      if (chunk === undefined && this.background && inflight < windowBytes) {
+      if (chunk === undefined && this.background && inflight < this.window) {
         while (this.next < this.order.length && !this.owed.has(this.order[this.next]!)) this.next++
         chunk = this.order[this.next]
       }
       if (chunk === undefined) {
-        if (this.owed.size === 0) return
+        if (this.owed.size === 0) {
+          this.logSent()
+          return
+        }
+        const full = this.background && this.next < this.order.length
+        const t0 = performance.now()
         await Promise.race([new Promise<void>((r) => (this.wake = r)), failed])
+        if (full) this.stats.windowWaitMs += performance.now() - t0
         continue
       }
       this.owed.delete(chunk)
@@ -194,9 +263,28 @@ export class PostcopyLender {
       if (urgent) this.stats.urgentChunks++
       else this.stats.backgroundChunks++
       this.stats.bytes += msg.byteLength
-      this.sentOnSession++
+      this.sentAt[this.sentOnSession++] = performance.now()
       await conv.sendRaw(msg, signal)
     }
+  }
+
+  /** Where the background push's time went (the post-copy tail's first suspect). */
+  private logSent(): void {
+    const ms = this.backgroundSince === 0 ? 0 : performance.now() - this.backgroundSince
+    const st = this.stats
+    this.init.log.info('post-copy: every owed chunk sent', {
+      owedBytes: st.owedChunks * this.init.chunkSize,
+      ms: Math.round(ms),
+      mbps: ms > 0 ? Math.round(st.bytes / 1000 / ms) : 0,
+      urgentChunks: st.urgentChunks,
+      backgroundChunks: st.backgroundChunks,
+      windowStartBytes: this.init.windowBytes,
+      windowBytes: st.windowBytes,
+      maxWindowBytes: st.maxWindowBytes,
+      minAckRttMs: st.minAckRttMs,
+      lastAckRttMs: st.lastAckRttMs,
+      windowWaitMs: Math.round(st.windowWaitMs),
+    })
   }
 
   /** One chunk of the paused copy: zero pages as such, the rest literal. */

@@ -47,6 +47,7 @@ import {
   STANDBY_PIN,
   type StandbyStatus,
   type SyncResult,
+  standbyBytesToSend,
 } from './standby.ts'
 
 /** This host takes no VM now (draining, under a notice, or full). */
@@ -854,8 +855,9 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       let bytes: number
       let basis: string
       if (standbyThere && sb?.lagBytes !== undefined && sb.peer === a.to) {
-        bytes = sb.lagBytes
-        basis = 'standby lag'
+        const cap = ramSeen.get(a.vm) ?? (v?.memoryMiB ?? 0) * 2 ** 20
+        bytes = standbyBytesToSend(sb, now(), cap + (sb.disk?.heldBytes ?? 0))
+        basis = 'standby lag + changed since its last pass'
       } else if (ramSeen.has(a.vm)) {
         bytes = ramSeen.get(a.vm)!
         basis = 'non-zero RAM'

@@ -345,6 +345,19 @@ export interface StandbyStatus {
   error?: string
 }
 
+/**
+ * What a move to the standby must still carry, as far as its status tells at `nowMs`: what the last pass
+ * missed (`lagBytes`, RAM and disk) plus what the guest changed since that pass hashed its RAM (its write
+ * rate over the time since), at most `capBytes` (the VM's RAM and disk). Right after a pass `lagBytes`
+ * alone counts only the missed chunks: a busy guest had rewritten ~200 MB more by the notice.
+ */
+export function standbyBytesToSend(status: StandbyStatus, nowMs: number, capBytes: number): number {
+  const lag = status.lagBytes ?? capBytes
+  const sinceMs = status.syncedAt === undefined ? 0 : Math.max(0, nowMs - status.syncedAt)
+  const rate = (status.dirtyRateBps ?? 0) + (status.disk?.dirtyRateBps ?? 0)
+  return Math.min(capBytes, Math.round(lag + (rate * sinceMs) / 1000))
+}
+
 export interface SenderDeps {
   index: RamIndex
   /** Asks the standby to pull; resolves with its result. */
