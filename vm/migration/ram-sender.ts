@@ -26,6 +26,9 @@ export interface RamSenderInit {
   compress: boolean
 }
 
+/** The first offer's entries (16 MiB of 64 KiB chunks); each next offer doubles, up to MAX_OFFER_ENTRIES. */
+const FIRST_OFFER_ENTRIES = 256
+
 /** Bytes a chunk takes in a 'data' body (index, flags, kinds, refs, literal). */
 const chunkWireSize = (c: EncodedChunk) => 10 + c.kinds.length + c.refs.length * 4 + c.literal.byteLength
 
@@ -146,8 +149,12 @@ export class RamSender implements SourceStream {
     ctx.sending?.()
     ctx.beginPhase(scan.nonZeroBytes)
     const batches: number[][] = []
-    for (let i = 0; i < scan.indices.length; i += MAX_OFFER_ENTRIES) {
-      const indices = scan.indices.slice(i, i + MAX_OFFER_ENTRIES)
+    // Small first offers, doubling: the destination answers an offer only after filling what it holds
+    // from its cache, and the link idles until the first answer (a standby's first 4096 entries meant
+    // seconds of reads); later answers are worked out while the earlier batches' data flows.
+    let size = FIRST_OFFER_ENTRIES
+    for (let i = 0; i < scan.indices.length; i += size, size = Math.min(MAX_OFFER_ENTRIES, size * 2)) {
+      const indices = scan.indices.slice(i, i + size)
       batches.push(indices)
       await conv.send(
         {
