@@ -41,7 +41,7 @@ export interface LenderInit {
   order: number[]
   /** Background bytes in flight at the start and at least (urgent chunks are never held back by it). */
   windowBytes: number
-  /** The window grows no further (default 64 MiB). */
+  /** The window grows no further (default 16 MiB: ~240 ms of queue for an urgent chunk at 70 MB/s). */
   maxWindowBytes?: number
   /** Queueing delay the window may add to an urgent chunk's round trip before it stops growing (40 ms). */
   queueTargetMs?: number
@@ -205,7 +205,7 @@ export class PostcopyLender {
   /** Delay-based window: grow while the round trip shows no queue, shrink when the queue is long. */
   private sizeWindow(rttMs: number, releasedChunks: number): void {
     const { chunkSize, windowBytes } = this.init
-    const max = this.init.maxWindowBytes ?? 64 * 1024 * 1024
+    const max = this.init.maxWindowBytes ?? 16 * 1024 * 1024
     const target = this.init.queueTargetMs ?? 40
     const now = performance.now()
     this.minRtt = Math.min(this.minRtt, rttMs)
