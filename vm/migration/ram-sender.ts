@@ -167,8 +167,11 @@ export class RamSender implements SourceStream {
         signal,
       )
     }
+    ctx.lap('offers')
     for (let b = 0; b < batches.length; b++) {
       const want = await conv.next(['want'], 'want', ctx.timeoutMs, signal)
+      // The report's timings: how long the link idled for the destination's first answer.
+      if (b === 0) ctx.lap('firstWant')
       const offered = batches[want.batch]
       if (offered === undefined)
         throw new MigrationLinkError(`destination answered an unknown offer ${want.batch}`)
