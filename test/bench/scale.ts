@@ -85,6 +85,8 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
     reachMs: med((r) => r.reachMs),
     idleCpuPctMax: med((r) => Math.max(...r.cpuPct)),
     linksOpenMedian: med((r) => median(r.linksOpen)),
+    linksBuiltTotal: med((r) => r.linksBuilt.reduce((a, b) => a + b, 0)),
+    linkFailuresTotal: med((r) => r.linkFailures.reduce((a, b) => a + b, 0)),
     bootRssMB: med((r) => r.boot.rssMB),
     bootCpuPct: med((r) => r.boot.cpuPct),
     gossipPerJoin: {
@@ -108,6 +110,7 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
       cpuPctMedian: median(r.cpuPct),
       cpuPctMax: Math.max(...r.cpuPct),
       linksOpen: { median: median(r.linksOpen), max: Math.max(...r.linksOpen) },
+      linksBuilt: { median: median(r.linksBuilt), max: Math.max(...r.linksBuilt) },
       boot: r.boot,
       gossip: r.gossip,
       cliHelpMs: r1(r.cliHelpMs),

@@ -12,6 +12,8 @@
  *               node binary's pages that every agent maps and the box holds once; PSS divides them.
  *   gossip      member-set messages and bytes (sum over all agents) for the whole join and for one
  *               more member joining the quiet mesh
+ *   linksBuilt  links each agent saw come up (its 'link up' log lines) until reachMs, and link
+ *               attempts that failed: what the join cost in DTLS/SCTP handshakes
  *
  * Used by `npm run bench -- scale` (full size) and test/system/scale-e2e.test.ts (reduced, in CI).
  * Agents are driven through their control sockets from this process (a CLI start per poll would cost
@@ -39,6 +41,8 @@ export interface ScaleOptions {
   pingsPerMember?: number
   /** Extra `mesh agent` arguments for every member. */
   agentArgs?: string[]
+  /** Extra environment for every agent. */
+  env?: NodeJS.ProcessEnv
   log?: (line: string) => void
   /** Runs while the mesh is up and idle, after the measurements (e.g. CLI timings). */
   whileUp?: (net: Testnet, agents: AgentProc[]) => Promise<void>
@@ -63,6 +67,9 @@ export interface ScaleResult {
   cpuPct: number[]
   boot: { rssMB: number; cpuPct: number }
   linksOpen: number[]
+  /** Per agent, until reachMs: links that came up, link attempts that failed (from its log). */
+  linksBuilt: number[]
+  linkFailures: number[]
   gossip: { join: GossipCounters; oneMore: GossipCounters & { agents: number } }
   load1: { start: number; idle: number }
 }
@@ -191,6 +198,7 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
     measureWan: false,
     internetHosts: ['late'],
     ...(opts.agentArgs === undefined ? {} : { agentArgs: opts.agentArgs }),
+    ...(opts.env === undefined ? {} : { env: opts.env }),
   })
   const clients: ControlClient[] = []
   const started: AgentProc[] = []
@@ -216,20 +224,48 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
     const byName = new Map(agents.map((a, i) => [a.name, clients[i]!]))
     const others = agents.length // every member but itself: the other agents and the bootstrap
 
+    // Where the box's CPU went since the first join: the bootstrap (relay, admissions) vs the agents.
+    const bootPid0 = net.boot.child.pid!
+    const agentPids = agents.map((a) => a.child.pid!)
+    const bootCpu0 = cpuSeconds(bootPid0)
+    const agentsCpu0 = agentPids.map(cpuSeconds)
+    const cpuShares = () => {
+      const wall = (Date.now() - t0) / 1000
+      const boot = cpuSeconds(bootPid0) - bootCpu0
+      let all = 0
+      for (const [i, p] of agentPids.entries()) {
+        try {
+          all += cpuSeconds(p) - agentsCpu0[i]!
+        } catch {
+          // an agent that exited: its CPU is gone with it
+        }
+      }
+      return `bootstrap ${Math.round((boot / wall) * 100)} % of a core, agents ${Math.round((all / wall) * 100)} % (sum), load ${loadavg()[0]!.toFixed(1)}`
+    }
     let joinMs = -1
     const membership = (async () => {
       const seen = new Array<boolean>(agents.length).fill(false)
+      const listed = new Array<number>(agents.length).fill(0)
+      let progressAt = t0
       for (;;) {
         await Promise.all(
           clients.map(async (c, i) => {
             if (seen[i]) return
             const r = (await call(c, 'peers')) as { peers: PeerRow[] }
+            listed[i] = r.peers.length
             if (r.peers.length >= others) seen[i] = true
           }),
         )
+        if (Date.now() - progressAt >= 10_000) {
+          // The shape of the join: a slow tail or everyone slow.
+          progressAt = Date.now()
+          log(
+            `  ${Math.round((progressAt - t0) / 1000)} s: members listed min ${Math.min(...listed)} median ${median(listed)} of ${others}, ${seen.filter(Boolean).length} complete; CPU since the join: ${cpuShares()}`,
+          )
+        }
         if (seen.every(Boolean)) {
           joinMs = Date.now() - t0
-          log(`membership complete after ${joinMs} ms`)
+          log(`membership complete after ${joinMs} ms; CPU since the join: ${cpuShares()}`)
           return
         }
         if (Date.now() > deadline) {
@@ -291,10 +327,30 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
         }),
       )
       reachMs = Date.now() - t0
+      log(`every ping answered after ${reachMs} ms; CPU since the join: ${cpuShares()}`)
     })()
     await Promise.all([membership, reach])
     const joinAllMs = Math.max(joinMs, reachMs)
-    log(`membership ${joinMs} ms, ${plan.length} pings ok ${reachMs} ms (${failedAttempts} failed attempts)`)
+    const logs = agents.map((a) => a.log())
+    const count = (re: RegExp) => logs.map((l) => l.split('\n').filter((x) => re.test(x)).length)
+    const linksBuilt = count(/\blink up\b/)
+    const linkFailures = count(/link attempt to \S+ failed|link from \S+ failed/)
+    const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0)
+    // Why link attempts failed, most frequent first (peer ids and numbers masked).
+    const why = new Map<string, number>()
+    for (const l of logs.flatMap((x) => x.split('\n')))
+      if (/link attempt to \S+ failed|link from \S+ failed/.test(l)) {
+        const k = l
+          .replace(/^.*?(link attempt to|link from)/, '$1')
+          .replace(/12D3Koo\w+/g, 'P')
+          .replace(/\d+/g, 'N')
+          .slice(0, 140)
+        why.set(k, (why.get(k) ?? 0) + 1)
+      }
+    for (const [k, v] of [...why].sort((a, b) => b[1] - a[1]).slice(0, 6)) log(`  ${v}× ${k}`)
+    log(
+      `membership ${joinMs} ms, ${plan.length} pings ok ${reachMs} ms (${failedAttempts} failed attempts); links built ${sum(linksBuilt)} (median ${median(linksBuilt)}, max ${Math.max(...linksBuilt)} per agent), ${sum(linkFailures)} link attempts failed`,
+    )
 
     // ---- gossip: the join as a whole, then one more member on the quiet mesh
     await sleep((opts.settleS ?? 10) * 1000)
@@ -357,6 +413,8 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
       cpuPct,
       boot: { rssMB: Math.round(rssMB(bootPid) * 10) / 10, cpuPct: bootCpu },
       linksOpen,
+      linksBuilt,
+      linkFailures,
       gossip: { join: gJoin, oneMore },
       load1: { start: load0, idle: load1 },
     }
