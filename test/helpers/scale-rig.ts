@@ -336,18 +336,19 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
     const linksBuilt = count(/\blink up\b/)
     const linkFailures = count(/link attempt to \S+ failed|link from \S+ failed/)
     const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0)
-    // Why link attempts failed, most frequent first (peer ids and numbers masked).
+    // Why link attempts (and relay reservations) failed, most frequent first (ids and numbers masked).
     const why = new Map<string, number>()
     for (const l of logs.flatMap((x) => x.split('\n')))
-      if (/link attempt to \S+ failed|link from \S+ failed/.test(l)) {
+      if (/link attempt to \S+ failed|link from \S+ failed|relay reservation on \S+ failed/.test(l)) {
         const k = l
-          .replace(/^.*?(link attempt to|link from)/, '$1')
+          .replace(/^.*?(link attempt to|link from|relay reservation on)/, '$1')
+          .replace(/\/ip4\/\S+/g, 'A')
           .replace(/12D3Koo\w+/g, 'P')
           .replace(/\d+/g, 'N')
           .slice(0, 140)
         why.set(k, (why.get(k) ?? 0) + 1)
       }
-    for (const [k, v] of [...why].sort((a, b) => b[1] - a[1]).slice(0, 6)) log(`  ${v}× ${k}`)
+    for (const [k, v] of [...why].sort((a, b) => b[1] - a[1]).slice(0, 8)) log(`  ${v}× ${k}`)
     log(
       `membership ${joinMs} ms, ${plan.length} pings ok ${reachMs} ms (${failedAttempts} failed attempts); links built ${sum(linksBuilt)} (median ${median(linksBuilt)}, max ${Math.max(...linksBuilt)} per agent), ${sum(linkFailures)} link attempts failed`,
     )
