@@ -121,8 +121,8 @@ export function createVmTunnelPlug(
       discardRam: (path) => host.discardRam(path),
       token: (name) => host.token(name),
       setToken: (name, token) => host.setToken(name, token),
-      async startIncoming(spec, memoryPath, signal) {
-        const vm = await host.startIncoming(spec, memoryPath, signal)
+      async startIncoming(spec, memoryPath, signal, options) {
+        const vm = await host.startIncoming(spec, memoryPath, signal, options)
         plug(vm)
         return vm
       },

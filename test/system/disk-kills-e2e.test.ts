@@ -74,7 +74,7 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
   const liveDisks = (a: AgentProc): string[] =>
     existsSync(join(a.state, 'disks'))
       ? readdirSync(join(a.state, 'disks')).filter(
-          (n) => n.startsWith(`${VM}.`) && !n.endsWith('.prev.qcow2'),
+          (n) => n.startsWith(`${VM}.`) && !/\.prev\.(qcow2|since)$/.test(n),
         )
       : []
 

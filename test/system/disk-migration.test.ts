@@ -11,7 +11,7 @@ import { DEBIAN_CMDLINE, ensureDebianGuest } from '../../fixtures/guest-debian/b
 import { BLKCHECK_PORT } from '../../fixtures/guest-debian/ports.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
 import { createLogger } from '../../src/base/log.ts'
-import { previousVolumePath } from '../../vm/disk/previous.ts'
+import { previousSincePath, previousVolumePath } from '../../vm/disk/previous.ts'
 import type { MigrationReport } from '../../vm/migration/interfaces.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
 import { createTwoHosts, type TestHost, type TwoHosts } from '../bench/_migrate-hosts.ts'
@@ -30,7 +30,7 @@ async function ask(port: number, cmd: string): Promise<string> {
 }
 
 function line(r: MigrationReport): string {
-  return `total ${Math.round(r.totalMs)} ms, downtime ${Math.round(r.downtimeMs)} ms, wire ${(r.wireBytes / MiB).toFixed(1)} MiB (disk: written ${((r.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB, sent ${((r.diskSentBytes ?? 0) / MiB).toFixed(1)} MiB, held ${((r.diskDedupBytes ?? 0) / MiB).toFixed(1)} MiB), rounds ${r.rounds}, ${r.switchReason}`
+  return `total ${Math.round(r.totalMs)} ms, downtime ${Math.round(r.downtimeMs)} ms, wire ${(r.wireBytes / MiB).toFixed(1)} MiB (disk: written ${((r.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB, sent ${((r.diskSentBytes ?? 0) / MiB).toFixed(1)} MiB, held ${((r.diskDedupBytes ?? 0) / MiB).toFixed(1)} MiB, read ${((r.diskReadBytes ?? 0) / MiB).toFixed(1)} MiB${r.diskSeeded === true ? ', seeded' : ''}), rounds ${r.rounds}, ${r.switchReason}`
 }
 
 describe('live migration of a writable disk (real QEMU, Debian guest, block checker)', function () {
@@ -53,7 +53,10 @@ describe('live migration of a writable disk (real QEMU, Debian guest, block chec
   after(async () => {
     if (hosts === undefined) return
     // A disk a VM left behind is kept on purpose (a move back reuses it); the test removes it.
-    for (const h of [hosts.a, hosts.b]) rmSync(previousVolumePath(h.diskDir, 'dsk-g'), { force: true })
+    for (const h of [hosts.a, hosts.b]) {
+      rmSync(previousVolumePath(h.diskDir, 'dsk-g'), { force: true })
+      rmSync(previousSincePath(h.diskDir, 'dsk-g'), { force: true })
+    }
     const left = await hosts.destroy()
     assert.deepEqual(left, [], 'files left behind')
   })
@@ -88,10 +91,11 @@ describe('live migration of a writable disk (real QEMU, Debian guest, block chec
     assert.match(c1, /^OK blocks=12288 /, `block checker after A→B: ${c1}`)
     assert.match(await mem(b, 'check'), /^OK /)
 
-    // A kept its disk as the VM's previous disk: after a little change on B, the move back sends
-    // only what changed.
+    // A kept its disk as the VM's previous disk, and B counts the guest's writes since it arrived:
+    // after a little change on B, A starts from its old disk and B reads and sends only what changed.
     const prevA = previousVolumePath(a.diskDir, 'dsk-g')
     assert.equal(existsSync(prevA), true, 'A keeps the disk the VM left')
+    const writtenA = there.diskWrittenBytes ?? 0
     assert.match(await blk(b, 'churn 0'), /^OK churn=0 /)
     assert.match(await blk(b, 'dirty 1'), /^OK dirtied=256 /)
     const back = await b.service.migrate({ vm: 'dsk-g', to: 'A' })
@@ -100,17 +104,43 @@ describe('live migration of a writable disk (real QEMU, Debian guest, block chec
     const c2 = await blk(a, 'check')
     assert.match(c2, /^OK blocks=12288 /, `block checker after B→A: ${c2}`)
     assert.match(await mem(a, 'check'), /^OK /)
-    const written = back.diskWrittenBytes ?? 0
-    assert.ok(written >= 48 * MiB)
-    assert.ok(
-      (back.diskSentBytes ?? Number.POSITIVE_INFINITY) <= 0.05 * written,
-      `the return move sent ${back.diskSentBytes} disk bytes of ${written} written (> 5%)`,
-    )
-    // A drops it as the VM runs there again, just after the move returns: wait for that (bounded).
-    await holdsWithin(() => !existsSync(prevA), 10_000)
-    assert.equal(existsSync(prevA), false, 'A dropped its previous disk once the VM ran there again')
+    assert.equal(back.diskSeeded, true, 'A started from the disk the VM left there')
+    for (const [what, n] of [
+      ['sent', back.diskSentBytes],
+      ['read', back.diskReadBytes],
+    ] as const)
+      assert.ok(
+        (n ?? Number.POSITIVE_INFINITY) <= 0.05 * writtenA,
+        `the return move ${what} ${n} disk bytes of ${writtenA} written (> 5%)`,
+      )
+    assert.equal(existsSync(prevA), false, 'the disk A kept is the VM’s disk again')
+    assert.equal(existsSync(previousSincePath(a.diskDir, 'dsk-g')), false)
     const prevB = previousVolumePath(b.diskDir, 'dsk-g')
     assert.equal(existsSync(prevB), true, 'B now keeps the disk the VM left')
-    rmSync(prevB)
+
+    // Once more A→B (B starts from what it kept), then B→A with A's record of its old disk gone: the
+    // full path (every written chunk read and offered, filled from the old disk by hash), which is what
+    // every return move cost before the disk counted writes since its arrival.
+    assert.match(await blk(a, 'dirty 1'), /^OK dirtied=256 /)
+    const again = await a.service.migrate({ vm: 'dsk-g', to: 'B' })
+    process.stdout.write(`      A→B: ${line(again)}\n`)
+    assert.equal(again.diskSeeded, true, 'B started from the disk the VM left there')
+    assert.match(await blk(b, 'check'), /^OK blocks=12288 /)
+    assert.match(await blk(b, 'dirty 1'), /^OK dirtied=256 /)
+    rmSync(previousSincePath(a.diskDir, 'dsk-g'))
+    const full = await b.service.migrate({ vm: 'dsk-g', to: 'A' })
+    process.stdout.write(`      B→A (no record on A: full path): ${line(full)}\n`)
+    assert.equal(full.diskSeeded, false)
+    assert.ok((full.diskReadBytes ?? 0) >= 48 * MiB, 'the full path reads every written chunk')
+    const c3 = await blk(a, 'check')
+    assert.match(c3, /^OK blocks=12288 /, `block checker after the full return: ${c3}`)
+    assert.match(await mem(a, 'check'), /^OK /)
+    process.stdout.write(
+      `      return move seeded vs full: ${Math.round(back.totalMs)} vs ${Math.round(full.totalMs)} ms, read ${((back.diskReadBytes ?? 0) / MiB).toFixed(1)} vs ${((full.diskReadBytes ?? 0) / MiB).toFixed(1)} MiB\n`,
+    )
+    // A drops the old disk it filled from as the VM runs there again (bounded wait).
+    await holdsWithin(() => !existsSync(prevA), 10_000)
+    assert.equal(existsSync(prevA), false, 'A dropped its previous disk once the VM ran there again')
+    assert.equal(existsSync(prevB), true, 'B keeps the disk the VM left')
   })
 })

@@ -28,6 +28,8 @@ describe('disk stream messages (v1)', () => {
           { index: 3, flags: 0, data: Buffer.alloc(65536, 1) },
         ],
       },
+      { kind: 'seed', seeded: true },
+      { kind: 'seed', seeded: false },
     ]
     for (const m of msgs) {
       const back = decodeDiskMessage(encodeDiskMessage(m))
@@ -55,6 +57,8 @@ describe('disk stream messages (v1)', () => {
     assert.throws(() => decodeDiskMessage(data), /zero chunk with bytes/)
     data[14] = 0x80
     assert.throws(() => decodeDiskMessage(data), /flags/)
+    assert.throws(() => decodeDiskMessage(Buffer.from([1, 5, 2])), /bad disk seed/)
+    assert.throws(() => decodeDiskMessage(Buffer.from([1, 5, 1, 0])), /bad disk seed/)
   })
 
   it('fuzz: any bytes decode or throw MigrationDecodeError, never anything else', () => {
@@ -62,7 +66,7 @@ describe('disk stream messages (v1)', () => {
       fc.property(
         fc.oneof(
           fc.uint8Array({ maxLength: 400 }),
-          fc.uint8Array({ maxLength: 400 }).map((u) => Uint8Array.from([1, 1 + ((u[0] ?? 0) % 4), ...u])),
+          fc.uint8Array({ maxLength: 400 }).map((u) => Uint8Array.from([1, 1 + ((u[0] ?? 0) % 5), ...u])),
         ),
         (bytes) => {
           try {

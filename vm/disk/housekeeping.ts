@@ -103,6 +103,8 @@ export async function prunePreviousDisks(diskDir: string, maxBytes: number): Pro
   for (const d of disks) {
     if (total <= maxBytes) break
     await rm(d.path, { force: true })
+    // Its record (vm/disk/previous.ts previousSincePath) names a file that is gone.
+    await rm(d.path.replace(PREVIOUS_RE, '.prev.since'), { force: true })
     total -= d.bytes
     removed.push({ path: d.path, bytes: d.bytes })
   }

@@ -9,10 +9,11 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { existsSync } from 'node:fs'
-import { rename, rm, utimes } from 'node:fs/promises'
+import { readFile, rename, rm, stat, utimes } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { describeError } from '../../src/base/errors.ts'
+import { writeFileDurable } from '../../src/base/fs.ts'
 import { type PrunedDisk, previousDisksBudget, prunePreviousDisks } from './housekeeping.ts'
 import { NbdClient } from './nbd.ts'
 import { extentsToChunks } from './tracker.ts'
@@ -23,16 +24,74 @@ export function previousVolumePath(diskDir: string, vm: string): string {
 }
 
 /**
- * Keeps a stopped VM's overlay as its previous disk (replacing an older one), then holds all previous
- * disks of the dir to their budget (vm/disk/housekeeping.ts; this one counts as the newest). Returns
- * the previous disks the budget removed.
+ * Which move the previous disk is the end of (`<vm>.prev.since`, JSON): the session id of the move that
+ * took the VM away, and the file's size and mtime when it was kept. The host the VM went to counts the
+ * guest's writes since its arrival in a dirty bitmap named after that move (`mesh-since-<sid>`,
+ * vm/disk/tracker.ts); when the VM comes back from there, the old disk plus those blocks is the disk,
+ * so the destination seeds its incoming disk with the old one (seedPreviousVolume) and the source
+ * reads and sends only those blocks. No file, or a file that does not match: the full path.
  */
-export async function retainVolume(path: string, diskDir: string, vm: string): Promise<PrunedDisk[]> {
+export function previousSincePath(diskDir: string, vm: string): string {
+  return join(diskDir, `${vm}.prev.since`)
+}
+
+interface SinceRecord {
+  sid: string
+  size: number
+  mtimeMs: number
+}
+
+/**
+ * Keeps a stopped VM's overlay as its previous disk (replacing an older one), then holds all previous
+ * disks of the dir to their budget (vm/disk/housekeeping.ts; this one counts as the newest). `since`:
+ * the move that took it away (see previousSincePath). Returns the previous disks the budget removed.
+ */
+export async function retainVolume(
+  path: string,
+  diskDir: string,
+  vm: string,
+  since?: string,
+): Promise<PrunedDisk[]> {
   const kept = previousVolumePath(diskDir, vm)
+  const record = previousSincePath(diskDir, vm)
+  // The old record goes first: a record never names a file other than the one it was written for.
+  await rm(record, { force: true })
   await rename(path, kept)
   const now = new Date()
   await utimes(kept, now, now)
+  if (since !== undefined) {
+    const st = await stat(kept)
+    const r: SinceRecord = { sid: since, size: st.size, mtimeMs: st.mtimeMs }
+    await writeFileDurable(record, JSON.stringify(r))
+  }
   return prunePreviousDisks(diskDir, await previousDisksBudget(diskDir))
+}
+
+/**
+ * Turns the previous disk of `vm` into `dest` (the incoming copy's disk) when it is the end of move
+ * `since` and unchanged since it was kept; true if it did. The file is moved, not copied: it was
+ * nobody's disk (the guest that used it has run elsewhere since), and a failed move removes it with
+ * the incoming VM like any incoming disk.
+ */
+export async function seedPreviousVolume(
+  diskDir: string,
+  vm: string,
+  since: string,
+  dest: string,
+): Promise<boolean> {
+  const kept = previousVolumePath(diskDir, vm)
+  const record = previousSincePath(diskDir, vm)
+  let r: Partial<SinceRecord>
+  try {
+    r = JSON.parse(await readFile(record, 'utf8')) as Partial<SinceRecord>
+  } catch {
+    return false
+  }
+  const st = await stat(kept).catch(() => undefined)
+  if (st === undefined || r.sid !== since || r.size !== st.size || r.mtimeMs !== st.mtimeMs) return false
+  await rename(kept, dest)
+  await rm(record, { force: true })
+  return true
 }
 
 export interface PreviousDisk {

@@ -16,7 +16,7 @@ import { faultPoint } from '../migration/fault-points.ts'
 import type { RamCache } from '../migration/interfaces.ts'
 import type { DestinationContext, DestinationStream } from '../migration/stream.ts'
 import type { Message } from '../migration/v1/messages.ts'
-import { type PreviousDisk, previousVolumePath } from './previous.ts'
+import { type PreviousDisk, previousSincePath, previousVolumePath } from './previous.ts'
 import {
   DISK_HASH_SIZE,
   decodeDiskMessage,
@@ -45,6 +45,8 @@ export class DiskReceiver implements DestinationStream {
     private readonly vm: () => Promise<Vm> | undefined,
     private readonly cache: RamCache | undefined,
     private readonly log: Logger,
+    /** The move whose arrival the source's disk counts writes since (prepare.diskSince). */
+    private readonly diskSince?: string,
   ) {}
 
   private async open(): Promise<DiskWriter> {
@@ -78,6 +80,14 @@ export class DiskReceiver implements DestinationStream {
           throw new MigrationDecodeError(`the source's disk has ${d.size} bytes, the one here ${w.size}`)
         this.size = d.size
         this.chunkSize = d.chunkSize
+        // The source offers only what changed since that move if our disk is the one we kept then.
+        if (this.diskSince !== undefined) {
+          const seeded = this.incoming?.volumeSeed === this.diskSince
+          await ctx.conv.send(
+            { type: 'disk', sid: ctx.sid, body: encodeDiskMessage({ kind: 'seed', seeded }) },
+            ctx.signal,
+          )
+        }
         return
       case 'offer': {
         const want: number[] = []
@@ -148,15 +158,25 @@ export class DiskReceiver implements DestinationStream {
         return
       }
       case 'want':
-        throw new MigrationDecodeError('a disk want from the source')
+      case 'seed':
+        throw new MigrationDecodeError(`a disk ${d.kind} from the source`)
     }
   }
 
-  /** Makes what was written stable and lets go of QEMU's NBD server (before the guest runs). */
-  async finish(): Promise<void> {
-    const w = this.writer
-    if (w === undefined) return
-    await w.flush()
+  /**
+   * Every chunk is written (the source sent 'final'), the guest has not run: from here the disk counts
+   * the guest's writes since this move's arrival, so a move back to the host it came from sends only
+   * those (vm/disk/tracker.ts markArrival). A disk that cannot count just moves in full next time.
+   */
+  async beforeLoad(ctx: DestinationContext): Promise<void> {
+    const vm = this.incoming
+    if (this.writer === undefined || vm === undefined || this.chunkSize === 0) return
+    await vm.markDiskArrival?.(ctx.sid, this.chunkSize).catch((err: unknown) => {
+      this.log.warn('the disk cannot count writes since its arrival; a move back sends all of it', {
+        vm: vm.spec.name,
+        error: describeError(err),
+      })
+    })
   }
 
   close(): void {
@@ -170,7 +190,9 @@ export class DiskReceiver implements DestinationStream {
     void prev?.close().catch(() => {})
     // The VM runs here again: the disk it left here last time has served its purpose.
     const vm = this.incoming
-    if (vm?.status() === 'running' && vm.volumePath !== undefined)
+    if (vm?.status() === 'running' && vm.volumePath !== undefined) {
       void rm(previousVolumePath(dirname(vm.volumePath), vm.spec.name), { force: true })
+      void rm(previousSincePath(dirname(vm.volumePath), vm.spec.name), { force: true })
+    }
   }
 }

@@ -58,6 +58,14 @@ export class DiskSender implements SourceStream {
   dedupChunks = 0
   /** Disk bytes put in 'data' messages (after compression). */
   sentBytes = 0
+  /** Disk bytes read from QEMU (bulk, rounds, final). */
+  readBytes = 0
+  /** The destination started from the disk the VM left there (only what changed since was offered). */
+  seeded = false
+  /** The move whose arrival the disk counts writes since (claim()). */
+  private since: string | undefined
+  /** This move's session id (the previous disk kept here is named after it). */
+  private sid: string | undefined
 
   constructor(private readonly init: DiskSenderInit) {}
 
@@ -79,6 +87,7 @@ export class DiskSender implements SourceStream {
       let n = 1
       while (k + n < indices.length && indices[k + n] === first + n && n < READ_RUN) n++
       const buf = await this.t.read(first, n)
+      this.readBytes += buf.byteLength
       for (let i = 0; i < n; i++) {
         yield { index: first + i, data: buf.subarray(i * cs, Math.min((i + 1) * cs, buf.length)) }
       }
@@ -129,19 +138,41 @@ export class DiskSender implements SourceStream {
     await flush()
   }
 
+  /**
+   * The move whose arrival this disk counts the guest's writes since (vm/disk/tracker.ts markArrival),
+   * for the prepare: the destination, if that move took the VM away from it and it kept the disk, starts
+   * from that disk. Call before bulk().
+   */
+  async claim(): Promise<string | undefined> {
+    this.since = await this.init.vm.diskArrival?.().catch(() => undefined)
+    return this.since
+  }
+
   async bulk(ctx: SourceContext): Promise<{ bytes: number; units: number }> {
     const { vm, chunkSize } = this.init
+    this.sid = ctx.sid
     const tracker = vm.diskTracker?.({ chunkSize })
     if (tracker === undefined) throw new MigrationLinkError(`VM '${vm.spec.name}' has no disk to move`)
     this.tracker = tracker
     await tracker.open()
-    // The baseline first: whatever the guest writes from here on shows up in a round.
-    await tracker.start()
-    const written = await tracker.written()
+    // The baseline first: whatever the guest writes from here on shows up in a round (and, with a
+    // claim, what it wrote since it arrived is copied in the same instant).
+    await tracker.start(this.since === undefined ? {} : { since: this.since })
+    await this.send({ kind: 'info', size: tracker.size, chunkSize }, ctx)
+    let written: number[]
+    if (this.since !== undefined) {
+      const m = await ctx.conv.next(['disk'], 'disk seed', ctx.timeoutMs, ctx.signal)
+      const d = decodeDiskMessage(m.body)
+      if (d.kind !== 'seed') throw new MigrationLinkError(`destination answered disk info with ${d.kind}`)
+      this.seeded = d.seeded
+      const since = await tracker.sinceChunks()
+      // Seeded: the destination's disk is this one as it was when the VM arrived here; the rest is
+      // what the guest wrote since. Otherwise everything the overlay holds.
+      written = d.seeded ? since : await tracker.written()
+    } else written = await tracker.written()
     ctx.lap('diskScan')
     this.writtenAtStart = written.length * chunkSize
     ctx.beginPhase(this.writtenAtStart)
-    await this.send({ kind: 'info', size: tracker.size, chunkSize }, ctx)
     // Offer a batch (hashes of what the overlay holds), send what the destination lacks, next batch.
     // The next batch is read and hashed while this one waits for its answer and goes out (NBD reads
     // are I/O in QEMU; measured: the serial loop left the link idle for half of the bulk).
@@ -244,7 +275,7 @@ export class DiskSender implements SourceStream {
     // Closed before the source stops its copy after a move (the guest is paused then): keep the disk
     // here as the VM's previous disk, so a move back sends only what changed. A rollback resumes the
     // guest, which undoes this.
-    this.init.vm.retainVolumeOnStop?.()
+    this.init.vm.retainVolumeOnStop?.(this.sid)
     const t = this.tracker
     this.tracker = undefined
     await t?.close().catch(() => {})

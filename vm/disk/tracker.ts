@@ -44,8 +44,14 @@ export interface DiskTracker {
   open(): Promise<void>
   /** Chunks the overlay itself holds (the guest wrote them; the rest reads from the base). */
   written(): Promise<number[]>
-  /** The baseline: every chunk counts as clean from now. */
-  start(): Promise<void>
+  /**
+   * The baseline: every chunk counts as clean from now. `since`: also take, in the same instant, a copy
+   * of the arrival bitmap of move `since` (markArrival): sinceChunks() then holds every chunk written
+   * between that arrival and this baseline (a later write shows up in a round).
+   */
+  start(options?: { since?: string }): Promise<void>
+  /** The chunks the copy start({since}) took marks (read once). */
+  sinceChunks(): Promise<number[]>
   /** The chunks written since start()/the last collect(), and a new baseline. */
   collect(): Promise<DiskDirtyRound>
   /** Reads `count` chunks from `index` (the last chunk of the disk may be shorter). */
@@ -69,6 +75,45 @@ const DEPTH = 'qemu:allocation-depth'
 /** Our NBD export ids (the data export, a round's `x-mesh-dirty-…`, the writer's `mesh-disk-in`). */
 const OUR_EXPORT = /^(x-)?mesh-/
 const OUR_BITMAP = /^mesh-dirty-/
+/**
+ * The bitmap a disk gets when a move brought it here (one at a time): every guest write since the
+ * arrival of move SID. The host the VM came from kept its disk as it was at that moment
+ * (vm/disk/previous.ts), so a move back there needs only these chunks.
+ */
+const SINCE = 'mesh-since-'
+
+type NodeBitmaps = Array<{
+  'node-name': string
+  'dirty-bitmaps'?: Array<{ name: string; recording?: boolean }>
+}>
+
+async function bitmapsOf(qmp: QmpExec, node: string): Promise<string[]> {
+  const nodes = (await qmp('query-named-block-nodes', { flat: true })) as NodeBitmaps
+  return nodes
+    .filter((x) => x['node-name'] === node)
+    .flatMap((n) => (n['dirty-bitmaps'] ?? []).map((b) => b.name))
+}
+
+/** The move whose arrival this disk counts writes since (markArrival), if any. */
+export async function arrivalOf(qmp: QmpExec, node: string): Promise<string | undefined> {
+  const names = (await bitmapsOf(qmp, node)).filter((n) => n.startsWith(SINCE))
+  return names.length === 1 ? names[0]!.slice(SINCE.length) : undefined
+}
+
+/**
+ * Starts counting the guest's writes since the arrival of move `sid` (the disk holds exactly what the
+ * source had when it paused; nothing else writes it until the guest runs). Replaces an older one.
+ * Kept in QEMU's memory only: a QEMU that restarts has none, and the next move takes the full path.
+ */
+export async function markArrival(qmp: QmpExec, node: string, chunkSize: number, sid: string): Promise<void> {
+  for (const n of await bitmapsOf(qmp, node)) if (n.startsWith(SINCE)) await removeBitmap(qmp, node, n)
+  await qmp('block-dirty-bitmap-add', {
+    node,
+    name: `${SINCE}${sid}`,
+    granularity: chunkSize,
+    persistent: false,
+  })
+}
 
 /** Removes a dirty bitmap, waiting for an export that still holds it (its deletion is asynchronous). */
 export async function removeBitmap(qmp: QmpExec, node: string, name: string): Promise<void> {
@@ -214,6 +259,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
   let serverUp = false
   let exported = false
   let current: string | undefined
+  let snapshot: string | undefined
   let seq = 0
   let since = 0
   let size = 0
@@ -257,13 +303,39 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       // Depth 1: allocated in the overlay itself (0: nowhere, reads zeros; 2+: the base).
       return extentsToChunks(await need().blockStatus(DEPTH), chunkSize, (f) => f === 1)
     },
-    async start() {
+    async start(options = {}) {
       need()
       const name = bitmap()
-      await qmp('block-dirty-bitmap-add', { node, name, granularity: chunkSize, persistent: false })
+      const add = { node, name, granularity: chunkSize, persistent: false }
+      if (options.since === undefined) await qmp('block-dirty-bitmap-add', add)
+      else {
+        // One transaction: a write lands in the copy or in the first round, never in neither.
+        const copy = bitmap()
+        await qmp('transaction', {
+          actions: [
+            { type: 'block-dirty-bitmap-add', data: add },
+            {
+              type: 'block-dirty-bitmap-add',
+              data: { node, name: copy, granularity: chunkSize, persistent: false, disabled: true },
+            },
+            {
+              type: 'block-dirty-bitmap-merge',
+              data: { node, target: copy, bitmaps: [`${SINCE}${options.since}`] },
+            },
+          ],
+        })
+        snapshot = copy
+      }
       if (current !== undefined) await dropBitmap(current).catch(() => {})
       current = name
       since = performance.now()
+    },
+    async sinceChunks() {
+      need()
+      if (snapshot === undefined) throw new DiskTrackerError('sinceChunks() without start({since})')
+      const s = snapshot
+      snapshot = undefined
+      return takeDirtyChunks(qmp, sock, node, s, chunkSize)
     },
     async collect() {
       need()
@@ -296,11 +368,9 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
     async close() {
       data?.close()
       data = undefined
-      if (current !== undefined) {
-        const c = current
-        current = undefined
-        await dropBitmap(c).catch(() => {})
-      }
+      for (const b of [current, snapshot]) if (b !== undefined) await dropBitmap(b).catch(() => {})
+      current = undefined
+      snapshot = undefined
       if (exported) {
         exported = false
         await qmp('block-export-del', { id: DATA_EXPORT, mode: 'hard' }).catch(() => {})

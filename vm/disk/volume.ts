@@ -16,6 +16,7 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { MeshError } from '../../src/base/errors.ts'
 import { parseImageRef, type VolumeSpec } from '../spec.ts'
+import { seedPreviousVolume } from './previous.ts'
 
 const execFileP = promisify(execFile)
 export const GiB = 1024 * 1024 * 1024
@@ -111,8 +112,9 @@ export function volumePathFor(dir: string, vm: string, incoming: boolean): strin
 
 /**
  * The disk a VM starts with: a new overlay, or (not incoming) the one an earlier run of a VM of that
- * name left (after a crash: the guest's data lives there) when it sits on the same base. Returns the
- * path and whether it was created now (the caller removes it again if the start fails).
+ * name left (after a crash: the guest's data lives there) when it sits on the same base, or (incoming,
+ * `seed`) the disk the VM left here at the end of move `seed` (vm/disk/previous.ts). Returns the path,
+ * whether it was created now (the caller removes it again if the start fails), and whether it was seeded.
  */
 export async function prepareVolume(o: {
   dir: string
@@ -120,10 +122,23 @@ export async function prepareVolume(o: {
   base: string
   sizeBytes?: number
   incoming: boolean
+  seed?: string
   signal?: AbortSignal
-}): Promise<{ path: string; created: boolean }> {
+}): Promise<{ path: string; created: boolean; seeded: boolean }> {
   await mkdir(o.dir, { recursive: true, mode: 0o700 })
   const path = volumePathFor(o.dir, o.vm, o.incoming)
+  if (o.incoming && o.seed !== undefined && (await seedPreviousVolume(o.dir, o.vm, o.seed, path))) {
+    try {
+      const info = await volumeInfo(path, o.signal)
+      if (info.base !== o.base) throw new VolumeError(`base '${info.base ?? 'none'}', not '${o.base}'`)
+      if (o.sizeBytes !== undefined && info.size < o.sizeBytes)
+        await qemuImg(['resize', '-f', 'qcow2', path, String(o.sizeBytes)], o.signal)
+      return { path, created: true, seeded: true }
+    } catch {
+      // Not the disk it claimed to be after all: start from nothing (the source sends everything).
+      await rm(path, { force: true })
+    }
+  }
   if (!o.incoming) {
     let exists = true
     try {
@@ -139,14 +154,14 @@ export async function prepareVolume(o: {
         )
       if (o.sizeBytes !== undefined && info.size < o.sizeBytes)
         await qemuImg(['resize', '-f', 'qcow2', path, String(o.sizeBytes)], o.signal)
-      return { path, created: false }
+      return { path, created: false, seeded: false }
     }
   }
   const opts: CreateVolumeOptions = { path, base: o.base }
   if (o.sizeBytes !== undefined) opts.sizeBytes = o.sizeBytes
   if (o.signal !== undefined) opts.signal = o.signal
   await createVolume(opts)
-  return { path, created: true }
+  return { path, created: true, seeded: false }
 }
 
 /** Removes a disk file (idempotent). */

@@ -59,6 +59,12 @@ export interface StartOptions {
    * without networking ignore it.
    */
   testNet?: { hostfwd: Array<{ hostPort: number; guestPort: number }> }
+  /**
+   * Incoming only: the move that took this VM away from here last (its session id). When the disk it
+   * left here then is still as it was (vm/disk/previous.ts), it becomes the incoming disk, and
+   * Vm.volumeSeed says so; otherwise the disk starts empty on its base.
+   */
+  volumeSeed?: string
   signal?: AbortSignal
 }
 
@@ -133,6 +139,8 @@ export interface Vm {
    * keeps it: the guest's data). Undefined without a volume or in drivers without disks.
    */
   readonly volumePath?: string | undefined
+  /** The move whose end state this incoming VM's disk was seeded with (StartOptions.volumeSeed). */
+  readonly volumeSeed?: string | undefined
   status(): VmStatus
   /** Stops the guest CPUs. Idempotent when already paused. */
   pause(signal?: AbortSignal): Promise<void>
@@ -176,9 +184,17 @@ export interface Vm {
   /**
    * A move out is about to stop this paused VM: stop() keeps its disk as the VM's previous disk on this
    * host (vm/disk/previous.ts) instead of removing it, so a move back sends only what changed. Undone
-   * when the guest resumes here (a rolled-back move).
+   * when the guest resumes here (a rolled-back move). `since`: the move (session id), so that a move
+   * back from where it went can seed from this disk (vm/disk/previous.ts).
    */
-  retainVolumeOnStop?(): void
+  retainVolumeOnStop?(since?: string): void
+  /**
+   * The move (session id) whose arrival this VM's disk counts the guest's writes since, if it does
+   * (vm/disk/tracker.ts markArrival): set on the destination when a move in completes.
+   */
+  diskArrival?(): Promise<string | undefined>
+  /** Starts counting the guest's writes since the arrival of move `sid` (before the guest runs). */
+  markDiskArrival?(sid: string, chunkSize: number): Promise<void>
   /** The disk this VM left here on an earlier stay, read-only and indexed by chunk hash, if any. */
   previousDisk?(chunkSize: number): Promise<PreviousDisk | undefined>
   /** The last `n` lines of the serial console (and hypervisor stderr), oldest first. */

@@ -249,9 +249,16 @@ export class DestinationSession {
     this.streams = [new RamReceiver(this.ramPath, prepare.ramSize, prepare.chunkSize, this.init.cache, log)]
     // A writable disk moves too: its chunks go into the incoming VM's disk through QEMU's NBD server.
     if (spec.volume !== undefined)
-      this.streams.push(new DiskReceiver(() => this.vmStart, this.init.cache, log))
-    // Start the incoming VM now: it boots (and waits) while the RAM arrives, off the downtime.
-    this.vmStart = host.startIncoming(spec, this.ramPath, this.startAbort.signal)
+      this.streams.push(new DiskReceiver(() => this.vmStart, this.init.cache, log, prepare.diskSince))
+    // Start the incoming VM now: it boots (and waits) while the RAM arrives, off the downtime. Its disk
+    // starts from the one the VM left here if the source counts writes since that move.
+    const seed = spec.volume === undefined ? undefined : prepare.diskSince
+    this.vmStart = host.startIncoming(
+      spec,
+      this.ramPath,
+      this.startAbort.signal,
+      seed === undefined ? undefined : { volumeSeed: seed },
+    )
     this.vmStart.catch(() => {}) // observed at 'final'
     this.canPage = prepare.postcopy === true && (await this.init.postcopy?.().catch(() => false)) === true
     await conv.send(
@@ -331,6 +338,7 @@ export class DestinationSession {
           this.emit('switch', true)
           faultPoint('destination:final', this.name)
           this.vm = await this.vmStart!
+          for (const s of this.streams) await s.beforeLoad?.(ctx)
           if (m.postcopy === true) await this.startPaging(this.vm, this.owedBitmap!)
           await this.vm.loadState(zstate ?? state.concat(), signal)
           await conv.send({ type: 'ready', sid: this.sid, loadedAt: Date.now() }, signal)

@@ -62,11 +62,12 @@ export function createDriverHost(init: DriverHostInit): DriverHost {
     },
     allocateRam: (spec: VmSpec) => allocateIncomingRam(init.ramDir, spec),
     discardRam: (path) => rm(path, { force: true }),
-    startIncoming: (spec, memoryPath, signal) =>
+    startIncoming: (spec, memoryPath, signal, options) =>
       init.driver.start(spec, {
         ...init.startOptions?.(spec),
         incoming: true,
         memoryPath,
+        ...(options?.volumeSeed === undefined ? {} : { volumeSeed: options.volumeSeed }),
         ...(signal ? { signal } : {}),
       }),
     async adopt(vm) {

@@ -46,8 +46,16 @@ export interface VmHost {
   allocateRam(spec: VmSpec, signal?: AbortSignal): Promise<string>
   /** Removes a RAM file that no VM took over (a failed incoming migration). */
   discardRam(path: string): Promise<void>
-  /** Starts a VM that waits for device state, on a RAM file from allocateRam(). */
-  startIncoming(spec: VmSpec, memoryPath: string, signal?: AbortSignal): Promise<Vm>
+  /**
+   * Starts a VM that waits for device state, on a RAM file from allocateRam(). `volumeSeed`: see
+   * StartOptions (the disk the VM left here, when the source counts writes since that move).
+   */
+  startIncoming(
+    spec: VmSpec,
+    memoryPath: string,
+    signal?: AbortSignal,
+    options?: { volumeSeed?: string },
+  ): Promise<Vm>
   /** The incoming VM now runs here: the host owns it from now on (lists it, re-adopts it...). */
   adopt(vm: Vm): Promise<void>
   /** The VM moved away (it is stopped): forget it. */
@@ -254,6 +262,10 @@ export interface MigrationReport {
    *  the disk bytes put on the wire (compressed), and what the destination already held. */
   diskWrittenBytes?: number
   diskSentBytes?: number
+  /** Disk bytes the source read (bulk, rounds, final), and whether the destination started from the
+   *  disk the VM left there (then the bulk covered only what the guest wrote since it arrived here). */
+  diskReadBytes?: number
+  diskSeeded?: boolean
   diskDedupBytes?: number
   /** Why pre-copy ended: 'small', 'not-shrinking', 'max-rounds', 'deadline'. */
   switchReason: string

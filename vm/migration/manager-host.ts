@@ -57,11 +57,12 @@ export async function createManagerHost(init: ManagerHostInit): Promise<VmHost> 
     },
     allocateRam: (spec: VmSpec) => allocateIncomingRam(init.ramDir, spec),
     discardRam: (path) => rm(path, { force: true }),
-    startIncoming: (spec, memoryPath, signal) =>
+    startIncoming: (spec, memoryPath, signal, options) =>
       init.driver.start(spec, {
         ...init.startOptions,
         incoming: true,
         memoryPath,
+        ...(options?.volumeSeed === undefined ? {} : { volumeSeed: options.volumeSeed }),
         ...(signal ? { signal } : {}),
       }),
     async adopt(vm: Vm) {

@@ -73,6 +73,8 @@ export interface DestinationStream {
   /** The message types this stream handles (no two streams share one). */
   readonly types: readonly MessageType[]
   handle(m: Message, ctx: DestinationContext): Promise<void>
+  /** The source sent 'final' (every message of this stream is handled); the device state loads next. */
+  beforeLoad?(ctx: DestinationContext): Promise<void>
   /** Guest bytes written so far, and how many of them came from the local cache (progress). */
   readonly writtenBytes: number
   readonly cachedBytes: number

@@ -113,6 +113,7 @@ class QemuDriver implements VmDriver {
       volume: '',
     }
     let createdVolume = false
+    let seeded: string | undefined
     if (spec.volume !== undefined && base !== undefined) {
       try {
         const v = await prepareVolume({
@@ -121,10 +122,12 @@ class QemuDriver implements VmDriver {
           base,
           ...(spec.volume.sizeGiB === undefined ? {} : { sizeBytes: spec.volume.sizeGiB * GiB }),
           incoming: opts.incoming === true,
+          ...(opts.volumeSeed === undefined ? {} : { seed: opts.volumeSeed }),
           ...(signal ? { signal } : {}),
         })
         paths.volume = v.path
         createdVolume = v.created
+        if (v.seeded) seeded = opts.volumeSeed
       } catch (err) {
         await rm(dir, { recursive: true, force: true })
         throw err
@@ -161,6 +164,7 @@ class QemuDriver implements VmDriver {
       closeSync(errFd)
     }
     const vm = new QemuVm(spec, { path: ramPath, size }, paths, this.commandTimeoutMs, child)
+    vm.volumeSeed = seeded
     try {
       await vm.connect(this.startTimeoutMs, signal)
       await vm.qmpExecute('migrate-set-capabilities', {

@@ -20,7 +20,7 @@ import {
   type DiskArbiter,
   type StandbyDiskReader,
 } from '../disk/standby.ts'
-import { createDiskTracker, type DiskTracker } from '../disk/tracker.ts'
+import { arrivalOf, createDiskTracker, type DiskTracker, markArrival } from '../disk/tracker.ts'
 import { removeVolume } from '../disk/volume.ts'
 import { type DiskWriter, openDiskWriter } from '../disk/writer.ts'
 import { tailLines, VmEmitter } from '../driver/base.ts'
@@ -53,8 +53,11 @@ export class QemuVm extends VmEmitter implements Vm {
   readonly consolePath: string
   readonly netSocket: string | undefined
   readonly volumePath: string | undefined
+  volumeSeed: string | undefined
   /** stop() keeps the disk as the VM's previous disk here (a move out), see retainVolumeOnStop(). */
   private retainVolume = false
+  /** The move out that retainVolumeOnStop() named. */
+  private retainSince: string | undefined
   private readonly diskArbiter: DiskArbiter = createDiskArbiter()
   private qmp: QmpClient | undefined
   private _status: VmStatus = 'paused'
@@ -263,9 +266,12 @@ export class QemuVm extends VmEmitter implements Vm {
     } finally {
       if (this.volumePath !== undefined && (this.exitInfo !== undefined || this.detached)) {
         if (this.retainVolume)
-          await retainVolume(this.volumePath, dirname(this.volumePath), this.spec.name).catch(() =>
-            removeVolume(this.volumePath!),
-          )
+          await retainVolume(
+            this.volumePath,
+            dirname(this.volumePath),
+            this.spec.name,
+            this.retainSince,
+          ).catch(() => removeVolume(this.volumePath!))
         else await removeVolume(this.volumePath).catch(() => {})
       }
     }
@@ -555,8 +561,21 @@ export class QemuVm extends VmEmitter implements Vm {
     })
   }
 
-  retainVolumeOnStop(): void {
-    if (this.volumePath !== undefined && this._status !== 'running') this.retainVolume = true
+  retainVolumeOnStop(since?: string): void {
+    if (this.volumePath !== undefined && this._status !== 'running') {
+      this.retainVolume = true
+      this.retainSince = since
+    }
+  }
+
+  diskArrival(): Promise<string | undefined> {
+    if (this.volumePath === undefined) return Promise.resolve(undefined)
+    return arrivalOf((command, args) => this.qmpExecute(command, args), VOLUME_NODE)
+  }
+
+  markDiskArrival(sid: string, chunkSize: number): Promise<void> {
+    if (this.volumePath === undefined) return Promise.resolve()
+    return markArrival((command, args) => this.qmpExecute(command, args), VOLUME_NODE, chunkSize, sid)
   }
 
   previousDisk(chunkSize: number): Promise<PreviousDisk | undefined> {

@@ -8,6 +8,10 @@
  *   want  (3): u32 batch | u32 n | n × u32 index             what the destination lacks of an offer
  *   data  (4): u32 round | u32 n | n × (u32 index, u8 flags, u32 len, len bytes)
  *              flags bit 0: all zeros (len 0), bit 1: raw-deflated
+ *   seed  (5): u8 seeded                                       destination → source, answers 'info' when
+ *              the prepare named the move whose arrival the source counts writes since (diskSince):
+ *              1 = its incoming disk is the disk it kept at the end of that move, so the source offers
+ *              only the chunks written since; 0 = it starts from nothing, the source offers all
  *
  * Decoding checks every length against the message and the limits below before allocating, and throws
  * MigrationDecodeError (never a crash, never an unbounded buffer).
@@ -39,8 +43,9 @@ export type DiskMessage =
   | { kind: 'offer'; batch: number; indices: number[]; hashes: Uint8Array }
   | { kind: 'want'; batch: number; indices: number[] }
   | { kind: 'data'; round: number; chunks: DiskChunk[] }
+  | { kind: 'seed'; seeded: boolean }
 
-const KINDS = ['info', 'offer', 'want', 'data'] as const
+const KINDS = ['info', 'offer', 'want', 'data', 'seed'] as const
 
 export function encodeDiskMessage(m: DiskMessage): Uint8Array {
   switch (m.kind) {
@@ -99,6 +104,8 @@ export function encodeDiskMessage(m: DiskMessage): Uint8Array {
       }
       return b
     }
+    case 'seed':
+      return Buffer.from([DISK_VERSION, 5, m.seeded ? 1 : 0])
   }
 }
 
@@ -163,5 +170,8 @@ export function decodeDiskMessage(bytes: Uint8Array): DiskMessage {
       if (o !== b.byteLength) throw new MigrationDecodeError('disk data has trailing bytes')
       return { kind, round, chunks }
     }
+    case 'seed':
+      if (b.byteLength !== 3 || b[2]! > 1) throw new MigrationDecodeError('bad disk seed')
+      return { kind, seeded: b[2] === 1 }
   }
 }

@@ -150,6 +150,12 @@ export interface PrepareBody {
   postcopy?: boolean
   /** Image names the spec refers to (the destination resolves them through the chunk layer). */
   images: string[]
+  /**
+   * The move (session id) whose arrival the VM's writable disk counts writes since: a destination that
+   * kept the disk as it was at the end of that move starts from it (vm/disk/previous.ts) and says so
+   * in the disk stream ('seed'); the source then sends only what changed since.
+   */
+  diskSince?: string
 }
 
 /** One entry of a VM's token history (ledger.ts TokenEvent), as it travels. */
@@ -500,6 +506,11 @@ function decodeJson(type: MessageType, sid: string, raw: Buffer): Message {
       }
       if (deadlineMs !== undefined) body.deadlineMs = deadlineMs
       if (o.postcopy !== undefined) body.postcopy = bool(o, 'postcopy')
+      if (o.diskSince !== undefined) {
+        const since = str(o, 'diskSince', 16)
+        if (!SID_RE.test(since)) throw new MigrationDecodeError("field 'diskSince' must be a session id")
+        body.diskSince = since
+      }
       return { type, sid, ...body }
     }
     case 'accept': {
