@@ -273,6 +273,9 @@ export class SourceSession {
       images,
     }
     if (init.deadlineMs !== undefined) prep.deadlineMs = init.deadlineMs
+    // The disk: which arrival it counts writes since (a destination that kept it then starts from it).
+    const diskSince = await this.disk?.claim()
+    if (diskSince !== undefined) prep.diskSince = diskSince
     // Ask whether the destination can page, whenever this move might end in post-copy.
     if (init.mode !== 'precopy' && (this.maxPauseMs !== undefined || init.mode === 'postcopy'))
       prep.postcopy = true
@@ -657,6 +660,8 @@ export class SourceSession {
       report.diskWrittenBytes = this.disk.writtenAtStart
       report.diskSentBytes = this.disk.sentBytes
       report.diskDedupBytes = this.disk.dedupChunks * this.t.chunkSize
+      report.diskReadBytes = this.disk.readBytes
+      report.diskSeeded = this.disk.seeded
     }
     if (init.nameOf !== undefined) {
       report.fromName = this.nameOf(init.network.self)
