@@ -12,8 +12,10 @@
  *
  * 1. tps.before: pgbench over 10 s before the move;
  * 2. ours: `mesh migrate pg1 --to b1` (a1 → b1); tps.during: pgbench while it ran;
- * 3. returnWireBytes: `mesh migrate pg1 --to a1` a little later (a1 kept the disk the VM left), the
- *    block checker's rewrites stopped (pgbench's writes only: little changed);
+ * 3. returnWireBytes: `mesh migrate pg1 --to a1` a little later (a1 kept the disk the VM left and
+ *    starts from it; b1 reads and sends only what the guest wrote since it arrived), the block
+ *    checker's rewrites stopped (pgbench's writes only: little changed); the detail's `returnMove` has
+ *    its time and the disk bytes b1 read;
  * 4. qemu: a1's agent is killed (the VM outlives it: QEMU is detached) so that its QMP socket is free,
  *    and the same QEMU moves a1 → b1 by QEMU's own storage + memory migration, as libvirt's
  *    `--copy-storage-all` drives it (test/bench/_qemu-storage.ts): blockdev-mirror onto an NBD export
@@ -70,6 +72,8 @@ interface MoveReport {
   diskWrittenBytes?: number
   diskSentBytes?: number
   diskDedupBytes?: number
+  diskReadBytes?: number
+  diskSeeded?: boolean
   dedupBytes?: number
   ramBytes?: number
   timings?: Record<string, number>
@@ -88,6 +92,14 @@ interface RunResult {
   }
   returnWireBytes: number
   returnReportedWireBytes: number
+  /** The move back: a1 started from the disk it kept, b1 read only what the guest wrote on b1. */
+  returnMove: {
+    totalMs: number
+    downtimeMs: number
+    diskReadBytes: number
+    diskSentBytes: number
+    seeded: boolean
+  }
   diskWrittenBytes: number
   diskSentBytes: number
   tps: { before: number; during: number }
@@ -240,7 +252,7 @@ async function oneRun(
     if (backR.code !== 0) throw new Error(`mesh migrate b1→a1: ${backR.stderr}`)
     const back = lastJson<MoveReport>(backR.stdout)
     log(
-      `run ${run}: mesh b1→a1 ${Math.round(back.totalMs)} ms, down ${Math.round(back.downtimeMs)} ms, wire ${((back1 - back0) / MiB).toFixed(2)} MiB (agent: ${(back.wireBytes / MiB).toFixed(2)}; disk sent ${((back.diskSentBytes ?? 0) / MiB).toFixed(2)} MiB)`,
+      `run ${run}: mesh b1→a1 ${Math.round(back.totalMs)} ms, down ${Math.round(back.downtimeMs)} ms, wire ${((back1 - back0) / MiB).toFixed(2)} MiB (agent: ${(back.wireBytes / MiB).toFixed(2)}; disk sent ${((back.diskSentBytes ?? 0) / MiB).toFixed(2)} MiB, read ${((back.diskReadBytes ?? 0) / MiB).toFixed(2)} MiB${back.diskSeeded === true ? ', seeded from the disk a1 kept' : ', full path'}), timings ${JSON.stringify(back.timings)}`,
     )
     await blk('churn 1 64')
     bench.kill('SIGINT')
@@ -302,6 +314,13 @@ async function oneRun(
       qemu: { ...q, downtimeMs: Math.round(q.downtimeMs), mirrorFinalMs: Math.round(q.mirrorFinalMs) },
       returnWireBytes: back1 - back0,
       returnReportedWireBytes: back.wireBytes,
+      returnMove: {
+        totalMs: Math.round(back.totalMs),
+        downtimeMs: Math.round(back.downtimeMs),
+        diskReadBytes: back.diskReadBytes ?? Number.NaN,
+        diskSentBytes: back.diskSentBytes ?? Number.NaN,
+        seeded: back.diskSeeded === true,
+      },
       diskWrittenBytes: ours.diskWrittenBytes ?? Number.NaN,
       diskSentBytes: ours.diskSentBytes ?? Number.NaN,
       tps,
@@ -351,6 +370,12 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
     runs: results,
     options: { ...o, runs },
     rttMs: rtt,
+    returnMove: {
+      totalMs: med((r) => r.returnMove.totalMs),
+      downtimeMs: med((r) => r.returnMove.downtimeMs),
+      diskReadBytes: med((r) => r.returnMove.diskReadBytes),
+      seeded: results.map((r) => r.returnMove.seeded),
+    },
     targets: {
       wire: { ratio: ours.wireBytes / qemu.wireBytes, met: ours.wireBytes <= 0.5 * qemu.wireBytes },
       total: { ratio: ours.totalMs / qemu.totalMs, met: ours.totalMs <= qemu.totalMs },

@@ -12,6 +12,10 @@
  *     the guest's clock never went back (no older copy resumed);
  * and each kill's move starts from wherever the VM ended up, so every next move proves the last one left
  * a movable VM (QEMU's NBD server and bitmaps a killed agent left behind included). A last clean move ends it.
+ * Then random kills (MESH_DISK_KILLS, default 3 in test:e2e; seed printed, MESH_KILL_SEED=<seed>
+ * replays): either agent at a random point of the move (the disk's own ones included) or a random time
+ * into it, restarted after a random delay, each checked as above; moves back to the member the VM left
+ * start from the disk it kept there (a return move sends only what changed), so kills land in those too.
  */
 import assert from 'node:assert/strict'
 import type { ChildProcess } from 'node:child_process'
@@ -27,9 +31,11 @@ import {
   assertNeverBack,
   GEN_READER,
   guestCommand,
+  type KillWhen,
   killDuringMove,
   LINE_CLIENT,
   oneCopy,
+  prng,
   samplesAfter,
   type Victim,
 } from '../helpers/migration-e2e.ts'
@@ -37,6 +43,12 @@ import {
 const GUEST_IP = '10.99.0.20'
 const VM = 'pg1'
 const HOOK = join(REPO_ROOT, 'test/helpers/fault-hook.mjs')
+
+/** Where a random kill may land: every state of a move, and the disk's own points. */
+const POINTS: Record<Victim, string[]> = {
+  source: ['bulk', 'disk-bulk', 'precopy', 'switching', 'paused', 'committed', 'handover', 'completed'],
+  destination: ['receiving', 'disk-data', 'final', 'loaded', 'committed', 'recorded', 'resumed', 'running'],
+}
 
 interface KillResult {
   victim: Victim
@@ -150,8 +162,14 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
     await net?.destroy()
   })
 
-  /** One move from wherever the VM runs, the victim killed -9 at `point`, restarted, then the checks. */
-  async function killedMove(victim: Victim, point: string): Promise<KillResult> {
+  /** One move from wherever the VM runs, the victim killed -9 at `when`, restarted, then the checks. */
+  async function killedMove(
+    victim: Victim,
+    when: KillWhen | string,
+    restartAfterMs = 0,
+  ): Promise<KillResult> {
+    const w: KillWhen = typeof when === 'string' ? { point: when } : when
+    const point = 'point' in w ? w.point : `${w.afterMs}ms`
     const on = await oneCopy(pair(), VM, 180_000)
     const [src, dst] = on === 'a1' ? [agent('a1'), agent('b1')] : [agent('b1'), agent('a1')]
     await net!.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
@@ -164,9 +182,10 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
       src,
       dst,
       victim,
-      when: { point },
+      when: w,
       vm: VM,
       spawned,
+      restartAfterMs,
     })
     // 1. exactly one copy, and one live disk: on the member that runs it (a discarded incoming disk is
     // removed by its session, or by the restarted agent's sweep).
@@ -236,6 +255,49 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
     await net!.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
     const clean = await from.mesh(['migrate', VM, '--to', other, '--json'], { timeoutMs: 300_000 })
     assert.equal(clean.code, 0, `the clean move after the kills failed: ${clean.stderr}`)
+    assert.equal(await oneCopy(pair(), VM, 60_000), other)
+    assert.match(await blk('check'), /^OK blocks=16384 /)
+    assert.match(await guestCommand(client, GUEST_IP, 'check'), /^OK/)
+  })
+
+  it('random kills while the disk moves (seed printed; MESH_DISK_KILLS, MESH_KILL_SEED)', async () => {
+    const kills = Number(process.env.MESH_DISK_KILLS ?? 3)
+    const seed = Number(process.env.MESH_KILL_SEED ?? Math.floor(Math.random() * 2 ** 31))
+    process.stdout.write(
+      `      random disk kills: ${kills}, seed ${seed} (replay: MESH_KILL_SEED=${seed} MESH_DISK_KILLS=${kills})\n`,
+    )
+    const rnd = prng(seed)
+    for (let i = 0; i < kills; i++) {
+      const victim: Victim = rnd() < 0.5 ? 'source' : 'destination'
+      const when: KillWhen =
+        rnd() < 0.5
+          ? { point: POINTS[victim][Math.floor(rnd() * POINTS[victim].length)]! }
+          : { afterMs: Math.floor(rnd() * 8000) }
+      const restartAfterMs = Math.floor(rnd() * 3000)
+      process.stdout.write(
+        `      kill ${i + 1}/${kills}: ${victim} at ${JSON.stringify(when)}, restart after ${restartAfterMs} ms\n`,
+      )
+      try {
+        await killedMove(victim, when, restartAfterMs)
+      } catch (err) {
+        throw new Error(
+          `kill ${i + 1} (seed ${seed}): ${victim} at ${JSON.stringify(when)}: ${String(err)}`,
+          {
+            cause: err,
+          },
+        )
+      }
+    }
+    // The VM still moves, and its disk is intact where it lands.
+    const on = await oneCopy(pair(), VM, 60_000)
+    const other = on === 'a1' ? 'b1' : 'a1'
+    await net!.waitForFullMesh(['a1', 'b1', 'c1'], 150_000)
+    const clean = await agent(on).mesh(['migrate', VM, '--to', other, '--json'], { timeoutMs: 300_000 })
+    assert.equal(
+      clean.code,
+      0,
+      `the clean move after the random kills failed (seed ${seed}): ${clean.stderr}`,
+    )
     assert.equal(await oneCopy(pair(), VM, 60_000), other)
     assert.match(await blk('check'), /^OK blocks=16384 /)
     assert.match(await guestCommand(client, GUEST_IP, 'check'), /^OK/)

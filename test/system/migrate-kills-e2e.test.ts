@@ -35,6 +35,7 @@ import {
   type KillWhen,
   killDuringMove,
   oneCopy,
+  prng,
   samplesAfter,
   type Victim,
 } from '../helpers/migration-e2e.ts'
@@ -42,18 +43,6 @@ import {
 const GUEST_IP = '10.99.0.10'
 const VM = 'g1'
 const HOOK = join(REPO_ROOT, 'test/helpers/fault-hook.mjs')
-
-/** mulberry32: a small seeded PRNG, so a failing random run can be replayed from its seed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 type When = KillWhen
 

@@ -12,6 +12,12 @@ import {
   prunePreviousDisks,
   sweepIncomingDisks,
 } from '../../vm/disk/housekeeping.ts'
+import {
+  previousSincePath,
+  previousVolumePath,
+  retainVolume,
+  seedPreviousVolume,
+} from '../../vm/disk/previous.ts'
 import { checkBaseHere } from '../../vm/disk/volume.ts'
 import { createFakeDriver } from '../../vm/fake/driver.ts'
 import { createMemoryRamCache } from '../../vm/migration/cache.ts'
@@ -71,6 +77,41 @@ describe('disk dir housekeeping (leftover incoming disks, previous disks budget,
       [files[1], files[2]],
     )
     assert.equal(existsSync(join(dir, 'live.qcow2')), true)
+  })
+
+  it('a kept disk seeds the incoming disk only for the move it ended, unchanged; never a stale record', async () => {
+    const sid = '0123456789abcdef'
+    const live = join(dir, 'g.qcow2')
+    writeFileSync(live, 'disk at the end of the move')
+    await retainVolume(live, dir, 'g', sid)
+    const kept = previousVolumePath(dir, 'g')
+    const record = previousSincePath(dir, 'g')
+    assert.equal(existsSync(kept), true)
+    assert.equal(existsSync(record), true)
+    const dest = join(dir, 'g.in-00000001.qcow2')
+    assert.equal(await seedPreviousVolume(dir, 'g', 'fedcba9876543210', dest), false, 'another move')
+    // Changed after it was kept (size): not the disk the record describes.
+    writeFileSync(kept, 'disk at the end of the move, then written')
+    assert.equal(await seedPreviousVolume(dir, 'g', sid, dest), false, 'changed file')
+    assert.equal(existsSync(dest), false)
+    // Kept again without a move named: the old record goes, so it cannot name the new file.
+    writeFileSync(live, 'x')
+    await retainVolume(live, dir, 'g')
+    assert.equal(existsSync(record), false)
+    assert.equal(await seedPreviousVolume(dir, 'g', sid, dest), false, 'no record')
+    // The real thing: moved in (not copied), the record gone with it.
+    writeFileSync(live, 'y')
+    await retainVolume(live, dir, 'g', sid)
+    assert.equal(await seedPreviousVolume(dir, 'g', sid, dest), true)
+    assert.equal(readFileSync(dest, 'utf8'), 'y')
+    assert.equal(existsSync(kept), false)
+    assert.equal(existsSync(record), false)
+    // Pruning a kept disk takes its record too.
+    writeFileSync(live, 'z')
+    await retainVolume(live, dir, 'g', sid)
+    await prunePreviousDisks(dir, 0)
+    assert.equal(existsSync(kept), false)
+    assert.equal(existsSync(record), false)
   })
 
   it('budget: MESH_PREV_DISKS_MAX, else a quarter of the file system', async () => {

@@ -30,6 +30,7 @@ const samples: Message[] = [
     pageSize: 4096,
     images: [],
     deadlineMs: 25_000,
+    diskSince: '0123456789abcdef',
   },
   { type: 'accept', sid, cachedChunks: 0 },
   { type: 'refuse', sid, code: 'E_STALE_TOKEN', reason: 'stale' },
@@ -209,6 +210,11 @@ describe('migration protocol v1', () => {
   it('refuses a prepare whose RAM size does not match the spec, and huge counts without allocating', () => {
     const bad = { ...samples[0]!, ramSize: 1 } as Message
     assert.throws(() => decodeMessage(encodeMessage(bad)), { name: 'MigrationDecodeError' })
+    const since = { ...samples[0]!, diskSince: '../x' } as Message
+    assert.throws(() => decodeMessage(encodeMessage(since)), {
+      name: 'MigrationDecodeError',
+      message: /diskSince/,
+    })
     const offer = Buffer.from(encodeMessage(samples[3]!))
     offer.writeUInt32BE(0xffffffff, HEADER_SIZE + 4)
     assert.throws(() => decodeMessage(offer), { name: 'MigrationDecodeError', message: /exceeds/ })
