@@ -12,6 +12,7 @@ import { decodeManifest } from './manifest.ts'
 import { FetchJob, type FetchOptions, type FetchResult } from './puller.ts'
 import { type BlockSink, type ChunkServiceStats, type ExchangeSession, PeerConn } from './session.ts'
 import { type ChunkMessage, decode, encode } from './v1/messages.ts'
+import { type BlockVerifier, createBlockVerifier } from './verifier.ts'
 
 /**
  * The chunk service: members fetch content-addressed chunks from each other over the overlay's
@@ -38,6 +39,9 @@ export interface ChunkServiceOptions {
   /** Largest BLOCKS message sent (default: the link limit, 256 KiB, i.e. three 64 KiB chunks). A
    *  chunk bigger than this still goes alone in its own message. */
   maxMessageBytes?: number
+  /** Worker threads that hash received blocks (default: cores − 2, at most 2; 0: the main thread
+   *  hashes them). See verifier.ts for when a worker pays. */
+  verifyThreads?: number
 }
 
 export interface ImageAnswer {
@@ -68,6 +72,7 @@ type Pending = { peer: string; onMessage(msg: ChunkMessage): boolean; onClose():
 class Service implements ChunkService, ExchangeSession {
   private readonly conns = new Map<string, PeerConn>()
   private readonly holder: Holder = new Holder(this)
+  private verifier: BlockVerifier
   private readonly jobs = new Set<FetchJob>()
   private readonly pending = new Map<number, Pending>()
   private nextReq = 1
@@ -93,6 +98,7 @@ class Service implements ChunkService, ExchangeSession {
     this.windowBytes = opts.windowBytes ?? 8 * 1024 * 1024
     this.timeoutMs = opts.requestTimeoutMs ?? 30_000
     this.maxMessageBytes = Math.min(MAX_MESSAGE_SIZE, opts.maxMessageBytes ?? MAX_MESSAGE_SIZE)
+    this.verifier = createBlockVerifier({ threads: opts.verifyThreads })
   }
 
   lookupImage(ref: string): Uint8Array | undefined {
@@ -114,6 +120,9 @@ class Service implements ChunkService, ExchangeSession {
     this.offLink = undefined
     for (const job of [...this.jobs]) job.fail(new AbortError('chunk service stopped'))
     for (const conn of [...this.conns.values()]) this.detach(conn)
+    // Workers start again on demand if the service is started again.
+    this.verifier.close()
+    this.verifier = createBlockVerifier({ threads: this.opts.verifyThreads })
   }
 
   stats(): ChunkServiceStats {
@@ -202,16 +211,27 @@ class Service implements ChunkService, ExchangeSession {
         }
         this.holder.serve(conn, msg)
         return
-      case 'blocks':
+      case 'blocks': {
         this.counters.blocksReceived += msg.blocks.length
-        for (const blk of msg.blocks) {
-          const hex = toHex(blk.hash)
-          const jobs = conn.requested.get(hex)
-          if (jobs === undefined) continue // not asked for (late after failover, or cancelled)
-          conn.requested.delete(hex)
-          for (const job of jobs) job.onBlock(conn.peer, hex, blk.data)
-        }
+        // Only what was asked for is hashed (late blocks after a failover or a cancel are dropped);
+        // nothing reaches a fetch before its hash was checked.
+        const wanted = msg.blocks.filter((blk) => conn.requested.has(toHex(blk.hash)))
+        if (wanted.length === 0) return
+        // Named before verify(): the blocks' old views are unusable while their buffer is away.
+        const hexes = wanted.map((blk) => toHex(blk.hash))
+        // The message's buffer may travel to the verifier's worker and back (verifier.ts).
+        void this.verifier.verify(wanted, bytes).then(({ ok, data, lost }) => {
+          hexes.forEach((hex, k) => {
+            const jobs = conn.requested.get(hex)
+            if (jobs === undefined) return // the link closed or the fetch ended meanwhile
+            conn.requested.delete(hex)
+            // A verifier that died with the bytes checked nothing: the chunk is asked of others again.
+            if (lost === true) for (const job of jobs) job.onDontHave(conn.peer, hex)
+            else for (const job of jobs) job.onBlock(conn.peer, hex, data[k]!, ok[k] === true)
+          })
+        })
         return
+      }
       case 'dont-have':
         for (const h of msg.hashes) {
           const hex = toHex(h)

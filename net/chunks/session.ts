@@ -22,7 +22,8 @@ export interface ChunkServiceStats {
 
 /** Where a received block or a peer's "don't have" goes: the fetch that asked for the chunk. */
 export interface BlockSink {
-  onBlock(peer: string, hex: string, data: Uint8Array): void
+  /** `hashOk`: sha256(data) equals the chunk's name `hex` (the service checked it). */
+  onBlock(peer: string, hex: string, data: Uint8Array, hashOk: boolean): void
   onDontHave(peer: string, hex: string): void
 }
 

@@ -46,7 +46,11 @@ describe('chunk exchange over the memory overlay', function () {
 
   async function node(
     id: string,
-    extra: { authorize?: (p: string) => boolean; wrapStore?: (s: ChunkStore) => ChunkStore } = {},
+    extra: {
+      authorize?: (p: string) => boolean
+      wrapStore?: (s: ChunkStore) => ChunkStore
+      verifyThreads?: number
+    } = {},
   ): Promise<Node> {
     const { wrapStore, ...svcExtra } = extra
     const store = await openChunkStore({ dir: join(dir, id) })
@@ -133,41 +137,43 @@ describe('chunk exchange over the memory overlay', function () {
     assert.ok((await readFile(out)).equals(await readFile(src)))
   })
 
-  it('rejects forged chunks, never asks the forger again, completes from an honest peer', async () => {
-    const src = join(dir, 'src.bin')
-    await writeTestFile(src, 8 * MiB)
-    const honest = await node('honest')
-    const c = await node('c')
-    net.connect('c', 'evil')
-    const forger = startForgingPeer(net.node('evil'))
-    const m = await seed(honest, src)
-    // The forger links first, so it is first in line for requests.
-    net.connect('c', 'honest')
-    const out = join(dir, 'out.bin')
-    try {
-      const r = await c.svc.fetch(m, { file: out })
-      assert.deepEqual(r.badPeers, ['evil'])
-      assert.ok(forger.stats.forged > 0)
-      assert.ok((await readFile(out)).equals(await readFile(src)))
-      assert.ok(c.svc.stats().rejectedBlocks >= 1)
-      assert.ok(c.logs.some((l) => l.level === 'error' && /do not match/.test(l.msg)))
-      // Nothing forged reached the store.
-      for (const [hex] of [...(await collectHexes(c.store, m))]) assert.ok(hex)
-      const forgedBefore = forger.stats.forged
-      await c.svc.fetch(m) // all present now: no request at all
-      assert.equal(forger.stats.forged, forgedBefore)
-      // A new resource: the distrusted forger (it claims to hold everything) is not asked at all.
-      const src2 = join(dir, 'src2.bin')
-      await writeTestFile(src2, 4 * MiB)
-      const m2 = (await buildManifest(src2, { store: honest.store, pin: 'two' })).manifest
-      const r2 = await c.svc.fetch(m2)
-      assert.equal(forger.stats.forged, forgedBefore)
-      assert.deepEqual(r2.bytesFromPeer, { honest: 4 * MiB })
-      assert.equal(c.svc.stats().peersDistrusted, 1)
-    } finally {
-      forger.stop()
-    }
-  })
+  // Hashes checked inline (this box's default on 2 cores) and by a worker thread (verifier.ts).
+  for (const verifyThreads of [0, 1])
+    it(`rejects forged chunks, never asks the forger again, completes from an honest peer (verify threads: ${verifyThreads})`, async () => {
+      const src = join(dir, 'src.bin')
+      await writeTestFile(src, 8 * MiB)
+      const honest = await node('honest')
+      const c = await node('c', { verifyThreads })
+      net.connect('c', 'evil')
+      const forger = startForgingPeer(net.node('evil'))
+      const m = await seed(honest, src)
+      // The forger links first, so it is first in line for requests.
+      net.connect('c', 'honest')
+      const out = join(dir, 'out.bin')
+      try {
+        const r = await c.svc.fetch(m, { file: out })
+        assert.deepEqual(r.badPeers, ['evil'])
+        assert.ok(forger.stats.forged > 0)
+        assert.ok((await readFile(out)).equals(await readFile(src)))
+        assert.ok(c.svc.stats().rejectedBlocks >= 1)
+        assert.ok(c.logs.some((l) => l.level === 'error' && /do not match/.test(l.msg)))
+        // Nothing forged reached the store.
+        for (const [hex] of [...(await collectHexes(c.store, m))]) assert.ok(hex)
+        const forgedBefore = forger.stats.forged
+        await c.svc.fetch(m) // all present now: no request at all
+        assert.equal(forger.stats.forged, forgedBefore)
+        // A new resource: the distrusted forger (it claims to hold everything) is not asked at all.
+        const src2 = join(dir, 'src2.bin')
+        await writeTestFile(src2, 4 * MiB)
+        const m2 = (await buildManifest(src2, { store: honest.store, pin: 'two' })).manifest
+        const r2 = await c.svc.fetch(m2)
+        assert.equal(forger.stats.forged, forgedBefore)
+        assert.deepEqual(r2.bytesFromPeer, { honest: 4 * MiB })
+        assert.equal(c.svc.stats().peersDistrusted, 1)
+      } finally {
+        forger.stop()
+      }
+    })
 
   it('swarm: three holders, one link cut mid-fetch → completes, bytes identical', async () => {
     const src = join(dir, 'src.bin')
