@@ -7,6 +7,7 @@ import './polyfill.ts'
 import type { Connection, PeerId } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import type { Libp2p } from 'libp2p'
+import { onAbort } from '../src/base/abort.ts'
 import { describeError, throwIfAborted } from '../src/base/errors.ts'
 import { type Logger, silentLogger } from '../src/base/log.ts'
 import { ControlError } from './control/errors.ts'
@@ -93,7 +94,8 @@ class MeshNodeImpl implements MeshNode {
   private libp2p: Libp2p | undefined
   private ctl: AbortController | undefined
   private stun: StunServer | undefined
-  private readonly onExternalAbort = () => void this.stop()
+  /** Removes the listener that stops the node when the caller's signal aborts. */
+  private offExternalAbort: () => void = () => {}
   private readonly ctx: NodeContext
   private readonly gate: MemberGate
   private readonly gossip: Gossip
@@ -230,7 +232,7 @@ class MeshNodeImpl implements MeshNode {
     if (!set.isMember(this.peerId)) throw new NotMemberError(this.peerId)
 
     this.ctl = new AbortController()
-    this.init.signal?.addEventListener('abort', this.onExternalAbort, { once: true })
+    this.offExternalAbort = onAbort(this.init.signal, () => void this.stop())
     const listen = this.init.listen ?? DEFAULT_LISTEN
     const node = await createControlPlane({
       kind: 'member',
@@ -262,7 +264,7 @@ class MeshNodeImpl implements MeshNode {
     } catch (err) {
       this.libp2p = undefined
       this.ctl.abort()
-      this.init.signal?.removeEventListener('abort', this.onExternalAbort)
+      this.offExternalAbort()
       await Promise.resolve(node.stop()).catch(() => {})
       throw new ControlError(`cannot start the control plane on ${listen.join(' ')}: ${describeError(err)}`, {
         cause: err,
@@ -332,7 +334,7 @@ class MeshNodeImpl implements MeshNode {
     const node = this.libp2p
     if (node === undefined) return
     this.libp2p = undefined
-    this.init.signal?.removeEventListener('abort', this.onExternalAbort)
+    this.offExternalAbort()
     this.ctl?.abort(new NodeStateError('node stopped'))
     this.links.stop()
     this.direct.stop()

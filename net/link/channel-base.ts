@@ -1,3 +1,4 @@
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError } from '../../src/base/errors.ts'
 import { ChannelClosedError } from './errors.ts'
 import type { ChannelName, ChannelState, MessageChannel } from './interfaces.ts'
@@ -52,7 +53,7 @@ export abstract class ChannelBase implements MessageChannel {
       const done = () => {
         offDrain()
         offClose()
-        signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       const offDrain = this.drainListeners.add(() => {
         done()
@@ -62,11 +63,10 @@ export abstract class ChannelBase implements MessageChannel {
         done()
         reject(new ChannelClosedError(`channel '${this.name}' closed while waiting for drain`))
       })
-      const onAbort = () => {
+      const offAbort = onAbort(signal, (reason) => {
         done()
-        reject(new AbortError(undefined, { cause: signal?.reason }))
-      }
-      signal?.addEventListener('abort', onAbort, { once: true })
+        reject(new AbortError(undefined, { cause: reason }))
+      })
     })
   }
 

@@ -13,6 +13,7 @@
 import type { Connection, PeerId, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import { ControlError, ControlTimeoutError } from '../control/errors.ts'
 import type { IceServer, LinkFactory, MemberState } from '../interfaces.ts'
@@ -265,9 +266,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     const parent = ctx.lifetime
     if (parent === undefined) return undefined
     const ctl = new AbortController()
-    const onParent = () => ctl.abort(parent.reason)
-    parent.addEventListener('abort', onParent, { once: true })
-    return { ctl, parent, release: () => parent.removeEventListener('abort', onParent) }
+    return { ctl, parent, release: onAbort(parent, (reason) => ctl.abort(reason)) }
   }
 
   /**
@@ -433,7 +432,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       const cleanup = () => {
         off()
         clearTimeout(timer)
-        options.signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       const off = overlay.onLink((l) => {
         if (l.peer !== peer) return
@@ -444,12 +443,10 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
         cleanup()
         reject(new ControlTimeoutError(`link to ${peer} (${timeoutMs} ms)`))
       }, timeoutMs)
-      const onAbort = () => {
+      const offAbort = onAbort(options.signal, (reason) => {
         cleanup()
-        reject(new AbortError(undefined, { cause: options.signal?.reason }))
-      }
-      if (options.signal?.aborted === true) onAbort()
-      else options.signal?.addEventListener('abort', onAbort, { once: true })
+        reject(new AbortError(undefined, { cause: reason }))
+      })
     })
   }
 

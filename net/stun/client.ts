@@ -6,6 +6,7 @@
  */
 import { randomBytes } from 'node:crypto'
 import { connect, type Socket } from 'node:net'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError } from '../../src/base/errors.ts'
 import {
   ATTR_MAPPED_ADDRESS,
@@ -92,7 +93,7 @@ export function probeTcpMapping(options: {
       ...(options.localPort ? { localPort: options.localPort } : {}),
     })
     const done = (err: Error | undefined, result?: TcpMapping) => {
-      signal.removeEventListener('abort', onAbort)
+      offAbort()
       sock.removeAllListeners('data')
       if (err !== undefined) {
         sock.destroy()
@@ -109,8 +110,7 @@ export function probeTcpMapping(options: {
         else sock.once('end', () => sock.end())
       }
     }
-    const onAbort = () => done(new AbortError(undefined, { cause: signal.reason }))
-    signal.addEventListener('abort', onAbort, { once: true })
+    const offAbort = onAbort(signal, (reason) => done(new AbortError(undefined, { cause: reason })))
     sock.on('error', (e) =>
       done(new StunError(`STUN over TCP to ${server.address}:${server.port}`, { cause: e })),
     )

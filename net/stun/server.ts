@@ -17,6 +17,7 @@
  */
 import { createSocket, type RemoteInfo, type Socket } from 'node:dgram'
 import { createServer, isIPv4, type Server, type Socket as TcpSocket } from 'node:net'
+import { onAbort } from '../../src/base/abort.ts'
 import { MeshError } from '../../src/base/errors.ts'
 
 export const STUN_MAGIC_COOKIE = 0x2112a442
@@ -241,15 +242,14 @@ export async function startStunServer(options: StunServerOptions = {}): Promise<
     new Promise<void>((resolve) => {
       if (closed) return resolve()
       closed = true
-      options.signal?.removeEventListener('abort', onAbort)
+      offAbort()
       tcp?.close()
       for (const c of clients) c.destroy()
       sock.close(() => resolve())
     })
-  const onAbort = () => {
+  const offAbort = onAbort(options.signal, () => {
     close().catch(() => {})
-  }
-  options.signal?.addEventListener('abort', onAbort, { once: true })
+  })
   const a = sock.address()
   return { address: a.address, port: a.port, stats, close }
 }

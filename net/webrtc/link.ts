@@ -19,6 +19,7 @@
  */
 
 import { randomBytes } from 'node:crypto'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import type { LinkFactory } from '../interfaces.ts'
 import { ChannelBase, Listeners } from '../link/channel-base.ts'
@@ -311,7 +312,7 @@ function waitOpen(dc: EngineChannel, signal: AbortSignal): Promise<void> {
     const done = () => {
       offOpen()
       offClose()
-      signal.removeEventListener('abort', onAbort)
+      offAbort()
     }
     const offOpen = dc.onOpen(() => {
       done()
@@ -321,11 +322,10 @@ function waitOpen(dc: EngineChannel, signal: AbortSignal): Promise<void> {
       done()
       reject(new LinkConnectError(`data channel ${dc.label} closed while connecting`))
     })
-    const onAbort = () => {
+    const offAbort = onAbort(signal, (reason) => {
       done()
-      reject(signal.reason)
-    }
-    signal.addEventListener('abort', onAbort, { once: true })
+      reject(reason)
+    })
     // It may have opened between the check above and the subscription.
     if (dc.isOpen) {
       done()
@@ -350,8 +350,9 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
       ctl.abort(new LinkConnectError(`link to ${options.peer}: not connected after ${connectTimeoutMs} ms`)),
     connectTimeoutMs,
   )
-  const onOuterAbort = () => ctl.abort(new AbortError(undefined, { cause: options.signal?.reason }))
-  options.signal?.addEventListener('abort', onOuterAbort, { once: true })
+  const offOuterAbort = onAbort(options.signal, (reason) =>
+    ctl.abort(new AbortError(undefined, { cause: reason })),
+  )
 
   // Subscribe before anything is awaited (the engine may still be loading): nothing the peer sends is lost.
   let session = options.initiator ? randomBytes(12).toString('base64url') : ''
@@ -372,14 +373,13 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
         if (m.type === 'offer' || m.type === 'answer') return m
       }
       await new Promise<void>((resolve, reject) => {
-        const onAbort = () => reject(ctl.signal.reason)
-        if (ctl.signal.aborted) return onAbort()
+        if (ctl.signal.aborted) return reject(ctl.signal.reason)
+        const offAbort = onAbort(ctl.signal, reject)
         wake = () => {
           wake = undefined
-          ctl.signal.removeEventListener('abort', onAbort)
+          offAbort()
           resolve()
         }
-        ctl.signal.addEventListener('abort', onAbort, { once: true })
       })
     }
   }
@@ -445,9 +445,10 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
     const outer = options.signal
     if (outer !== undefined) {
       // The caller's signal bounds the link's whole life, not only the connect.
-      const onAbort = () => link.close(new AbortError('link aborted', { cause: outer.reason }))
-      outer.addEventListener('abort', onAbort, { once: true })
-      link.onClose(() => outer.removeEventListener('abort', onAbort))
+      const offAbort = onAbort(outer, (reason) =>
+        link.close(new AbortError('link aborted', { cause: reason })),
+      )
+      link.onClose(() => offAbort())
     }
     return link
   } catch (err) {
@@ -461,7 +462,7 @@ export async function createWebRtcLink(options: WebRtcLinkOptions): Promise<WebR
   } finally {
     ctl.abort() // releases the helper listeners above
     clearTimeout(timeout)
-    options.signal?.removeEventListener('abort', onOuterAbort)
+    offOuterAbort()
     offSignal()
   }
 }

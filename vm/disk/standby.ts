@@ -17,6 +17,7 @@ import { join } from 'node:path'
 import { HASH_SIZE, sha256 } from '../../net/chunks/hash.ts'
 import type { Manifest } from '../../net/chunks/interfaces.ts'
 import { makeManifest } from '../../net/chunks/manifest.ts'
+import { onAbort } from '../../src/base/abort.ts'
 import { AbortError, describeError, MeshError } from '../../src/base/errors.ts'
 import { NbdClient } from './nbd.ts'
 import { extentsToChunks, type QmpExec, removeBitmap, rotateBitmap, takeDirtyChunks } from './tracker.ts'
@@ -62,15 +63,14 @@ export function createDiskArbiter(): DiskArbiter {
       for (;;) {
         if (signal?.aborted) throw new AbortError('standby disk pass aborted', { cause: signal.reason })
         if (moves === 0 && standby === undefined) break
-        let onAbort: (() => void) | undefined
+        let offAbort = () => {}
         await Promise.race([
           moves > 0 ? moveDone : (standby?.released ?? Promise.resolve()),
           new Promise<void>((r) => {
-            onAbort = () => r()
-            signal?.addEventListener('abort', onAbort, { once: true })
+            offAbort = onAbort(signal, () => r())
           }),
         ])
-        if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort)
+        offAbort()
       }
       let release!: () => void
       const released = new Promise<void>((r) => (release = r))

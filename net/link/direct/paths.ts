@@ -3,6 +3,7 @@ import type { Connection, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import type { Libp2p } from 'libp2p'
+import { onAbort } from '../../../src/base/abort.ts'
 import { describeError } from '../../../src/base/errors.ts'
 import { type Logger, silentLogger } from '../../../src/base/log.ts'
 import { FramedStream } from '../../control/stream.ts'
@@ -206,14 +207,14 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
         const done = () => {
           clearTimeout(timer)
           claimWaiters.delete(key)
-          signal.removeEventListener('abort', done)
+          offAbort()
           resolve()
         }
         const timer = setTimeout(done, pendingMs)
         claimWaiters.set(key, () => {
           if (complete()) done()
         })
-        signal.addEventListener('abort', done, { once: true })
+        const offAbort = onAbort(signal, done)
       })
     }
     const streams = pending.get(key)
@@ -353,23 +354,21 @@ export function createDirectPaths(init: DirectPathsInit): DirectPaths {
             await new Promise<void>((resolve, reject) => {
               const done = () => {
                 clearTimeout(timer)
-                signal.removeEventListener('abort', onAbort)
+                offAbort()
                 wake = undefined
               }
               const timer = setTimeout(() => {
                 done()
                 reject(new Error(`no direct-path message within ${timeoutMs} ms`))
               }, timeoutMs)
-              const onAbort = () => {
-                done()
-                reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'))
-              }
               wake = () => {
                 done()
                 resolve()
               }
-              if (signal.aborted) onAbort()
-              else signal.addEventListener('abort', onAbort, { once: true })
+              const offAbort = onAbort(signal, (reason) => {
+                done()
+                reject(reason instanceof Error ? reason : new Error('aborted'))
+              })
             })
           }
         },

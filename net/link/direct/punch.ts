@@ -17,6 +17,7 @@
 import type { Connection } from '@libp2p/interface'
 import { type Multiaddr, multiaddr } from '@multiformats/multiaddr'
 import type { Libp2p } from 'libp2p'
+import { onAbort } from '../../../src/base/abort.ts'
 import { AbortError, describeError } from '../../../src/base/errors.ts'
 import type { Logger } from '../../../src/base/log.ts'
 import { probeTcpMapping, type TransportAddress } from '../../stun/client.ts'
@@ -152,8 +153,7 @@ export async function punchTcp(init: {
       // The dial's signal reaches net.connect(), which destroys the socket whenever it fires, even
       // long after the connection is up: a signal of its own, detached once the dial settled.
       const attempt = new AbortController()
-      const onAbort = () => attempt.abort(signal.reason)
-      signal.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, (reason) => attempt.abort(reason))
       const timer = setTimeout(() => attempt.abort(new DirectPathError('no SYN from the peer')), ATTEMPT_MS)
       let conn: Connection
       try {
@@ -164,7 +164,7 @@ export async function punchTcp(init: {
         })
       } finally {
         clearTimeout(timer)
-        signal.removeEventListener('abort', onAbort)
+        offAbort()
       }
       if (!conn.direct || conn.limits !== undefined)
         throw new DirectPathError(`punched dial to ${init.peer} returned a relayed connection`)

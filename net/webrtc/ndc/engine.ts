@@ -10,7 +10,9 @@
  * - libdatachannel copies each message into its own queue at send time, so no JS-side queue is needed.
  * - Its callbacks are single slots; the adapter fans them out so every subscriber can also leave.
  */
+
 import nodeDataChannel from 'node-datachannel'
+import { onAbort } from '../../../src/base/abort.ts'
 import { Listeners } from '../../link/channel-base.ts'
 import type { PathInfo } from '../../link/interfaces.ts'
 import type {
@@ -231,7 +233,7 @@ export class NdcConnection implements EngineConnection {
         finished = true
         clearInterval(poll)
         offGathering()
-        signal.removeEventListener('abort', onAbort)
+        offAbort()
       }
       const check = () => {
         if (finished) return
@@ -240,15 +242,14 @@ export class NdcConnection implements EngineConnection {
           resolve()
         }
       }
-      const onAbort = () => {
-        if (finished) return
-        done()
-        reject(signal.reason)
-      }
       const offGathering = this.gatheringListeners.add(check)
       // A short poll covers a state change that the callback reported before this wait began.
       const poll = setInterval(check, 20)
-      signal.addEventListener('abort', onAbort, { once: true })
+      const offAbort = onAbort(signal, (reason) => {
+        if (finished) return
+        done()
+        reject(reason)
+      })
       check()
     })
   }

@@ -9,8 +9,10 @@
  *   patches/werift+0.24.4.patch (applied by patch-package at npm install); proven by
  *   test/system/webrtc-unreliable.test.ts.
  */
+
 import type { Socket } from 'node:dgram'
 import { type RTCDataChannel, RTCPeerConnection } from 'werift'
+import { onAbort } from '../../../src/base/abort.ts'
 import { Listeners } from '../../link/channel-base.ts'
 import type { PathInfo } from '../../link/interfaces.ts'
 import type {
@@ -242,15 +244,14 @@ function waitGatheringComplete(pc: RTCPeerConnection, signal: AbortSignal): Prom
         resolve()
       }
     })
-    const onAbort = () => {
-      done()
-      reject(signal.reason)
-    }
     const done = () => {
       sub.unSubscribe()
-      signal.removeEventListener('abort', onAbort)
+      offAbort()
     }
-    signal.addEventListener('abort', onAbort, { once: true })
+    const offAbort = onAbort(signal, (reason) => {
+      done()
+      reject(reason)
+    })
   })
 }
 

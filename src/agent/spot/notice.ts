@@ -5,6 +5,7 @@
  * metadata protocol. A watcher calls back once per distinct notice; the spot service decides what to do
  * (evacuate on a termination notice, report a rebalance hint).
  */
+import { onAbort } from '../../base/abort.ts'
 import { MeshError, UsageError } from '../../base/errors.ts'
 
 export class SpotError extends MeshError {}
@@ -170,11 +171,11 @@ export function pause(ms: number, signal: AbortSignal): Promise<void> {
     if (signal.aborted) return resolve()
     const done = () => {
       clearTimeout(timer)
-      signal.removeEventListener('abort', done)
+      offAbort()
       resolve()
     }
     const timer = setTimeout(done, ms)
-    signal.addEventListener('abort', done, { once: true })
+    const offAbort = onAbort(signal, done)
   })
 }
 
