@@ -300,7 +300,7 @@ export async function buildAgent(
           watcher: createWatcher(spotOpts.source, {
             ...(spotOpts.pollMs === undefined ? {} : { pollMs: spotOpts.pollMs }),
             ...(spotOpts.windowMs === undefined ? {} : { windowMs: spotOpts.windowMs }),
-            warn: (m, f) => spotLog.warn(m, f),
+            log: spotLog,
           }),
         }),
     standby: {

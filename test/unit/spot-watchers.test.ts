@@ -18,6 +18,7 @@ import {
   gcpWatcher,
   urlWatcher,
 } from '../../src/agent/spot/watchers.ts'
+import { createLogger } from '../../src/base/log.ts'
 import { type FakeMetadata, startFakeMetadata } from '../helpers/fake-metadata.ts'
 
 /** Runs a watcher until `until` says stop (or the timeout), collecting its notices. */
@@ -221,7 +222,8 @@ describe('spot notice watchers against strict fake metadata servers', () => {
 
   it('an unreachable endpoint is reported once and polled on, never thrown', async () => {
     const warnings: string[] = []
-    const w = watch(awsWatcher({ endpoint: 'http://127.0.0.1:9', pollMs: 10, warn: (m) => warnings.push(m) }))
+    const log = createLogger({ level: 'warn', sink: (line) => warnings.push(line) })
+    const w = watch(awsWatcher({ endpoint: 'http://127.0.0.1:9', pollMs: 10, log }))
     await new Promise((r) => setTimeout(r, 200))
     await w.stop()
     assert.equal(warnings.length, 1, warnings.join('\n'))

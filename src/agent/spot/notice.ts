@@ -7,6 +7,7 @@
  */
 import { onAbort } from '../../base/abort.ts'
 import { MeshError, UsageError } from '../../base/errors.ts'
+import type { Logger } from '../../base/log.ts'
 
 export class SpotError extends MeshError {}
 
@@ -45,8 +46,8 @@ export interface WatcherInit {
   windowMs?: number
   /** Each HTTP request's timeout (long-polls add their own wait). Default 2 s. */
   requestTimeoutMs?: number
-  /** Warnings (an endpoint that refuses or is unreachable), rate-limited by the watcher. */
-  warn?: (message: string, fields?: Record<string, unknown>) => void
+  /** Where warnings go (an endpoint that refuses or is unreachable), rate-limited by the watcher. */
+  log?: Logger
   now?: () => number
 }
 
@@ -182,7 +183,7 @@ export function pause(ms: number, signal: AbortSignal): Promise<void> {
 /** Logs a failing endpoint once, then once a minute while it keeps failing; says when it recovers. */
 export function flakyReporter(
   what: string,
-  warn: WatcherInit['warn'],
+  log: Logger | undefined,
   now: () => number = Date.now,
 ): { fail(err: unknown): void; ok(): void } {
   let failingSince: number | undefined
@@ -193,11 +194,11 @@ export function flakyReporter(
       failingSince ??= t
       if (t - lastWarn >= 60_000) {
         lastWarn = t
-        warn?.(`${what}: ${err instanceof Error ? err.message : String(err)} (still polling)`)
+        log?.warn(`${what}: ${err instanceof Error ? err.message : String(err)} (still polling)`)
       }
     },
     ok() {
-      if (failingSince !== undefined) warn?.(`${what}: answering again`)
+      if (failingSince !== undefined) log?.warn(`${what}: answering again`)
       failingSince = undefined
       lastWarn = Number.NEGATIVE_INFINITY
     },

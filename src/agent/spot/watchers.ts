@@ -113,7 +113,7 @@ export function awsWatcher(init: WatcherInit = {}): NoticeWatcher {
     provider: 'aws',
     describe: `AWS IMDSv2 at ${base} (spot/instance-action, rebalance)`,
     async run(onNotice, signal, onClear) {
-      const flaky = flakyReporter('AWS metadata', init.warn, now)
+      const flaky = flakyReporter('AWS metadata', init.log, now)
       const seen = new Set<string>()
       let active: string | undefined
       while (!signal.aborted) {
@@ -182,7 +182,7 @@ export function gcpWatcher(init: WatcherInit = {}): NoticeWatcher {
     provider: 'gcp',
     describe: `GCP metadata at ${base} (instance/preempted, wait_for_change)`,
     async run(onNotice, signal) {
-      const flaky = flakyReporter('GCP metadata', init.warn, now)
+      const flaky = flakyReporter('GCP metadata', init.log, now)
       let etag: string | undefined
       while (!signal.aborted) {
         try {
@@ -290,7 +290,7 @@ export function azureWatcher(init: WatcherInit = {}): NoticeWatcher {
     provider: 'azure',
     describe: `Azure Scheduled Events at ${base} (Preempt)`,
     async run(onNotice, signal, onClear) {
-      const flaky = flakyReporter('Azure metadata', init.warn, now)
+      const flaky = flakyReporter('Azure metadata', init.log, now)
       const seen = new Set<string>()
       let self: string | undefined
       while (!signal.aborted) {
@@ -364,7 +364,7 @@ export function urlWatcher(url: string, init: WatcherInit = {}): NoticeWatcher {
     provider: 'url',
     describe: `GET ${url}`,
     async run(onNotice, signal, onClear) {
-      const flaky = flakyReporter(url, init.warn, now)
+      const flaky = flakyReporter(url, init.log, now)
       const seen = new Set<string>()
       while (!signal.aborted) {
         try {
@@ -398,7 +398,7 @@ export function fileWatcher(path: string, init: WatcherInit = {}): NoticeWatcher
     provider: 'file',
     describe: `file ${path}`,
     async run(onNotice, signal, onClear) {
-      const flaky = flakyReporter(path, init.warn, now)
+      const flaky = flakyReporter(path, init.log, now)
       const seen = new Set<string>()
       while (!signal.aborted) {
         try {
