@@ -9,6 +9,13 @@
  * full mesh. Its tick also moves members
  * between up / down / dropped, measures RTT where the link does not, keeps relay reservations on every
  * bootstrap, and now and then runs a full member-set exchange with one member (anti-entropy).
+ *
+ * Why one file of ~650 lines (#18: files over ~600 lines say why): createLinkSupervisor is one closure
+ * over one map of per-member state (link, attempt in flight, backoff, wanted-until, RTT) that the link
+ * attempts, the on-demand connect and the tick all read and change; split apart they would pass that
+ * map around and the rules (who initiates, when to retry, when a link is idle) would no longer read in
+ * one place. The parts with a life of their own are apart already: the ring (ring.ts), the direct paths
+ * (net/link/direct/), the link itself (net/webrtc/).
  */
 import type { Connection, PeerId, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
