@@ -14,6 +14,7 @@ import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { describeError } from '../../src/base/errors.ts'
 import { writeFileDurable } from '../../src/base/fs.ts'
+import { type Logger, silentLogger } from '../../src/base/log.ts'
 import { type PrunedDisk, previousDisksBudget, prunePreviousDisks } from './housekeeping.ts'
 import { NbdClient } from './nbd.ts'
 import { extentsToChunks } from './tracker.ts'
@@ -110,7 +111,7 @@ export async function openPreviousDisk(
   diskDir: string,
   vm: string,
   chunkSize: number,
-  log?: (msg: string, fields?: Record<string, unknown>) => void,
+  log: Logger = silentLogger,
 ): Promise<PreviousDisk | undefined> {
   const path = previousVolumePath(diskDir, vm)
   if (!existsSync(path)) return undefined
@@ -199,7 +200,7 @@ export async function openPreviousDisk(
       close,
     }
   } catch (e) {
-    log?.('the previous disk cannot be read; every chunk comes from the source', {
+    log.warn('the previous disk cannot be read; every chunk comes from the source', {
       vm,
       error: describeError(e),
     })
