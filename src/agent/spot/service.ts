@@ -546,6 +546,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       let lastProgress = 0
       let firstData: { t: number; bytes: number } | undefined
       let warned = false
+      let shortSince: number | undefined
       try {
         const report = await init.migrate(
           { vm: name, to: a.to, ...(deadlineMs === undefined ? {} : { deadlineMs }) },
@@ -556,6 +557,9 @@ export function createSpotService(init: SpotServiceInit): SpotService {
               // Early: once the first copy has moved data for 2 s, say whether it can make the plan's end
               // at the rate it progresses (RAM carried, the destination's cache included).
               if (p.phase === 'bulk' && p.ramBytes > 0) firstData ??= { t, bytes: p.ramBytes }
+              // Said only when two looks at least 2 s apart both fall short: the first seconds of a copy
+              // that the destination's cache feeds come in bursts (a whole offer's cached chunks at once),
+              // and one look there named a shortfall for a move that then ended with 14 s to spare.
               if (
                 !warned &&
                 planEnd !== undefined &&
@@ -563,17 +567,20 @@ export function createSpotService(init: SpotServiceInit): SpotService {
                 t - firstData.t >= 2000 &&
                 p.phaseBytes !== undefined
               ) {
-                warned = true
                 const rate = ((p.ramBytes - firstData.bytes) * 1000) / (t - firstData.t)
                 const left = Math.max(0, p.phaseBytes - (p.phaseDoneBytes ?? 0))
                 const eta = rate > 0 ? (left * 1000) / rate : Number.POSITIVE_INFINITY
-                if (t + eta > planEnd)
+                if (t + eta <= planEnd) shortSince = undefined
+                else shortSince ??= t
+                if (shortSince !== undefined && t - shortSince >= 2000) {
+                  warned = true
                   emit({
                     event: 'shortfall',
                     vm: name,
                     detail: `${name}: ${(left / 2 ** 20).toFixed(0)} MiB of its first copy left at ${(rate / 1e6).toFixed(1)} MB/s is ${(eta / 1000).toFixed(1)} s, ${((planEnd - t) / 1000).toFixed(1)} s are left before the plan's end (then pre-copy rounds and the pause)`,
                     atMs: at(),
                   })
+                }
               }
               if (t - lastProgress < 1000 && p.phase !== 'switch') return
               lastProgress = t
