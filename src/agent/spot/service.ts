@@ -814,12 +814,20 @@ export function createSpotService(init: SpotServiceInit): SpotService {
     return a === undefined ? undefined : { peer: a.to, name: a.toName }
   }
 
+  /** The most a standby can lack: the VM's non-zero RAM last seen (else its size) and its disk's overlay. */
+  const standbyCap = (vm: string, st: StandbyStatus) =>
+    (ramSeen.get(vm) ?? (lastVms.find((x) => x.name === vm)?.memoryMiB ?? 0) * 2 ** 20) +
+    (st.disk?.heldBytes ?? 0)
+
   const standbyView = () => {
     const out: Record<string, StandbyRow> = {}
     for (const [vm, snd] of senders) {
       const st = snd.status
       out[vm] = {
         ...st,
+        // What a move there would carry now (`vm ls`): right after a pass the status counts only what
+        // that pass missed, while the guest went on writing.
+        ...(st.lagBytes === undefined ? {} : { lagBytes: standbyBytesToSend(st, now(), standbyCap(vm, st)) }),
         ...(st.syncedAt === undefined ? {} : { lagMs: now() - st.syncedAt }),
       }
     }
@@ -862,8 +870,7 @@ export function createSpotService(init: SpotServiceInit): SpotService {
       let bytes: number
       let basis: string
       if (standbyThere && sb?.lagBytes !== undefined && sb.peer === a.to) {
-        const cap = ramSeen.get(a.vm) ?? (v?.memoryMiB ?? 0) * 2 ** 20
-        bytes = standbyBytesToSend(sb, now(), cap + (sb.disk?.heldBytes ?? 0))
+        bytes = standbyBytesToSend(sb, now(), standbyCap(a.vm, sb))
         basis = 'standby lag + changed since its last pass'
       } else if (ramSeen.has(a.vm)) {
         bytes = ramSeen.get(a.vm)!
