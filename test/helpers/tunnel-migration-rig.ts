@@ -10,11 +10,10 @@
  * announce(mac); release, or the VM stopping for good → detachVm(mac) (the old host forwards
  * stragglers for the grace period).
  */
-import { type ChildProcess, spawn } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { READY_RE } from '../../fixtures/guest/ports.ts'
 import { deleteNetns, killNetnsProcesses, runChecked } from '../../fixtures/testnet/netns.ts'
@@ -32,9 +31,8 @@ import { createDriverHost, type DriverHost } from '../../vm/migration/host.ts'
 import { overlayMigrationNetwork } from '../../vm/migration/overlay.ts'
 import { createQemuDriver } from '../../vm/qemu/driver.ts'
 import { type VmSpec, validateVmSpec } from '../../vm/spec.ts'
+import { runStreamClient } from './stream-echo.ts'
 import { waitConsole } from './vm.ts'
-
-const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)))
 
 export interface MigHost {
   id: string
@@ -160,44 +158,10 @@ export async function createMigRig(ids: string[], opts: { log?: Logger; subnet: 
       return vm
     },
     streamEcho(ip, port) {
-      const child = spawn(
-        'ip',
-        [
-          'netns',
-          'exec',
-          netns,
-          process.execPath,
-          '--import',
-          'tsx',
-          join(ROOT, 'fixtures/testnet/stream-client.ts'),
-          ip,
-          String(port),
-          '3600000',
-        ],
-        { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
-      )
-      children.add(child)
-      let out = ''
-      let err = ''
-      child.stdout.setEncoding('utf8').on('data', (s: string) => {
-        out += s
-      })
-      child.stderr.setEncoding('utf8').on('data', (s: string) => {
-        err = (err + s).slice(-2000)
-      })
-      const exited = new Promise<void>((r) => child.once('exit', () => r()))
+      const run = runStreamClient(netns, ip, port, 3_600_000)
+      children.add(run.child)
       return {
-        async stop() {
-          child.kill('SIGTERM')
-          await exited
-          children.delete(child)
-          const line = out.trim().split('\n').at(-1) ?? ''
-          try {
-            return JSON.parse(line) as StreamEchoResult
-          } catch {
-            throw new Error(`stream client printed no result: ${err}`)
-          }
-        },
+        stop: () => run.stop().finally(() => children.delete(run.child)),
       }
     },
     async ping(ip) {

@@ -7,8 +7,7 @@
  */
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { join } from 'node:path'
 import { ensureGuest } from '../../fixtures/guest/build.ts'
 import { type BootedGuest, bootGuest } from '../../fixtures/guest/qemu.ts'
 import {
@@ -26,8 +25,7 @@ import { createWebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
 import { createTunnelService, type TunnelService } from '../../src/agent/services/tunnel.ts'
 import { createLogger, silentLogger } from '../../src/base/log.ts'
-
-const ROOT = resolve(fileURLToPath(new URL('../..', import.meta.url)))
+import { runStreamClient } from './stream-echo.ts'
 
 export interface RigGuest {
   name: string
@@ -176,26 +174,8 @@ export async function createRig(o: RigOptions): Promise<Rig> {
     execCommand('ip', ['netns', 'exec', node === undefined ? netns : taps.get(node)!.netns, cmd, ...args], {
       timeoutMs,
     })
-  const startStreamEcho = async (ip: string, port: number, durationMs: number) => {
-    const r = await exec(
-      process.execPath,
-      [
-        '--import',
-        'tsx',
-        join(ROOT, 'fixtures/testnet/stream-client.ts'),
-        ip,
-        String(port),
-        String(durationMs),
-      ],
-      durationMs + 60_000,
-    )
-    const line = r.stdout.trim().split('\n').at(-1) ?? ''
-    try {
-      return JSON.parse(line) as StreamEchoResult
-    } catch {
-      throw new Error(`stream client failed (code ${r.code}): ${r.stderr.slice(-1000)}`)
-    }
-  }
+  const startStreamEcho = (ip: string, port: number, durationMs: number) =>
+    runStreamClient(netns, ip, port, durationMs, durationMs + 60_000).result
   const macOf = new Map(o.guests.map((g) => [g.name, g.mac]))
 
   return {
