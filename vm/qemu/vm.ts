@@ -2,6 +2,11 @@
  * One QEMU guest as a Vm (moved out of driver.ts): its process and QMP session, pause/resume/stop,
  * the device state's save and load (QEMU's migration to and from a file descriptor), and the trackers
  * and disk parts a move uses. driver.ts starts or adopts the process and hands it here.
+ *
+ * Why one file of ~610 lines (#18: files over ~600 lines say why): it is one class implementing the Vm
+ * contract (vm/driver/interfaces.ts) over one QMP session and one process whose status every method
+ * reads; the disk parts it hands out (trackers, the standby reader, the writer, the previous disk) live
+ * in vm/disk/ already, and what is left here is the glue that owns the QMP session for them.
  */
 import type { ChildProcess } from 'node:child_process'
 import { existsSync } from 'node:fs'
