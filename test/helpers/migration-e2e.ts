@@ -12,6 +12,7 @@ import { MEMCHECK_PORT } from '../../fixtures/guest/ports.ts'
 import { outputLines, waitForExit } from '../../fixtures/testnet/clouds.ts'
 import { type AgentProc, MESH_BIN, REPO_ROOT } from '../../fixtures/testnet/testnet.ts'
 import { ramDirFor } from '../../src/agent/run.ts'
+import { prng } from './prng.ts'
 import { waitUntil } from './wait.ts'
 
 export const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
@@ -251,14 +252,43 @@ export async function killDuringMove(o: {
   return { fired: wasFired, killedAt, mig, said }
 }
 
-/** mulberry32: a small seeded PRNG, so a failing random run can be replayed from its seed. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+/**
+ * Kills during moves, one after the other, drawn from a seed: the victim (source or destination), a kill
+ * point or a time into the move, and a restart delay. The seed is printed (MESH_KILL_SEED replays it);
+ * a failing kill names its number, the seed and what it did. `killsVar` names the env var that sets
+ * the number of kills (default `defaultKills`). Resolves with the seed, for later messages.
+ */
+export async function randomKills(o: {
+  label: string
+  killsVar: string
+  defaultKills: number
+  points: Record<Victim, readonly string[]>
+  killedMove: (victim: Victim, when: KillWhen, restartAfterMs: number) => Promise<unknown>
+}): Promise<{ seed: number }> {
+  const kills = Number(process.env[o.killsVar] ?? o.defaultKills)
+  const seed = Number(process.env.MESH_KILL_SEED ?? Math.floor(Math.random() * 2 ** 31))
+  process.stdout.write(
+    `      ${o.label}: ${kills}, seed ${seed} (replay: MESH_KILL_SEED=${seed} ${o.killsVar}=${kills})\n`,
+  )
+  const rnd = prng(seed)
+  for (let i = 0; i < kills; i++) {
+    const victim: Victim = rnd() < 0.5 ? 'source' : 'destination'
+    const points = o.points[victim]
+    const when: KillWhen =
+      rnd() < 0.5
+        ? { point: points[Math.floor(rnd() * points.length)]! }
+        : { afterMs: Math.floor(rnd() * 8000) }
+    const restartAfterMs = Math.floor(rnd() * 3000)
+    process.stdout.write(
+      `      kill ${i + 1}/${kills}: ${victim} at ${JSON.stringify(when)}, restart after ${restartAfterMs} ms\n`,
+    )
+    try {
+      await o.killedMove(victim, when, restartAfterMs)
+    } catch (err) {
+      throw new Error(`kill ${i + 1} (seed ${seed}): ${victim} at ${JSON.stringify(when)}: ${String(err)}`, {
+        cause: err,
+      })
+    }
   }
+  return { seed }
 }

@@ -9,6 +9,7 @@
  * turn: what the receiver acknowledges per turn matches what it does over UDP.
  */
 import { RTCSctpTransport } from 'werift'
+import { prng } from './prng.ts'
 
 /** The fields of werift's SCTP association the tests read (its internals; checked at start). */
 export interface WeriftSctp {
@@ -52,18 +53,6 @@ export interface PathSpec {
   seed?: number
   /** Drops exactly the packets this returns true for (deterministic loss; `loss` still applies). */
   drop?: (packet: Buffer) => boolean
-}
-
-/** mulberry32: deterministic, so a failing run can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
 }
 
 /** One direction of the path: FIFO, rate-limited, delayed, lossy. */

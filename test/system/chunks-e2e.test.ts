@@ -223,6 +223,11 @@ describe("chunk exchange between agents in NAT'd clouds: forged chunks, killed h
     for (const h of [b1, c1, d1]) await push(h, f.path, 'swarm:1')
 
     const out = join(net!.dir, 'out-swarm')
+    // b1 is frozen (SIGSTOP) first and killed -9 at the next progress event: while frozen it takes the
+    // puller's requests and answers none, so it certainly owes chunks when it dies. Killed at once, it
+    // had at times delivered everything it was asked by then (the first progress event can come at
+    // 45 MiB), and then there was nothing in flight to ask of the others (chunksRequeued 0).
+    let frozenAt: number | undefined
     let killedAt: number | undefined
     let killing: Promise<void> | undefined
     const pull = await pullStreaming(
@@ -231,20 +236,24 @@ describe("chunk exchange between agents in NAT'd clouds: forged chunks, killed h
       out,
       (e) => {
         const got = typeof e.bytesFetched === 'number' ? e.bytesFetched : 0
-        if (killing === undefined && e.phase === 'fetch' && got >= 0.1 * size) {
+        if (frozenAt === undefined && e.phase === 'fetch' && got >= 0.1 * size) {
+          frozenAt = got
+          process.kill(-b1.child.pid!, 'SIGSTOP')
+        } else if (frozenAt !== undefined && killing === undefined && got > frozenAt) {
           killedAt = got
           killing = b1.kill()
         }
       },
       240_000,
     )
-    await killing
+    // Never leave a frozen agent behind, whatever happened.
+    await (killing ?? b1.kill())
     assert.equal(pull.code, 0, pull.stderr)
     assert.ok(killedAt !== undefined && killedAt < size, `b1 was not killed mid-pull (at ${killedAt})`)
     assert.equal(sha(readFileSync(join(out, 'swarm.img'))), f.sha, 'pulled bytes differ')
     const r = lastJson<PullResult>(pull.stdout)
     process.stdout.write(
-      `      swarm pull: killed b1 at ${((killedAt ?? 0) / MiB).toFixed(1)} MiB; ${JSON.stringify({ bytesFromPeer: r.bytesFromPeer, chunksRequeued: r.chunksRequeued })}\n`,
+      `      swarm pull: froze b1 at ${((frozenAt ?? 0) / MiB).toFixed(1)} MiB, killed it at ${((killedAt ?? 0) / MiB).toFixed(1)} MiB; ${JSON.stringify({ bytesFromPeer: r.bytesFromPeer, chunksRequeued: r.chunksRequeued })}\n`,
     )
     assert.equal(r.bytesFetched, size)
     const from = (p: AgentProc) => r.bytesFromPeer[p.peerId] ?? 0

@@ -35,7 +35,7 @@ import {
   killDuringMove,
   LINE_CLIENT,
   oneCopy,
-  prng,
+  randomKills,
   samplesAfter,
   type Victim,
 } from '../helpers/migration-e2e.ts'
@@ -261,33 +261,13 @@ describe("fault injection: agents killed while a writable disk moves across NAT'
   })
 
   it('random kills while the disk moves (seed printed; MESH_DISK_KILLS, MESH_KILL_SEED)', async () => {
-    const kills = Number(process.env.MESH_DISK_KILLS ?? 3)
-    const seed = Number(process.env.MESH_KILL_SEED ?? Math.floor(Math.random() * 2 ** 31))
-    process.stdout.write(
-      `      random disk kills: ${kills}, seed ${seed} (replay: MESH_KILL_SEED=${seed} MESH_DISK_KILLS=${kills})\n`,
-    )
-    const rnd = prng(seed)
-    for (let i = 0; i < kills; i++) {
-      const victim: Victim = rnd() < 0.5 ? 'source' : 'destination'
-      const when: KillWhen =
-        rnd() < 0.5
-          ? { point: POINTS[victim][Math.floor(rnd() * POINTS[victim].length)]! }
-          : { afterMs: Math.floor(rnd() * 8000) }
-      const restartAfterMs = Math.floor(rnd() * 3000)
-      process.stdout.write(
-        `      kill ${i + 1}/${kills}: ${victim} at ${JSON.stringify(when)}, restart after ${restartAfterMs} ms\n`,
-      )
-      try {
-        await killedMove(victim, when, restartAfterMs)
-      } catch (err) {
-        throw new Error(
-          `kill ${i + 1} (seed ${seed}): ${victim} at ${JSON.stringify(when)}: ${String(err)}`,
-          {
-            cause: err,
-          },
-        )
-      }
-    }
+    const { seed } = await randomKills({
+      label: 'random disk kills',
+      killsVar: 'MESH_DISK_KILLS',
+      defaultKills: 3,
+      points: POINTS,
+      killedMove: (victim, when, restartAfterMs) => killedMove(victim, when, restartAfterMs),
+    })
     // The VM still moves, and its disk is intact where it lands.
     const on = await oneCopy(pair(), VM, 60_000)
     const other = on === 'a1' ? 'b1' : 'a1'

@@ -35,7 +35,7 @@ import {
   type KillWhen,
   killDuringMove,
   oneCopy,
-  prng,
+  randomKills,
   samplesAfter,
   type Victim,
 } from '../helpers/migration-e2e.ts'
@@ -215,33 +215,13 @@ describe("fault injection: agents killed during moves across NAT'd clouds (e2e, 
     })
 
   it('randomized kills (seed printed; MESH_KILLS, MESH_KILL_SEED)', async () => {
-    const kills = Number(process.env.MESH_KILLS ?? 3)
-    const seed = Number(process.env.MESH_KILL_SEED ?? Math.floor(Math.random() * 2 ** 31))
-    process.stdout.write(
-      `      random kills: ${kills}, seed ${seed} (replay: MESH_KILL_SEED=${seed} MESH_KILLS=${kills})\n`,
-    )
-    const rnd = prng(seed)
-    for (let i = 0; i < kills; i++) {
-      const victim: Victim = rnd() < 0.5 ? 'source' : 'destination'
-      const when: When =
-        rnd() < 0.5
-          ? { point: POINTS[victim][Math.floor(rnd() * POINTS[victim].length)]! }
-          : { afterMs: Math.floor(rnd() * 8000) }
-      const restartAfterMs = Math.floor(rnd() * 3000)
-      process.stdout.write(
-        `      kill ${i + 1}/${kills}: ${victim} at ${JSON.stringify(when)}, restart after ${restartAfterMs} ms\n`,
-      )
-      try {
-        await killedMove(victim, when, restartAfterMs)
-      } catch (err) {
-        throw new Error(
-          `kill ${i + 1} (seed ${seed}): ${victim} at ${JSON.stringify(when)}: ${String(err)}`,
-          {
-            cause: err,
-          },
-        )
-      }
-    }
+    await randomKills({
+      label: 'random kills',
+      killsVar: 'MESH_KILLS',
+      defaultKills: 3,
+      points: POINTS,
+      killedMove: (victim, when, restartAfterMs) => killedMove(victim, when, restartAfterMs),
+    })
     const samples = genSamples(outputLines(reader))
     assert.ok(samples.length > 50, `the client read the guest all along (${samples.length} answers)`)
     // The token history on every member, from a third one: the member that runs the VM holds the newest.

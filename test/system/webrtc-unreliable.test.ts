@@ -9,6 +9,7 @@ import assert from 'node:assert/strict'
 import { createWebRtcLink, type WebRtcLink } from '../../net/webrtc/link.ts'
 import { createMemorySignalingPair } from '../../net/webrtc/memory-signaling.ts'
 import type { WeriftConnection } from '../../net/webrtc/werift/engine.ts'
+import { prng } from '../helpers/prng.ts'
 import { holdsWithin } from '../helpers/wait.ts'
 
 interface LossInjector {
@@ -38,18 +39,6 @@ function injectLoss(link: WebRtcLink, rate: number, random: () => number): LossI
     }
   }
   return inj
-}
-
-/** Deterministic PRNG (mulberry32), so a failure can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
 }
 
 const LOSS = 0.05
