@@ -6,6 +6,7 @@
  */
 
 import { onAbort } from '../../src/base/abort.ts'
+import { forEachLimit } from '../../src/base/concurrency.ts'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import { type Logger, silentLogger } from '../../src/base/log.ts'
 import type { Link, Overlay } from '../link/interfaces.ts'
@@ -178,16 +179,17 @@ export function createDirectory(init: DirectoryInit): Directory {
   ): Promise<PeerVms[]> => {
     const rest = (init.members?.() ?? []).filter((p) => p !== init.overlay.self && !skip.has(p))
     const out: PeerVms[] = []
-    let next = 0
     let done = false
-    const worker = async () => {
-      while (!done && next < rest.length) {
-        const p = await askUnlinked(rest[next++]!, options)
+    await forEachLimit(
+      rest,
+      OPEN_AT_ONCE,
+      async (peer) => {
+        const p = await askUnlinked(peer, options)
         out.push(p)
         if (enough(p)) done = true
-      }
-    }
-    await Promise.all(Array.from({ length: Math.min(OPEN_AT_ONCE, rest.length) }, worker))
+      },
+      () => done,
+    )
     return out
   }
 

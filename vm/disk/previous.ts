@@ -12,6 +12,7 @@ import { existsSync } from 'node:fs'
 import { readFile, rename, rm, stat, utimes } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { forEachLimit } from '../../src/base/concurrency.ts'
 import { describeError } from '../../src/base/errors.ts'
 import { writeFileDurable } from '../../src/base/fs.ts'
 import { type Logger, silentLogger } from '../../src/base/log.ts'
@@ -180,21 +181,16 @@ export async function openPreviousDisk(
             run.push(f)
           else runs.push([f])
         }
-        let next = 0
-        const worker = async () => {
-          while (next < runs.length) {
-            const run = runs[next++]!
-            const first = run[0]!.at
-            const len = Math.min((run.at(-1)!.at - first + 1) * chunkSize, c.size - first * chunkSize)
-            const buf = await c.read(first * chunkSize, len)
-            for (const f of run) {
-              const data = buf.subarray((f.at - first) * chunkSize, (f.at - first + 1) * chunkSize)
-              // Verified like any chunk that goes into a guest: the file may have changed under us.
-              if (verified(data, hashes[f.i]!)) out[f.i] = data
-            }
+        await forEachLimit(runs, 4, async (run) => {
+          const first = run[0]!.at
+          const len = Math.min((run.at(-1)!.at - first + 1) * chunkSize, c.size - first * chunkSize)
+          const buf = await c.read(first * chunkSize, len)
+          for (const f of run) {
+            const data = buf.subarray((f.at - first) * chunkSize, (f.at - first + 1) * chunkSize)
+            // Verified like any chunk that goes into a guest: the file may have changed under us.
+            if (verified(data, hashes[f.i]!)) out[f.i] = data
           }
-        }
-        await Promise.all(Array.from({ length: Math.min(4, runs.length) }, worker))
+        })
         return out
       },
       close,

@@ -3,6 +3,7 @@
  * the rest from its cache of RAM that left this host), and writes 'data' chunks into the incoming VM's
  * RAM file in stream order.
  */
+import { forEachLimit } from '../../src/base/concurrency.ts'
 import { describeError } from '../../src/base/errors.ts'
 import type { Logger } from '../../src/base/log.ts'
 import { MigrationDecodeError } from './errors.ts'
@@ -57,10 +58,8 @@ export class RamReceiver implements DestinationStream {
       // this answer). Distinct chunks: the order of the fills does not matter, only that all are done
       // before the next message (data that may reference their pages) is applied.
       const cache = this.cache
-      let next = 0
-      const reader = async () => {
-        while (cache !== undefined && next < cached.length) {
-          const { idx, hash } = cached[next++]!
+      if (cache !== undefined)
+        await forEachLimit(cached, CACHE_READS, async ({ idx, hash }) => {
           let data: Uint8Array
           try {
             data = await cache.get(hash)
@@ -68,12 +67,10 @@ export class RamReceiver implements DestinationStream {
             // Gone or corrupt in the cache: ask the source instead.
             this.log.debug('cached chunk unusable', { error: describeError(err) })
             want.push(idx)
-            continue
+            return
           }
           this.w.fill(idx, data)
-        }
-      }
-      await Promise.all(Array.from({ length: Math.min(CACHE_READS, cached.length) }, reader))
+        })
       want.sort((a, b) => a - b)
       await ctx.conv.send({ type: 'want', sid: ctx.sid, batch: m.batch, indices: want }, ctx.signal)
     } else if (m.type === 'data') {
