@@ -106,12 +106,24 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
     lender.attach(src)
     receiver.attach(dst)
     const pumping = lender.pump()
-    // The guest touches two chunks before the background starts: only those go.
+    // The guest touches two chunks before the background starts: only those go. Wait for both to be
+    // placed (an event, not a timer a loaded machine outruns), then check the lender sent nothing else.
+    const twoPlaced = new Promise<void>((resolve) => {
+      pager.onPlaced = (n) => {
+        if (n === 2) resolve()
+      }
+    })
     pager.touch(9)
     pager.touch(30)
     pager.touch(1) // not owed: the pager itself zero-fills such pages, nothing is asked
-    await new Promise((r) => setTimeout(r, 50))
+    await twoPlaced
+    // The acks of both go back and anything the lender would send on them comes over: the memory link
+    // delivers from setImmediate and the lender reads the RAM file synchronously, so a few turns of the
+    // event loop (an order, not a duration) are enough for a wrongly sent chunk to be placed.
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r))
     assert.deepEqual(pager.order, [9, 30])
+    assert.equal(lender.stats.urgentChunks, 2, 'only the touched owed chunks were asked for')
+    assert.equal(lender.stats.backgroundChunks, 0, 'nothing goes in the background before it starts')
     lender.startBackground()
     await pumping
     const stats = await receiver.complete
