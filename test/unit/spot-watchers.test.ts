@@ -20,6 +20,7 @@ import {
 } from '../../src/agent/spot/watchers.ts'
 import { createLogger } from '../../src/base/log.ts'
 import { type FakeMetadata, startFakeMetadata } from '../helpers/fake-metadata.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 /** Runs a watcher until `until` says stop (or the timeout), collecting its notices. */
 function watch(w: NoticeWatcher) {
@@ -56,7 +57,7 @@ function watch(w: NoticeWatcher) {
 async function requestsSeen(fake: FakeMetadata, pred: (path: string) => boolean, n: number): Promise<void> {
   const t0 = Date.now()
   while (fake.requests.filter((r) => pred(r.path)).length < n) {
-    if (Date.now() - t0 > 5000)
+    if (Date.now() - t0 > 20_000)
       throw new Error(`fewer than ${n} requests seen: ${JSON.stringify(fake.requests)}`)
     await new Promise((r) => setTimeout(r, 10))
   }
@@ -120,8 +121,10 @@ describe('spot notice watchers against strict fake metadata servers', () => {
       assert.equal(w.notices.length, 0)
       const t0 = Date.now()
       fake.notice()
-      const n = await w.next(2000)
-      assert.ok(Date.now() - t0 < 1000, `heard within ${Date.now() - t0} ms`)
+      const n = await w.next(30_000)
+      // Polling would hear it after 60 s; the long poll at once (~ms). 10 s tells the two apart on a
+      // loaded CI box too (a 1 s bound was a bet on the box's speed).
+      assert.ok(Date.now() - t0 < 10_000, `heard within ${Date.now() - t0} ms`)
       assert.equal(n.kind, 'preempt')
       assert.ok(
         n.deadlineAt !== undefined && Math.abs(n.deadlineAt - (n.receivedAt + 30_000)) < 5,
@@ -153,12 +156,17 @@ describe('spot notice watchers against strict fake metadata servers', () => {
       fake.event('Freeze', ['vm-a'])
       await requestsSeen(fake, (p) => p.startsWith('/metadata/scheduledevents'), 3)
       assert.equal(w.notices.length, 0, "another VM's Preempt and a Freeze are not our notice")
+      const before = Date.now()
       const id = fake.event('Preempt', ['vm-a'], 30)
       const n = await w.next()
       assert.equal(n.id, id)
       assert.equal(n.kind, 'preempt')
-      // NotBefore has one-second precision (RFC 1123).
-      assert.ok(n.deadlineAt !== undefined && Math.abs(n.deadlineAt - (Date.now() + 30_000)) < 2500)
+      // NotBefore has one-second precision (RFC 1123); compared with when the event was posted, not
+      // with when the watcher happened to hear it (a loaded box hears it late).
+      assert.ok(
+        n.deadlineAt !== undefined && Math.abs(n.deadlineAt - (before + 30_000)) < 1500,
+        `deadline ${n.deadlineAt} vs posted ${before} + 30 s`,
+      )
       assert.deepEqual(fake.acks, [])
       await watcher.acknowledge!(n)
       assert.deepEqual(fake.acks, [id])
@@ -175,7 +183,9 @@ describe('spot notice watchers against strict fake metadata servers', () => {
 
   it('url: 404 is no notice, 200 with {"seconds":N} is one, seen once', async () => {
     let body: string | undefined
+    let polls = 0
     const srv = createServer((_req, res) => {
+      polls++
       if (body === undefined) {
         res.writeHead(404)
         res.end()
@@ -187,13 +197,18 @@ describe('spot notice watchers against strict fake metadata servers', () => {
     await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()))
     const port = (srv.address() as AddressInfo).port
     const w = watch(urlWatcher(`http://127.0.0.1:${port}/notice`, { pollMs: 20 }))
+    // Counted polls, not a sleep: on a loaded box 150 ms may hold no poll at all.
+    const morePolls = (n: number) => {
+      const at = polls + n
+      return waitUntil(`${n} more polls`, () => polls >= at)
+    }
     try {
-      await new Promise((r) => setTimeout(r, 150))
+      await morePolls(3)
       assert.equal(w.notices.length, 0)
       body = '{"seconds": 12}'
       const n = await w.next()
       assert.ok(Math.abs(n.deadlineAt! - n.receivedAt - 12_000) < 5)
-      await new Promise((r) => setTimeout(r, 150))
+      await morePolls(3)
       assert.equal(w.notices.length, 1)
     } finally {
       await w.stop()
@@ -223,8 +238,11 @@ describe('spot notice watchers against strict fake metadata servers', () => {
   it('an unreachable endpoint is reported once and polled on, never thrown', async () => {
     const warnings: string[] = []
     const log = createLogger({ level: 'warn', sink: (line) => warnings.push(line) })
+    // Nothing listens on port 9: every poll fails. Wait for the first warning (on a loaded box 200 ms
+    // may not even hold the first poll), then let more polls fail: the warning must not repeat.
     const w = watch(awsWatcher({ endpoint: 'http://127.0.0.1:9', pollMs: 10, log }))
-    await new Promise((r) => setTimeout(r, 200))
+    await waitUntil('the first warning', () => warnings.length >= 1)
+    await new Promise((r) => setTimeout(r, 200)) // deliberate: more polls fail meanwhile (fewer on a slow box: only weaker)
     await w.stop()
     assert.equal(warnings.length, 1, warnings.join('\n'))
     assert.match(warnings[0]!, /AWS metadata: .*still polling/)
