@@ -12,7 +12,10 @@ import {
   type Message,
   MIGRATION_VERSION,
   newSessionId,
+  PAGE_KEEP,
   PAGE_LITERAL,
+  PAGE_REF,
+  PAGE_ZERO,
 } from '../../vm/migration/v1/messages.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
 
@@ -363,6 +366,64 @@ describe('migration protocol v1', () => {
       assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [3])
       for (const c of await Promise.all(enc.encode([3]))) w.apply(c)
       assert.ok((await readFile(join(dir, 'dst'))).equals(src))
+      assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [])
+      enc.close()
+      w.close()
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('RAM codec: a chunk filled from the cache costs no page hashing; sent again, it travels against the bytes the destination holds', async () => {
+    const { mkdtemp, writeFile, readFile, rm } = await import('node:fs/promises')
+    const { tmpdir } = await import('node:os')
+    const { join } = await import('node:path')
+    const { randomBytes } = await import('node:crypto')
+    const dir = await mkdtemp(join(tmpdir(), 'mig-filled-'))
+    const C = 65536
+    const P = 4096
+    try {
+      const size = 4 * C
+      const src = randomBytes(size)
+      src.fill(0, C + 2 * P, C + 3 * P) // chunk 1, page 2: zeros
+      await writeFile(join(dir, 'src'), src)
+      await writeFile(join(dir, 'dst'), Buffer.alloc(size))
+      const enc = new RamEncoder(join(dir, 'src'), size, C, false, false)
+      const w = new RamWriter(join(dir, 'dst'), size, C)
+      const scan = await enc.scan()
+      assert.deepEqual(scan.indices, [0, 1, 2, 3])
+      // The destination had chunks 1 and 2 in its cache: no page of them is hashed.
+      for (const i of [1, 2]) {
+        enc.markFilled(i)
+        w.fill(i, src.subarray(i * C, (i + 1) * C))
+      }
+      assert.equal(enc.stats.hashedPages, 0)
+      for (const c of await Promise.all(enc.encode([0, 3]))) w.apply(c)
+      assert.equal(enc.stats.hashedPages, 32)
+      enc.releaseScan()
+      // The guest then writes into the filled chunks: chunk 1 gets a new page 5, its zero page 2 gets
+      // bytes, its page 7 becomes zeros; chunk 2's page 0 becomes a copy of chunk 0's page 0 (sent, so
+      // a reference); chunk 3's page 4 becomes a copy of chunk 2's unchanged page 9 (a reference once
+      // chunk 2 is encoded before it: its filled pages got their keys then).
+      randomBytes(P).copy(src, C + 5 * P)
+      randomBytes(P).copy(src, C + 2 * P)
+      src.fill(0, C + 7 * P, C + 8 * P)
+      src.copy(src, 2 * C, 0, P)
+      src.copy(src, 3 * C + 4 * P, 2 * C + 9 * P, 2 * C + 10 * P)
+      await writeFile(join(dir, 'src'), src)
+      const again = await Promise.all(enc.encode([1, 2, 3]))
+      for (const c of again) w.apply(c)
+      assert.ok((await readFile(join(dir, 'dst'))).equals(src))
+      const expected1 = new Array(16).fill(PAGE_KEEP)
+      expected1[2] = PAGE_LITERAL
+      expected1[5] = PAGE_LITERAL
+      expected1[7] = PAGE_ZERO
+      assert.deepEqual(Array.from(again[0]!.kinds), expected1)
+      assert.equal(again[1]!.kinds[0], PAGE_REF)
+      assert.equal(again[1]!.kinds.filter((k) => k === PAGE_KEEP).length, 15)
+      assert.equal(again[2]!.kinds[4], PAGE_REF)
+      assert.equal(enc.stats.dupPages, 2)
+      assert.equal(again[0]!.literal.byteLength + again[1]!.literal.byteLength, 2 * P)
       assert.deepEqual(await enc.finalDelta(join(dir, 'src')), [])
       enc.close()
       w.close()

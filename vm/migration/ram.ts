@@ -21,6 +21,11 @@ const deflateRawAsync = promisify(deflateRaw)
 
 export const PAGE_SIZE = 4096
 const ZERO_KEY = ''
+/**
+ * The key of a page the destination filled from its cache (markFilled): never computed unless needed.
+ * Not base64, so it equals no SHA-256 key, and it is never a holder (no reference points at such a page).
+ */
+const FILLED_KEY = '*'
 const zeroPage = Buffer.alloc(PAGE_SIZE)
 
 /** A chunk of zeros: one memcmp against a zero chunk (per-page subarrays cost ~40% more). */
@@ -58,6 +63,8 @@ export interface EncodeStats {
   dupPages: number
   keepPages: number
   zeroPages: number
+  /** Pages whose SHA-256 key was computed (markFilled computes none; encode one per non-zero page). */
+  hashedPages: number
 }
 
 /** The source side: reads the (running or paused) guest RAM file and encodes chunks. */
@@ -90,7 +97,15 @@ export class RamEncoder {
   /** Adaptive compression: after a run of chunks that did not compress, skip a stretch. */
   private compressFails = 0
   private compressSkip = 0
-  readonly stats: EncodeStats = { literalBytes: 0, dupPages: 0, keepPages: 0, zeroPages: 0 }
+  /**
+   * Chunks the destination filled from its cache and that were not sent since: the bytes it holds (views
+   * into the scan's blocks, which `held` keeps anyway). Their pages' keys are FILLED_KEY until the chunk
+   * is encoded again, and encode compares against these bytes instead: a standby move fills hundreds of
+   * MB this way, and hashing each page (a second SHA-256 pass after the scan's) cost the source's main
+   * thread ~0.5 s per 300 MB in the middle of the bulk copy, for chunks mostly never sent again.
+   */
+  private readonly filled = new Map<number, Buffer>()
+  readonly stats: EncodeStats = { literalBytes: 0, dupPages: 0, keepPages: 0, zeroPages: 0, hashedPages: 0 }
 
   constructor(
     path: string,
@@ -116,6 +131,7 @@ export class RamEncoder {
   }
 
   close(): void {
+    this.filled.clear()
     closeSync(this.fd)
     void this.worker?.close()
   }
@@ -143,9 +159,9 @@ export class RamEncoder {
         this.scanned.set(index, chunk)
         this.held.set(index, chunk)
         hashes.push(createHash('sha256').update(chunk).digest())
-        // Page keys come later: markFilled() computes them for a chunk the destination had, encode()
-        // for one it sends. Here they cost a SHA-256 per page before the first offer, while the link
-        // sat idle (measured: ~1.5 s of a 1 GiB guest's 2.2 s scan).
+        // Page keys come later: encode() computes them for a chunk it sends (one the destination had
+        // gets them only if it is sent again, see markFilled). Here they cost a SHA-256 per page before
+        // the first offer, while the link sat idle (measured: ~1.5 s of a 1 GiB guest's 2.2 s scan).
         this.offered.add(index)
       }
       await new Promise<void>((resolve) => setImmediate(resolve))
@@ -160,22 +176,16 @@ export class RamEncoder {
     if (this.deferred.delete(index) && bytes !== undefined) this.held.set(index, bytes)
     this.scanned.delete(index)
     if (!this.offered.delete(index) || bytes === undefined) return
-    const keys: string[] = []
-    for (let p = 0; p < this.chunkSize; p += PAGE_SIZE) {
-      const page = bytes.subarray(p, p + PAGE_SIZE)
-      keys.push(page.equals(zeroPage) ? ZERO_KEY : pageKey(page))
-    }
+    this.filled.set(index, bytes)
     const first = index * this.pagesPerChunk
-    keys.forEach((k, i) => {
-      this.setDest(first + i, k)
-    })
+    for (let i = 0; i < this.pagesPerChunk; i++) this.setDest(first + i, FILLED_KEY)
   }
 
   private setDest(page: number, key: string): void {
     const old = this.destKey[page]!
     if (old !== ZERO_KEY && this.holder.get(old) === page) this.holder.delete(old)
     this.destKey[page] = key
-    if (key !== ZERO_KEY) this.holder.set(key, page)
+    if (key !== ZERO_KEY && key !== FILLED_KEY) this.holder.set(key, page)
   }
 
   /**
@@ -258,19 +268,28 @@ export class RamEncoder {
     const refs: number[] = []
     const literals: Buffer[] = []
     const firstPage = index * this.pagesPerChunk
+    // Filled from the destination's cache since it was last sent: what its pages hold is these bytes
+    // (their keys were never computed); all of them get real keys below.
+    const filled = this.filled.get(index)
+    this.filled.delete(index)
     for (let i = 0; i < this.pagesPerChunk; i++) {
       const page = chunk.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)
       const p = firstPage + i
+      const there = filled?.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)
       if (page.equals(zeroPage)) {
-        kinds[i] = this.destKey[p] === ZERO_KEY ? PAGE_KEEP : PAGE_ZERO
+        const zeroThere = there === undefined ? this.destKey[p] === ZERO_KEY : there.equals(zeroPage)
+        kinds[i] = zeroThere ? PAGE_KEEP : PAGE_ZERO
         this.stats.zeroPages++
         this.setDest(p, ZERO_KEY)
         continue
       }
       const key = pageKey(page)
-      if (this.destKey[p] === key) {
+      this.stats.hashedPages++
+      if (there === undefined ? this.destKey[p] === key : there.equals(page)) {
         kinds[i] = PAGE_KEEP
         this.stats.keepPages++
+        // A filled page now has its key, and can be referenced like any other.
+        if (there !== undefined) this.setDest(p, key)
         continue
       }
       const at = this.holder.get(key)
