@@ -8,6 +8,7 @@
  * Delivery is batched per timer tick, as a busy event loop reads a burst of datagrams from a socket in one
  * turn: what the receiver acknowledges per turn matches what it does over UDP.
  */
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { RTCSctpTransport } from 'werift'
 import { prng } from './prng.ts'
 
@@ -216,6 +217,9 @@ export async function pushFor(
   received: number
   corrupt: number
   cwnd: { t: number; cwnd: number; flight: number; bytes: number }[]
+  /** The longest the event loop was held up while sending (ms): the emulated path runs on this
+   *  process's timers, so a stall far past its one-way delay delivers in bursts no real path would. */
+  maxStallMs: number
 }> {
   const size = opts.messageBytes ?? 64 * 1024
   const streamId = opts.streamId ?? 1
@@ -231,6 +235,8 @@ export async function pushFor(
     lastArrival = performance.now()
   })
   const samples: { t: number; cwnd: number; flight: number; bytes: number }[] = []
+  const stalls = monitorEventLoopDelay({ resolution: 10 })
+  stalls.enable()
   const t0 = performance.now()
   const sampler = setInterval(
     () => samples.push({ t: performance.now() - t0, cwnd: sctp.cwnd, flight: sctp.flightSize, bytes }),
@@ -260,7 +266,9 @@ export async function pushFor(
   } finally {
     clearTimeout(deadline)
     clearInterval(sampler)
+    stalls.disable()
   }
   const secs = (performance.now() - t0) / 1000
-  return { bytes, mbps: bytes / 1e6 / secs, sent, received, corrupt, cwnd: samples }
+  const maxStallMs = Math.round(stalls.max / 1e6)
+  return { bytes, mbps: bytes / 1e6 / secs, sent, received, corrupt, cwnd: samples, maxStallMs }
 }

@@ -9,6 +9,8 @@ import { pushFor, sctpPair } from '../helpers/sctp-pair.ts'
 
 const KiB = 1024
 const log = (s: string) => process.stdout.write(`      ${s}\n`)
+/** An event-loop stall past this (> 3× the 15 ms one-way delay) bends the emulated path's timing. */
+const STALL_MS = 50
 
 describe('werift SCTP congestion control (emulated path)', function () {
   this.timeout(60_000)
@@ -102,11 +104,15 @@ describe('werift SCTP congestion control (emulated path)', function () {
   })
 
   // 'Uses the bottleneck' needs 4 MB/s of this process's CPU: a try the machine starved (the sender
-  // app-limited, far below the rate) is repeated, up to 3 tries; a sender that does not back off fails
-  // the drop and flight bounds every try.
+  // app-limited, far below the rate) is repeated, up to 5 tries. The drop and flight bounds are judged
+  // on every try the event loop ran on time; a try with a stall far past the path's 15 ms one-way delay
+  // is not judged on them (the emulated bottleneck runs on this process's timers: after a stall it
+  // delivers a burst of SACKs at once and the sender answers with a burst no real path would see; a
+  // nice'd run at load 15 tail-dropped 5.17% so). A sender that does not back off fails every try that
+  // ran on time.
   it('tolerant: backs off on a congested bottleneck (4 MB/s, 200-packet queue): few drops, bounded flight', async () => {
     let last = ''
-    for (let attempt = 1; attempt <= 3; attempt++) {
+    for (let attempt = 1; attempt <= 5; attempt++) {
       const p = await sctpPair(
         { oneWayMs: 15, rateBps: 4e6, queuePackets: 200 },
         { congestionControl: 'tolerant' },
@@ -116,19 +122,21 @@ describe('werift SCTP congestion control (emulated path)', function () {
         const late = r.cwnd.filter((s) => s.t > 2000)
         const maxFlight = Math.max(...late.map((s) => s.flight))
         const dropRate = p.forward.queueDropped / p.forward.packets
-        log(
-          `try ${attempt}: ${r.mbps.toFixed(2)} MB/s of 4, ${(dropRate * 100).toFixed(2)}% tail-dropped, flight ≤ ${Math.round(maxFlight / KiB)} KiB (BDP 117 KiB + queue 234 KiB)`,
-        )
+        const said = `try ${attempt}: ${r.mbps.toFixed(2)} MB/s of 4, ${(dropRate * 100).toFixed(2)}% tail-dropped, flight ≤ ${Math.round(maxFlight / KiB)} KiB (BDP 117 KiB + queue 234 KiB), event loop stalled up to ${r.maxStallMs} ms`
+        log(said)
         assert.equal(r.corrupt, 0)
-        assert.ok(dropRate < 0.05, 'does not keep overflowing the queue')
-        assert.ok(maxFlight < 600 * KiB, 'flight bounded by BDP + queue')
-        if (r.mbps > 4 * 0.7) return
-        last = `${r.mbps.toFixed(2)} MB/s of 4`
+        const bounded = dropRate < 0.05 && maxFlight < 600 * KiB
+        if (r.maxStallMs <= STALL_MS || bounded) {
+          assert.ok(dropRate < 0.05, `does not keep overflowing the queue: ${said}`)
+          assert.ok(maxFlight < 600 * KiB, `flight bounded by BDP + queue: ${said}`)
+          if (r.mbps > 4 * 0.7) return
+        }
+        last = said
       } finally {
         await p.close()
       }
     }
-    assert.fail(`does not use the bottleneck in 3 tries: ${last}`)
+    assert.fail(`no try both used the bottleneck and ran without a stall in 5 tries: ${last}`)
   })
 
   it('tolerant: under 2% loss every message still arrives intact and in order', async () => {
