@@ -71,26 +71,36 @@ describe('werift SCTP congestion control (emulated path)', function () {
   it('tolerant: random loss (0.2% at 120 ms, 4 MB/s) is repaired without shrinking the window; reno halves', async () => {
     // The bottleneck, not the CPU, bounds this path (4 MB/s: a fraction of what the emulation can do), so
     // the outcome is the congestion control's. Reno's bound here: 1200 B / 120 ms × 1.22/√0.002 ≈ 0.27 MB/s.
+    // A stalled event loop (a loaded CI box) runs the emulated path's timers late: a stall past a few
+    // RTOs' worth expires T3 and collapses any window, which says nothing about the congestion control.
+    // So tolerant's try is repeated (up to 3) while it stalled AND missed its own bounds; reno's is not
+    // (a stall only shrinks reno's window further, which cannot make the comparison below pass wrongly).
     const results: Record<string, { mbps: number; minCwnd: number }> = {}
     for (const cc of ['tolerant', 'reno'] as const) {
-      const p = await sctpPair(
-        { oneWayMs: 60, loss: 0.002, rateBps: 4e6, seed: 7 },
-        { congestionControl: cc },
-      )
-      try {
-        const r = await pushFor(p.client, p.server, 6000, { sampleMs: 100, drainMs: 10_000 })
-        assert.equal(r.corrupt, 0, 'every message intact and in order')
-        assert.equal(r.received, r.sent)
-        // After slow start (2 s): the steady state.
-        const late = r.cwnd.filter((s) => s.t > 2000 && s.t < 6000)
-        const lateMbps = (late.at(-1)!.bytes - late[0]!.bytes) / 1e6 / ((late.at(-1)!.t - late[0]!.t) / 1000)
-        results[cc] = { mbps: lateMbps, minCwnd: Math.min(...late.map((s) => s.cwnd)) }
-        log(
-          `${cc}: ${lateMbps.toFixed(2)} MB/s in steady state, cwnd ≥ ${Math.round(results[cc].minCwnd / KiB)} KiB, ${p.forward.dropped} DATA packets dropped`,
+      for (let attempt = 1; ; attempt++) {
+        const p = await sctpPair(
+          { oneWayMs: 60, loss: 0.002, rateBps: 4e6, seed: 7 },
+          { congestionControl: cc },
         )
-        assert.ok(p.forward.dropped > 0, 'loss was injected')
-      } finally {
-        await p.close()
+        try {
+          const r = await pushFor(p.client, p.server, 6000, { sampleMs: 100, drainMs: 10_000 })
+          assert.equal(r.corrupt, 0, 'every message intact and in order')
+          assert.equal(r.received, r.sent)
+          // After slow start (2 s): the steady state.
+          const late = r.cwnd.filter((s) => s.t > 2000 && s.t < 6000)
+          const lateMbps =
+            (late.at(-1)!.bytes - late[0]!.bytes) / 1e6 / ((late.at(-1)!.t - late[0]!.t) / 1000)
+          results[cc] = { mbps: lateMbps, minCwnd: Math.min(...late.map((s) => s.cwnd)) }
+          log(
+            `${cc} (try ${attempt}): ${lateMbps.toFixed(2)} MB/s in steady state, cwnd ≥ ${Math.round(results[cc].minCwnd / KiB)} KiB, ${p.forward.dropped} DATA packets dropped, event loop stalled up to ${r.maxStallMs} ms`,
+          )
+          assert.ok(p.forward.dropped > 0, 'loss was injected')
+          const stalled = r.maxStallMs > 2 * STALL_MS
+          const fine = results[cc]!.minCwnd > 256 * KiB && lateMbps > 4 * 0.6
+          if (cc === 'reno' || !stalled || fine || attempt === 3) break
+        } finally {
+          await p.close()
+        }
       }
     }
     // Window outcomes, not only rates: a loaded machine (timers late, RTT samples inflated) slows both,
