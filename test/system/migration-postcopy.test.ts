@@ -65,7 +65,22 @@ describe('post-copy migration with real QEMU guests (two hosts in one process, m
     const c1 = await memcheck(b, 'check')
     assert.match(c1, /^OK pages=32768 /, `memory checker after the post-copy move: ${c1}`)
 
-    const back = await b.service.migrate({ vm: 'pc-g', to: 'A', deadlineMs: 60_000 })
+    // The deadline's verdict is judged on the rates measured in this run. A starved box (nice'd full run
+    // at load 30: link 0.3 MB/s, guest 10.8 MB/s, where 50–100 MB/s is usual) can rightly call 60 s
+    // infeasible; the refusal leaves the VM running on B untouched, so it is tried once more. A verdict
+    // that is wrong on a box of normal speed fails both tries.
+    let back: Awaited<ReturnType<typeof b.service.migrate>> | undefined
+    for (let attempt = 1; back === undefined; attempt++) {
+      try {
+        back = await b.service.migrate({ vm: 'pc-g', to: 'A', deadlineMs: 60_000 })
+      } catch (err) {
+        if (attempt === 2 || !(err instanceof Error) || err.name !== 'MigrationInfeasibleError') throw err
+        process.stdout.write(`      B→A try ${attempt} refused: ${err.message}\n`)
+        await b.service.settled()
+        assert.equal(b.host.get('pc-g')?.status(), 'running', 'a refused move leaves the VM running')
+        assert.equal(a.host.get('pc-g'), undefined)
+      }
+    }
     await b.service.settled()
     assert.ok(back.estimate !== undefined, 'a deadline move carries its estimate')
     // (Over the in-memory link the move may end before the rates are measured well enough to judge.)

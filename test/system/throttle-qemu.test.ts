@@ -96,21 +96,29 @@ describe('vCPU throttle on a real QEMU guest (cgroup CPU bandwidth)', function (
     const provider = createCgroupThrottle()
     const limiter = await provider.forProcess(vm!.pid!, 'thr')
     assert.equal(limiter.vcpuOnly, true, 'QEMU names its vCPU threads (debug-threads=on)')
-    const base = await dirtyRate(vm!)
-    await limiter.set(0.995)
-    const slowed = await dirtyRate(vm!)
-    // The guest still answers (its network runs in QEMU's I/O thread, not throttled).
-    const t0 = performance.now()
-    assert.match(await memcheck('ping'), /^OK pong/)
-    const pingMs = performance.now() - t0
-    await limiter.lift()
-    const restored = await dirtyRate(vm!)
-    process.stdout.write(
-      `      dirty rate ${(base / MiB).toFixed(1)} → ${(slowed / MiB).toFixed(1)} MiB/s at 99.5% (${limiter.backend}; ping ${Math.round(pingMs)} ms) → ${(restored / MiB).toFixed(1)} MiB/s lifted\n`,
-    )
-    assert.ok(base > 20 * MiB, `the guest dirties ${base / MiB} MiB/s unthrottled`)
-    assert.ok(slowed < 0.5 * base, `throttled: ${slowed / MiB} MiB/s vs ${base / MiB}`)
-    assert.ok(restored > 0.7 * base, `lifted: ${restored / MiB} MiB/s vs ${base / MiB}`)
+    // Three ~4 s measurements of a TCG guest's speed compared with each other: on a shared box the CPU
+    // the guest gets can change between them (a nice'd run at load 30 measured 47.5 → 12.2 → 9.6 MiB/s:
+    // the box, not the lift). A try that misses is repeated once; a lift that does not restore the
+    // rate, or a throttle that does not bite, fails both tries.
+    for (let attempt = 1; ; attempt++) {
+      const base = await dirtyRate(vm!)
+      await limiter.set(0.995)
+      const slowed = await dirtyRate(vm!)
+      // The guest still answers (its network runs in QEMU's I/O thread, not throttled).
+      const t0 = performance.now()
+      assert.match(await memcheck('ping'), /^OK pong/)
+      const pingMs = performance.now() - t0
+      await limiter.lift()
+      const restored = await dirtyRate(vm!)
+      process.stdout.write(
+        `      try ${attempt}: dirty rate ${(base / MiB).toFixed(1)} → ${(slowed / MiB).toFixed(1)} MiB/s at 99.5% (${limiter.backend}; ping ${Math.round(pingMs)} ms) → ${(restored / MiB).toFixed(1)} MiB/s lifted\n`,
+      )
+      if (base > 20 * MiB && slowed < 0.5 * base && restored > 0.7 * base) break
+      if (attempt < 2) continue
+      assert.ok(base > 20 * MiB, `the guest dirties ${base / MiB} MiB/s unthrottled`)
+      assert.ok(slowed < 0.5 * base, `throttled: ${slowed / MiB} MiB/s vs ${base / MiB}`)
+      assert.ok(restored > 0.7 * base, `lifted: ${restored / MiB} MiB/s vs ${base / MiB}`)
+    }
   })
 
   it('a limiter a killed agent left behind is lifted by the sweep (and only its own)', async () => {
