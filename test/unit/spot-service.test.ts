@@ -105,7 +105,9 @@ function fleet(
         : {}),
       migrate: async (p) => {
         a.moves.push([p.vm, p.to, p.deadlineMs])
-        if (opts.together !== undefined) await holdsWithin(() => a.moves.length >= opts.together!, 5000, 5)
+        // Ends only once `together` moves were asked: a wait, not a bound (on a starved box 5 s may pass
+        // before the second is asked). A sequential evacuation never asks it: it fails on the timeout.
+        if (opts.together !== undefined) await holdsWithin(() => a.moves.length >= opts.together!, 60_000, 5)
         await new Promise((r) => setTimeout(r, opts.moveMs ?? 5))
         if (opts.failTo?.includes(p.to))
           throw Object.assign(new Error(`${p.to} refused to load`), { code: 'E_TEST' })
