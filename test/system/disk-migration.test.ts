@@ -6,7 +6,7 @@
  * the memory checker. The source's disk is gone once the destination runs the VM.
  */
 import assert from 'node:assert/strict'
-import { existsSync, rmSync } from 'node:fs'
+import { existsSync, readdirSync, rmSync } from 'node:fs'
 import { DEBIAN_CMDLINE, ensureDebianGuest } from '../../fixtures/guest-debian/build.ts'
 import { BLKCHECK_PORT } from '../../fixtures/guest-debian/ports.ts'
 import { requireOrSkip } from '../../fixtures/testnet/prereq.ts'
@@ -16,9 +16,16 @@ import type { MigrationReport } from '../../vm/migration/interfaces.ts'
 import { validateVmSpec } from '../../vm/spec.ts'
 import { createTwoHosts, type TestHost, type TwoHosts } from '../bench/_migrate-hosts.ts'
 import { LineClient } from '../helpers/vm.ts'
-import { holdsWithin } from '../helpers/wait.ts'
+import { holdsWithin, waitUntil } from '../helpers/wait.ts'
 
 const MiB = 1024 * 1024
+/** vm/migration/fault-points.ts: the hook a test installs to fail a move at a named point. */
+const FAULT_HOOK = Symbol.for('mesh.migration.faultHook')
+
+/** Incoming disks (`<vm>.in-<hex>.qcow2`) in a host's disk dir. */
+function incomingDisks(dir: string): string[] {
+  return readdirSync(dir).filter((n) => /\.in-[0-9a-f]{8}\.qcow2$/.test(n))
+}
 
 async function ask(port: number, cmd: string): Promise<string> {
   const c = await LineClient.connect(port, 60_000)
@@ -118,25 +125,56 @@ describe('live migration of a writable disk (real QEMU, Debian guest, block chec
     const prevB = previousVolumePath(b.diskDir, 'dsk-g')
     assert.equal(existsSync(prevB), true, 'B now keeps the disk the VM left')
 
-    // Once more A→B (B starts from what it kept), then B→A with A's record of its old disk gone: the
-    // full path (every written chunk read and offered, filled from the old disk by hash), which is what
-    // every return move cost before the disk counted writes since its arrival.
+    // Once more A→B (B starts from what it kept), then a seeded B→A that fails on A after its first
+    // disk chunks went into the seeded disk: the guest runs on on B, and A keeps that disk as the VM's
+    // previous disk, without a record (it is no longer exactly the end of A→B). The retry takes the
+    // full path (every written chunk read and offered) but fills from that disk by hash, so it sends
+    // little; before, the failed attempt removed A's disk and the retry sent all of it.
     assert.match(await blk(a, 'dirty 1'), /^OK dirtied=256 /)
     const again = await a.service.migrate({ vm: 'dsk-g', to: 'B' })
     process.stdout.write(`      A→B: ${line(again)}\n`)
     assert.equal(again.diskSeeded, true, 'B started from the disk the VM left there')
     assert.match(await blk(b, 'check'), /^OK blocks=12288 /)
     assert.match(await blk(b, 'dirty 1'), /^OK dirtied=256 /)
-    rmSync(previousSincePath(a.diskDir, 'dsk-g'))
+    assert.equal(existsSync(previousSincePath(a.diskDir, 'dsk-g')), true, 'A can seed the next return')
+    let fired = false
+    ;(globalThis as Record<symbol, unknown>)[FAULT_HOOK] = (point: string) => {
+      if (point !== 'destination:disk-data' || fired) return
+      fired = true
+      throw new Error('injected fault: A fails after its first disk chunks')
+    }
+    try {
+      await assert.rejects(b.service.migrate({ vm: 'dsk-g', to: 'A' }), /injected fault/)
+    } finally {
+      delete (globalThis as Record<symbol, unknown>)[FAULT_HOOK]
+    }
+    assert.equal(fired, true, 'the seeded return failed after it wrote into the seeded disk')
+    // A discards its incoming copy (its `.in-` disk goes), B runs the guest on its own disk.
+    await waitUntil('A to discard the failed incoming copy', () => incomingDisks(a.diskDir).length === 0, {
+      timeoutMs: 120_000,
+    })
+    assert.equal(a.host.get('dsk-g'), undefined)
+    await waitUntil('the guest to run on B again', () => b.host.get('dsk-g')?.status() === 'running', {
+      timeoutMs: 120_000,
+    })
+    const cf = await blk(b, 'check')
+    assert.match(cf, /^OK blocks=12288 /, `block checker on B after the failed return: ${cf}`)
+    assert.match(await mem(b, 'check'), /^OK /)
+    assert.equal(existsSync(prevA), true, 'A kept the seeded disk of the failed return')
+    assert.equal(existsSync(previousSincePath(a.diskDir, 'dsk-g')), false, 'without a record')
     const full = await b.service.migrate({ vm: 'dsk-g', to: 'A' })
-    process.stdout.write(`      B→A (no record on A: full path): ${line(full)}\n`)
+    process.stdout.write(`      B→A (retry after a failed seeded return: full path): ${line(full)}\n`)
     assert.equal(full.diskSeeded, false)
     assert.ok((full.diskReadBytes ?? 0) >= 48 * MiB, 'the full path reads every written chunk')
+    assert.ok(
+      (full.diskSentBytes ?? Number.POSITIVE_INFINITY) <= 0.05 * writtenA,
+      `the retry sent ${full.diskSentBytes} disk bytes of ${writtenA} written (> 5%): A lost the disk it kept`,
+    )
     const c3 = await blk(a, 'check')
     assert.match(c3, /^OK blocks=12288 /, `block checker after the full return: ${c3}`)
     assert.match(await mem(a, 'check'), /^OK /)
     process.stdout.write(
-      `      return move seeded vs full: ${Math.round(back.totalMs)} vs ${Math.round(full.totalMs)} ms, read ${((back.diskReadBytes ?? 0) / MiB).toFixed(1)} vs ${((full.diskReadBytes ?? 0) / MiB).toFixed(1)} MiB\n`,
+      `      return move seeded vs full: ${Math.round(back.totalMs)} vs ${Math.round(full.totalMs)} ms, read ${((back.diskReadBytes ?? 0) / MiB).toFixed(1)} vs ${((full.diskReadBytes ?? 0) / MiB).toFixed(1)} MiB, sent ${((back.diskSentBytes ?? 0) / MiB).toFixed(1)} vs ${((full.diskSentBytes ?? 0) / MiB).toFixed(1)} MiB\n`,
     )
     // A drops the old disk it filled from as the VM runs there again (bounded wait).
     await holdsWithin(() => !existsSync(prevA), 10_000)

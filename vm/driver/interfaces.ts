@@ -185,7 +185,9 @@ export interface Vm {
    * A move out is about to stop this paused VM: stop() keeps its disk as the VM's previous disk on this
    * host (vm/disk/previous.ts) instead of removing it, so a move back sends only what changed. Undone
    * when the guest resumes here (a rolled-back move). `since`: the move (session id), so that a move
-   * back from where it went can seed from this disk (vm/disk/previous.ts).
+   * back from where it went can seed from this disk (vm/disk/previous.ts). Without `since`: a failed
+   * incoming VM whose disk was seeded from the previous disk gives it back (no record: a retry only
+   * fills chunks from it by hash).
    */
   retainVolumeOnStop?(since?: string): void
   /**

@@ -535,6 +535,10 @@ export class DestinationSession {
     }
     if (this.vm === undefined && this.vmStart !== undefined)
       this.vm = await this.vmStart.catch(() => undefined)
+    // A disk seeded from the one the VM left here holds that disk (and some of this attempt's chunks):
+    // kept as the previous disk, without a record, so a retry fills from it by hash instead of
+    // taking everything from the source (the driver does the same if the VM never started).
+    if (this.vm?.volumeSeed !== undefined) this.vm.retainVolumeOnStop?.()
     if (this.vm !== undefined) await this.vm.stop().catch(() => {})
     if (this.ramPath !== undefined) await host.discardRam(this.ramPath).catch(() => {})
     if (committed && host.ledger.incoming().some((r) => r.vm === this.name)) {

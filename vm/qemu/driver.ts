@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os'
 import { basename, join } from 'node:path'
 import { AbortError, throwIfAborted } from '../../src/base/errors.ts'
 import { processAlive } from '../../src/base/process.ts'
+import { retainVolume } from '../disk/previous.ts'
 import { GiB, prepareVolume, removeVolume } from '../disk/volume.ts'
 import type { StartOptions, Vm, VmDriver, VmHandle } from '../driver/interfaces.ts'
 import { VmExitedError, VmSpecError, VmStartError, VmStateError } from '../errors.ts'
@@ -185,7 +186,10 @@ class QemuDriver implements VmDriver {
       // The VM never became the caller's: remove everything, including a RAM file we created (a file
       // the caller passed in stays theirs).
       await vm.destroy(opts.memoryPath === undefined)
-      if (createdVolume) await removeVolume(paths.volume).catch(() => {})
+      // A disk seeded from the one the VM left here stays that (record-less: hash-verified fills only).
+      if (seeded !== undefined)
+        await retainVolume(paths.volume, this.diskDir, spec.name).catch(() => removeVolume(paths.volume))
+      else if (createdVolume) await removeVolume(paths.volume).catch(() => {})
       if (err instanceof VmExitedError || err instanceof AbortError) throw err
       throw err instanceof VmStartError
         ? err
