@@ -116,8 +116,11 @@ describe('spot notice watchers against strict fake metadata servers', () => {
     // A poll interval far longer than the test: only wait_for_change can deliver the notice in time.
     const w = watch(gcpWatcher({ endpoint: fake.url, pollMs: 60_000 }))
     try {
-      await requestsSeen(fake, (p) => p.includes('wait_for_change=true'), 0)
-      await new Promise((r) => setTimeout(r, 200))
+      // The first, plain read has been answered (FALSE, with its ETag): the watcher now long-polls for a
+      // change of it. (A 200 ms sleep here let a slow first read see TRUE, so no long poll was made.)
+      await waitUntil('the first read answered', () =>
+        fake!.requests.slice(mine).some((r) => r.path.endsWith('/instance/preempted') && r.status === 200),
+      )
       assert.equal(w.notices.length, 0)
       const t0 = Date.now()
       fake.notice()
