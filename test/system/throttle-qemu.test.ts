@@ -94,13 +94,14 @@ describe('vCPU throttle on a real QEMU guest (cgroup CPU bandwidth)', function (
 
   it('throttling lowers the measured dirty rate; lifting restores it', async () => {
     const provider = createCgroupThrottle()
-    const limiter = await provider.forProcess(vm!.pid!, 'thr')
-    assert.equal(limiter.vcpuOnly, true, 'QEMU names its vCPU threads (debug-threads=on)')
     // Three ~4 s measurements of a TCG guest's speed compared with each other: on a shared box the CPU
     // the guest gets can change between them (a nice'd run at load 30 measured 47.5 → 12.2 → 9.6 MiB/s:
     // the box, not the lift). A try that misses is repeated once; a lift that does not restore the
     // rate, or a throttle that does not bite, fails both tries.
     for (let attempt = 1; ; attempt++) {
+      // A limiter is done once lifted: each try takes a new one.
+      const limiter = await provider.forProcess(vm!.pid!, 'thr')
+      assert.equal(limiter.vcpuOnly, true, 'QEMU names its vCPU threads (debug-threads=on)')
       const base = await dirtyRate(vm!)
       await limiter.set(0.995)
       const slowed = await dirtyRate(vm!)
