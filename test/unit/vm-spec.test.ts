@@ -135,7 +135,7 @@ describe('QEMU arguments', () => {
     assert.match(joined, /-chardev file,id=ser0,path=\/r\/c\.log/)
     assert.match(joined, /-netdev stream,id=n0,server=on,addr\.type=unix,addr\.path=\/r\/n\.sock/)
     assert.match(joined, new RegExp(`-device virtio-net-pci,netdev=n0,mac=${spec.mac},romfile=`))
-    assert.equal(args[args.indexOf('-append') + 1], 'console=ttyS0 mesh.ip=10.1.0.2/24 quiet')
+    assert.equal(args[args.indexOf('-append') + 1], 'console=ttyS0 no_timer_check mesh.ip=10.1.0.2/24 quiet')
     assert.equal(args[args.indexOf('-initrd') + 1], '/k/initrd')
     assert.ok(args.includes('-S'), 'CPUs start stopped: the driver sets capabilities, then cont')
     assert.ok(!args.includes('-incoming'))
@@ -154,7 +154,7 @@ describe('QEMU arguments', () => {
     assert.match(joined, /-netdev user,id=n0,hostfwd=tcp:127\.0\.0\.1:5000-:7/)
     assert.match(joined, /mem-path=\/x,,y\.ram,share=on/)
     assert.match(joined, /-drive file=\/d\/disk\.qcow2,if=virtio,format=qcow2/)
-    assert.equal(kernelCmdline(validateVmSpec(base)), 'console=ttyS0')
+    assert.equal(kernelCmdline(validateVmSpec(base)), 'console=ttyS0 no_timer_check')
   })
 
   it('a writable disk is a named qcow2 node on virtio-blk; image files replace image references', () => {

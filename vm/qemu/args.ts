@@ -58,7 +58,10 @@ function esc(v: string): string {
 
 /** The kernel command line the runtime gives every guest: serial console, mesh.ip, then the spec's. */
 export function kernelCmdline(spec: VmSpec): string {
-  const parts = ['console=ttyS0']
+  // no_timer_check: the kernel's IO-APIC timer check counts ticks over a short busy wait; a TCG vCPU on
+  // a loaded host sees none and the guest panics at boot ("IO-APIC + timer doesn't work!"). The check is
+  // for broken physical timers; virtual machines commonly skip it (libguestfs's appliance does).
+  const parts = ['console=ttyS0', 'no_timer_check']
   if (spec.ip !== undefined) parts.push(`mesh.ip=${spec.ip}`)
   if (spec.cmdline !== undefined && spec.cmdline.trim() !== '') parts.push(spec.cmdline.trim())
   return parts.join(' ')
