@@ -98,11 +98,14 @@ export class RamEncoder {
   private compressFails = 0
   private compressSkip = 0
   /**
-   * Chunks the destination filled from its cache and that were not sent since: the bytes it holds (views
-   * into the scan's blocks, which `held` keeps anyway). Their pages' keys are FILLED_KEY until the chunk
-   * is encoded again, and encode compares against these bytes instead: a standby move fills hundreds of
-   * MB this way, and hashing each page (a second SHA-256 pass after the scan's) cost the source's main
-   * thread ~0.5 s per 300 MB in the middle of the bulk copy, for chunks mostly never sent again.
+   * Chunks the destination filled from its cache and that were not sent since: the bytes it holds, as
+   * views into the scan's own 1 MiB blocks. Their pages' keys are FILLED_KEY until the chunk is encoded
+   * again, and encode compares against these bytes instead: a standby move fills hundreds of MB this way,
+   * and hashing each page (a second SHA-256 pass after the scan's) cost the source's main thread ~0.5 s
+   * per 300 MB in the middle of the bulk copy, for chunks mostly never sent again.
+   * Never views into `held`: encode()'s read path overwrites held (held.set) before it encodes, so a held
+   * view would compare the new bytes with themselves and keep stale pages on the destination. The price:
+   * these blocks outlive releaseScan() (up to the filled bytes, until re-encoded or close()).
    */
   private readonly filled = new Map<number, Buffer>()
   readonly stats: EncodeStats = { literalBytes: 0, dupPages: 0, keepPages: 0, zeroPages: 0, hashedPages: 0 }
