@@ -80,6 +80,9 @@ export interface MeshNodeTiming {
   linkAttemptTimeoutMs?: number
   /** Timeout of one admission or member-set exchange (default 10 s). */
   requestTimeoutMs?: number
+  /** After the relay said a member has no reservation, its link is retried when a connection to it
+   *  opens, or after this long (default 5 s). */
+  reservationWaitMs?: number
 }
 
 export interface MeshNodeInit {

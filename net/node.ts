@@ -64,6 +64,7 @@ const DEFAULT_TIMING: Required<MeshNodeTiming> = {
   admissionWindowMs: 15_000,
   requestTimeoutMs: 10_000,
   linkAttemptTimeoutMs: 45_000,
+  reservationWaitMs: 5000,
 }
 
 /** Bootstraps answer STUN (UDP and TCP) on this port. */

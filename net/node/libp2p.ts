@@ -42,6 +42,9 @@ const INBOUND_PER_IP_PER_SECOND = 200
 /** Inbound connections in their handshake at once (libp2p's default: 10). */
 const MAX_PENDING_INBOUND = 128
 
+/** How long making a relay reservation may take (libp2p's default: 5 s). */
+const RESERVATION_TIMEOUT_MS = 30_000
+
 /** A dial-only node for admission: no listener, no services. Started at once. */
 export interface JoinerPlaneInit extends Common {
   kind: 'joiner'
@@ -64,7 +67,9 @@ export async function createControlPlane(init: MemberPlaneInit | JoinerPlaneInit
       listen: [...init.listen],
       ...(init.announce === undefined ? {} : { announce: [...init.announce] }),
     },
-    transports: [tcp(), circuitRelayTransport()],
+    // A reservation's own time limit (default 5 s) ran out under a 50-agent join on 2 cores (113
+    // failures in one run); a member without one cannot be reached through the relay at all.
+    transports: [tcp(), circuitRelayTransport({ reservationCompletionTimeout: RESERVATION_TIMEOUT_MS })],
     connectionGater: init.gater,
     // libp2p's monitor pings every connection every 10 s and, by default, aborts one whose ping fails.
     // Its ping collided with our own (`mesh ping`, RTT ticks) on the ping protocol's one-stream limit

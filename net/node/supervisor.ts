@@ -10,7 +10,7 @@
  * between up / down / dropped, measures RTT where the link does not, keeps relay reservations on every
  * bootstrap, and now and then runs a full member-set exchange with one member (anti-entropy).
  *
- * Why one file of ~650 lines (#18: files over ~600 lines say why): createLinkSupervisor is one closure
+ * Why one file of ~720 lines (#18: files over ~600 lines say why): createLinkSupervisor is one closure
  * over one map of per-member state (link, attempt in flight, backoff, wanted-until, RTT) that the link
  * attempts, the on-demand connect and the tick all read and change; split apart they would pass that
  * map around and the rules (who initiates, when to retry, when a link is idle) would no longer read in
@@ -44,6 +44,13 @@ const SIGNAL_DIAL_MS = 15_000
 const STABLE_LINK_MS = 10_000
 /** A failed relay reservation is retried after this long. */
 const RESERVATION_RETRY_MS = 10_000
+/**
+ * Connecting to a bootstrap (before its relay reservation, and at start). In a 50-agent join on 2
+ * cores 37 of 50 first dials to the bootstrap took longer than the old 10 s, and libp2p's reservation
+ * gives its own connection 5 s: each aborted attempt threw away a half-done handshake and the member
+ * stayed unreachable (NO_RESERVATION for everyone dialling it) until a retry got through.
+ */
+const BOOTSTRAP_DIAL_MS = 30_000
 /** Ticks between libp2p pings of a warm or wanted member whose link does not measure RTT itself. */
 const PING_EVERY_TICKS = 5
 /** The same for a connected member outside the warm set (an idle agent's CPU went to such pings: each
@@ -86,6 +93,16 @@ interface PeerState {
   /** This end built the current link (only that end closes it when idle: two members with different
    *  warm-set sizes would otherwise close and rebuild each other's links forever). */
   initiated: boolean
+  /** The last attempt failed with the relay's NO_RESERVATION: the next one waits for a connection. */
+  awaitingReservation: boolean
+}
+
+/** The relay refused a circuit dial because the member dialled holds no reservation on it. */
+function isNoReservation(err: unknown, depth = 0): boolean {
+  if (!(err instanceof Error) || depth > 4) return false
+  if (err.message.includes('NO_RESERVATION')) return true
+  const inner = err instanceof AggregateError ? err.errors : []
+  return inner.some((e) => isNoReservation(e, depth + 1)) || isNoReservation(err.cause, depth + 1)
 }
 
 class NodeOverlay implements Overlay {
@@ -155,6 +172,8 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
   )
   const peers = new Map<string, PeerState>()
   const reservationAt = new Map<string, number>()
+  /** Bootstraps a reservation attempt is under way on (it may take up to BOOTSTRAP_DIAL_MS and more). */
+  const reserving = new Set<string>()
   let tickTimer: NodeJS.Timeout | undefined
   let ticks = 0
 
@@ -173,6 +192,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
         received: 0,
         receivedSeen: 0,
         initiated: false,
+        awaitingReservation: false,
       }
       peers.set(peer, st)
     }
@@ -264,6 +284,23 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     st.backoffMs = Math.min(Math.max(250, st.backoffMs * 2), ctx.timing.reconnectMaxMs)
     st.nextAttemptAt = Date.now() + st.backoffMs
     ctx.log.info(`${why}; retry in ${st.backoffMs} ms`)
+  }
+
+  /**
+   * After the relay's NO_RESERVATION (admission gossip announces a joiner before its node has reserved;
+   * a member whose relay connection died): the next attempt when a connection to the member opens —
+   * once its reservation is up it connects to the warm neighbours that initiate its links
+   * (announceReachable) — or after timing.reservationWaitMs. Timed retries every 0.25-3 s made ~1,200
+   * of a 50-agent join's failed link attempts, each a stream through the one busy relay.
+   */
+  const awaitReservation = (peer: string, st: PeerState, err: unknown): void => {
+    const connected = (ctx.libp2p?.getConnections(st.id).length ?? 0) > 0
+    const waitMs = ctx.timing.reservationWaitMs
+    st.awaitingReservation = !connected
+    st.nextAttemptAt = connected ? 0 : Date.now() + waitMs
+    ctx.log.info(
+      `link attempt to ${peer} failed: ${describeError(err)}; ${connected ? 'connected meanwhile: retry now' : `retry when it connects, at the latest in ${waitMs} ms`}`,
+    )
   }
 
   /** A child of the node's lifetime for one link attempt; `release` unhooks it from the parent. */
@@ -392,6 +429,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     if (a === undefined) return
     const { ctl, parent } = a
     st.connecting = ctl
+    st.awaitingReservation = false
     const run = async () => {
       try {
         const stream = await dialMember(
@@ -403,13 +441,52 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       } catch (err) {
         // Stopped, revoked, or superseded by the peer's own attempt: no retry from here.
         if (parent.aborted || st.connecting !== ctl || peers.get(peer) !== st) return
-        scheduleRetry(st, `link attempt to ${peer} failed: ${describeError(err)}`)
+        if (isNoReservation(err)) awaitReservation(peer, st, err)
+        else scheduleRetry(st, `link attempt to ${peer} failed: ${describeError(err)}`)
       } finally {
         a.release()
         if (st.connecting === ctl) st.connecting = undefined
       }
     }
     void run()
+  }
+
+  /** Starts a link attempt when this end should have a link to `peer` (a warm neighbour it initiates
+   *  for, or one wanted now) and has none, none is under way, and no retry is pending. */
+  const attemptIfDue = (peer: string, st: PeerState, now: number, isWarm: boolean): void => {
+    if (
+      st.state !== 'dropped' &&
+      ((isWarm && isInitiator(peer)) || st.wantedUntil > now) &&
+      st.link === undefined &&
+      st.connecting === undefined &&
+      now >= st.nextAttemptAt
+    ) {
+      st.nextAttemptAt = now + ctx.timing.reconnectMaxMs
+      startLinkAttempt(peer, st)
+    }
+  }
+
+  /**
+   * Called when this node's relay reservation is up: connects to the warm neighbours that initiate
+   * its links (lower PeerIds) and have no connection to it yet. Their attempts may have met the
+   * relay's NO_RESERVATION (admission gossip announced this member before it had reserved); the
+   * connection tells them to try again now, and their signaling stream rides it.
+   */
+  const announceReachable = (): void => {
+    const node = ctx.libp2p
+    const lifetime = ctx.lifetime
+    if (node === undefined || lifetime === undefined) return
+    for (const peer of warmSet()) {
+      if (isInitiator(peer) || !state.isMember(peer)) continue
+      const st = peers.get(peer)
+      if (st === undefined || st.link !== undefined || node.getConnections(st.id).length > 0) continue
+      void (async () => {
+        await addDialAddrs(peer)
+        await node.dial(st.id, { signal: AbortSignal.any([lifetime, AbortSignal.timeout(SIGNAL_DIAL_MS)]) })
+      })().catch((err) =>
+        ctx.log.debug(`telling ${peer} this member is reachable failed: ${describeError(err)}`),
+      )
+    }
   }
 
   /** The open link to `peer`, built now if there is none (on demand: this end initiates). */
@@ -466,13 +543,31 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       const relayId = b.split('/p2p/').pop()
       if (relayId === undefined || relayId === ctx.self || !state.isMember(relayId)) continue
       if (mine.some((a) => a.includes(`/p2p/${relayId}/p2p-circuit`))) continue
-      if (now < (reservationAt.get(b) ?? 0)) continue
-      reservationAt.set(b, now + RESERVATION_RETRY_MS)
-      const listening = listenAfterStart(node, [`${b}/p2p-circuit`])
-      if (listening === false) return
-      void listening.catch((err) => {
-        ctx.log.warn(`relay reservation on ${b} failed: ${describeError(err)}`)
-      })
+      if (reserving.has(b) || now < (reservationAt.get(b) ?? 0)) continue
+      reserving.add(b)
+      // Connected first, with time enough under load: libp2p's reservation then reuses the connection.
+      const reserve = async () => {
+        if (node.getConnections(peerIdFromString(relayId)).length === 0)
+          await node.dial(multiaddr(b), { signal: AbortSignal.timeout(BOOTSTRAP_DIAL_MS) })
+        const listening = listenAfterStart(node, [`${b}/p2p-circuit`])
+        if (listening !== false) await listening
+      }
+      void reserve()
+        .finally(() => {
+          reserving.delete(b)
+          reservationAt.set(b, Date.now() + RESERVATION_RETRY_MS)
+        })
+        .then(announceReachable, (err) => {
+          // libp2p's first line only says that a listen address failed; the cause follows the address.
+          const cause =
+            err instanceof Error
+              ? err.message
+                  .split('\n')
+                  .find((l) => l.includes('/p2p-circuit: '))
+                  ?.split('/p2p-circuit: ')[1]
+              : undefined
+          ctx.log.warn(`relay reservation on ${b} failed: ${describeError(err)}${cause ? ` (${cause})` : ''}`)
+        })
     }
   }
 
@@ -505,16 +600,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       observe(peer, st, now)
       const isWarm = warmPeers.has(peer)
       const wanted = st.wantedUntil > now
-      if (
-        st.state !== 'dropped' &&
-        ((isWarm && isInitiator(peer)) || wanted) &&
-        st.link === undefined &&
-        st.connecting === undefined &&
-        now >= st.nextAttemptAt
-      ) {
-        st.nextAttemptAt = now + ctx.timing.reconnectMaxMs
-        startLinkAttempt(peer, st)
-      }
+      attemptIfDue(peer, st, now, isWarm)
       if (st.link !== undefined && st.received !== st.receivedSeen) {
         st.receivedSeen = st.received
         st.lastActivity = now
@@ -558,6 +644,8 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     start() {
       tickTimer = setInterval(tick, ctx.timing.tickMs)
       tickTimer.unref?.()
+      // Reserve now, not a tick later: until then members behind NAT cannot reach this one.
+      if (!init.relay) keepReservations(Date.now())
     },
 
     stop() {
@@ -590,7 +678,15 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
 
     observe(peer) {
       const st = peers.get(peer)
-      if (st !== undefined) observe(peer, st)
+      if (st === undefined) return
+      observe(peer, st)
+      // A member the relay had no reservation for connected (or was connected): try its link now.
+      if (st.awaitingReservation && (ctx.libp2p?.getConnections(st.id).length ?? 0) > 0) {
+        st.awaitingReservation = false
+        st.nextAttemptAt = 0
+        ctx.log.info(`${peer} connected after the relay had no reservation for it: link attempt now`)
+        attemptIfDue(peer, st, Date.now(), warm.has(peer))
+      }
     },
 
     keeps(peer) {
@@ -620,7 +716,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       const node = ctx.libp2p
       if (node === undefined || addr.endsWith(`/p2p/${ctx.self}`)) return
       try {
-        await node.dial(multiaddr(addr), { signal: AbortSignal.timeout(ctx.timing.requestTimeoutMs) })
+        await node.dial(multiaddr(addr), { signal: AbortSignal.timeout(BOOTSTRAP_DIAL_MS) })
       } catch (err) {
         ctx.log.warn(`bootstrap ${addr} unreachable: ${describeError(err)}`)
       }

@@ -11,6 +11,7 @@ import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p } from 'libp2p'
 import { ADMIT_PROTOCOL, decodeAdmitResponse, MAX_MEMBERS_FRAME } from '../../net/control/protocols.ts'
 import { FramedStream } from '../../net/control/stream.ts'
+import { loadOrCreateIdentity } from '../../net/identity/index.ts'
 import type { LinkFactory, MeshNode, MeshNodeEvents } from '../../net/interfaces.ts'
 import type { Link } from '../../net/link/interfaces.ts'
 import { createMemoryLinkPair } from '../../net/link/memory.ts'
@@ -407,6 +408,66 @@ describe('mesh node: members without a listen address reach each other through t
       .onMessage((m) => got.push(Buffer.from(m).toString()))
     b.overlay.link(c.peerId)!.channel('control').send(Buffer.from('via relay'))
     await waitFor('message', () => got.length === 1)
+  })
+
+  it('a member announced before its relay reservation is linked when it connects, not on a timer', async () => {
+    // Admission gossip announces a joiner before its node has reserved on the relay: the member that
+    // initiates its link (the lower PeerId) meets NO_RESERVATION. Its retry is due when the joiner,
+    // once reserved, connects to it; the timed fallback is set far beyond this test, so only that
+    // connection can bring the link up (timed retries every ≤ 1 s did before, with no such line).
+    const key = await createNetwork('reservenet')
+    const dirsOf = await Promise.all(
+      [0, 1].map(async () => {
+        const d = await mkdtemp(join(tmpdir(), 'mesh-relay-'))
+        dirs.push(d)
+        return { d, id: (await loadOrCreateIdentity(d)).peerId.toString() }
+      }),
+    )
+    const [low, high] = dirsOf.sort((x, y) => (x.id < y.id ? -1 : 1)) as [
+      (typeof dirsOf)[0],
+      (typeof dirsOf)[0],
+    ]
+    const mk = (name: string, stateDir: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
+      const n: MeshNode = createMeshNode({
+        stateDir,
+        name,
+        linkFactory: signaledMemoryLinks(() => n.peerId),
+        timing: { tickMs: 200, reconnectMaxMs: 1000, reservationWaitMs: 600_000 },
+        log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
+        ...extra,
+      })
+      nodes.push(n)
+      return n
+    }
+    const bootDir = await mkdtemp(join(tmpdir(), 'mesh-relay-'))
+    dirs.push(bootDir)
+    const boot = mk('rboot', bootDir, {
+      networkKey: key,
+      bootstrapRole: { relay: true },
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+    })
+    await boot.start()
+    const b = mk('rlow', low.d, { invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
+    await b.start()
+    await waitFor('rlow reserved', () => b.addresses().some((a) => a.includes('/p2p-circuit')))
+    // Admitted (the relay announces it to rlow) but not started: no reservation yet.
+    const c = mk('rhigh', high.d, { listen: [] })
+    await c.join(await boot.invite({ ttlMs: 60_000 }))
+    const refused = (l: string) =>
+      l.includes(`link attempt to ${high.id} failed`) && l.includes('NO_RESERVATION')
+    await waitFor('rlow meets NO_RESERVATION for rhigh', () => logs.some(refused))
+    await c.start()
+    await waitFor(
+      'rlow-rhigh link',
+      () => b.overlay.link(high.id)?.state === 'open' && c.overlay.link(low.id)?.state === 'open',
+    )
+    assert.ok(
+      logs.some((l) =>
+        l.includes(`${high.id} connected after the relay had no reservation for it: link attempt now`),
+      ),
+      'rlow retried because rhigh connected',
+    )
+    assert.equal(logs.filter(refused).length, 1, 'one NO_RESERVATION, no timed retries')
   })
 })
 
