@@ -20,6 +20,7 @@
  * more CPU than the agents being measured).
  */
 import { readFileSync } from 'node:fs'
+import { mkdir, writeFile } from 'node:fs/promises'
 import { loadavg } from 'node:os'
 import { join } from 'node:path'
 import { waitForLine } from '../../fixtures/testnet/clouds.ts'
@@ -332,6 +333,13 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
     await Promise.all([membership, reach])
     const joinAllMs = Math.max(joinMs, reachMs)
     const logs = agents.map((a) => a.log())
+    // Each agent's log up to here, for a closer look at a slow join (MESH_SCALE_LOGS=dir).
+    const logDir = process.env.MESH_SCALE_LOGS
+    if (logDir !== undefined) {
+      await mkdir(logDir, { recursive: true })
+      for (const [i, a] of agents.entries()) await writeFile(join(logDir, `${a.name}.log`), logs[i]!)
+      await writeFile(join(logDir, 'boot.log'), net.boot.log())
+    }
     const count = (re: RegExp) => logs.map((l) => l.split('\n').filter((x) => re.test(x)).length)
     const linksBuilt = count(/\blink up\b/)
     const linkFailures = count(/link attempt to \S+ failed|link from \S+ failed/)
@@ -345,7 +353,8 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
           .replace(/\/ip4\/\S+/g, 'A')
           .replace(/12D3Koo\w+/g, 'P')
           .replace(/\d+/g, 'N')
-          .slice(0, 140)
+          .replace(/Some configured addresses failed to be listened on.*?\(/, '(')
+          .slice(0, 160)
         why.set(k, (why.get(k) ?? 0) + 1)
       }
     for (const [k, v] of [...why].sort((a, b) => b[1] - a[1]).slice(0, 8)) log(`  ${v}× ${k}`)
