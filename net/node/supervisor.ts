@@ -45,10 +45,11 @@ const STABLE_LINK_MS = 10_000
 /** A failed relay reservation is retried after this long. */
 const RESERVATION_RETRY_MS = 10_000
 /**
- * Connecting to a bootstrap (before its relay reservation, and at start). In a 50-agent join on 2
- * cores 37 of 50 first dials to the bootstrap took longer than the old 10 s, and libp2p's reservation
- * gives its own connection 5 s: each aborted attempt threw away a half-done handshake and the member
- * stayed unreachable (NO_RESERVATION for everyone dialling it) until a retry got through.
+ * Connecting to a bootstrap (before its relay reservation, and at start). libp2p's reservation gave its
+ * own connection 5 s, and in a 50-agent join on 2 cores 37 of 50 first dials to the bootstrap failed
+ * (each a half-done handshake thrown away; the member stayed unreachable until a retry got through).
+ * libp2p still cuts each address's dial at 6 s (connectionManager.addressDialTimeout): this bounds the
+ * whole attempt, not one dial.
  */
 const BOOTSTRAP_DIAL_MS = 30_000
 /** Ticks between libp2p pings of a warm or wanted member whose link does not measure RTT itself. */
