@@ -404,10 +404,14 @@ export async function buildAgent(
       const vmDisks = (await manager.list()).flatMap((v) =>
         v.volumePath === undefined ? [] : [v.volumePath],
       )
-      const removedDisks = await sweepIncomingDisks(disks, new Set(vmDisks))
+      const swept = await sweepIncomingDisks(disks, new Set(vmDisks))
       const pruned = await prunePreviousDisks(disks, await previousDisksBudget(disks))
-      if (removedDisks.length + pruned.length > 0)
-        log.info('swept disk leftovers', { removed: removedDisks, prunedPrevious: pruned.map((d) => d.path) })
+      if (swept.removed.length + swept.kept.length + pruned.length > 0)
+        log.info('swept disk leftovers', {
+          removed: swept.removed,
+          keptAsPrevious: swept.kept,
+          prunedPrevious: pruned.map((d) => d.path),
+        })
       // A guest must not stay throttled after the move that throttled it died with the agent.
       const pids = new Set((await manager.list()).flatMap((v) => (v.pid === undefined ? [] : [v.pid])))
       const lifted = await sweepThrottles(pids).catch(() => 0)

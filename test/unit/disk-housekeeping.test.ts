@@ -49,12 +49,47 @@ describe('disk dir housekeeping (leftover incoming disks, previous disks budget,
       await waitUntil('the holder to show the disk on its command line', () =>
         readFileSync(`/proc/${holder.pid}/cmdline`, 'utf8').includes(open),
       )
-      const removed = await sweepIncomingDisks(dir, new Set([ofVm]))
-      assert.deepEqual(removed.sort(), [deadSock, orphan].sort())
+      const { removed, kept } = await sweepIncomingDisks(dir, new Set([ofVm]))
+      assert.deepEqual(removed, [deadSock])
+      // g1 has no previous disk here: its leftover becomes one (see the next case).
+      assert.deepEqual(kept, [orphan])
+      assert.equal(existsSync(orphan), false)
+      assert.equal(existsSync(previousVolumePath(dir, 'g1')), true)
       for (const f of [ofVm, open, own, prev]) assert.equal(existsSync(f), true, `${f} kept`)
     } finally {
       holder.kill('SIGKILL')
     }
+  })
+
+  it('a leftover incoming disk becomes its VM’s previous disk (record-less) only if it has none and runs elsewhere', async () => {
+    // An agent killed during a seeded return: its incoming disk holds the disk the VM left here.
+    const older = join(dir, 'g1.in-00000001.qcow2')
+    const newer = join(dir, 'g1.in-00000002.qcow2')
+    writeFileSync(older, 'old')
+    writeFileSync(newer, 'seeded')
+    utimesSync(older, new Date(Date.now() - 60_000), new Date(Date.now() - 60_000))
+    writeFileSync(previousSincePath(dir, 'g1'), '{"sid":"s","size":6,"mtimeMs":0}') // stale: no disk
+    // g2 has a previous disk already (with its record): the leftover goes, the kept disk stays as it was.
+    const g2in = join(dir, 'g2.in-00000003.qcow2')
+    writeFileSync(g2in, 'partial')
+    writeFileSync(join(dir, 'g2.qcow2'), 'kept')
+    await retainVolume(join(dir, 'g2.qcow2'), dir, 'g2', 'sid2')
+    const g2since = readFileSync(previousSincePath(dir, 'g2'), 'utf8')
+    // g3 runs here (its own disk is in use): nothing to keep for a move back.
+    const g3in = join(dir, 'g3.in-00000004.qcow2')
+    writeFileSync(g3in, 'partial')
+    const g3own = join(dir, 'g3.qcow2')
+    writeFileSync(g3own, 'live')
+    const { removed, kept } = await sweepIncomingDisks(dir, new Set([g3own]))
+    assert.deepEqual(kept, [newer])
+    assert.deepEqual(removed.sort(), [older, g2in, g3in].sort())
+    assert.equal(readFileSync(previousVolumePath(dir, 'g1'), 'utf8'), 'seeded')
+    assert.equal(existsSync(previousSincePath(dir, 'g1')), false, 'no record: it can never seed a move')
+    assert.equal(await seedPreviousVolume(dir, 'g1', 's', join(dir, 'g1.in-00000005.qcow2')), false)
+    assert.equal(readFileSync(previousVolumePath(dir, 'g2'), 'utf8'), 'kept')
+    assert.equal(readFileSync(previousSincePath(dir, 'g2'), 'utf8'), g2since)
+    assert.equal(existsSync(previousVolumePath(dir, 'g3')), false)
+    assert.equal(readFileSync(g3own, 'utf8'), 'live')
   })
 
   it('holds previous disks to their budget, oldest first', async () => {

@@ -2,9 +2,12 @@
  * What a host's disk dir (STATE/disks) must not accumulate:
  *
  * - incoming disks a killed agent left: `<vm>.in-<8 hex>.qcow2` of a move that never completed here.
- *   The agent's start-up sweep removes those that no VM of this host uses (its VM records name their
+ *   The agent's start-up sweep takes those that no VM of this host uses (its VM records name their
  *   disks) and no live process has open on its command line (a committed incoming move's QEMU, which
- *   the migration service re-adopts, keeps its disk);
+ *   the migration service re-adopts, keeps its disk). The newest of a VM that has no previous disk here
+ *   and does not run here becomes its previous disk, without a record (a disk seeded from the old
+ *   previous disk holds it, and any holds this attempt's chunks: a retry fills from it by hash, never
+ *   seeds from it); the others are removed;
  * - previous disks (`<vm>.prev.qcow2`, kept when a VM moves away so that a move back sends only what
  *   changed, vm/disk/previous.ts): like the RAM a host keeps as chunks after a move (one pinned manifest
  *   per VM, bounded by the chunk store's size), one per VM, and all of them together within a budget:
@@ -12,8 +15,8 @@
  *   file system the disks live on. Over budget, the oldest (the VM that left longest ago) go first. A
  *   pruned previous disk only makes a later return move send more; it is never the VM's own disk.
  */
-import { readdir, readFile, rm, stat, statfs } from 'node:fs/promises'
-import { join } from 'node:path'
+import { readdir, readFile, rename, rm, stat, statfs } from 'node:fs/promises'
+import { basename, join } from 'node:path'
 import { processAlive } from '../../src/base/process.ts'
 import { VolumeError } from './volume.ts'
 
@@ -33,19 +36,46 @@ async function commandLines(): Promise<string[]> {
   return out
 }
 
+export interface SweepResult {
+  /** Files removed (incoming disks, dead reader sockets). */
+  removed: string[]
+  /** Incoming disks kept as their VM's previous disk (record-less). */
+  kept: string[]
+}
+
 /**
- * Removes incoming disks nothing uses (see above) and sockets of previous-disk readers whose process is
- * gone. `inUse`: the disks of this host's VMs (running or not). Returns the removed paths.
+ * Takes incoming disks nothing uses (see above): the newest of a VM with no previous disk here and no
+ * disk in use becomes its previous disk, the rest are removed; and removes sockets of previous-disk
+ * readers whose process is gone. `inUse`: the disks of this host's VMs (running or not).
  */
-export async function sweepIncomingDisks(diskDir: string, inUse: ReadonlySet<string>): Promise<string[]> {
+export async function sweepIncomingDisks(diskDir: string, inUse: ReadonlySet<string>): Promise<SweepResult> {
   const removed: string[] = []
+  const kept: string[] = []
   const names = await readdir(diskDir).catch(() => [] as string[])
-  const candidates = names.filter((n) => INCOMING_RE.test(n)).map((n) => join(diskDir, n))
+  const candidates = names.filter((n) => INCOMING_RE.test(n))
   const open = candidates.length > 0 ? await commandLines() : []
-  for (const path of candidates) {
+  const unused: Array<{ name: string; path: string; vm: string; mtimeMs: number }> = []
+  for (const name of candidates) {
+    const path = join(diskDir, name)
     if (inUse.has(path) || open.some((c) => c.includes(path))) continue
-    await rm(path, { force: true })
-    removed.push(path)
+    const mtimeMs = (await stat(path).catch(() => undefined))?.mtimeMs ?? 0
+    unused.push({ name, path, vm: name.replace(INCOMING_RE, ''), mtimeMs })
+  }
+  unused.sort((x, y) => y.mtimeMs - x.mtimeMs)
+  const used = [...inUse].map((p) => basename(p))
+  const hasPrevious = new Set(names.filter((n) => PREVIOUS_RE.test(n)).map((n) => n.replace(PREVIOUS_RE, '')))
+  for (const d of unused) {
+    const runsHere = used.some((n) => n === `${d.vm}.qcow2` || n.startsWith(`${d.vm}.in-`))
+    if (!hasPrevious.has(d.vm) && !runsHere) {
+      // A record names only the disk it was written for: none may survive for this one.
+      await rm(join(diskDir, `${d.vm}.prev.since`), { force: true })
+      await rename(d.path, join(diskDir, `${d.vm}.prev.qcow2`))
+      hasPrevious.add(d.vm)
+      kept.push(d.path)
+      continue
+    }
+    await rm(d.path, { force: true })
+    removed.push(d.path)
   }
   for (const n of names) {
     const m = PREV_SOCK_RE.exec(n)
@@ -54,7 +84,7 @@ export async function sweepIncomingDisks(diskDir: string, inUse: ReadonlySet<str
       removed.push(join(diskDir, n))
     }
   }
-  return removed
+  return { removed, kept }
 }
 
 /** Parses a byte count: `1073741824`, `512M`, `20G`, `1.5T` (binary units). */
