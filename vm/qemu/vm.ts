@@ -210,9 +210,23 @@ export class QemuVm extends VmEmitter implements Vm {
     poll()
   }
 
-  /** The process ended: record why, clean up its files, tell listeners. */
-  private async gone(code: number | null, sig: NodeJS.Signals | null, extra?: string): Promise<void> {
-    if (this.exitInfo !== undefined || this.detached) return
+  /**
+   * The process ended: record why, clean up its files, tell listeners. Once: every caller (the child's
+   * exit and error events, the adopted VM's pid watch, stop()'s own poll) gets the same promise, so none
+   * returns before the files are gone. (Two callers used to race: the second saw exitInfo set by the
+   * first and returned while the first was still removing the RAM file, so stop() of an adopted VM could
+   * return with it still there — the qemu compliance test failed so in a nice'd npm test.)
+   */
+  private gone(code: number | null, sig: NodeJS.Signals | null, extra?: string): Promise<void> {
+    if (this.detached) return Promise.resolve()
+    this.ending ??= this.end(code, sig, extra)
+    return this.ending
+  }
+
+  private ending: Promise<void> | undefined
+
+  private async end(code: number | null, sig: NodeJS.Signals | null, extra?: string): Promise<void> {
+    if (this.exitInfo !== undefined) return
     const lastLines = await this.consoleTail(20)
     if (extra !== undefined) lastLines.push(extra)
     const info: VmExitInfo = { code, signal: sig, lastLines }
