@@ -296,8 +296,14 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
    */
   const awaitReservation = (peer: string, st: PeerState, err: unknown): void => {
     const connected = (ctx.libp2p?.getConnections(st.id).length ?? 0) > 0
-    const waitMs = ctx.timing.reservationWaitMs
     st.awaitingReservation = !connected
+    // An on-demand link someone waits for keeps the short backoff: that member does not know it is
+    // wanted, so no connection from it will come.
+    if (!connected && st.wantedUntil > Date.now() && !warm.has(peer)) {
+      scheduleRetry(st, `link attempt to ${peer} failed: ${describeError(err)}`)
+      return
+    }
+    const waitMs = ctx.timing.reservationWaitMs
     st.nextAttemptAt = connected ? 0 : Date.now() + waitMs
     ctx.log.info(
       `link attempt to ${peer} failed: ${describeError(err)}; ${connected ? 'connected meanwhile: retry now' : `retry when it connects, at the latest in ${waitMs} ms`}`,
