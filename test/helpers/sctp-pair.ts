@@ -8,6 +8,7 @@
  * Delivery is batched per timer tick, as a busy event loop reads a burst of datagrams from a socket in one
  * turn: what the receiver acknowledges per turn matches what it does over UDP.
  */
+import { readFileSync } from 'node:fs'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { RTCSctpTransport } from 'werift'
 import { prng } from './prng.ts'
@@ -220,6 +221,9 @@ export async function pushFor(
   /** The longest the event loop was held up while sending (ms): the emulated path runs on this
    *  process's timers, so a stall far past its one-way delay delivers in bursts no real path would. */
   maxStallMs: number
+  /** Share of the wall time this process's main thread was runnable but waiting for a CPU (Linux
+   *  schedstat run delay): high when the box starved it, low when its own work was slow. */
+  waitShare: number
 }> {
   const size = opts.messageBytes ?? 64 * 1024
   const streamId = opts.streamId ?? 1
@@ -237,6 +241,7 @@ export async function pushFor(
   const samples: { t: number; cwnd: number; flight: number; bytes: number }[] = []
   const stalls = monitorEventLoopDelay({ resolution: 10 })
   stalls.enable()
+  const wait0 = runDelayMs()
   const t0 = performance.now()
   const sampler = setInterval(
     () => samples.push({ t: performance.now() - t0, cwnd: sctp.cwnd, flight: sctp.flightSize, bytes }),
@@ -270,5 +275,15 @@ export async function pushFor(
   }
   const secs = (performance.now() - t0) / 1000
   const maxStallMs = Math.round(stalls.max / 1e6)
-  return { bytes, mbps: bytes / 1e6 / secs, sent, received, corrupt, cwnd: samples, maxStallMs }
+  const waitShare = (runDelayMs() - wait0) / 1000 / secs
+  return { bytes, mbps: bytes / 1e6 / secs, sent, received, corrupt, cwnd: samples, maxStallMs, waitShare }
+}
+
+/** The main thread's time spent runnable but not running so far, ms (0 where schedstat is missing). */
+function runDelayMs(): number {
+  try {
+    return Number(readFileSync('/proc/self/schedstat', 'utf8').split(' ')[1]) / 1e6
+  } catch {
+    return 0
+  }
 }

@@ -11,6 +11,8 @@ const KiB = 1024
 const log = (s: string) => process.stdout.write(`      ${s}\n`)
 /** An event-loop stall past this (> 3× the 15 ms one-way delay) bends the emulated path's timing. */
 const STALL_MS = 50
+/** A try whose main thread waited this share of its time for a CPU was starved by the box. */
+const STARVED_SHARE = 0.25
 
 describe('werift SCTP congestion control (emulated path)', function () {
   this.timeout(60_000)
@@ -122,6 +124,7 @@ describe('werift SCTP congestion control (emulated path)', function () {
   // ran on time.
   it('tolerant: backs off on a congested bottleneck (4 MB/s, 200-packet queue): few drops, bounded flight', async () => {
     let last = ''
+    let starvedEvery = true
     for (let attempt = 1; attempt <= 5; attempt++) {
       const p = await sctpPair(
         { oneWayMs: 15, rateBps: 4e6, queuePackets: 200 },
@@ -132,7 +135,7 @@ describe('werift SCTP congestion control (emulated path)', function () {
         const late = r.cwnd.filter((s) => s.t > 2000)
         const maxFlight = Math.max(...late.map((s) => s.flight))
         const dropRate = p.forward.queueDropped / p.forward.packets
-        const said = `try ${attempt}: ${r.mbps.toFixed(2)} MB/s of 4, ${(dropRate * 100).toFixed(2)}% tail-dropped, flight ≤ ${Math.round(maxFlight / KiB)} KiB (BDP 117 KiB + queue 234 KiB), event loop stalled up to ${r.maxStallMs} ms`
+        const said = `try ${attempt}: ${r.mbps.toFixed(2)} MB/s of 4, ${(dropRate * 100).toFixed(2)}% tail-dropped, flight ≤ ${Math.round(maxFlight / KiB)} KiB (BDP 117 KiB + queue 234 KiB), event loop stalled up to ${r.maxStallMs} ms, waited for a CPU ${Math.round(r.waitShare * 100)}% of the time`
         log(said)
         assert.equal(r.corrupt, 0)
         const bounded = dropRate < 0.05 && maxFlight < 600 * KiB
@@ -141,10 +144,19 @@ describe('werift SCTP congestion control (emulated path)', function () {
           assert.ok(maxFlight < 600 * KiB, `flight bounded by BDP + queue: ${said}`)
           if (r.mbps > 4 * 0.7) return
         }
+        if (r.waitShare < STARVED_SHARE) starvedEvery = false
         last = said
       } finally {
         await p.close()
       }
+    }
+    // Every try kept the drop and flight bounds, but in each the box left this process waiting for a CPU
+    // (runnable, not running: schedstat) so long that 4 MB/s was out of its reach — a nice'd run at load
+    // 30 made 1.5–2.4 MB/s in 5 tries. The rate is then not judged, and said so. A sender slowed by its
+    // own work is running, not waiting: it fails here.
+    if (starvedEvery) {
+      log(`rate not judged: the box starved every try (${last})`)
+      return
     }
     assert.fail(`no try both used the bottleneck and ran without a stall in 5 tries: ${last}`)
   })
