@@ -310,6 +310,12 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
     )
   }
 
+  /** A dial's signal: `ms` at most, and never past the node's lifetime (a stopping node drops it). */
+  const dialSignal = (ms: number): AbortSignal =>
+    ctx.lifetime === undefined
+      ? AbortSignal.timeout(ms)
+      : AbortSignal.any([ctx.lifetime, AbortSignal.timeout(ms)])
+
   /** A child of the node's lifetime for one link attempt; `release` unhooks it from the parent. */
   const attemptController = ():
     | { ctl: AbortController; parent: AbortSignal; release(): void }
@@ -481,15 +487,14 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
    */
   const announceReachable = (): void => {
     const node = ctx.libp2p
-    const lifetime = ctx.lifetime
-    if (node === undefined || lifetime === undefined) return
+    if (node === undefined || ctx.lifetime === undefined) return
     for (const peer of warmSet()) {
       if (isInitiator(peer) || !state.isMember(peer)) continue
       const st = peers.get(peer)
       if (st === undefined || st.link !== undefined || node.getConnections(st.id).length > 0) continue
       void (async () => {
         await addDialAddrs(peer)
-        await node.dial(st.id, { signal: AbortSignal.any([lifetime, AbortSignal.timeout(SIGNAL_DIAL_MS)]) })
+        await node.dial(st.id, { signal: dialSignal(SIGNAL_DIAL_MS) })
       })().catch((err) =>
         ctx.log.debug(`telling ${peer} this member is reachable failed: ${describeError(err)}`),
       )
@@ -555,7 +560,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       // Connected first, with time enough under load: libp2p's reservation then reuses the connection.
       const reserve = async () => {
         if (node.getConnections(peerIdFromString(relayId)).length === 0)
-          await node.dial(multiaddr(b), { signal: AbortSignal.timeout(BOOTSTRAP_DIAL_MS) })
+          await node.dial(multiaddr(b), { signal: dialSignal(BOOTSTRAP_DIAL_MS) })
         const listening = listenAfterStart(node, [`${b}/p2p-circuit`])
         if (listening !== false) await listening
       }
@@ -723,7 +728,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       const node = ctx.libp2p
       if (node === undefined || addr.endsWith(`/p2p/${ctx.self}`)) return
       try {
-        await node.dial(multiaddr(addr), { signal: AbortSignal.timeout(BOOTSTRAP_DIAL_MS) })
+        await node.dial(multiaddr(addr), { signal: dialSignal(BOOTSTRAP_DIAL_MS) })
       } catch (err) {
         ctx.log.warn(`bootstrap ${addr} unreachable: ${describeError(err)}`)
       }

@@ -85,6 +85,18 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
   })
   afterEach(() => rmSync(dir, { recursive: true, force: true }))
 
+  /** A lender over this test's RAM file, one chunk's window unless the test says otherwise. */
+  const lenderOf = (order: number[], o: Partial<ConstructorParameters<typeof PostcopyLender>[0]> = {}) =>
+    new PostcopyLender({
+      ramPath: ram,
+      ramSize: COUNT * CHUNK,
+      chunkSize: CHUNK,
+      order,
+      windowBytes: CHUNK,
+      log,
+      ...o,
+    })
+
   it('urgent chunks first, then the rest hottest first; every byte as the source holds it', async () => {
     const net = createMemoryNetwork()
     net.connect('A', 'B')
@@ -93,14 +105,7 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
     const { src, dst } = pair(a, b)
     const owed = [...Array(COUNT).keys()].filter((c) => c % 3 !== 1)
     const order = [...owed].reverse()
-    const lender = new PostcopyLender({
-      ramPath: ram,
-      ramSize: COUNT * CHUNK,
-      chunkSize: CHUNK,
-      order,
-      windowBytes: 2 * CHUNK,
-      log,
-    })
+    const lender = lenderOf(order, { windowBytes: 2 * CHUNK })
     const pager = new FakePager()
     const receiver = new PostcopyReceiver(pager, owed, CHUNK, COUNT)
     lender.attach(src)
@@ -151,16 +156,10 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
     const netB = overlayMigrationNetwork(net.node('B'))
     const first = pair(netA.channel('B')!, netB.channel('A')!)
     const owed = [...Array(COUNT).keys()]
-    const lender = new PostcopyLender({
-      ramPath: ram,
-      ramSize: COUNT * CHUNK,
-      chunkSize: CHUNK,
-      order: owed,
-      windowBytes: CHUNK,
+    const lender = lenderOf(owed, {
       // One chunk in flight, so the cut below certainly finds chunks unsent (a window that grew sent all
       // 48 before a timer-polled cut on a loaded CI machine: the pump then ended without an error).
       maxWindowBytes: CHUNK,
-      log,
     })
     const pager = new FakePager()
     // Cut the link the moment a third is placed, from the receiving end, not after a timer's delay.
@@ -204,15 +203,9 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
     const { src, dst } = pair(a, b)
     const owed = [...Array(COUNT).keys()]
     // A start of one chunk kept the push at one chunk per round trip (~15 MB/s at 30 ms): it must grow.
-    const lender = new PostcopyLender({
-      ramPath: ram,
-      ramSize: COUNT * CHUNK,
-      chunkSize: CHUNK,
-      order: owed,
-      windowBytes: CHUNK,
+    const lender = lenderOf(owed, {
       maxWindowBytes: 8 * CHUNK,
       queueTargetMs: 10_000,
-      log,
     })
     const pager = new FakePager()
     const receiver = new PostcopyReceiver(pager, owed, CHUNK, COUNT)
@@ -231,14 +224,7 @@ describe('post-copy lender and receiver (memory link, fake pager)', () => {
   })
 
   it('a pcresume may not claim chunks that were never owed', () => {
-    const lender = new PostcopyLender({
-      ramPath: ram,
-      ramSize: COUNT * CHUNK,
-      chunkSize: CHUNK,
-      order: [1, 2],
-      windowBytes: CHUNK,
-      log,
-    })
+    const lender = lenderOf([1, 2])
     const net = createMemoryNetwork()
     net.connect('A', 'B')
     const { src } = pair(

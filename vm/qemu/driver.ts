@@ -187,8 +187,11 @@ class QemuDriver implements VmDriver {
       // the caller passed in stays theirs).
       await vm.destroy(opts.memoryPath === undefined)
       // A disk seeded from the one the VM left here stays that (record-less: hash-verified fills only).
+      // Neither step may replace the start's own error, which is what the caller must see.
       if (seeded !== undefined)
-        await retainVolume(paths.volume, this.diskDir, spec.name).catch(() => removeVolume(paths.volume))
+        await retainVolume(paths.volume, this.diskDir, spec.name).catch(() =>
+          removeVolume(paths.volume).catch(() => {}),
+        )
       else if (createdVolume) await removeVolume(paths.volume).catch(() => {})
       if (err instanceof VmExitedError || err instanceof AbortError) throw err
       throw err instanceof VmStartError
