@@ -258,7 +258,11 @@ describe("chunk exchange between agents in NAT'd clouds: forged chunks, killed h
     assert.equal(r.bytesFetched, size)
     const from = (p: AgentProc) => r.bytesFromPeer[p.peerId] ?? 0
     assert.equal(from(b1) + from(c1) + from(d1), size)
-    assert.ok(from(b1) > 0 && from(b1) < size / 2, `the killed holder served ${from(b1)} B`)
+    // No upper bound on b1's share beyond 'not all of it': the CLI's --json progress comes every 500 ms,
+    // and over the punched TCP path between a1 and b1 b1 had served 48 MiB of 96 by the event that froze
+    // it (CI, session 8: the old bound size/2 failed at 50593792 B). What proves the kill was mid-pull is
+    // that chunks owed by b1 were asked of the others (chunksRequeued below) and both served.
+    assert.ok(from(b1) > 0 && from(b1) < size, `the killed holder served ${from(b1)} B`)
     assert.ok(from(c1) > 0 && from(d1) > 0, 'both surviving holders served')
     assert.ok(r.chunksRequeued > 0, 'chunks in flight from the killed holder were asked of the others')
     assert.deepEqual(r.badPeers, [])
