@@ -106,6 +106,65 @@ describe('migration switch decision (pure, table)', () => {
       { postcopy: 'requested', pendingBytes: 0 },
       'switch:small',
     ],
+    // Best effort under a deadline (an evacuation): post-copy at once rather than one more round.
+    [
+      'best effort, deadline, converging, post-copy allowed → postcopy at the first decision',
+      {
+        bestEffort: true,
+        deadline: { atMs: 1000 + 60_000, ms: 60_000 },
+        maxPauseMs: 1000,
+        predictedPauseMs: 9000,
+        postcopy: 'allowed',
+        precopyConverges: true,
+      },
+      'postcopy:best-effort',
+    ],
+    [
+      'best effort, deadline, the rest fits the pause → plain switch',
+      {
+        bestEffort: true,
+        deadline: { atMs: 1000 + 60_000, ms: 60_000 },
+        maxPauseMs: 1000,
+        predictedPauseMs: 600,
+        postcopy: 'allowed',
+      },
+      'switch:fits-pause',
+    ],
+    [
+      'best effort, deadline, the destination cannot page → another round (throttle, pre-copy)',
+      {
+        bestEffort: true,
+        deadline: { atMs: 1000 + 60_000, ms: 60_000 },
+        maxPauseMs: 1000,
+        predictedPauseMs: 9000,
+        postcopy: 'no',
+        precopyConverges: true,
+      },
+      'round',
+    ],
+    [
+      'best effort without a deadline changes nothing',
+      {
+        bestEffort: true,
+        maxPauseMs: 1000,
+        predictedPauseMs: 9000,
+        postcopy: 'allowed',
+        precopyConverges: true,
+      },
+      'round',
+    ],
+    [
+      'best effort, pre-copy cannot converge → postcopy says why (dirty-rate)',
+      {
+        bestEffort: true,
+        deadline: { atMs: 1000 + 60_000, ms: 60_000 },
+        maxPauseMs: 1000,
+        predictedPauseMs: 9000,
+        postcopy: 'allowed',
+        precopyConverges: false,
+      },
+      'postcopy:dirty-rate',
+    ],
     [
       'pause bound, rounds used up, post-copy allowed → postcopy',
       { round: 8, prevPendingBytes: 100 * MiB, maxPauseMs: 1000, postcopy: 'allowed' },

@@ -389,6 +389,7 @@ export class SourceSession {
         sendRateBytesPerSec: link,
         nowMs: performance.now(),
         ...(deadline === undefined ? {} : { deadline }),
+        ...(init.bestEffort === true ? { bestEffort: true } : {}),
         switchBytes: this.t.switchBytes,
         maxRounds: this.t.maxRounds,
         ...(this.maxPauseMs === undefined ? {} : { maxPauseMs: this.maxPauseMs }),
