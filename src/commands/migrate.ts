@@ -55,7 +55,9 @@ Modes (the report says which one a move used):
 
 With --deadline, the move is measured for a few seconds first (link rate, the guest's dirty rate): a
 deadline no mode can meet is refused at once, with the numbers, the VM untouched where it runs; with
---best-effort it goes anyway, as fast as it can, and the report says by how much it missed.`
+--best-effort it goes anyway, as fast as it can (post-copy as soon as the rest no longer fits the pause,
+when the destination can page: no further pre-copy round), and the report says by how much it missed.
+Every spot evacuation moves this way.`
 
 function formatReport(r: MigrationReport): string {
   const ms = (v: number) => `${Math.round(v)} ms`
