@@ -186,9 +186,36 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
   })
 
   it('--deadline 60s: done inside 60 s, paused at most 1 s, memory intact, the TCP client never reset', async () => {
-    const mig = startMigrate(agent('a1'), 'b1', ['--deadline', '60s'])
-    await waitForExit(mig, 240_000)
-    assert.equal(mig.exitCode, 0, `mesh migrate failed: ${outputLines(mig).slice(-5).join('\n')}`)
+    // A refusal is the right answer when the link measured is too slow for 60 s (~18 s needed at the
+    // usual 25-30 MB/s here). A nice'd e2e run at load ~30 measured 6.6 MB/s (79 s needed) and the move
+    // was refused: so a try refused while the box measurably starved the source agent (its threads
+    // waited for a CPU >= 25% of the time they wanted one) is tried again, at most twice. A refusal on a
+    // box that gave the agent its CPU fails at once; the refused try left the guest untouched on A.
+    const sourcePid = agent('a1').child.pid!
+    let mig: ChildProcess
+    for (let attempt = 1; ; attempt++) {
+      const cpu0 = cpuTimes(sourcePid)
+      mig = startMigrate(agent('a1'), 'b1', ['--deadline', '60s'])
+      await waitForExit(mig, 240_000)
+      const starved = waitShare(cpu0, cpuTimes(sourcePid))
+      const said = outputLines(mig).slice(-5).join('\n')
+      if (mig.exitCode !== 0 && said.includes('E_DEADLINE_INFEASIBLE') && starved >= 0.25 && attempt < 3) {
+        process.stdout.write(
+          `      try ${attempt} refused while the box starved the source agent (${Math.round(starved * 100)}% waiting for a CPU): once more\n`,
+        )
+        assert.deepEqual(
+          (await vms(agent('a1'))).map((v) => v.status),
+          ['running'],
+        )
+        continue
+      }
+      assert.equal(
+        mig.exitCode,
+        0,
+        `mesh migrate failed (source waited for a CPU ${Math.round(starved * 100)}% of the time): ${said}`,
+      )
+      break
+    }
     const r = lastJson<Report>(outputLines(mig).join('\n'))
     process.stdout.write(
       `      ${r.mode}: total ${r.totalMs} ms, paused ${r.downtimeMs} ms, ${(r.wireBytes / MiB).toFixed(0)} MiB on the wire; link ${((r.estimate?.linkBytesPerSec ?? 0) / 1e6).toFixed(1)} MB/s, dirty ${((r.estimate?.dirtyBytesPerSec ?? 0) / 1e6).toFixed(1)} MB/s${r.postcopy === undefined ? '' : `; post-copy ${(r.postcopy.owedBytes / MiB).toFixed(0)} MiB in ${r.postcopy.ms} ms, ${r.postcopy.faults} faults (longest ${r.postcopy.maxFaultWaitMs} ms)`}${r.throttle === undefined ? '' : `; throttled to ${r.throttle.maxLevel}`}\n`,
@@ -215,8 +242,13 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
     assert.ok(res.bytesEchoed > 0)
   })
 
-  /** A post-copy move from `src` to `dst` whose `victim` agent is killed -9 in post-copy, then restarted. */
-  async function killDuringPostcopy(src: string, dst: string, victim: string): Promise<void> {
+  /** A post-copy move from where the guest runs to the other host, whose `role` agent is killed -9 in
+   *  post-copy, then restarted. (Where it runs, not where the test before left it: one failed move must
+   *  not fail the next tests too.) */
+  async function killDuringPostcopy(role: 'source' | 'destination'): Promise<void> {
+    const src = await oneCopy(['a1', 'b1'], 60_000)
+    const dst = src === 'a1' ? 'b1' : 'a1'
+    const victim = role === 'source' ? src : dst
     const mig = startMigrate(agent(src), dst, ['--mode', 'postcopy', '--max-pause', '1s'])
     await waitForLine(mig, /"phase":"postcopy"/, 240_000)
     await sleep(500)
@@ -235,10 +267,10 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
   }
 
   it('kill -9 of the source agent during post-copy: the restarted source sends the rest; one copy, intact', async () => {
-    await killDuringPostcopy('b1', 'a1', 'b1')
+    await killDuringPostcopy('source')
   })
 
   it('kill -9 of the destination agent during post-copy: the restarted destination takes the pager back', async () => {
-    await killDuringPostcopy('a1', 'b1', 'b1')
+    await killDuringPostcopy('destination')
   })
 })
