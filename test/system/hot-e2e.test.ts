@@ -201,7 +201,7 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
       const said = outputLines(mig).slice(-5).join('\n')
       if (mig.exitCode !== 0 && said.includes('E_DEADLINE_INFEASIBLE') && starved >= 0.25 && attempt < 3) {
         process.stdout.write(
-          `      try ${attempt} refused while the box starved the source agent (${Math.round(starved * 100)}% waiting for a CPU): once more\n`,
+          `      try ${attempt} refused while the box starved the source agent (${Math.round(starved * 100)}% waiting for a CPU; ${/needs ≥ [^;]*/.exec(said)?.[0]}): once more\n`,
         )
         assert.deepEqual(
           (await vms(agent('a1'))).map((v) => v.status),
