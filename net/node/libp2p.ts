@@ -45,6 +45,21 @@ const MAX_PENDING_INBOUND = 128
 /** How long making a relay reservation may take (libp2p's default: 5 s). */
 const RESERVATION_TIMEOUT_MS = 30_000
 
+/**
+ * Streams the remote may open on a new connection before libp2p has wired it up here (libp2p's
+ * default: 10; one more aborts the whole connection with MaxEarlyStreamsError, at both ends a "closed
+ * muxer"). In a 50-agent join a member that reached the loaded bootstrap late opened at once a relayed
+ * dial for each waiting link attempt, its member sync and its reservation: the bootstrap aborted
+ * every such connection, and the member stayed cut off for up to ~100 s. No weaker admission: an early
+ * stream meets the member gate like any other, and a wired-up connection takes up to 1,000 streams.
+ */
+const MAX_EARLY_STREAMS = 256
+
+/** The control plane's stream muxer (yamux). */
+export function controlMuxer(): ReturnType<typeof yamux> {
+  return yamux({ maxEarlyStreams: MAX_EARLY_STREAMS })
+}
+
 /** A dial-only node for admission: no listener, no services. Started at once. */
 export interface JoinerPlaneInit extends Common {
   kind: 'joiner'
@@ -54,7 +69,7 @@ export async function createControlPlane(init: MemberPlaneInit | JoinerPlaneInit
   const common = {
     privateKey: init.privateKey,
     connectionEncrypters: [noise()],
-    streamMuxers: [yamux()],
+    streamMuxers: [controlMuxer()],
     ...(init.pnet ? { connectionProtector: preSharedKey({ psk: pnetKeyOf(init.network) }) } : {}),
   }
   if (init.kind === 'joiner')

@@ -20,7 +20,7 @@
 import type { Connection, PeerId, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
-import { onAbort } from '../../src/base/abort.ts'
+import { onAbort, sleep } from '../../src/base/abort.ts'
 import { AbortError, describeError } from '../../src/base/errors.ts'
 import { ControlError, ControlTimeoutError } from '../control/errors.ts'
 import type { IceServer, LinkFactory, MemberState } from '../interfaces.ts'
@@ -48,10 +48,12 @@ const RESERVATION_RETRY_MS = 10_000
  * Connecting to a bootstrap (before its relay reservation, and at start). libp2p's reservation gave its
  * own connection 5 s, and in a 50-agent join on 2 cores 37 of 50 first dials to the bootstrap failed
  * (each a half-done handshake thrown away; the member stayed unreachable until a retry got through).
- * libp2p still cuts each address's dial at 6 s (connectionManager.addressDialTimeout): this bounds the
- * whole attempt, not one dial.
+ * libp2p still cuts each address's dial at 6 s (connectionManager.addressDialTimeout), so a dial cut so
+ * is made again at once while this time is left (connectBootstrap).
  */
 const BOOTSTRAP_DIAL_MS = 30_000
+/** A bootstrap dial that failed fast (refused, reset) is made again after this long at first, doubling. */
+const BOOTSTRAP_REDIAL_MIN_MS = 250
 /** Ticks between libp2p pings of a warm or wanted member whose link does not measure RTT itself. */
 const PING_EVERY_TICKS = 5
 /** The same for a connected member outside the warm set (an idle agent's CPU went to such pings: each
@@ -316,6 +318,36 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       ? AbortSignal.timeout(ms)
       : AbortSignal.any([ctx.lifetime, AbortSignal.timeout(ms)])
 
+  /**
+   * Connects to a bootstrap within BOOTSTRAP_DIAL_MS. libp2p gives each address 6 s (addressDialTimeout),
+   * and in a 50-agent join on 2 cores 34-37 of 50 first dials to the bootstrap were cut so: the member
+   * then waited RESERVATION_RETRY_MS (10 s) for its reservation, unreachable meanwhile. A cut dial is
+   * made again at once; one that failed fast after a short, doubling pause. A longer limit for every
+   * address would let one blackholed address hint use up a link's whole signaling dial.
+   */
+  const connectBootstrap = async (node: NonNullable<typeof ctx.libp2p>, addr: string): Promise<void> => {
+    const signal = dialSignal(BOOTSTRAP_DIAL_MS)
+    let pauseMs = BOOTSTRAP_REDIAL_MIN_MS
+    for (let attempt = 1; ; attempt++) {
+      const started = Date.now()
+      try {
+        await node.dial(multiaddr(addr), { signal })
+        if (attempt > 1) ctx.log.info(`bootstrap ${addr} connected at dial ${attempt}`)
+        return
+      } catch (err) {
+        if (signal.aborted) throw err
+        ctx.log.info(`bootstrap dial ${attempt} to ${addr} failed: ${describeError(err)}; dialling again`)
+        // A dial that used most of libp2p's per-address limit was cut by it: no pause.
+        if (Date.now() - started < 3000) {
+          await sleep(pauseMs, signal).catch(() => {
+            throw err
+          })
+          pauseMs = Math.min(pauseMs * 2, 4000)
+        }
+      }
+    }
+  }
+
   /** A child of the node's lifetime for one link attempt; `release` unhooks it from the parent. */
   const attemptController = ():
     | { ctl: AbortController; parent: AbortSignal; release(): void }
@@ -559,8 +591,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       reserving.add(b)
       // Connected first, with time enough under load: libp2p's reservation then reuses the connection.
       const reserve = async () => {
-        if (node.getConnections(peerIdFromString(relayId)).length === 0)
-          await node.dial(multiaddr(b), { signal: dialSignal(BOOTSTRAP_DIAL_MS) })
+        if (node.getConnections(peerIdFromString(relayId)).length === 0) await connectBootstrap(node, b)
         const listening = listenAfterStart(node, [`${b}/p2p-circuit`])
         if (listening !== false) await listening
       }
@@ -728,7 +759,7 @@ export function createLinkSupervisor(init: LinkSupervisorInit): LinkSupervisor {
       const node = ctx.libp2p
       if (node === undefined || addr.endsWith(`/p2p/${ctx.self}`)) return
       try {
-        await node.dial(multiaddr(addr), { signal: dialSignal(BOOTSTRAP_DIAL_MS) })
+        await connectBootstrap(node, addr)
       } catch (err) {
         ctx.log.warn(`bootstrap ${addr} unreachable: ${describeError(err)}`)
       }

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict'
 import { mkdtemp, rm, stat } from 'node:fs/promises'
+import { type AddressInfo, connect, createServer, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import '../../net/polyfill.ts'
@@ -19,6 +20,7 @@ import { createInvite } from '../../net/membership/invite.ts'
 import { createNetwork, type NetworkKey } from '../../net/membership/network.ts'
 import { createMeshNode, MEMBERS_PROTOCOL, SIGNAL_PROTOCOL } from '../../net/node.ts'
 import { createLogger } from '../../src/base/log.ts'
+import { freePort } from '../helpers/prometheus.ts'
 import { waitUntil } from '../helpers/wait.ts'
 
 /**
@@ -468,6 +470,83 @@ describe('mesh node: members without a listen address reach each other through t
       'rlow retried because rhigh connected',
     )
     assert.equal(logs.filter(refused).length, 1, 'one NO_RESERVATION, no timed retries')
+  })
+
+  it('a bootstrap dial cut by libp2p’s per-address limit is made again at once, not after the reservation retry', async () => {
+    // Under a 50-agent join most members' first dial to the bootstrap took longer than libp2p's 6 s
+    // per-address limit (addressDialTimeout); the reservation then failed and was retried 10 s later.
+    // Here a TCP proxy in front of the bootstrap (the only address it announces) holds the member
+    // node's first connection silent, so libp2p cuts that dial; the next one is forwarded.
+    const key = await createNetwork('redialnet')
+    const sockets = new Set<Socket>()
+    let hold = false
+    let held = 0
+    const bootPort = await freePort()
+    const proxy = createServer((sock) => {
+      sockets.add(sock)
+      sock.on('error', () => {})
+      if (hold) {
+        hold = false
+        held++
+        return // accepted, never answered
+      }
+      const up = connect(bootPort, '127.0.0.1')
+      sockets.add(up)
+      up.on('error', () => sock.destroy())
+      sock.on('error', () => up.destroy())
+      sock.pipe(up).pipe(sock)
+    })
+    try {
+      await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()))
+      const proxyAddr = `/ip4/127.0.0.1/tcp/${(proxy.address() as AddressInfo).port}`
+      const mk = (name: string, stateDir: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
+        const n: MeshNode = createMeshNode({
+          stateDir,
+          name,
+          linkFactory: signaledMemoryLinks(() => n.peerId),
+          timing: { tickMs: 200, reconnectMaxMs: 1000 },
+          log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
+          ...extra,
+        })
+        nodes.push(n)
+        return n
+      }
+      const dir = async () => {
+        const d = await mkdtemp(join(tmpdir(), 'mesh-redial-'))
+        dirs.push(d)
+        return d
+      }
+      const boot = mk('dboot', await dir(), {
+        networkKey: key,
+        bootstrapRole: { relay: true },
+        listen: [`/ip4/127.0.0.1/tcp/${bootPort}`],
+        announce: [proxyAddr],
+      })
+      await boot.start()
+      const m = mk('dmember', await dir(), { listen: [] })
+      await m.join(await boot.invite({ ttlMs: 60_000, bootstrap: [`${proxyAddr}/p2p/${boot.peerId}`] }))
+      hold = true
+      await m.start()
+      await waitFor(
+        'dmember reserved on dboot',
+        () => m.addresses().some((a) => a.includes('/p2p-circuit')),
+        60_000,
+      )
+      const mine = logs.filter((l) => l.includes(' dmember'))
+      assert.equal(held, 1, 'the proxy held the member node’s first connection')
+      assert.ok(
+        mine.some((l) => /bootstrap \S+ connected at dial [2-9]/.test(l)),
+        'the bootstrap was reached by a second dial',
+      )
+      assert.deepEqual(
+        mine.filter((l) => l.includes('relay reservation on')),
+        [],
+        'no reservation failed (the old code failed it with the cut dial and retried 10 s later)',
+      )
+    } finally {
+      for (const s of sockets) s.destroy()
+      await new Promise<void>((r) => proxy.close(() => r()))
+    }
   })
 })
 
