@@ -11,18 +11,22 @@ export interface CpuTimes {
   runMs: number
   /** ms runnable but waiting for a CPU, all threads. */
   waitMs: number
+  /** ms the main thread (the event loop) was runnable but waiting for a CPU. */
+  mainWaitMs: number
 }
 
 /** The process's CPU and run-queue time so far (zeros when it is gone or schedstat is missing). */
 export function cpuTimes(pid: number): CpuTimes {
   let runMs = 0
   let waitMs = 0
+  let mainWaitMs = 0
   try {
     for (const tid of readdirSync(`/proc/${pid}/task`)) {
       try {
         const [run, wait] = readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')
         runMs += Number(run) / 1e6
         waitMs += Number(wait) / 1e6
+        if (tid === String(pid)) mainWaitMs = Number(wait) / 1e6
       } catch {
         // the thread ended between the listing and the read
       }
@@ -30,7 +34,7 @@ export function cpuTimes(pid: number): CpuTimes {
   } catch {
     // the process is gone: what was read so far
   }
-  return { runMs, waitMs }
+  return { runMs, waitMs, mainWaitMs }
 }
 
 /** Share of the time the process wanted a CPU between two readings that it spent waiting for one. */

@@ -142,7 +142,11 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
     const mig = startMigrate(agent('a1'), 'b1', ['--deadline', '5s'])
     await waitForExit(mig, 60_000)
     const ms = performance.now() - t0
-    const starved = waitShare(cpu0, cpuTimes(sourcePid))
+    const cpu1 = cpuTimes(sourcePid)
+    const starved = waitShare(cpu0, cpu1)
+    // What the verdict took less what the box withheld from the source's event loop (where the scan
+    // and the estimate run): a slower product still fails, a starved box does not.
+    const ownMs = ms - (cpu1.mainWaitMs - cpu0.mainWaitMs)
     const out = outputLines(mig).join('\n')
     process.stdout.write(
       `      refused after ${Math.round(ms)} ms: ${out
@@ -161,16 +165,17 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
       `      source: ${/afterMs=\S+ steps=\S+/.exec(judged ?? '')?.[0] ?? judged}; waited for a CPU ${Math.round(starved * 100)}% of the time it wanted one\n`,
     )
     assert.notEqual(mig.exitCode, 0, 'the move must be refused')
-    // The verdict must come before the deadline it judges (~2.5-3 s here). Its steps are CPU work on the
-    // source (the first scan hashes the guest's 512 MiB): in a nice'd e2e run at load ~30 the scan alone
-    // took 6.8 s and the refusal came after 10.3 s. Not judged only when the box measurably starved the
-    // source agent (its threads waited for a CPU >= 25% of the time they wanted one):
-    // a slow verdict on a box that gave the agent its CPU still fails.
-    if (ms >= 5000 && starved >= 0.25)
-      process.stdout.write(
-        `      refusal time not judged: the box starved the source agent (${Math.round(starved * 100)}% waiting)\n`,
-      )
-    else assert.ok(ms < 5000, `refused after ${Math.round(ms)} ms`)
+    // The verdict must come before the deadline it judges (~2.5-3.5 s here). Its steps are CPU work on the
+    // source's event loop (the first scan hashes the guest's 512 MiB): in a nice'd e2e run at load ~30
+    // the scan alone took 6.8 s and the refusal came after 10.3 s; with the guest's own vCPU busy on a
+    // 2-core box the agent waited for a CPU 70-85% of the time it wanted one in every run measured (load
+    // 6-30, under the lock too), so a share threshold would excuse every slow verdict. So the
+    // bound is on the wall time less the time the box kept the source's event loop waiting for a CPU
+    // (schedstat): a verdict that needs more of the agent's own time than 5 s still fails.
+    process.stdout.write(
+      `      refused after ${Math.round(ms)} ms, ${Math.round(ownMs)} ms of it with the source's event loop not waiting for a CPU\n`,
+    )
+    assert.ok(ownMs < 5000, `refused after ${Math.round(ms)} ms (${Math.round(ownMs)} ms not starved)`)
     assert.match(out, /E_DEADLINE_INFEASIBLE|cannot move/)
     assert.match(out, /needs ≥ [\d.]+ s at [\d.]+ MB\/s \(\d+ MiB to send\); the guest dirties [\d.]+ MB\/s/)
     // No progress event ever reached the switch: the guest was never paused.
