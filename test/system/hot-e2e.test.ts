@@ -193,32 +193,31 @@ describe("busy guests across NAT'd clouds (e2e, CLI, 512 MiB guest rewriting 64 
   it('--deadline 60s: done inside 60 s, paused at most 1 s, memory intact, the TCP client never reset', async () => {
     // A refusal is the right answer when the link measured is too slow for 60 s (~18 s needed at the
     // usual 25-30 MB/s here). A nice'd e2e run at load ~30 measured 6.6 MB/s (79 s needed) and the move
-    // was refused: so a try refused while the box measurably starved the source agent (its threads
-    // waited for a CPU >= 25% of the time they wanted one) is tried again, at most twice. A refusal on a
-    // box that gave the agent its CPU fails at once; the refused try left the guest untouched on A.
+    // was refused: so a try refused while the box measurably starved the source's event loop (which
+    // sends the RAM and measures the link: runnable but waiting for a CPU >= 30% of the try's wall time,
+    // schedstat) is tried again, at most twice. A refusal on a box that let the agent run fails at once;
+    // the refused try left the guest untouched on A.
     const sourcePid = agent('a1').child.pid!
     let mig: ChildProcess
     for (let attempt = 1; ; attempt++) {
       const cpu0 = cpuTimes(sourcePid)
+      const t0 = performance.now()
       mig = startMigrate(agent('a1'), 'b1', ['--deadline', '60s'])
       await waitForExit(mig, 240_000)
-      const starved = waitShare(cpu0, cpuTimes(sourcePid))
+      const loopWait = (cpuTimes(sourcePid).mainWaitMs - cpu0.mainWaitMs) / (performance.now() - t0)
       const said = outputLines(mig).slice(-5).join('\n')
-      if (mig.exitCode !== 0 && said.includes('E_DEADLINE_INFEASIBLE') && starved >= 0.25 && attempt < 3) {
-        process.stdout.write(
-          `      try ${attempt} refused while the box starved the source agent (${Math.round(starved * 100)}% waiting for a CPU; ${/needs ≥ [^;]*/.exec(said)?.[0]}): once more\n`,
-        )
+      process.stdout.write(
+        `      try ${attempt}: exit ${mig.exitCode}; the source's event loop waited for a CPU ${Math.round(loopWait * 100)}% of the time\n`,
+      )
+      if (mig.exitCode !== 0 && said.includes('E_DEADLINE_INFEASIBLE') && loopWait >= 0.3 && attempt < 3) {
+        process.stdout.write(`      refused while starved (${/needs ≥ [^;]*/.exec(said)?.[0]}): once more\n`)
         assert.deepEqual(
           (await vms(agent('a1'))).map((v) => v.status),
           ['running'],
         )
         continue
       }
-      assert.equal(
-        mig.exitCode,
-        0,
-        `mesh migrate failed (source waited for a CPU ${Math.round(starved * 100)}% of the time): ${said}`,
-      )
+      assert.equal(mig.exitCode, 0, `mesh migrate failed: ${said}`)
       break
     }
     const r = lastJson<Report>(outputLines(mig).join('\n'))
