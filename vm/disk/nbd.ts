@@ -45,6 +45,13 @@ const REPLY_TYPE_ERROR_OFFSET = 32770
 export const NBD_MAX_REQUEST = 32 * 1024 * 1024
 /** Largest option reply or structured chunk accepted besides read data. */
 const MAX_REPLY = 1024 * 1024
+/**
+ * The socket reads into this one buffer (net's `onread`) and the client copies read data straight
+ * into each read's target: no Buffer per socket read, and no growing concat of a reply that arrives in
+ * many reads (measured: a 4 MiB read arrives in 64 KiB pieces, and concatenating each one onto what
+ * came before copied every byte ~32 times; the source agent spent a quarter of its time in GC).
+ */
+const READ_BUFFER = 256 * 1024
 
 export class NbdError extends MeshError {
   constructor(message: string, options: { cause?: unknown; code?: string } = {}) {
@@ -78,8 +85,9 @@ class Reader {
   private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined
   private failed: Error | undefined
   constructor(private readonly sock: Socket) {}
+  /** `b` may be the socket's reused read buffer: kept as a copy. */
   push(b: Buffer): void {
-    this.chunks.push(b)
+    this.chunks.push(Buffer.from(b))
     this.have += b.length
     this.pump()
   }
@@ -122,7 +130,10 @@ export class NbdClient {
   readonly contexts: ReadonlyMap<string, number>
   private readonly pending = new Map<bigint, Pending>()
   private cookie = 1n
+  /** Received bytes not parsed yet (never a view into the socket's reused read buffer). */
   private buf: Buffer = Buffer.alloc(0)
+  /** A read's data chunk whose bytes are still arriving: copied to `p.buf` at `at` as they come. */
+  private stream: { p: Pending; cookie: bigint; at: number; left: number; done: boolean } | undefined
   private closed: Error | undefined
 
   private constructor(
@@ -144,12 +155,23 @@ export class NbdClient {
     metaContexts: string[] = [],
     timeoutMs = 10_000,
   ): Promise<NbdClient> {
-    const sock = connect({ path })
+    // Every socket read lands in `readBuf` and goes to `sink`: the handshake's reader, then the client.
+    let sink: (b: Buffer) => void = () => {}
+    const readBuf = Buffer.allocUnsafe(READ_BUFFER)
+    const sock = connect({
+      path,
+      onread: {
+        buffer: readBuf,
+        callback: (n: number) => {
+          sink(readBuf.subarray(0, n))
+          return true
+        },
+      },
+    })
     const reader = new Reader(sock)
-    const onData = (b: Buffer) => reader.push(b)
+    sink = (b) => reader.push(b)
     const onErr = (e: Error) => reader.fail(new NbdError(`NBD ${path}: ${e.message}`, { cause: e }))
     const onClose = () => reader.fail(new NbdError(`NBD ${path}: the server closed the connection`))
-    sock.on('data', onData)
     sock.on('error', onErr)
     sock.on('close', onClose)
     const timer = setTimeout(() => {
@@ -223,10 +245,10 @@ export class NbdClient {
           size = Number(r.data.readBigUInt64BE(2))
       }
       if (size < 0) throw new NbdError(`export '${exportName}' has no size`)
-      sock.off('data', onData)
       sock.off('error', onErr)
       sock.off('close', onClose)
       const client = new NbdClient(sock, size, contexts)
+      sink = (b) => client.feed(b)
       client.attach(reader.rest())
       return client
     } catch (err) {
@@ -240,25 +262,50 @@ export class NbdClient {
   }
 
   private attach(initial: Buffer): void {
-    this.sock.on('data', (b: Buffer) => {
-      this.buf = this.buf.length === 0 ? b : Buffer.concat([this.buf, b])
-      try {
-        this.parse()
-      } catch (err) {
-        this.fail(err instanceof NbdError ? err : new NbdError(String(err), { cause: err }))
-      }
-    })
     this.sock.on('error', (e) => this.fail(new NbdError(`NBD connection: ${e.message}`, { cause: e })))
     this.sock.on('close', () => this.fail(new NbdError('NBD connection closed')))
-    if (initial.length > 0) {
-      this.buf = initial
+    if (initial.length > 0) this.feed(initial)
+  }
+
+  /** Bytes from the socket; `b` is a view into the reused read buffer, so what is kept is copied. */
+  private feed(b: Buffer): void {
+    if (this.closed !== undefined) return
+    try {
+      let rest = b
+      const s = this.stream
+      if (s !== undefined) {
+        const n = Math.min(s.left, rest.length)
+        rest.copy(s.p.buf!, s.at, 0, n)
+        s.at += n
+        s.left -= n
+        rest = rest.subarray(n)
+        if (s.left > 0) return
+        this.stream = undefined
+        if (s.done) this.complete(s.cookie, s.p)
+      }
+      if (rest.length === 0) return
+      this.buf = this.buf.length === 0 ? rest : Buffer.concat([this.buf, rest])
       this.parse()
+      // What is left is part of a reply (a header, a small non-data reply): keep a copy of it.
+      if (this.buf.length > 0 && this.buf.buffer === b.buffer) this.buf = Buffer.from(this.buf)
+    } catch (err) {
+      this.fail(err instanceof NbdError ? err : new NbdError(String(err), { cause: err }))
     }
+  }
+
+  private complete(cookie: bigint, p: Pending): void {
+    this.pending.delete(cookie)
+    if (p.error !== undefined) p.reject(p.error)
+    else if (p.kind === 'read') p.resolve(p.buf)
+    else if (p.kind === 'status') p.resolve(p.extents)
+    else p.resolve(undefined)
   }
 
   private fail(err: NbdError): void {
     if (this.closed !== undefined) return
     this.closed = err
+    this.stream = undefined
+    this.buf = Buffer.alloc(0)
     for (const p of this.pending.values()) p.reject(err)
     this.pending.clear()
     this.sock.destroy()
@@ -294,17 +341,29 @@ export class NbdClient {
       if (p === undefined) throw new NbdError('structured reply for an unknown request')
       const limit = p.kind === 'read' ? p.length + 8 : MAX_REPLY
       if (len > limit) throw new NbdError(`structured reply of ${len} bytes`)
+      if (type === REPLY_TYPE_OFFSET_DATA && p.kind === 'read') {
+        // Read data goes straight to the read's buffer, what has come now and the rest as it comes.
+        if (len < 8) throw new NbdError('unexpected data chunk')
+        if (this.buf.length < 28) return
+        const at = Number(this.buf.readBigUInt64BE(20)) - p.offset
+        const n = len - 8
+        if (at < 0 || at + n > p.length) throw new NbdError('data chunk outside the read')
+        const have = Math.min(n, this.buf.length - 28)
+        this.buf.copy(p.buf!, at, 28, 28 + have)
+        this.buf = this.buf.subarray(28 + have)
+        const done = (flags & REPLY_FLAG_DONE) !== 0
+        if (have < n) {
+          this.stream = { p, cookie, at: at + have, left: n - have, done }
+          return
+        }
+        if (done) this.complete(cookie, p)
+        continue
+      }
       if (this.buf.length < 20 + len) return
       const body = this.buf.subarray(20, 20 + len)
       this.buf = this.buf.subarray(20 + len)
       this.chunk(p, type, body)
-      if ((flags & REPLY_FLAG_DONE) !== 0) {
-        this.pending.delete(cookie)
-        if (p.error !== undefined) p.reject(p.error)
-        else if (p.kind === 'read') p.resolve(p.buf)
-        else if (p.kind === 'status') p.resolve(p.extents)
-        else p.resolve(undefined)
-      }
+      if ((flags & REPLY_FLAG_DONE) !== 0) this.complete(cookie, p)
     }
   }
 

@@ -101,7 +101,9 @@ export class DiskSender implements SourceStream {
       const z = await deflateRawAsync(c.data, { level: 1 })
       if (z.byteLength < c.data.byteLength * 0.9) return { index: c.index, flags: FLAG_DEFLATED, data: z }
     }
-    return { index: c.index, flags: 0, data: Buffer.from(c.data) }
+    // A view, not a copy: each NBD read fills a buffer of its own that nothing writes again, and the
+    // 'data' message's encoding copies the bytes once.
+    return { index: c.index, flags: 0, data: c.data }
   }
 
   /** Sends chunks as 'data' messages of round `round` (encoded in the thread pool, in order). */
@@ -257,8 +259,7 @@ export class DiskSender implements SourceStream {
     const r = await this.t.collect()
     for (const i of r.chunks) this.unsent.add(i)
     this.finalChunks = []
-    for await (const c of this.readChunks(this.takeUnsent()))
-      this.finalChunks.push({ index: c.index, data: Buffer.from(c.data) })
+    for await (const c of this.readChunks(this.takeUnsent())) this.finalChunks.push(c)
     return this.finalChunks.length
   }
 
