@@ -27,10 +27,11 @@
  * pgbench and heartbeat traffic of those seconds too); `ours.reportedWireBytes` is what the agent counted.
  * Downtime: ours is the agent's (source paused → destination running); QEMU's is source STOP →
  * destination RESUME from QEMU's event timestamps (same host clock). The JSON's figures are the medians
- * over the runs; `runs` has each one. `--qemu-sync top` mirrors only the overlay onto an overlay on the
+ * over the runs; `runs` has each one; the detail's `oursCpuMs` is the CPU the source and destination
+ * agents used while our move ran (medians). `--qemu-sync top` mirrors only the overlay onto an overlay on the
  * same base (libvirt's --copy-storage-inc): a stronger baseline than the issue's copy-storage-all.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { DEBIAN_CMDLINE, ensureDebianGuest } from '../../fixtures/guest-debian/build.ts'
@@ -79,8 +80,28 @@ interface MoveReport {
   timings?: Record<string, number>
 }
 
+/** CPU time (user + system) a process has used so far, ms (/proc/PID/stat; clock ticks of 10 ms). */
+function cpuMsOf(pid: number | undefined): number {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const rest = f.slice(f.lastIndexOf(')') + 2).split(' ')
+    return (Number(rest[11]) + Number(rest[12])) * 10
+  } catch {
+    return Number.NaN
+  }
+}
+
 interface RunResult {
-  ours: { totalMs: number; downtimeMs: number; wireBytes: number; reportedWireBytes: number; rttMs: number }
+  ours: {
+    totalMs: number
+    downtimeMs: number
+    wireBytes: number
+    reportedWireBytes: number
+    rttMs: number
+    /** CPU the source (a1) and destination (b1) agents used while the move ran: the limit of its pace. */
+    sourceCpuMs: number
+    destinationCpuMs: number
+  }
   qemu: {
     totalMs: number
     downtimeMs: number
@@ -225,14 +246,16 @@ async function oneRun(
 
     // 1-2. mesh, a1 → b1.
     const before0 = await ifaceBytes(b1.host)
+    const cpu0 = [cpuMsOf(a1.child.pid), cpuMsOf(b1.child.pid)]
     const tStart = Date.now()
     const there = await a1.mesh(['migrate', 'pg1', '--to', 'b1', '--json'], { timeoutMs: 900_000 })
     const tEnd = Date.now()
+    const cpu = [cpuMsOf(a1.child.pid) - cpu0[0]!, cpuMsOf(b1.child.pid) - cpu0[1]!]
     const before1 = await ifaceBytes(b1.host)
     if (there.code !== 0) throw new Error(`mesh migrate a1→b1: ${there.stderr}`)
     const ours = lastJson<MoveReport>(there.stdout)
     log(
-      `run ${run}: mesh a1→b1 ${Math.round(ours.totalMs)} ms, down ${Math.round(ours.downtimeMs)} ms, wire ${((before1 - before0) / MiB).toFixed(1)} MiB (agent: ${(ours.wireBytes / MiB).toFixed(1)}; disk sent ${((ours.diskSentBytes ?? 0) / MiB).toFixed(1)} of ${((ours.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB written), rounds ${ours.rounds}, timings ${JSON.stringify(ours.timings)}`,
+      `run ${run}: mesh a1→b1 ${Math.round(ours.totalMs)} ms, down ${Math.round(ours.downtimeMs)} ms, wire ${((before1 - before0) / MiB).toFixed(1)} MiB (agent: ${(ours.wireBytes / MiB).toFixed(1)}; disk sent ${((ours.diskSentBytes ?? 0) / MiB).toFixed(1)} of ${((ours.diskWrittenBytes ?? 0) / MiB).toFixed(1)} MiB written), rounds ${ours.rounds}, agent CPU a1 ${cpu[0]} ms b1 ${cpu[1]} ms, timings ${JSON.stringify(ours.timings)}`,
     )
     await new Promise((r) => setTimeout(r, 3000))
     const p = progress(outputLines(bench))
@@ -310,6 +333,8 @@ async function oneRun(
         wireBytes: before1 - before0,
         reportedWireBytes: ours.wireBytes,
         rttMs: ours.rttMs,
+        sourceCpuMs: cpu[0]!,
+        destinationCpuMs: cpu[1]!,
       },
       qemu: { ...q, downtimeMs: Math.round(q.downtimeMs), mirrorFinalMs: Math.round(q.mirrorFinalMs) },
       returnWireBytes: back1 - back0,
@@ -370,6 +395,7 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
     runs: results,
     options: { ...o, runs },
     rttMs: rtt,
+    oursCpuMs: { source: med((r) => r.ours.sourceCpuMs), destination: med((r) => r.ours.destinationCpuMs) },
     returnMove: {
       totalMs: med((r) => r.returnMove.totalMs),
       downtimeMs: med((r) => r.returnMove.downtimeMs),
