@@ -9,7 +9,13 @@ import {
   FLAG_DEFLATED,
   FLAG_ZERO,
 } from '../../vm/disk/v1/messages.ts'
-import { decodeMessage, encodeMessage } from '../../vm/migration/v1/messages.ts'
+import {
+  decodeMessage,
+  encodeDiskInPlace,
+  encodeMessage,
+  HEADER_SIZE,
+  MAX_WIRE_MESSAGE,
+} from '../../vm/migration/v1/messages.ts'
 
 const decodeError = (err: Error) => err.name === 'MigrationDecodeError'
 
@@ -40,7 +46,15 @@ describe('disk stream messages (v1)', () => {
       )
       assert.equal(wire.type, 'disk')
       if (wire.type === 'disk') assert.deepEqual(Buffer.from(wire.body), Buffer.from(encodeDiskMessage(m)))
+      // Built in place behind the header (the source's path): the same bytes on the wire.
+      const sid = 'fedcba9876543210'
+      assert.deepEqual(
+        Buffer.from(encodeDiskInPlace(sid, encodeDiskMessage(m, HEADER_SIZE))),
+        Buffer.from(encodeMessage({ type: 'disk', sid, body: encodeDiskMessage(m) })),
+      )
     }
+    assert.throws(() => encodeDiskInPlace('nope', Buffer.alloc(HEADER_SIZE + 3)), TypeError)
+    assert.throws(() => encodeDiskInPlace('fedcba9876543210', Buffer.alloc(MAX_WIRE_MESSAGE + 1)), RangeError)
   })
 
   it('refuses bad input with MigrationDecodeError', () => {

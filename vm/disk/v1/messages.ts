@@ -47,20 +47,36 @@ export type DiskMessage =
 
 const KINDS = ['info', 'offer', 'want', 'data', 'seed'] as const
 
-export function encodeDiskMessage(m: DiskMessage): Uint8Array {
+/**
+ * Encodes a disk message. With `headroom`, the body starts that many bytes into the returned buffer and
+ * the bytes before it are left for the caller (vm/migration/v1/messages.ts encodeDiskInPlace writes the
+ * migration header there: the body, up to 200 KiB of chunk data, is not copied again).
+ */
+export function encodeDiskMessage(m: DiskMessage, headroom = 0): Uint8Array {
+  let out: Buffer | undefined
+  // `unsafe` only where every byte of the body is written below.
+  const alloc = (n: number, unsafe = false): Buffer => {
+    out = unsafe ? Buffer.allocUnsafe(headroom + n) : Buffer.alloc(headroom + n)
+    return out.subarray(headroom)
+  }
+  encodeBody(m, alloc)
+  return out!
+}
+
+function encodeBody(m: DiskMessage, alloc: (n: number, unsafe?: boolean) => Buffer): void {
   switch (m.kind) {
     case 'info': {
-      const b = Buffer.alloc(14)
+      const b = alloc(14)
       b[0] = DISK_VERSION
       b[1] = 1
       b.writeBigUInt64BE(BigInt(m.size), 2)
       b.writeUInt32BE(m.chunkSize, 10)
-      return b
+      return
     }
     case 'offer': {
       if (m.indices.length > MAX_DISK_OFFER || m.hashes.byteLength !== m.indices.length * DISK_HASH_SIZE)
         throw new RangeError('bad disk offer')
-      const b = Buffer.alloc(10 + m.indices.length * (4 + DISK_HASH_SIZE))
+      const b = alloc(10 + m.indices.length * (4 + DISK_HASH_SIZE))
       b[0] = DISK_VERSION
       b[1] = 2
       b.writeUInt32BE(m.batch, 2)
@@ -71,11 +87,11 @@ export function encodeDiskMessage(m: DiskMessage): Uint8Array {
         b.set(m.hashes.subarray(i * DISK_HASH_SIZE, (i + 1) * DISK_HASH_SIZE), o + 4)
         o += 4 + DISK_HASH_SIZE
       })
-      return b
+      return
     }
     case 'want': {
       if (m.indices.length > MAX_DISK_WANT) throw new RangeError('bad disk want')
-      const b = Buffer.alloc(10 + m.indices.length * 4)
+      const b = alloc(10 + m.indices.length * 4)
       b[0] = DISK_VERSION
       b[1] = 3
       b.writeUInt32BE(m.batch, 2)
@@ -83,13 +99,13 @@ export function encodeDiskMessage(m: DiskMessage): Uint8Array {
       m.indices.forEach((idx, i) => {
         b.writeUInt32BE(idx, 10 + i * 4)
       })
-      return b
+      return
     }
     case 'data': {
       if (m.chunks.length > MAX_DISK_CHUNKS_PER_DATA) throw new RangeError('too many chunks in one disk data')
       let len = 10
       for (const c of m.chunks) len += 9 + c.data.byteLength
-      const b = Buffer.alloc(len)
+      const b = alloc(len, true)
       b[0] = DISK_VERSION
       b[1] = 4
       b.writeUInt32BE(m.round, 2)
@@ -102,10 +118,15 @@ export function encodeDiskMessage(m: DiskMessage): Uint8Array {
         b.set(c.data, o + 9)
         o += 9 + c.data.byteLength
       }
-      return b
+      return
     }
-    case 'seed':
-      return Buffer.from([DISK_VERSION, 5, m.seeded ? 1 : 0])
+    case 'seed': {
+      const b = alloc(3)
+      b[0] = DISK_VERSION
+      b[1] = 5
+      b[2] = m.seeded ? 1 : 0
+      return
+    }
   }
 }
 

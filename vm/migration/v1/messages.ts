@@ -284,6 +284,22 @@ function jsonMessage(type: MessageType, sid: string, body: Record<string, unknow
   return b
 }
 
+/**
+ * A 'disk' message built in place: `b` holds the disk body after HEADER_SIZE free bytes
+ * (encodeDiskMessage(body, HEADER_SIZE)); the header goes there. The same bytes as
+ * encodeMessage({ type: 'disk', sid, body }), without copying the body.
+ */
+export function encodeDiskInPlace(sid: string, b: Uint8Array): Uint8Array {
+  if (!SID_RE.test(sid)) throw new TypeError(`session id must be 16 hex digits, got '${sid}'`)
+  if (b.byteLength < HEADER_SIZE || b.byteLength > MAX_WIRE_MESSAGE)
+    throw new RangeError('disk message too large')
+  const h = Buffer.from(b.buffer, b.byteOffset, HEADER_SIZE)
+  h[0] = MIGRATION_VERSION
+  h[1] = CODE.disk
+  h.write(sid, 2, 'hex')
+  return b
+}
+
 /** Encodes any message. Throws TypeError/RangeError for values the decoder would refuse. */
 export function encodeMessage(m: Message): Uint8Array {
   switch (m.type) {
