@@ -904,8 +904,10 @@ describe('migration leftovers of a killed destination agent', () => {
     const kept = join(dir, 'g2.in-89abcdef.ram')
     const other = join(dir, 'unrelated.ram')
     for (const f of [orphan, kept, other]) await writeFile(f, 'x')
-    // Stands in for the incoming QEMU: a process whose command line names the RAM file.
-    const child = spawn('sh', ['-c', 'sleep 30', orphan], { stdio: 'ignore' })
+    // Stands in for the incoming QEMU: a process whose command line names the RAM file. One process: `read`
+    // is a shell builtin (with `sleep 30` the shell forks, and under load the sweep also found the fork,
+    // still sh's command line before its exec: killedPids [sh, fork]).
+    const child = spawn('sh', ['-c', 'read x', orphan], { stdio: ['pipe', 'ignore', 'ignore'] })
     const exited = new Promise<NodeJS.Signals | null>((r) => child.once('exit', (_c, s) => r(s)))
     try {
       await waitUntil('the stand-in to show the file on its command line', () =>
