@@ -47,6 +47,11 @@ export interface ScaleOptions {
   log?: (line: string) => void
   /** Runs while the mesh is up and idle, after the measurements (e.g. CLI timings). */
   whileUp?: (net: Testnet, agents: AgentProc[]) => Promise<void>
+  /** When some member holds more than `bound` links at the idle sample, sample again every second until
+   *  none does or `withinMs` passed (links a member built to ring neighbours that a slow join storm
+   *  shifted close once idle for the supervisor's link idle time). The result's linksOpen is the last
+   *  sample; linksOpenIdle the first. */
+  linksSettle?: { bound: number; withinMs: number }
 }
 
 export interface GossipCounters {
@@ -68,6 +73,9 @@ export interface ScaleResult {
   cpuPct: number[]
   boot: { rssMB: number; cpuPct: number }
   linksOpen: number[]
+  /** Links open at the idle sample, before any linksSettle wait, and how long that wait took (ms). */
+  linksOpenIdle: number[]
+  linksSettledMs: number
   /** Per agent, until reachMs: links that came up, link attempts that failed (from its log). */
   linksBuilt: number[]
   linkFailures: number[]
@@ -401,6 +409,17 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
     const pss = pids.map((p) => Math.round(pssMB(p) * 10) / 10)
     const linksOpen: number[] = []
     for (const c of clients) linksOpen.push(((await call(c, 'status')) as NetStatus).net.linksOpen)
+    const linksOpenIdle = [...linksOpen]
+    const settleFrom = Date.now()
+    if (opts.linksSettle !== undefined) {
+      const { bound, withinMs } = opts.linksSettle
+      while (Math.max(...linksOpen) > bound && Date.now() - settleFrom < withinMs) {
+        await sleep(1000)
+        for (const [i, c] of clients.entries())
+          linksOpen[i] = ((await call(c, 'status')) as NetStatus).net.linksOpen
+      }
+    }
+    const linksSettledMs = Date.now() - settleFrom
     const load1 = loadavg()[0]!
     log(
       `idle: rss median ${median(rss)} max ${Math.max(...rss)} MB, pss median ${median(pss)} max ${Math.max(...pss)} MB, cpu median ${median(cpuPct)}% max ${Math.max(...cpuPct)}%, boot ${rssMB(bootPid).toFixed(1)} MB ${bootCpu}%, links open median ${median(linksOpen)} max ${Math.max(...linksOpen)}, load ${load1}`,
@@ -423,6 +442,8 @@ export async function runScale(opts: ScaleOptions): Promise<ScaleResult> {
       cpuPct,
       boot: { rssMB: Math.round(rssMB(bootPid) * 10) / 10, cpuPct: bootCpu },
       linksOpen,
+      linksOpenIdle,
+      linksSettledMs,
       linksBuilt,
       linkFailures,
       gossip: { join: gJoin, oneMore },
