@@ -37,6 +37,16 @@ export function cpuTimes(pid: number): CpuTimes {
   return { runMs, waitMs, mainWaitMs }
 }
 
+/** ms the process's main thread (the event loop) has been runnable but waiting for a CPU so far: one
+ *  file, for callers that read it often (0 where schedstat is missing). */
+export function mainWaitMs(pid: number = process.pid): number {
+  try {
+    return Number(readFileSync(`/proc/${pid}/schedstat`, 'utf8').split(' ')[1]) / 1e6
+  } catch {
+    return 0
+  }
+}
+
 /** Share of the time the process wanted a CPU between two readings that it spent waiting for one. */
 export function waitShare(before: CpuTimes, after: CpuTimes): number {
   const run = after.runMs - before.runMs

@@ -8,10 +8,10 @@
  * Delivery is batched per timer tick, as a busy event loop reads a burst of datagrams from a socket in one
  * turn: what the receiver acknowledges per turn matches what it does over UDP.
  */
-import { readFileSync } from 'node:fs'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { RTCSctpTransport } from 'werift'
 import { prng } from './prng.ts'
+import { mainWaitMs } from './schedstat.ts'
 
 /** The fields of werift's SCTP association the tests read (its internals; checked at start). */
 export interface WeriftSctp {
@@ -241,7 +241,7 @@ export async function pushFor(
   const samples: { t: number; cwnd: number; flight: number; bytes: number }[] = []
   const stalls = monitorEventLoopDelay({ resolution: 10 })
   stalls.enable()
-  const wait0 = runDelayMs()
+  const wait0 = mainWaitMs()
   const t0 = performance.now()
   const sampler = setInterval(
     () => samples.push({ t: performance.now() - t0, cwnd: sctp.cwnd, flight: sctp.flightSize, bytes }),
@@ -275,15 +275,6 @@ export async function pushFor(
   }
   const secs = (performance.now() - t0) / 1000
   const maxStallMs = Math.round(stalls.max / 1e6)
-  const waitShare = (runDelayMs() - wait0) / 1000 / secs
+  const waitShare = (mainWaitMs() - wait0) / 1000 / secs
   return { bytes, mbps: bytes / 1e6 / secs, sent, received, corrupt, cwnd: samples, maxStallMs, waitShare }
-}
-
-/** The main thread's time spent runnable but not running so far, ms (0 where schedstat is missing). */
-function runDelayMs(): number {
-  try {
-    return Number(readFileSync('/proc/self/schedstat', 'utf8').split(' ')[1]) / 1e6
-  } catch {
-    return 0
-  }
 }

@@ -365,32 +365,36 @@ describe('mesh node: members without a listen address reach each other through t
   afterEach(function () {
     if (this.currentTest?.state === 'failed') process.stdout.write(`${logs.slice(-80).join('\n')}\n`)
   })
+  const dir = async (): Promise<string> => {
+    const d = await mkdtemp(join(tmpdir(), 'mesh-relay-'))
+    dirs.push(d)
+    return d
+  }
+  /** A node on signaled memory links with a fast tick, logging into `logs` (stopped in `after`). */
+  const mk = (name: string, stateDir: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
+    const n: MeshNode = createMeshNode({
+      stateDir,
+      name,
+      linkFactory: signaledMemoryLinks(() => n.peerId),
+      timing: { tickMs: 200, reconnectMaxMs: 1000 },
+      log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
+      ...extra,
+    })
+    nodes.push(n)
+    return n
+  }
 
   it('signaling runs over relayed connections and the links open', async () => {
-    const mk = async (name: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
-      const d = await mkdtemp(join(tmpdir(), 'mesh-relay-'))
-      dirs.push(d)
-      const n: MeshNode = createMeshNode({
-        stateDir: d,
-        name,
-        linkFactory: signaledMemoryLinks(() => n.peerId),
-        timing: { tickMs: 200, reconnectMaxMs: 1000 },
-        log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
-        ...extra,
-      })
-      nodes.push(n)
-      return n
-    }
     const key = await createNetwork('relaynet')
-    const boot = await mk('boot', {
+    const boot = mk('boot', await dir(), {
       networkKey: key,
       bootstrapRole: { relay: true },
       listen: ['/ip4/127.0.0.1/tcp/0'],
     })
     await boot.start()
-    const b = await mk('b', { invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
+    const b = mk('b', await dir(), { invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
     await b.start()
-    const c = await mk('c', { invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
+    const c = mk('c', await dir(), { invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
     await c.start()
     await waitFor('reservations', () =>
       [b, c].every((n) => n.addresses().some((a) => a.includes('/p2p-circuit'))),
@@ -420,8 +424,7 @@ describe('mesh node: members without a listen address reach each other through t
     const key = await createNetwork('reservenet')
     const dirsOf = await Promise.all(
       [0, 1].map(async () => {
-        const d = await mkdtemp(join(tmpdir(), 'mesh-relay-'))
-        dirs.push(d)
+        const d = await dir()
         return { d, id: (await loadOrCreateIdentity(d)).peerId.toString() }
       }),
     )
@@ -429,31 +432,19 @@ describe('mesh node: members without a listen address reach each other through t
       (typeof dirsOf)[0],
       (typeof dirsOf)[0],
     ]
-    const mk = (name: string, stateDir: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
-      const n: MeshNode = createMeshNode({
-        stateDir,
-        name,
-        linkFactory: signaledMemoryLinks(() => n.peerId),
-        timing: { tickMs: 200, reconnectMaxMs: 1000, reservationWaitMs: 600_000 },
-        log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
-        ...extra,
-      })
-      nodes.push(n)
-      return n
-    }
-    const bootDir = await mkdtemp(join(tmpdir(), 'mesh-relay-'))
-    dirs.push(bootDir)
-    const boot = mk('rboot', bootDir, {
+    const timing = { tickMs: 200, reconnectMaxMs: 1000, reservationWaitMs: 600_000 }
+    const boot = mk('rboot', await dir(), {
+      timing,
       networkKey: key,
       bootstrapRole: { relay: true },
       listen: ['/ip4/127.0.0.1/tcp/0'],
     })
     await boot.start()
-    const b = mk('rlow', low.d, { invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
+    const b = mk('rlow', low.d, { timing, invite: await boot.invite({ ttlMs: 60_000 }), listen: [] })
     await b.start()
     await waitFor('rlow reserved', () => b.addresses().some((a) => a.includes('/p2p-circuit')))
     // Admitted (the relay announces it to rlow) but not started: no reservation yet.
-    const c = mk('rhigh', high.d, { listen: [] })
+    const c = mk('rhigh', high.d, { timing, listen: [] })
     await c.join(await boot.invite({ ttlMs: 60_000 }))
     const refused = (l: string) =>
       l.includes(`link attempt to ${high.id} failed`) && l.includes('NO_RESERVATION')
@@ -499,23 +490,6 @@ describe('mesh node: members without a listen address reach each other through t
     try {
       await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()))
       const proxyAddr = `/ip4/127.0.0.1/tcp/${(proxy.address() as AddressInfo).port}`
-      const mk = (name: string, stateDir: string, extra: Partial<Parameters<typeof createMeshNode>[0]>) => {
-        const n: MeshNode = createMeshNode({
-          stateDir,
-          name,
-          linkFactory: signaledMemoryLinks(() => n.peerId),
-          timing: { tickMs: 200, reconnectMaxMs: 1000 },
-          log: createLogger({ level: 'debug', component: name, sink: (l) => logs.push(l) }),
-          ...extra,
-        })
-        nodes.push(n)
-        return n
-      }
-      const dir = async () => {
-        const d = await mkdtemp(join(tmpdir(), 'mesh-redial-'))
-        dirs.push(d)
-        return d
-      }
       const boot = mk('dboot', await dir(), {
         networkKey: key,
         bootstrapRole: { relay: true },
