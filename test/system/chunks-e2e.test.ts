@@ -209,11 +209,12 @@ describe("chunk exchange between agents in NAT'd clouds: forged chunks, killed h
     for (const h of [b1, c1, d1]) await push(h, f.path, 'swarm:1')
 
     const out = join(net!.dir, 'out-swarm')
-    // b1 is frozen (SIGSTOP) at the first progress event past 10% and killed -9 at the next one: while
-    // frozen it takes the puller's requests and answers none, so it certainly owes chunks when it dies.
-    // Killed at once, it had at times delivered everything it was asked by then, and then there was
-    // nothing in flight to ask of the others (chunksRequeued 0). The events are the agent's (one per
-    // 1/64 of the image), so both steps happen mid-pull however fast the paths are.
+    // b1 is frozen (SIGSTOP) at the first progress event past 10% and killed -9 once the others have
+    // delivered another quarter of the image: while frozen it takes the puller's requests and answers
+    // none, so it owes chunks when it dies. Killed at once, it had at times delivered everything it was
+    // asked by then, and then there was nothing in flight to ask of the others (chunksRequeued 0; also
+    // when killed at the very next event, 1.5 MiB later: a rehearsal, session 9). The events are the
+    // agent's (one per 1/64 of the image), so both steps happen mid-pull however fast the paths are.
     let frozenAt: number | undefined
     let killedAt: number | undefined
     let killing: Promise<void> | undefined
@@ -230,7 +231,7 @@ describe("chunk exchange between agents in NAT'd clouds: forged chunks, killed h
           if (frozenAt === undefined && got >= 0.1 * size) {
             frozenAt = got
             process.kill(-b1.child.pid!, 'SIGSTOP')
-          } else if (frozenAt !== undefined && killing === undefined && got > frozenAt) {
+          } else if (frozenAt !== undefined && killing === undefined && got >= frozenAt + 0.25 * size) {
             killedAt = got
             killing = b1.kill()
           }
