@@ -23,6 +23,7 @@ import {
   REPO_ROOT,
   type Testnet,
 } from '../../fixtures/testnet/testnet.ts'
+import { waitUntil } from '../helpers/wait.ts'
 
 const GUEST_IP = '10.99.0.20'
 const LINE_CLIENT = join(REPO_ROOT, 'test/helpers/line-client.ts')
@@ -190,7 +191,17 @@ describe("a PostgreSQL VM with a writable disk moves across NAT'd clouds (e2e, C
       assert.match(await blk('check'), /^OK blocks=8192 /)
       assert.deepEqual(await vmsOn(a1), [['pg1', 'running']])
       process.stdout.write(`      ${line('A→B', ab)}\n      ${line('B→C', bc)}\n      ${line('C→A', ca)}\n`)
-      await new Promise((r) => setTimeout(r, 3000))
+      // Both clients go on after the last move: two more pgbench progress reports and 20 more commits
+      // (awaited, not a fixed 3 s plus a count of reports, which a faster box's shorter moves undercut).
+      const progressAt = outputLines(bench).filter((l) => l.startsWith('progress:')).length
+      const seqAt = seq
+      await waitUntil(
+        'pgbench and the writer after the last move',
+        () =>
+          outputLines(bench).filter((l) => l.startsWith('progress:')).length >= progressAt + 2 &&
+          outputLines(writer).some((l) => l === `committed ${seqAt + 20}`),
+        { timeoutMs: 60_000, intervalMs: 100 },
+      )
     } finally {
       clearInterval(feed)
       writer.stdin?.end('\\q\n')
@@ -213,7 +224,10 @@ describe("a PostgreSQL VM with a writable disk moves across NAT'd clouds (e2e, C
     assert.deepEqual(missing, [], 'every commit the writer saw is in the table')
     const benchOut = outputLines(bench)
     const progress = benchOut.filter((l) => l.startsWith('progress:'))
-    assert.ok(progress.length > 5, 'pgbench ran through the moves')
+    // It ran through the moves: reports from before the first move on (awaited above) to after the
+    // last, and the last one shows transactions going through (a stalled pgbench reports 0 tps).
+    const lastTps = Number(/([\d.]+) tps/.exec(progress.at(-1) ?? '')?.[1])
+    assert.ok(lastTps > 0, `pgbench after the moves: ${progress.slice(-3).join(' | ')}`)
     assert.deepEqual(
       benchOut.filter((l) => /aborted|error|connection .* lost|FATAL/i.test(l)),
       [],
