@@ -9,6 +9,7 @@ import { createMemoryNetwork, type MemoryNetwork } from '../../net/link/memory.t
 import { createMigrationService, type MigrationService } from '../../src/agent/services/migration.ts'
 import { createLogger } from '../../src/base/log.ts'
 import type { Vm } from '../../vm/driver/interfaces.ts'
+import { VmStateError } from '../../vm/errors.ts'
 import { createFakeDriver, type FakeVm } from '../../vm/fake/driver.ts'
 import { createMemoryRamCache } from '../../vm/migration/cache.ts'
 import { Conversation } from '../../vm/migration/conversation.ts'
@@ -811,6 +812,106 @@ describe('migration (fake driver, memory links)', function () {
       `missed by ${r.deadlineMissedByMs} ms, total ${r.totalMs} ms`,
     )
     g.assertIntact(B.host.get('g1')!)
+  })
+
+  /**
+   * A's guest as QEMU saves it: the save (its device state) ends once `release` resolves, and QEMU ends
+   * every save with the guest stopped (`postmigrate`), also when a `cont` came while it ran. The final
+   * scan of A's RAM fails (its file cannot be read while the save runs), like the disk's final scan
+   * whose NBD connection closed in CI (disk-kills-e2e seed 776499816).
+   */
+  function failFinalScanDuringSave(
+    vm: FakeVm,
+    release: (scanFailed: Promise<void>) => Promise<unknown>,
+  ): { saving: () => boolean } {
+    const memory = vm.memory
+    let saving = false
+    let scanFailed!: () => void
+    const failed = new Promise<void>((r) => {
+      scanFailed = r
+    })
+    // The source's final scan reads memory.path while the guest is paused for the save.
+    Object.defineProperty(vm, 'memory', {
+      get: () => {
+        if (!saving) return memory
+        setImmediate(scanFailed)
+        return { ...memory, path: join(root, 'gone-during-the-save') }
+      },
+    })
+    const save = vm.saveState.bind(vm)
+    vm.saveState = async (signal?: AbortSignal) => {
+      saving = true
+      try {
+        await vm.pause(signal)
+        await release(failed)
+      } finally {
+        saving = false
+      }
+      // The end of QEMU's save: stopped again, whatever came meanwhile.
+      return save(signal)
+    }
+    return { saving: () => saving }
+  }
+
+  it('the final scan fails while the device state is saved → the rollback resumes after the save: the VM runs on A', async () => {
+    const A = nodes.get('A')!
+    const B = nodes.get('B')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    const vm = g.vm as FakeVm
+    let resumedDuringSave = false
+    // The save ends when a rollback resumed the guest during it (the bug: QEMU then stops it again),
+    // or, when nothing does (a rollback that waits for the save), 1 s after the scan failed.
+    const save = failFinalScanDuringSave(vm, (scanFailed) =>
+      Promise.race([
+        new Promise<void>((r) => {
+          const onResumed = () => {
+            if (!save.saving()) return
+            resumedDuringSave = true
+            vm.off('resumed', onResumed)
+            r()
+          }
+          vm.on('resumed', onResumed)
+        }),
+        scanFailed.then(() => sleep(1000)),
+      ]),
+    )
+    const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+    assert.ok(err instanceof Error && /gone-during-the-save/.test(err.message), String(err))
+    assert.equal(resumedDuringSave, false, 'the rollback resumed the guest while QEMU still saved it')
+    assert.equal(A.host.get('g1')?.status(), 'running')
+    await B.service.settled()
+    assert.equal(B.host.get('g1'), undefined)
+    g.assertIntact(A.host.get('g1')!)
+  })
+
+  it('a rollback that cannot resume the guest says so (MigrationRollbackError), never "rolled back … is paused"', async () => {
+    const A = nodes.get('A')!
+    const g = await bootGuest(A)
+    g.fill(1)
+    const vm = g.vm as FakeVm
+    failFinalScanDuringSave(vm, (scanFailed) => scanFailed)
+    const resume = vm.resume.bind(vm)
+    let tries = 0
+    vm.resume = async () => {
+      tries++
+      throw new VmStateError("QEMU refused 'cont'")
+    }
+    try {
+      const err = await A.service.migrate({ vm: 'g1', to: 'B' }).catch((e: Error) => e)
+      assert.ok(err instanceof Error && err.name === 'MigrationRollbackError', String(err))
+      assert.equal((err as Error & { code?: string }).code, 'E_MIGRATION_ROLLBACK')
+      assert.match(
+        err.message,
+        /the rollback could NOT resume VM 'g1' on A \(QEMU refused 'cont'\): it is paused there/,
+      )
+      assert.doesNotMatch(err.message, /rolled back: VM 'g1' is paused/)
+      assert.ok(err.cause instanceof Error && /gone-during-the-save/.test(err.cause.message))
+      assert.ok(tries > 1, `resume tried ${tries} times`)
+      assert.equal(vm.status(), 'paused')
+    } finally {
+      vm.resume = resume
+    }
   })
 
   it('cancel (AbortSignal) before the switch rolls back: the VM runs on A only', async () => {

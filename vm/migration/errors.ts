@@ -101,3 +101,13 @@ export class MigrationInfeasibleError extends MigrationError {
     super(message, { ...options, code: 'E_DEADLINE_INFEASIBLE' })
   }
 }
+
+/**
+ * A move failed and its rollback could not resume the source's paused copy: the VM runs nowhere until
+ * an operator acts (the message says where it is stopped and why).
+ */
+export class MigrationRollbackError extends MigrationError {
+  constructor(message: string, options: { cause?: unknown } = {}) {
+    super(message, { ...options, code: 'E_MIGRATION_ROLLBACK' })
+  }
+}

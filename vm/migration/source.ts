@@ -14,12 +14,18 @@
  * phases apart would scatter the transitions that the table and ARCHITECTURE.md describe in one place.
  */
 import { open } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { AbortError, describeError, MeshError, throwIfAborted } from '../../src/base/errors.ts'
 import { DiskSender } from '../disk/sender.ts'
 import type { Vm } from '../driver/interfaces.ts'
 import { parseImageRef } from '../spec.ts'
 import { Conversation } from './conversation.ts'
-import { MigrationInDoubtError, MigrationLinkError, MigrationLostError } from './errors.ts'
+import {
+  MigrationInDoubtError,
+  MigrationLinkError,
+  MigrationLostError,
+  MigrationRollbackError,
+} from './errors.ts'
 import { switchCostMs } from './estimate.ts'
 import { faultPoint } from './fault-points.ts'
 import type { MigrationPhase, MigrationReport } from './interfaces.ts'
@@ -57,6 +63,9 @@ const PHASE_OF: Partial<Record<SourceState, MigrationPhase>> = {
   completed: 'done',
   'rolling-back': 'rollback',
 }
+
+/** How often a rollback tries to resume the paused guest (100, 200, 400 ms apart). */
+const ROLLBACK_RESUME_TRIES = 4
 
 const fmtBytes = (b: number) => `${(b / (1024 * 1024)).toFixed(1)} MiB`
 
@@ -455,11 +464,16 @@ export class SourceSession {
     // Paused: the throttle has done its work (after a rollback the guest runs here at full speed again).
     await this.gauge.liftThrottle()
     this.lap('pause')
-    // Every stream's exact rest is found while QEMU writes out the device state.
-    const [state] = await Promise.all([
+    // Every stream's exact rest is found while QEMU writes out the device state. Both are waited for
+    // even when one fails: QEMU ends a save in `postmigrate` (stopped), so a rollback that resumed the
+    // guest while the save still ran would find it stopped again (CI, disk-kills-e2e seed 776499816:
+    // the disk's final scan failed, the rollback resumed, the save ended: "rolled back: … is paused").
+    const [saved, ...scans] = await Promise.allSettled([
       vm.saveState(signal),
       ...this.streams.map((s) => s.finalScan(this.ctx)),
     ])
+    for (const r of [...scans, saved]) if (r.status === 'rejected') throw r.reason
+    const state = (saved as PromiseFulfilledResult<Uint8Array>).value
     this.lap('saveState')
     this.deviceStateBytes = state.byteLength
     const finalRound = this.gauge.round + 1
@@ -734,15 +748,17 @@ export class SourceSession {
         )
       }
       case 'rollback':
-        await this.rollback(err)
-        return err
+        return await this.rollback(err)
     }
   }
 
-  /** rolling-back → rolled-back: nothing runs elsewhere; ours runs again. */
-  private async rollback(err: unknown): Promise<void> {
+  /**
+   * rolling-back → rolled-back: nothing runs elsewhere; ours runs again. Returns the error to throw:
+   * `err`, saying where the VM runs, or a MigrationRollbackError when ours could not be resumed.
+   */
+  private async rollback(err: unknown): Promise<unknown> {
     const { vm, init, name } = this
-    if (this.machine.is('rolling-back', 'rolled-back')) return
+    if (this.machine.is('rolling-back', 'rolled-back')) return err
     this.machine.to('rolling-back')
     this.announce('rolling-back', describeError(err))
     this.conv.trySend({
@@ -753,17 +769,47 @@ export class SourceSession {
     })
     this.gauge.stopTicker()
     await this.gauge.liftThrottle()
-    if (this.machine.reached('paused') && vm.status() === 'paused') {
-      try {
-        await vm.resume()
-      } catch (resumeErr) {
-        init.log.error('rollback: resuming the VM failed', { vm: name, error: describeError(resumeErr) })
-      }
-    }
+    const resumeErr = this.machine.reached('paused') ? await this.resumeHere() : undefined
     if (this.machine.reached('switching')) await init.host.endSwitch(name).catch(() => {})
     this.machine.set('rolling-back', 'rolled-back')
+    const here = this.nameOf(init.network.self)
+    if (resumeErr !== undefined || (this.machine.reached('paused') && vm.status() !== 'running')) {
+      // Never a quiet "rolled back" for a guest that does not run: the one copy is stopped here.
+      const why = resumeErr === undefined ? 'it did not run after the resume' : describeError(resumeErr)
+      init.log.error('rollback: the VM could not be resumed', { vm: name, status: vm.status(), error: why })
+      return new MigrationRollbackError(
+        `${describeError(err)}; the rollback could NOT resume VM '${name}' on ${here} (${why}): it is ${vm.status()} there and runs nowhere else`,
+        { cause: err },
+      )
+    }
     // Say where the VM is now: the operator's question after a failed move.
     if (err instanceof MeshError && !(err instanceof AbortError))
-      err.message = `${err.message}; rolled back: VM '${name}' is ${vm.status()} on ${this.nameOf(init.network.self)}`
+      err.message = `${err.message}; rolled back: VM '${name}' is ${vm.status()} on ${here}`
+    return err
+  }
+
+  /**
+   * Resumes our paused copy (rollback). A failed `cont` is tried again a few times (QEMU refuses one
+   * while it is still finishing a save); returns the last error if the guest still does not run.
+   */
+  private async resumeHere(): Promise<unknown> {
+    const { vm, init, name } = this
+    let last: unknown
+    for (let attempt = 0; attempt < ROLLBACK_RESUME_TRIES; attempt++) {
+      if (vm.status() !== 'paused') return vm.status() === 'running' ? undefined : last
+      try {
+        await vm.resume()
+        return undefined
+      } catch (resumeErr) {
+        last = resumeErr
+        init.log.warn('rollback: resuming the VM failed', {
+          vm: name,
+          attempt: attempt + 1,
+          error: describeError(resumeErr),
+        })
+        await sleep(100 * 2 ** attempt)
+      }
+    }
+    return last
   }
 }

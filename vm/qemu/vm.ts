@@ -77,6 +77,8 @@ export class QemuVm extends VmEmitter implements Vm {
   private frozen = false
   /** An in-flight pause (from pause() or saveState()). */
   private pausing: Promise<void> | undefined
+  /** The device state save in flight (saveState()): resume() waits for it. */
+  private saving: Promise<Uint8Array> | undefined
 
   constructor(
     readonly spec: VmSpec,
@@ -274,6 +276,13 @@ export class QemuVm extends VmEmitter implements Vm {
     if (this._status === 'running') return
     if (this._status === 'incoming')
       throw new VmStateError(`VM '${this.spec.name}' has no state yet: loadState() first`)
+    // QEMU ends a save in `postmigrate` (stopped) even when `cont` came while it ran, and refuses
+    // `cont` while it finishes one: resume once the save in flight is over (its caller sees its error).
+    if (this.saving !== undefined)
+      await this.saving.then(
+        () => {},
+        () => {},
+      )
     await this.qmpExecute('cont', undefined, signal)
     this.markRunning()
   }
@@ -365,10 +374,16 @@ export class QemuVm extends VmEmitter implements Vm {
     this.requireLive('saveState')
     if (this._status === 'incoming') throw new VmStateError(`VM '${this.spec.name}' has no state to save yet`)
     await this.pause(signal)
-    const state = await this.migrateOut(signal)
-    // QEMU is now in `postmigrate`: paused; `cont` resumes it (rollback).
-    this._status = 'paused'
-    return state
+    const p = this.migrateOut(signal)
+    this.saving = p
+    try {
+      const state = await p
+      // QEMU is now in `postmigrate`: paused; `cont` resumes it (rollback).
+      this._status = 'paused'
+      return state
+    } finally {
+      if (this.saving === p) this.saving = undefined
+    }
   }
 
   async snapshotState(signal?: AbortSignal): Promise<Uint8Array> {
