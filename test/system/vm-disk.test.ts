@@ -185,6 +185,30 @@ describe('writable disks on QEMU (qcow2 overlay, dirty bitmaps over NBD)', funct
     )
   })
 
+  it('a tracker whose NBD server was stopped behind its back says who has it now (QEMU up, no exports)', async () => {
+    const qmp = (c: string, a?: Record<string, unknown>) =>
+      (
+        vm as unknown as { qmpExecute: (c: string, a?: Record<string, unknown>) => Promise<unknown> }
+      ).qmpExecute(c, a)
+    const tracker = vm!.diskTracker!()!
+    await tracker.open()
+    try {
+      await tracker.start()
+      // What a second user of QEMU's one NBD server does (CI: a move's connection closed mid-move).
+      await qmp('nbd-server-stop')
+      await assert.rejects(tracker.read(0, 2), (err: Error) => {
+        assert.equal(err.name, 'DiskTrackerError')
+        assert.match(
+          err.message,
+          /^reading chunks 0\+2 of node '.+' failed \d+ ms after the tracker opened: NBD connection.*\(QEMU is running, its block exports: none\)$/,
+        )
+        return true
+      })
+    } finally {
+      await tracker.close()
+    }
+  })
+
   it('stop() removes the disk', async () => {
     const path = vm!.volumePath!
     await vm!.stop()

@@ -13,7 +13,7 @@
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { describeError, MeshError } from '../../src/base/errors.ts'
-import { type NbdClient as Nbd, NbdClient } from './nbd.ts'
+import { type NbdClient as Nbd, NbdClient, NbdError } from './nbd.ts'
 
 /** Runs one QMP command on the VM (QemuVm.qmpExecute). */
 export type QmpExec = (command: string, args?: Record<string, unknown>) => Promise<unknown>
@@ -231,6 +231,22 @@ export async function clearLeftovers(qmp: QmpExec, node: string): Promise<string
   return removed
 }
 
+/**
+ * What QEMU says about the disk's NBD side when an NBD operation failed, for the error: its run state
+ * and the exports it still has (none left: someone stopped the NBD server; QMP silent: QEMU is gone).
+ * The error that follows a closed connection then says which of those it was.
+ */
+export async function nbdSideOf(qmp: QmpExec): Promise<string> {
+  try {
+    const st = (await qmp('query-status')) as { status?: string }
+    const exports = (await qmp('query-block-exports')) as Array<{ id: string; 'shutting-down'?: boolean }>
+    const list = exports.map((e) => `${e.id}${e['shutting-down'] === true ? ' (shutting down)' : ''}`)
+    return `QEMU is ${st.status ?? 'in an unknown state'}, its block exports: ${list.length === 0 ? 'none' : list.join(', ')}`
+  } catch (err) {
+    return `QEMU does not answer on QMP: ${describeError(err)}`
+  }
+}
+
 /** Expands extents whose flags match into chunk indices (a chunk touched in any byte counts). */
 export function extentsToChunks(
   extents: ReadonlyArray<{ offset: number; length: number; flags: number }>,
@@ -269,6 +285,20 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
     return data
   }
   const dropBitmap = (name: string) => removeBitmap(qmp, node, name)
+  let openedAt = 0
+  /** An NBD failure, with what QEMU says about its NBD side (a closed connection: who closed it). */
+  const explained = async <T>(what: string, op: () => Promise<T>): Promise<T> => {
+    try {
+      return await op()
+    } catch (err) {
+      if (!(err instanceof NbdError)) throw err
+      const ms = Math.round(performance.now() - openedAt)
+      throw new DiskTrackerError(
+        `${what} of node '${node}' failed ${ms} ms after the tracker opened: ${describeError(err)} (${await nbdSideOf(qmp)})`,
+        { cause: err },
+      )
+    }
+  }
   return {
     method: 'qemu-dirty-bitmap',
     chunkSize,
@@ -292,6 +322,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
         exported = true
         data = await NbdClient.connect(sock, DATA_EXPORT, [DEPTH])
         size = data.size
+        openedAt = performance.now()
       } catch (err) {
         await this.close().catch(() => {})
         throw new DiskTrackerError(`cannot open the disk of node '${node}': ${describeError(err)}`, {
@@ -301,7 +332,9 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
     },
     async written() {
       // Depth 1: allocated in the overlay itself (0: nowhere, reads zeros; 2+: the base).
-      return extentsToChunks(await need().blockStatus(DEPTH), chunkSize, (f) => f === 1)
+      const d = need()
+      const depth = await explained('the allocation depth', () => d.blockStatus(DEPTH))
+      return extentsToChunks(depth, chunkSize, (f) => f === 1)
     },
     async start(options = {}) {
       need()
@@ -335,7 +368,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       if (snapshot === undefined) throw new DiskTrackerError('sinceChunks() without start({since})')
       const s = snapshot
       snapshot = undefined
-      return takeDirtyChunks(qmp, sock, node, s, chunkSize)
+      return explained('the writes since the arrival', () => takeDirtyChunks(qmp, sock, node, s, chunkSize))
     },
     async collect() {
       need()
@@ -347,7 +380,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       current = next
       const interval = t0 - since
       since = t0
-      const chunks = await takeDirtyChunks(qmp, sock, node, done, chunkSize)
+      const chunks = await explained('a dirty round', () => takeDirtyChunks(qmp, sock, node, done, chunkSize))
       const dirtyBytes = chunks.length * chunkSize
       return {
         chunks,
@@ -363,7 +396,7 @@ export function createDiskTracker(init: DiskTrackerInit): DiskTracker {
       const offset = index * chunkSize
       const len = Math.min(count * chunkSize, d.size - offset)
       if (len <= 0) throw new DiskTrackerError(`chunk ${index} is outside the disk`)
-      return d.read(offset, len)
+      return explained(`reading chunks ${index}+${count}`, () => d.read(offset, len))
     },
     async close() {
       data?.close()
