@@ -4,14 +4,14 @@
  */
 import assert from 'node:assert/strict'
 import { LinkDeadError } from '../../net/webrtc/errors.ts'
-import { LINK_CHANNEL_SPECS, WebRtcLink } from '../../net/webrtc/link.ts'
+import { ANSWERER_PING_EVERY, LINK_CHANNEL_SPECS, WebRtcLink } from '../../net/webrtc/link.ts'
 import { decodeHeartbeat, encodeHeartbeat } from '../../net/webrtc/v1/heartbeat.ts'
 import { type FakeConnection, fakeConnectionPair } from '../helpers/fake-engine.ts'
 import { waitUntil } from '../helpers/wait.ts'
 
 const HB = LINK_CHANNEL_SPECS.findIndex((s) => s.label === 'heartbeat')
 
-function pair(opts: { heartbeatMs?: number; deadAfterMs?: number } = {}) {
+function pair(opts: { heartbeatMs?: number; deadAfterMs?: number; roles?: boolean } = {}) {
   const [ca, cb] = fakeConnectionPair(LINK_CHANNEL_SPECS)
   const o = {
     heartbeatMs: opts.heartbeatMs ?? 20,
@@ -19,8 +19,9 @@ function pair(opts: { heartbeatMs?: number; deadAfterMs?: number } = {}) {
     highWaterMark: 1 << 20,
     lowWaterMark: 1 << 18,
   }
-  const a = new WebRtcLink('peer-b', 's', ca, o)
-  const b = new WebRtcLink('peer-a', 's', cb, o)
+  // roles: a created the offer, b answered (as createWebRtcLink says); else both ping every heartbeat.
+  const a = new WebRtcLink('peer-b', 's', ca, opts.roles ? { ...o, initiator: true } : o)
+  const b = new WebRtcLink('peer-a', 's', cb, opts.roles ? { ...o, initiator: false } : o)
   return { a, b, ca, cb }
 }
 
@@ -36,6 +37,43 @@ describe('webrtc link over an engine adapter (in-memory engine)', () => {
     try {
       await until(() => a.rttMs !== undefined && b.rttMs !== undefined)
       assert.equal(a.engine, 'werift')
+    } finally {
+      await Promise.all([a.destroy(), b.destroy()])
+    }
+  })
+
+  it('one ping round per heartbeat: the initiator pings each, the answerer answers and pings every ANSWERER_PING_EVERY for its RTT', async () => {
+    const heartbeatMs = 20
+    const { a, b, cb } = pair({ heartbeatMs, roles: true })
+    // When the answering end sent each heartbeat (the link sends synchronously from its tick).
+    const answerer: { kind: string; seq: number; at: number }[] = []
+    const hb = cb.channels[HB]!
+    const send = hb.send.bind(hb)
+    hb.send = (data) => {
+      const h = decodeHeartbeat(data as Uint8Array)
+      answerer.push({ ...h, at: performance.now() })
+      send(data)
+    }
+    try {
+      const rounds = 4 * ANSWERER_PING_EVERY
+      const pongs = () => answerer.filter((h) => h.kind === 'pong')
+      await until(() => pongs().length >= rounds && a.rttMs !== undefined && b.rttMs !== undefined)
+      const initiatorPings = heartbeatsSent(a.connection as FakeConnection).filter((h) => h.kind === 'ping')
+      // Every ping the initiator sent was answered, in order (a few may still be in flight).
+      assert.deepEqual(
+        pongs().map((h) => h.seq),
+        initiatorPings.slice(0, pongs().length).map((h) => h.seq),
+      )
+      // The answerer's own pings are ANSWERER_PING_EVERY heartbeats apart (a lower bound: load only
+      // makes them further apart), so they are far fewer than the initiator's.
+      const own = answerer.filter((h) => h.kind === 'ping')
+      assert.ok(own.length >= 1, 'the answerer measures its RTT too')
+      for (let i = 1; i < own.length; i++)
+        assert.ok(
+          own[i]!.at - own[i - 1]!.at >= ANSWERER_PING_EVERY * heartbeatMs - 1,
+          `answerer pings ${(own[i]!.at - own[i - 1]!.at).toFixed(1)} ms apart`,
+        )
+      assert.ok(own.length < initiatorPings.length, `${own.length} vs ${initiatorPings.length} pings`)
     } finally {
       await Promise.all([a.destroy(), b.destroy()])
     }
