@@ -64,8 +64,8 @@ describe('webrtc link over an engine adapter (in-memory engine)', () => {
         pongs().map((h) => h.seq),
         initiatorPings.slice(0, pongs().length).map((h) => h.seq),
       )
-      // The answerer's own pings are ANSWERER_PING_EVERY heartbeats apart (a lower bound: load only
-      // makes them further apart), so they are far fewer than the initiator's.
+      // The answerer's own pings are at least ANSWERER_PING_EVERY heartbeats apart (a lower bound: load
+      // only makes them further apart; before, they were one heartbeat apart).
       const own = answerer.filter((h) => h.kind === 'ping')
       assert.ok(own.length >= 1, 'the answerer measures its RTT too')
       for (let i = 1; i < own.length; i++)
@@ -73,7 +73,6 @@ describe('webrtc link over an engine adapter (in-memory engine)', () => {
           own[i]!.at - own[i - 1]!.at >= ANSWERER_PING_EVERY * heartbeatMs - 1,
           `answerer pings ${(own[i]!.at - own[i - 1]!.at).toFixed(1)} ms apart`,
         )
-      assert.ok(own.length < initiatorPings.length, `${own.length} vs ${initiatorPings.length} pings`)
     } finally {
       await Promise.all([a.destroy(), b.destroy()])
     }
