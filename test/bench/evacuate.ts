@@ -74,6 +74,8 @@ interface Run {
   churnMiBps: number
   standbyLagBytes?: number
   standbyLagMs?: number
+  /** Each standby pass seen before the notice: its hash time, pull time and bytes pulled. */
+  standbyPasses?: { hashMs: number; ms: number; fetchedBytes: number }[]
   plan?: string
   /** The source's account of the post-copy push (owed bytes, rate, window, round trips). */
   postcopyPush?: string
@@ -159,6 +161,7 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
         const s0 = await memcheck(ip, 'stats')
         log(`  ${await memcheck(ip, `churn ${churn}`)}`)
         let lag: { lagBytes?: number; lagMs?: number } = {}
+        const passes: { hashMs: number; ms: number; fetchedBytes: number }[] = []
         if (mode === 'standby') {
           const set = await src.mesh(['vm', 'set', name, '--standby', 'dst1', '--standby-rate', standbyRate])
           if (set.code !== 0) throw new Error(`mesh vm set: ${set.stderr}`)
@@ -167,10 +170,20 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
             const ls = await src.json<{
               vms: {
                 name: string
-                standby?: { state: string; passes: number; lagBytes?: number; lagMs?: number }
+                standby?: {
+                  state: string
+                  passes: number
+                  lagBytes?: number
+                  lagMs?: number
+                  lastPass?: { hashMs: number; ms: number; fetchedBytes: number }
+                }
               }[]
             }>(['vm', 'ls'])
             const sb = ls.vms.find((v) => v.name === name)?.standby
+            if (sb?.lastPass !== undefined && passes.length < sb.passes) {
+              const { hashMs, ms, fetchedBytes } = sb.lastPass
+              passes.push({ hashMs, ms, fetchedBytes })
+            }
             if (sb !== undefined && sb.passes >= 2) {
               lag = sb
               break
@@ -241,7 +254,7 @@ export async function main(args: string[]): Promise<Record<string, unknown>> {
               (((churned(s1) - churned(s0)) * 4096) / 2 ** 20 / Math.max(1, (up(s1) - up(s0)) / 1000)) * 10,
             ) / 10,
           ...(mode === 'standby'
-            ? { standbyLagBytes: lag.lagBytes ?? -1, standbyLagMs: lag.lagMs ?? -1 }
+            ? { standbyLagBytes: lag.lagBytes ?? -1, standbyLagMs: lag.lagMs ?? -1, standbyPasses: passes }
             : {}),
           plan,
           ...(push === undefined ? {} : { postcopyPush: push.replace(/^.*every owed chunk sent ?/, '') }),

@@ -146,6 +146,93 @@ describe('warm standby: RAM chunks served from the RAM file, pulled by the stand
     await assert.rejects(a.store.get(hashAt(m2, 6)), { name: 'ChunkNotFoundError' })
   })
 
+  it('a pass keeps three slices in flight (each fetch spends its own round trips), misses only the rewritten chunk, and still keeps the rate', async () => {
+    const net = createMemoryNetwork()
+    net.connect('a', 'b')
+    const a = await side(net, 'a')
+    const b = await side(net, 'b')
+    const path = await ramFile(64) // 8 slices of 8 chunks, 6 non-zero each
+    const { manifest } = await buildManifest(path, { chunkSize: CHUNK })
+    const id = await a.index.set('vm1', path, manifest)
+    // The guest rewrites a chunk of the third slice after the hash: that slice fails while others run.
+    await rewrite(path, 21)
+    // Counts the fetches running at once (the standby's service, as the pass sees it).
+    let running = 0
+    let most = 0
+    const counting = (svc: ChunkService): ChunkService => ({
+      ...svc,
+      fetchManifest: (mid, o) => svc.fetchManifest(mid, o),
+      fetch: async (m, o) => {
+        running++
+        most = Math.max(most, running)
+        try {
+          return await svc.fetch(m, o)
+        } finally {
+          running--
+        }
+      },
+    })
+    const r = await pullStandby(
+      { service: counting(b.svc), store: b.store, sliceChunks: 8 },
+      'a',
+      { vm: 'vm1', manifest: id, rateBps: 2 ** 40 },
+      new AbortController().signal,
+    )
+    assert.equal(most, 3, 'three slices in flight at once, never more')
+    assert.equal(running, 0, 'every slice settled before the pass ended')
+    assert.equal(r.missingChunks, 1)
+    assert.equal(r.fetchedBytes, 47 * CHUNK)
+    for (let i = 1; i < 64; i++)
+      if (i % 4 !== 0 && i !== 21) assert.ok(b.raw.has(hashAt(manifest, i)), `chunk ${i} stored`)
+    assert.equal(b.raw.pins().get(STANDBY_PIN('vm1')), id)
+
+    // Eight slices at 2 MiB/s: in flight together, they still take no less than their bytes at the rate.
+    const path2 = join(dir, 'ram2')
+    const buf = randomBytes(64 * CHUNK)
+    for (let i = 0; i < 64; i += 4) buf.fill(0, i * CHUNK, (i + 1) * CHUNK)
+    await writeFile(path2, buf)
+    const m2 = (await buildManifest(path2, { chunkSize: CHUNK })).manifest
+    const id2 = await a.index.set('vm2', path2, m2)
+    const rate = 2 * MiB
+    const t0 = performance.now()
+    const r2 = await pullStandby(
+      { service: counting(b.svc), store: b.store, sliceChunks: 8 },
+      'a',
+      { vm: 'vm2', manifest: id2, rateBps: rate },
+      new AbortController().signal,
+    )
+    const ms = performance.now() - t0
+    assert.equal(r2.fetchedBytes, 48 * CHUNK)
+    assert.ok(ms >= (r2.fetchedBytes / rate) * 1000 * 0.9, `3 MiB at 2 MiB/s took ${ms.toFixed(0)} ms`)
+
+    // Aborted mid-pass: it fails as aborted, with no fetch left running.
+    const path3 = join(dir, 'ram3')
+    await writeFile(path3, randomBytes(64 * CHUNK))
+    const m3 = (await buildManifest(path3, { chunkSize: CHUNK })).manifest
+    const id3 = await a.index.set('vm3', path3, m3)
+    const ac = new AbortController()
+    const slow = counting(b.svc)
+    const aborting: ChunkService = {
+      ...slow,
+      fetchManifest: (mid, o) => slow.fetchManifest(mid, o),
+      fetch: (m, o) => {
+        const f = slow.fetch(m, o)
+        if (running === 3) ac.abort(new Error('evacuating'))
+        return f
+      },
+    }
+    await assert.rejects(
+      pullStandby(
+        { service: aborting, store: b.store, sliceChunks: 8 },
+        'a',
+        { vm: 'vm3', manifest: id3, rateBps: 2 ** 40 },
+        ac.signal,
+      ),
+      { name: 'AbortError' },
+    )
+    assert.equal(running, 0, 'no slice is left fetching after the pass failed')
+  })
+
   it('what a move to the standby must carry: the last pass missed + what the guest wrote since, at most all', () => {
     const MB = 1_000_000
     const st = { vm: 'g', state: 'synced' as const, passes: 3, lagBytes: 2 * MB, syncedAt: 10_000 }
