@@ -273,24 +273,17 @@ export async function pullStandby(
     disk: { fetchedBytes: disk.fetchedBytes, presentBytes: disk.presentBytes, missingChunks: disk.missing },
   }
 
-  /** Non-zero chunks of a slice the store lacks. */
-  function nonZeroMissing(hashes: Uint8Array, n: number): number {
-    let k = 0
+  /** A slice's non-zero chunks, and how many of them the store holds. */
+  function census(hashes: Uint8Array, n: number): { nonZero: number; held: number } {
+    let nonZero = 0
+    let held = 0
     for (let i = 0; i < n; i++) {
       const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
-      if (!isZeroHash(h) && !deps.store.has(h)) k++
+      if (isZeroHash(h)) continue
+      nonZero++
+      if (deps.store.has(h)) held++
     }
-    return k
-  }
-
-  /** Non-zero chunks of a slice the store holds. */
-  function heldIn(hashes: Uint8Array, n: number): number {
-    let k = 0
-    for (let i = 0; i < n; i++) {
-      const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
-      if (!isZeroHash(h) && deps.store.has(h)) k++
-    }
-    return k
+    return { nonZero, held }
   }
 
   /**
@@ -310,7 +303,7 @@ export async function pullStandby(
     const inFlight = new Set<Promise<void>>()
     const pullSlice = async (hashes: Uint8Array, n: number, expect: number) => {
       const slice = makeManifest(n * m.chunkSize, m.chunkSize, hashes)
-      const heldBefore = heldIn(hashes, n)
+      const heldBefore = census(hashes, n).held
       try {
         const r = await deps.service.fetch(slice, { peers: [from], signal })
         fetched += r.bytesFetched
@@ -320,7 +313,7 @@ export async function pullStandby(
         // The chunks fetched before it gave up are stored; the rest changed on the host meanwhile.
         const k = /(\d+) chunk\(s\)/.exec(err.message)
         missing += k === null ? 1 : Number(k[1])
-        const after = heldIn(hashes, n)
+        const after = census(hashes, n).held
         fetched += Math.max(0, after - heldBefore) * m.chunkSize
         present += heldBefore * m.chunkSize
       } finally {
@@ -332,15 +325,10 @@ export async function pullStandby(
         if (signal.aborted) throw new AbortError('standby sync aborted', { cause: signal.reason })
         const n = Math.min(sliceChunks, m.count - first)
         const hashes = m.hashes.subarray(first * HASH_SIZE, (first + n) * HASH_SIZE)
-        let allThere = true
-        let nonZero = 0
-        for (let i = 0; i < n && allThere; i++) {
-          const h = hashes.subarray(i * HASH_SIZE, (i + 1) * HASH_SIZE)
-          if (isZeroHash(h)) continue
-          nonZero++
-          if (!deps.store.has(h)) allThere = false
-        }
-        if (allThere) {
+        // One pass over the slice: all held → counted as present; otherwise what it lacks is what the
+        // fetch is expected to bring (the pacing counts it while in flight).
+        const { nonZero, held } = census(hashes, n)
+        if (held === nonZero) {
           present += nonZero * m.chunkSize
           continue
         }
@@ -350,7 +338,7 @@ export async function pullStandby(
         const aheadMs = ((fetched + committed) * 1000) / p.rateBps - (performance.now() - t0)
         if (aheadMs > 5) await sleep(aheadMs, undefined, { signal }).catch(() => {})
         if (signal.aborted) throw new AbortError('standby sync aborted', { cause: signal.reason })
-        const expect = nonZeroMissing(hashes, n) * m.chunkSize
+        const expect = (nonZero - held) * m.chunkSize
         committed += expect
         const job: Promise<void> = pullSlice(hashes, n, expect).then(
           () => {
